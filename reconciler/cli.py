@@ -1,13 +1,248 @@
-"""Command-line entry point (stub while the package is assembled)."""
+"""The thin click layer: parse flags, call the package, map errors to exit codes.
+
+Where it sits: the outermost edge. Nothing here decides policy; it resolves
+``Settings`` (config.py), sets up logging, and calls sync/plan/status/...
+Every ``ReconcilerError`` becomes one line on stderr and an exit code from the
+contract in the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import click
+from rich.console import Console
 
+from reconciler import logs
+from reconciler.config import Flags, Settings, load_settings
+from reconciler.errors import ReconcilerError, SpecError
 from reconciler.sandbox.cli import sandbox
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-@click.group()
+
+def _exits_on_errors(code: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn a ReconcilerError into one line on stderr and ``code``."""
+
+    def deco(fn: Callable[P, R]) -> Callable[P, R]:
+        @wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except ReconcilerError as exc:
+                click.echo(f"reconciler: {exc}", err=True)
+                sys.exit(code)
+
+        return wrapper
+
+    return deco
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--specs", type=click.Path(path_type=Path), help="Spec folder [specs]."),
+        click.option("--out", type=click.Path(path_type=Path), help="Output folder [tracks]."),
+        click.option("--state", type=click.Path(path_type=Path), help="State folder [.reconciler]."),
+        click.option(
+            "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file."
+        ),
+        click.option("--api-url", help="MusicAPI base URL."),
+        click.option(
+            "--sandbox",
+            "use_sandbox",
+            is_flag=True,
+            help="Start the bundled MusicAPI emulator in-process and use it.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(
+    specs: Path | None,
+    out: Path | None,
+    state: Path | None,
+    config: Path | None,
+    api_url: str | None,
+    use_sandbox: bool,
+    prune: bool | None = None,
+) -> Settings:
+    settings = load_settings(
+        Flags(
+            specs=specs,
+            out=out,
+            state=state,
+            config=config,
+            api_url=api_url,
+            sandbox=use_sandbox,
+            prune=prune,
+        )
+    )
+    logs.configure(settings.log_level)
+    return settings
+
+
+@asynccontextmanager
+async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
+    """With ``--sandbox``, serve the emulator in this process and point at it."""
+    if not settings.sandbox:
+        settings.require_key()
+        yield settings
+        return
+    from reconciler.sandbox.server import SandboxConfig, SandboxServer
+
+    async with SandboxServer(SandboxConfig(port=0)) as server:
+        click.echo(f"sandbox MusicAPI at {server.base_url}", err=True)
+        yield settings.with_api(server.base_url, server.key)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reconciler")
 def main() -> None:
     """Make a folder of generated music converge to a folder of spec files."""
+
+
+@main.command()
+@common_options
+@click.option("--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash.")
+@_exits_on_errors(1)
+def sync(prune: bool | None, **opts: Any) -> None:
+    """Reconcile until converged or stuck. Exit 0 when every track is ready."""
+    from reconciler.running import run_sync
+
+    settings = _settings(prune=prune, **opts)
+    ok = asyncio.run(run_sync(settings, console=Console(stderr=True)))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@common_options
+@click.option("--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash.")
+@_exits_on_errors(1)
+def run(prune: bool | None, **opts: Any) -> None:
+    """The daemon: watch the specs folder and reconcile until SIGTERM."""
+    from reconciler.daemon import run_daemon
+
+    settings = _settings(prune=prune, **opts)
+    sys.exit(asyncio.run(run_daemon(settings)))
+
+
+@main.command()
+@common_options
+@click.option("--prune/--no-prune", default=None, help="Show what pruning would move.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_exits_on_errors(1)
+def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
+    """Dry run: what would be submitted, reused, restored, pruned. Exit 0 none, 2 changes."""
+    from reconciler.running import make_plan, render_plan
+
+    settings = _settings(prune=prune, **opts)
+    report = make_plan(settings)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render_plan(report, Console())
+    if report["invalid_files"]:
+        sys.exit(1)
+    sys.exit(2 if report["changes"] else 0)
+
+
+@main.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="The stable JSON schema (see README).")
+@click.argument("selector", required=False, metavar="[SOUNDTRACK[/TRACK]]")
+@_exits_on_errors(1)
+def status(as_json: bool, selector: str | None, **opts: Any) -> None:
+    """Where every track stands. Exit 1 when something failed or is invalid."""
+    from reconciler.ledger import Ledger
+    from reconciler.status import build_report, failed, render
+
+    settings = _settings(**opts)
+    ledger = Ledger.open(settings.ledger_path, readonly=True)
+    try:
+        report = build_report(ledger, settings, time.time(), selector)
+    finally:
+        ledger.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render(report, Console())
+    sys.exit(1 if failed(report) else 0)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--specs", type=click.Path(path_type=Path), help="Spec folder when no PATH is given.")
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file.")
+@_exits_on_errors(1)
+def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -> None:
+    """Check spec files. Exit 0 when all are valid, 1 otherwise."""
+    from reconciler.specs import load_spec_file, scan_specs
+
+    settings = load_settings(Flags(specs=specs, config=config))
+    targets = list(paths) or [settings.specs_dir]
+    problems: list[str] = []
+    n_files = n_tracks = 0
+    for target in targets:
+        if target.is_dir():
+            scan = scan_specs(target, models=settings.models)
+            if scan.root_state != "ok":
+                problems.append(f"{target}: spec folder is {scan.root_state}")
+            n_files += len(scan.files) + len(scan.errors)
+            n_tracks += sum(len(f.tracks) for f in scan.files.values())
+            problems += [str(p) for e in scan.errors.values() for p in e.problems]
+        else:
+            n_files += 1
+            try:
+                spec = load_spec_file(
+                    target.parent, target, models=settings.models, label_root=str(target.parent)
+                )
+                n_tracks += len(spec.tracks)
+            except SpecError as exc:
+                problems += [str(p) for p in exc.problems]
+    for line in problems:
+        click.echo(line)
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {n_files} file(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{n_files} file(s), {n_tracks} track(s): valid", err=True)
+
+
+@main.command()
+@click.argument("tracks", nargs=-1, metavar="SOUNDTRACK[/TRACK]...")
+@click.option("--failed", "all_failed", is_flag=True, help="Re-arm every parked failure.")
+@common_options
+@_exits_on_errors(1)
+def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
+    """Make parked failures eligible again (works while the daemon runs)."""
+    from reconciler.ledger import Ledger
+
+    if not tracks and not all_failed:
+        raise click.UsageError("name tracks (SOUNDTRACK/TRACK or SOUNDTRACK) or pass --failed")
+    settings = _settings(**opts)
+    ledger = Ledger.open(settings.ledger_path)
+    try:
+        fps: list[str] = ledger.parked_fingerprints() if all_failed else []
+        for name in tracks:
+            st, _, track = name.partition("/")
+            found = ledger.track_fingerprints(st, track or None)
+            if not found:
+                raise click.UsageError(f"no track {name!r} in the ledger")
+            fps += found
+        n = ledger.retry(dict.fromkeys(fps))
+    finally:
+        ledger.close()
+    click.echo(f"re-armed {n} generation(s); the next pass submits them")
 
 
 main.add_command(sandbox)

@@ -1,0 +1,898 @@
+"""The ledger: the only module that touches SQLite (through sqlite-utils).
+
+Where it sits: plan → submit → track → download → outputs → **ledger** → status.
+It records what was asked for (last good spec files, desired tracks), what was
+paid for (submit intents, batches, tasks), what came back (clips, cached audio)
+and what was written (output files with checksums), plus an append-only event
+log. Every state transition is one transaction (``Database.atomic``), so a
+crash leaves either the old or the new state, never half of each.
+
+The state directory's lock (law 9) lives here too: writers hold it, ``status``
+opens the database read-only in WAL mode and never waits for it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import sqlite_utils
+
+from reconciler.errors import LedgerError, LockedError
+from reconciler.planning import Desired, Generation, GenState
+from reconciler.specs import SpecFile, TrackSpec
+
+Clock = Callable[[], float]
+
+_SCHEMA_V1 = """
+CREATE TABLE spec_files (
+    path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, digest TEXT NOT NULL,
+    body TEXT NOT NULL, error TEXT, updated_at REAL NOT NULL);
+CREATE TABLE tracks (
+    soundtrack TEXT NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    clips INTEGER NOT NULL, source TEXT NOT NULL, position INTEGER NOT NULL,
+    updated_at REAL NOT NULL, PRIMARY KEY (soundtrack, name));
+CREATE INDEX tracks_fingerprint ON tracks (fingerprint);
+CREATE TABLE generations (
+    fingerprint TEXT PRIMARY KEY, request TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
+    reason TEXT, task_id TEXT, batch_id TEXT, submit_id INTEGER,
+    possible_double INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX generations_state ON generations (state);
+CREATE TABLE submits (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+    batch_id TEXT, fingerprints TEXT NOT NULL, error TEXT);
+CREATE TABLE batches (
+    batch_id TEXT PRIMARY KEY, submit_id INTEGER NOT NULL, at REAL NOT NULL,
+    open INTEGER NOT NULL, next_poll REAL NOT NULL, last_poll REAL);
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, batch_id TEXT, idx INTEGER,
+    state TEXT NOT NULL, at REAL NOT NULL, next_poll REAL, error TEXT);
+CREATE INDEX tasks_fingerprint ON tasks (fingerprint);
+CREATE TABLE clips (
+    clip_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    position INTEGER NOT NULL, state TEXT NOT NULL, audio_url TEXT, duration REAL,
+    title TEXT, lyrics TEXT, tags TEXT, sha256 TEXT, updated_at REAL NOT NULL);
+CREATE INDEX clips_fingerprint ON clips (fingerprint);
+CREATE TABLE outputs (
+    path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, track TEXT, clip INTEGER,
+    fingerprint TEXT, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, at REAL NOT NULL);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, event TEXT NOT NULL,
+    fingerprint TEXT, soundtrack TEXT, track TEXT, data TEXT);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+#: Versioned migrations: index i brings the schema from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    task_id: str
+    fingerprint: str
+    batch_id: str | None
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    clip_id: str
+    task_id: str
+    fingerprint: str
+    position: int
+    state: str
+    audio_url: str | None
+    duration: float | None
+    title: str | None
+    lyrics: str | None
+    tags: str | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    path: str
+    soundtrack: str
+    track: str | None
+    clip: int | None
+    fingerprint: str | None
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    """What one poll (or verified webhook) said about one task."""
+
+    task_id: str
+    status: str
+    clips: Sequence[ClipRecord]
+    error: str | None = None
+    failure_type: str | None = None
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``<state>/lock``: one writer per state dir (law 9)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._file: TextIO | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise LockedError(
+                f"{self.path.parent} is in use by {holder}; "
+                "stop it first (status works alongside it)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def spec_to_json(spec: SpecFile) -> str:
+    return _dumps(
+        {
+            "soundtrack": spec.soundtrack,
+            "digest": spec.digest,
+            "tracks": [
+                {
+                    "name": t.name,
+                    "request": dict(t.request),
+                    "variant": t.variant,
+                    "clips": t.clips,
+                    "line": t.line,
+                }
+                for t in spec.tracks
+            ],
+        }
+    )
+
+
+def spec_from_json(path: str, body: str) -> SpecFile:
+    data = json.loads(body)
+    return SpecFile(
+        path=path,
+        soundtrack=data["soundtrack"],
+        digest=data["digest"],
+        tracks=tuple(
+            TrackSpec(
+                name=t["name"],
+                request=t["request"],
+                variant=t["variant"],
+                clips=t["clips"],
+                line=t["line"],
+            )
+            for t in data["tracks"]
+        ),
+    )
+
+
+class Ledger:
+    """Typed transitions over the SQLite ledger. Time comes from ``clock``."""
+
+    def __init__(self, db: sqlite_utils.Database, clock: Clock = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    @classmethod
+    def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Ledger:
+        try:
+            if readonly:
+                if not path.exists():
+                    raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, timeout=30.0)
+            db = sqlite_utils.Database(conn)
+            if not readonly:
+                db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL is durable across process crashes in WAL mode, which
+                # is the failure law 2 is about; FULL only adds power-loss
+                # safety for the last transaction at a large cost per write.
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            ledger = cls(db, clock)
+            ledger._migrate(readonly)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
+        return ledger
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self, readonly: bool) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise LedgerError(
+                f"ledger schema version {version} is newer than this reconciler "
+                f"({len(MIGRATIONS)}); upgrade reconciler"
+            )
+        if version == len(MIGRATIONS):
+            return
+        if readonly:
+            raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+        for i in range(version, len(MIGRATIONS)):
+            with self.db.atomic():
+                self.db.conn.executescript("SAVEPOINT m;" + MIGRATIONS[i] + "RELEASE m;")
+                self.db.execute(f"PRAGMA user_version={i + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        try:
+            with self.db.atomic():
+                yield
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"ledger write failed: {exc}") from exc
+
+    def _event(
+        self,
+        event: str,
+        *,
+        fingerprint: str | None = None,
+        soundtrack: str | None = None,
+        track: str | None = None,
+        **data: Any,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO events (at, event, fingerprint, soundtrack, track, data) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [self.clock(), event, fingerprint, soundtrack, track, _dumps(data) if data else None],
+        )
+
+    # -- key/value facts (API health, pass summaries, pauses) --------------------
+
+    def get(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        """Write a fact only when it changed (law 12: quiet when converged)."""
+        encoded = _dumps(value)
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        if row is not None and row[0] == encoded:
+            return
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, encoded],
+            )
+
+    # -- spec files and desired state --------------------------------------------
+
+    def last_good(self) -> dict[str, SpecFile]:
+        return {
+            r["path"]: spec_from_json(r["path"], r["body"])
+            for r in self.db.query("SELECT path, body FROM spec_files")
+        }
+
+    def spec_errors(self) -> dict[str, str]:
+        return {
+            r["path"]: r["error"]
+            for r in self.db.query("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
+        }
+
+    def record_specs(
+        self,
+        valid: Mapping[str, SpecFile],
+        errors: Mapping[str, str],
+        *,
+        removed: Iterable[str],
+    ) -> None:
+        """Store new last good versions and current errors; writes only what changed."""
+        now = self.clock()
+        known = {
+            r["path"]: (r["digest"], r["error"])
+            for r in self.db.query("SELECT path, digest, error FROM spec_files")
+        }
+        with self.transaction():
+            for path, spec in valid.items():
+                if known.get(path) == (spec.digest, None):
+                    continue
+                self.db.execute(
+                    "INSERT INTO spec_files (path, soundtrack, digest, body, error, updated_at) "
+                    "VALUES (?, ?, ?, ?, NULL, ?) ON CONFLICT(path) DO UPDATE SET "
+                    "soundtrack = excluded.soundtrack, digest = excluded.digest, "
+                    "body = excluded.body, error = NULL, updated_at = excluded.updated_at",
+                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), now],
+                )
+                self._event("spec.accepted", path=path, soundtrack=spec.soundtrack)
+            for path, error in errors.items():
+                # A file never seen valid has no last good version to keep in force.
+                if path in known and known[path][1] != error:
+                    self.db.execute(
+                        "UPDATE spec_files SET error = ?, updated_at = ? WHERE path = ?",
+                        [error, now, path],
+                    )
+                    self._event("spec.invalid", path=path, error=error)
+            for path in removed:
+                if path in known:
+                    self.db.execute("DELETE FROM spec_files WHERE path = ?", [path])
+                    self._event("spec.removed", path=path)
+
+    def apply_desired(self, desired: Desired) -> None:
+        """Make the tracks table equal the desired tracks; create queued generations.
+
+        Creating the generation row is the first step of law 2's intent: from
+        here on every transition of that fingerprint is recorded.
+        """
+        now = self.clock()
+        current = {
+            (r["soundtrack"], r["name"]): (r["fingerprint"], r["clips"], r["source"], r["position"])
+            for r in self.db.query(
+                "SELECT soundtrack, name, fingerprint, clips, source, position FROM tracks"
+            )
+        }
+        known = {r["fingerprint"] for r in self.db.query("SELECT fingerprint FROM generations")}
+        wanted = {(t.soundtrack, t.name): t for t in desired.tracks}
+        new_fps = [fp for fp in desired.fingerprints() if fp not in known]
+        changed = [
+            t
+            for key, t in wanted.items()
+            if current.get(key) != (t.fingerprint, t.clips, t.source, t.position)
+        ]
+        gone = [key for key in current if key not in wanted]
+        if not (new_fps or changed or gone):
+            return
+        with self.transaction():
+            for fp in new_fps:
+                self.db.execute(
+                    "INSERT INTO generations (fingerprint, request, state, created_at, updated_at) "
+                    "VALUES (?, ?, 'queued', ?, ?)",
+                    [fp, _dumps(dict(desired.requests[fp])), now, now],
+                )
+            for t in changed:
+                before = current.get((t.soundtrack, t.name))
+                self.db.execute(
+                    "INSERT INTO tracks (soundtrack, name, fingerprint, clips, source, position, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(soundtrack, name) DO "
+                    "UPDATE SET fingerprint = excluded.fingerprint, clips = excluded.clips, "
+                    "source = excluded.source, position = excluded.position, "
+                    "updated_at = excluded.updated_at",
+                    [t.soundtrack, t.name, t.fingerprint, t.clips, t.source, t.position, now],
+                )
+                if before is None or before[0] != t.fingerprint:
+                    self._event(
+                        "track.desired",
+                        fingerprint=t.fingerprint,
+                        soundtrack=t.soundtrack,
+                        track=t.name,
+                        previous=before[0] if before else None,
+                    )
+            for st, name in gone:
+                self.db.execute(
+                    "DELETE FROM tracks WHERE soundtrack = ? AND name = ?", [st, name]
+                )
+                self._event("track.removed", soundtrack=st, track=name)
+
+    def generations(self) -> dict[str, Generation]:
+        return {
+            r["fingerprint"]: Generation(
+                fingerprint=r["fingerprint"],
+                state=r["state"],
+                attempts=r["attempts"],
+                next_attempt=r["next_attempt"],
+                reason=r["reason"],
+            )
+            for r in self.db.query(
+                "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+            )
+        }
+
+    def request(self, fingerprint: str) -> dict[str, Any]:
+        row = self.db.execute(
+            "SELECT request FROM generations WHERE fingerprint = ?", [fingerprint]
+        ).fetchone()
+        if row is None:
+            raise LedgerError(f"unknown fingerprint {fingerprint}")
+        return dict(json.loads(row[0]))
+
+    def count_state(self, *states: GenState) -> int:
+        marks = ",".join("?" * len(states))
+        row = self.db.execute(
+            f"SELECT count(*) FROM generations WHERE state IN ({marks})",  # noqa: S608
+            list(states),
+        ).fetchone()
+        return int(row[0])
+
+    # -- submits (law 2) ----------------------------------------------------------
+
+    def begin_submit(self, fingerprints: Sequence[str], kind: str) -> int:
+        """Record the intent before a submit: the fingerprints become ``submitting``."""
+        now = self.clock()
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO submits (at, kind, state, fingerprints) VALUES (?, ?, 'intent', ?)",
+                [now, kind, _dumps(list(fingerprints))],
+            )
+            submit_id = int(cur.lastrowid or 0)
+            for fp in fingerprints:
+                self.db.execute(
+                    "UPDATE generations SET state = 'submitting', submit_id = ?, updated_at = ? "
+                    "WHERE fingerprint = ?",
+                    [submit_id, now, fp],
+                )
+        return submit_id
+
+    def submit_answered(
+        self,
+        submit_id: int,
+        batch_id: str | None,
+        accepted: Mapping[str, tuple[str, int]],
+        requeue: Mapping[str, tuple[float, str]],
+        parked: Mapping[str, str],
+        *,
+        poll_at: float,
+    ) -> None:
+        """Record a submit's answer at once: task ids, parked and requeued items.
+
+        ``accepted`` maps fingerprint → (task id, index in the batch);
+        ``requeue`` fingerprint → (next attempt time, reason);
+        ``parked`` fingerprint → the API's reason.
+        """
+        now = self.clock()
+        with self.transaction():
+            self.db.execute(
+                "UPDATE submits SET state = 'answered', batch_id = ? WHERE id = ?",
+                [batch_id, submit_id],
+            )
+            if batch_id is not None and accepted:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO batches (batch_id, submit_id, at, open, next_poll) "
+                    "VALUES (?, ?, ?, 1, ?)",
+                    [batch_id, submit_id, now, poll_at],
+                )
+            for fp, (task_id, idx) in accepted.items():
+                self._task_started(fp, task_id, batch_id, idx, now, poll_at)
+                self._event("task.accepted", fingerprint=fp, task_id=task_id, batch_id=batch_id)
+            for fp, (when, reason) in requeue.items():
+                self._requeue(fp, when, reason, now)
+            for fp, reason in parked.items():
+                self._park(fp, reason, now)
+
+    def _task_started(
+        self, fp: str, task_id: str, batch_id: str | None, idx: int | None, now: float, poll_at: float
+    ) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO tasks (task_id, fingerprint, batch_id, idx, state, at, next_poll) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?)",
+            [task_id, fp, batch_id, idx, now, poll_at],
+        )
+        self.db.execute(
+            "UPDATE generations SET state = 'running', task_id = ?, batch_id = ?, reason = NULL, "
+            "updated_at = ? WHERE fingerprint = ?",
+            [task_id, batch_id, now, fp],
+        )
+
+    def _requeue(self, fp: str, when: float, reason: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE generations SET state = 'queued', attempts = attempts + 1, next_attempt = ?, "
+            "reason = ?, updated_at = ? WHERE fingerprint = ?",
+            [when, reason, now, fp],
+        )
+        self._event("generation.retrying", fingerprint=fp, reason=reason, at=when)
+
+    def _park(self, fp: str, reason: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE generations SET state = 'parked', reason = ?, updated_at = ? "
+            "WHERE fingerprint = ?",
+            [reason, now, fp],
+        )
+        self._event("generation.parked", fingerprint=fp, reason=reason)
+
+    def submit_not_sent(self, submit_id: int, when: float, reason: str) -> None:
+        """The request provably never reached the service: requeue without cost."""
+        now = self.clock()
+        with self.transaction():
+            self.db.execute(
+                "UPDATE submits SET state = 'not_sent', error = ? WHERE id = ?", [reason, submit_id]
+            )
+            for fp in self._submit_fingerprints(submit_id):
+                self._requeue(fp, when, reason, now)
+
+    def submit_ambiguous(self, submit_id: int, reason: str) -> list[str]:
+        """The answer was lost: the items may be paid for. Keep them ``unknown``."""
+        now = self.clock()
+        fps = self._submit_fingerprints(submit_id)
+        with self.transaction():
+            self.db.execute(
+                "UPDATE submits SET state = 'ambiguous', error = ? WHERE id = ?", [reason, submit_id]
+            )
+            for fp in fps:
+                self.db.execute(
+                    "UPDATE generations SET state = 'unknown', reason = ?, updated_at = ? "
+                    "WHERE fingerprint = ? AND state = 'submitting'",
+                    [reason, now, fp],
+                )
+            self._event("submit.ambiguous", submit_id=submit_id, items=len(fps), reason=reason)
+        return fps
+
+    def _submit_fingerprints(self, submit_id: int) -> list[str]:
+        row = self.db.execute("SELECT fingerprints FROM submits WHERE id = ?", [submit_id]).fetchone()
+        return list(json.loads(row[0])) if row else []
+
+    def recover_interrupted(self) -> int:
+        """At start-up, a submit left in ``intent`` died mid-call: it is ambiguous."""
+        ids = [r["id"] for r in self.db.query("SELECT id FROM submits WHERE state = 'intent'")]
+        for submit_id in ids:
+            self.submit_ambiguous(submit_id, "interrupted while submitting (process stopped)")
+        return len(ids)
+
+    def claim(self, fingerprint: str, task_id: str, poll_at: float) -> bool:
+        """A verified webhook named the task of an ``unknown`` item: it is paid for, track it."""
+        now = self.clock()
+        row = self.db.execute(
+            "SELECT state FROM generations WHERE fingerprint = ?", [fingerprint]
+        ).fetchone()
+        if row is None or row[0] not in ("unknown", "submitting"):
+            return False
+        with self.transaction():
+            self._task_started(fingerprint, task_id, None, None, now, poll_at)
+            self._event("submit.claimed", fingerprint=fingerprint, task_id=task_id)
+        return True
+
+    def expire_unknown(self, grace: float) -> list[str]:
+        """Unclaimed ``unknown`` items past the grace period go out again, flagged."""
+        now = self.clock()
+        fps = [
+            r["fingerprint"]
+            for r in self.db.query(
+                "SELECT fingerprint FROM generations WHERE state = 'unknown' AND updated_at <= ?",
+                [now - grace],
+            )
+        ]
+        if not fps:
+            return fps
+        with self.transaction():
+            for fp in fps:
+                self.db.execute(
+                    "UPDATE generations SET state = 'queued', next_attempt = 0, "
+                    "possible_double = possible_double + 1, "
+                    "reason = 'resubmitted after an ambiguous submit', updated_at = ? "
+                    "WHERE fingerprint = ?",
+                    [now, fp],
+                )
+                self._event("submit.resubmit_after_ambiguous", fingerprint=fp)
+        return fps
+
+    def spent_since(self, since: float) -> int:
+        """Tasks created since ``since`` (accepted or possibly accepted), for the budget."""
+        tasks = self.db.execute("SELECT count(*) FROM tasks WHERE at >= ?", [since]).fetchone()[0]
+        unknown = self.db.execute(
+            "SELECT count(*) FROM generations WHERE state IN ('unknown', 'submitting') "
+            "AND updated_at >= ?",
+            [since],
+        ).fetchone()[0]
+        return int(tasks) + int(unknown)
+
+    # -- tracking -----------------------------------------------------------------
+
+    def due_batches(self, now: float) -> list[str]:
+        return [
+            r["batch_id"]
+            for r in self.db.query(
+                "SELECT batch_id FROM batches WHERE open = 1 AND next_poll <= ? ORDER BY next_poll",
+                [now],
+            )
+        ]
+
+    def due_single_tasks(self, now: float) -> list[TaskRef]:
+        """Tasks to poll one by one: fallback mode, claimed items, forgotten batches.
+
+        A task is scheduled while ``next_poll`` is set; a terminal answer
+        clears it, and an expired audio URL or a webhook sets it again.
+        """
+        return [
+            TaskRef(r["task_id"], r["fingerprint"], r["batch_id"])
+            for r in self.db.query(
+                "SELECT task_id, fingerprint, batch_id FROM tasks "
+                "WHERE next_poll IS NOT NULL AND next_poll <= ? AND (batch_id IS NULL OR "
+                "batch_id NOT IN (SELECT batch_id FROM batches WHERE open = 1))",
+                [now],
+            )
+        ]
+
+    def next_due(self) -> float | None:
+        """The earliest time something is scheduled: a poll or a retry."""
+        rows = self.db.execute(
+            "SELECT min(next_poll) FROM batches WHERE open = 1 "
+            "UNION ALL SELECT min(next_poll) FROM tasks WHERE next_poll IS NOT NULL AND "
+            "(batch_id IS NULL OR batch_id NOT IN (SELECT batch_id FROM batches WHERE open = 1)) "
+            "UNION ALL SELECT min(next_attempt) FROM generations WHERE state = 'queued'"
+        ).fetchall()
+        times = [r[0] for r in rows if r[0] is not None]
+        return min(times) if times else None
+
+    def wake(self, batch_id: str | None, task_id: str | None) -> None:
+        """Poll now rather than at the next interval (a webhook, an expired URL).
+
+        A finished batch is reopened for one poll: that is how a fresh
+        ``audio_url`` is fetched after the old one expired.
+        """
+        now = self.clock()
+        with self.transaction():
+            if batch_id:
+                self.db.execute(
+                    "UPDATE batches SET next_poll = ?, open = 1 WHERE batch_id = ?",
+                    [now, batch_id],
+                )
+            elif task_id:
+                self.db.execute("UPDATE tasks SET next_poll = ? WHERE task_id = ?", [now, task_id])
+
+    def task_ref(self, task_id: str) -> TaskRef | None:
+        row = self.db.execute(
+            "SELECT task_id, fingerprint, batch_id FROM tasks WHERE task_id = ?", [task_id]
+        ).fetchone()
+        return TaskRef(*row) if row else None
+
+    def batch_tasks(self, batch_id: str) -> dict[str, str]:
+        """task id → fingerprint for the tasks of a batch."""
+        return {
+            r["task_id"]: r["fingerprint"]
+            for r in self.db.query(
+                "SELECT task_id, fingerprint FROM tasks WHERE batch_id = ?", [batch_id]
+            )
+        }
+
+    def batch_polled(self, batch_id: str, next_poll: float, *, still_open: bool) -> None:
+        now = self.clock()
+        with self.transaction():
+            self.db.execute(
+                "UPDATE batches SET last_poll = ?, next_poll = ?, open = ? WHERE batch_id = ?",
+                [now, next_poll, int(still_open), batch_id],
+            )
+
+    def task_polled(self, task_id: str, next_poll: float) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE tasks SET next_poll = ? WHERE task_id = ? AND next_poll IS NOT NULL",
+                [next_poll, task_id],
+            )
+
+    def record_task(
+        self,
+        update: TaskUpdate,
+        *,
+        requeue_at: float | None = None,
+        park_reason: str | None = None,
+    ) -> None:
+        """Store what a poll said about a task and move its generation on.
+
+        Clips are upserted as they are; a finished task's generation becomes
+        ``succeeded``. A failed task requeues its generation (upstream failures
+        are refunded) or parks it, as the caller's policy decided.
+        """
+        now = self.clock()
+        ref = self.task_ref(update.task_id)
+        if ref is None:
+            return
+        current = self.db.execute(
+            "SELECT state, task_id FROM generations WHERE fingerprint = ?", [ref.fingerprint]
+        ).fetchone()
+        is_current = current is not None and current[1] == update.task_id
+        with self.transaction():
+            terminal = update.status in ("succeeded", "failed")
+            self.db.execute(
+                "UPDATE tasks SET state = ?, error = ?, "
+                "next_poll = CASE WHEN ? THEN NULL ELSE next_poll END WHERE task_id = ?",
+                [update.status, update.error, terminal, update.task_id],
+            )
+            for c in update.clips:
+                self.db.execute(
+                    "INSERT INTO clips (clip_id, task_id, fingerprint, position, state, audio_url, "
+                    "duration, title, lyrics, tags, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(clip_id) DO UPDATE SET state = excluded.state, "
+                    "audio_url = excluded.audio_url, duration = coalesce(excluded.duration, "
+                    "clips.duration), title = coalesce(excluded.title, clips.title), "
+                    "lyrics = coalesce(excluded.lyrics, clips.lyrics), "
+                    "tags = coalesce(excluded.tags, clips.tags), updated_at = excluded.updated_at",
+                    [
+                        c.clip_id,
+                        update.task_id,
+                        ref.fingerprint,
+                        c.position,
+                        c.state,
+                        c.audio_url,
+                        c.duration,
+                        c.title,
+                        c.lyrics,
+                        c.tags,
+                        now,
+                    ],
+                )
+            if not is_current or current is None or current[0] != "running":
+                return
+            if update.status == "succeeded":
+                self.db.execute(
+                    "UPDATE generations SET state = 'succeeded', reason = NULL, updated_at = ? "
+                    "WHERE fingerprint = ?",
+                    [now, ref.fingerprint],
+                )
+                self._event("task.succeeded", fingerprint=ref.fingerprint, task_id=update.task_id)
+            elif update.status == "failed":
+                reason = update.error or update.failure_type or "failed upstream"
+                if park_reason is not None:
+                    self._park(ref.fingerprint, park_reason, now)
+                elif requeue_at is not None:
+                    self._requeue(ref.fingerprint, requeue_at, reason, now)
+
+    def task_lost(self, task_id: str, requeue_at: float, reason: str) -> None:
+        """The service no longer knows a task (404): its generation goes out again."""
+        now = self.clock()
+        ref = self.task_ref(task_id)
+        if ref is None:
+            return
+        with self.transaction():
+            self.db.execute(
+                "UPDATE tasks SET state = 'lost', next_poll = NULL WHERE task_id = ?", [task_id]
+            )
+            self._requeue(ref.fingerprint, requeue_at, reason, now)
+
+    def park(self, fingerprint: str, reason: str) -> None:
+        with self.transaction():
+            self._park(fingerprint, reason, self.clock())
+
+    def retry(self, fingerprints: Iterable[str]) -> int:
+        """Re-arm parked generations (``reconciler retry``)."""
+        now = self.clock()
+        n = 0
+        with self.transaction():
+            for fp in fingerprints:
+                cur = self.db.execute(
+                    "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
+                    "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
+                    [now, fp],
+                )
+                if cur.rowcount:
+                    n += 1
+                    self._event("generation.rearmed", fingerprint=fp)
+        return n
+
+    def parked_fingerprints(self) -> list[str]:
+        return [
+            r["fingerprint"]
+            for r in self.db.query("SELECT fingerprint FROM generations WHERE state = 'parked'")
+        ]
+
+    def track_fingerprints(self, soundtrack: str, track: str | None) -> list[str]:
+        sql = "SELECT DISTINCT fingerprint FROM tracks WHERE soundtrack = ?"
+        args: list[Any] = [soundtrack]
+        if track is not None:
+            sql += " AND name = ?"
+            args.append(track)
+        return [r["fingerprint"] for r in self.db.query(sql, args)]
+
+    # -- clips and audio ------------------------------------------------------------
+
+    def usable_clips(self, fingerprints: Iterable[str] | None = None) -> dict[str, list[ClipRecord]]:
+        """Finished clips of each fingerprint's current task, in position order."""
+        rows = self.db.query(
+            "SELECT c.* FROM clips c JOIN generations g ON g.task_id = c.task_id "
+            "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
+            "ORDER BY c.fingerprint, c.position"
+        )
+        wanted = set(fingerprints) if fingerprints is not None else None
+        out: dict[str, list[ClipRecord]] = {}
+        for r in rows:
+            if wanted is not None and r["fingerprint"] not in wanted:
+                continue
+            out.setdefault(r["fingerprint"], []).append(
+                ClipRecord(
+                    clip_id=r["clip_id"],
+                    task_id=r["task_id"],
+                    fingerprint=r["fingerprint"],
+                    position=r["position"],
+                    state=r["state"],
+                    audio_url=r["audio_url"],
+                    duration=r["duration"],
+                    title=r["title"],
+                    lyrics=r["lyrics"],
+                    tags=r["tags"],
+                    sha256=r["sha256"],
+                )
+            )
+        return out
+
+    def clip_downloaded(self, clip_id: str, sha256: str, duration: float) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE clips SET sha256 = ?, duration = coalesce(duration, ?), updated_at = ? "
+                "WHERE clip_id = ?",
+                [sha256, duration, self.clock(), clip_id],
+            )
+            self._event("clip.downloaded", clip_id=clip_id, sha256=sha256)
+
+    def clip_lost(self, clip_id: str) -> None:
+        """A cached file vanished or went bad: fetch the clip again."""
+        with self.transaction():
+            self.db.execute("UPDATE clips SET sha256 = NULL WHERE clip_id = ?", [clip_id])
+
+    # -- outputs -----------------------------------------------------------------------
+
+    def outputs(self) -> dict[str, OutputRecord]:
+        return {
+            r["path"]: OutputRecord(
+                path=r["path"],
+                soundtrack=r["soundtrack"],
+                track=r["track"],
+                clip=r["clip"],
+                fingerprint=r["fingerprint"],
+                sha256=r["sha256"],
+                size=r["size"],
+                mtime_ns=r["mtime_ns"],
+            )
+            for r in self.db.query("SELECT * FROM outputs")
+        }
+
+    def output_written(self, rec: OutputRecord, *, event: str | None) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO outputs (path, soundtrack, track, clip, fingerprint, sha256, size, "
+                "mtime_ns, at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
+                "soundtrack = excluded.soundtrack, track = excluded.track, clip = excluded.clip, "
+                "fingerprint = excluded.fingerprint, sha256 = excluded.sha256, "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, at = excluded.at",
+                [
+                    rec.path,
+                    rec.soundtrack,
+                    rec.track,
+                    rec.clip,
+                    rec.fingerprint,
+                    rec.sha256,
+                    rec.size,
+                    rec.mtime_ns,
+                    self.clock(),
+                ],
+            )
+            if event:
+                self._event(
+                    event,
+                    fingerprint=rec.fingerprint,
+                    soundtrack=rec.soundtrack,
+                    track=rec.track,
+                    path=rec.path,
+                )
+
+    def output_removed(self, path: str, trash: str) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM outputs WHERE path = ?", [path])
+            self._event("output.pruned", path=path, trash=trash)
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Read-only rows for ``status``."""
+        return list(self.db.query(sql, list(params)))
+
+    def integrity_ok(self) -> bool:
+        return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")

@@ -1,0 +1,291 @@
+"""Pure planning: fingerprints, desired state, the diff against the ledger, batches.
+
+Where it sits: spec files → validated specs → **desired state → plan** →
+submit → track → download → outputs. Nothing here does I/O or reads a clock:
+callers pass plain values (parsed spec files, ledger records, file facts, the
+current time) and get plain values back, so every rule is tested with tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reconciler.specs import SpecFile
+
+#: Credits one accepted task costs (protocol doc); a task yields two clips.
+CREDITS_PER_TASK = 15
+#: Items one batch submit carries at most.
+BATCH_SIZE = 10
+
+GenState = Literal["queued", "submitting", "unknown", "running", "succeeded", "parked"]
+#: States in which a fingerprint is paid for or may be: never submit these again (law 2).
+IN_FLIGHT: frozenset[str] = frozenset({"submitting", "unknown", "running"})
+RootState = Literal["ok", "missing", "unreadable", "empty"]
+DiskState = Literal["ok", "missing", "drifted"]
+
+
+def fingerprint(request: Mapping[str, Any], variant: int) -> str:
+    """Content address of one generation: canonical request plus variant.
+
+    Key order, comments, whitespace, names and clips never reach here, so they
+    cannot change it; ``variant`` is the one non-API field that does.
+    """
+    canonical = json.dumps(
+        {"request": dict(request), "variant": variant},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def output_names(track: str, clips: int) -> tuple[str, ...]:
+    """File names of a track's clips: ``x.mp3``, then ``x-2.mp3``."""
+    return tuple(f"{track}.mp3" if n == 1 else f"{track}-{n}.mp3" for n in range(1, clips + 1))
+
+
+@dataclass(frozen=True)
+class DesiredTrack:
+    soundtrack: str
+    name: str
+    fingerprint: str
+    clips: int
+    source: str
+    position: int
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Paths relative to the output folder, one per kept clip."""
+        return tuple(f"{self.soundtrack}/{n}" for n in output_names(self.name, self.clips))
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the spec folder asks for right now."""
+
+    tracks: tuple[DesiredTrack, ...]
+    requests: Mapping[str, Mapping[str, Any]]
+    #: Invalid files whose last good version stays in force (law 4).
+    stale: tuple[str, ...] = ()
+    #: False when the folder is missing, empty or unreadable, or a file is invalid.
+    prune_allowed: bool = True
+
+    @property
+    def soundtracks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.soundtrack for t in self.tracks))
+
+    def fingerprints(self) -> tuple[str, ...]:
+        """Distinct fingerprints in spec order (the order they are submitted in)."""
+        return tuple(dict.fromkeys(t.fingerprint for t in self.tracks))
+
+
+def desired_state(
+    files: Mapping[str, SpecFile],
+    invalid: Iterable[str],
+    root_state: RootState,
+    last_good: Mapping[str, SpecFile],
+) -> Desired:
+    """Merge the valid files with the last good version of the invalid ones.
+
+    A folder that is missing, empty or unreadable keeps every last good file in
+    force: it looks like an accident (unmounted disk, half-finished checkout),
+    and law 4 says a bad spec removes nothing.
+    """
+    invalid = sorted(invalid)
+    if root_state != "ok":
+        in_force = dict(last_good)
+        stale = tuple(sorted(last_good))
+    else:
+        in_force = dict(files)
+        stale_list = [p for p in invalid if p in last_good]
+        for p in stale_list:
+            in_force[p] = last_good[p]
+        stale = tuple(stale_list)
+    tracks: list[DesiredTrack] = []
+    requests: dict[str, Mapping[str, Any]] = {}
+    claimed: set[str] = set()
+    for path in sorted(in_force):
+        spec = in_force[path]
+        # The scanner already rejects a second file for one soundtrack; a last
+        # good version can still collide with a newer valid file, and the
+        # first by path wins so the outcome does not depend on timing.
+        if spec.soundtrack in claimed:
+            continue
+        claimed.add(spec.soundtrack)
+        for pos, t in enumerate(spec.tracks):
+            fp = fingerprint(t.request, t.variant)
+            requests.setdefault(fp, t.request)
+            tracks.append(DesiredTrack(spec.soundtrack, t.name, fp, t.clips, path, pos))
+    return Desired(
+        tracks=tuple(tracks),
+        requests=requests,
+        stale=stale,
+        prune_allowed=root_state == "ok" and not invalid,
+    )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The ledger's record of one fingerprint."""
+
+    fingerprint: str
+    state: GenState
+    attempts: int = 0
+    next_attempt: float = 0.0
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFact:
+    """One output file the ledger says reconciler wrote, and how it looks now."""
+
+    path: str
+    fingerprint: str
+    disk: DiskState
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Desired state against the ledger and the output folder (``reconciler plan``)."""
+
+    submit: tuple[str, ...]
+    #: Tracks whose audio is generated or in flight, but not at this path yet.
+    reuse: tuple[DesiredTrack, ...]
+    #: Output paths that are deleted or drifted and come back from the cache.
+    restore: tuple[str, ...]
+    prune: tuple[str, ...]
+    parked: tuple[str, ...]
+    waiting: tuple[str, ...] = field(default=())
+
+    @property
+    def cost(self) -> int:
+        return CREDITS_PER_TASK * len(self.submit)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.submit or self.reuse or self.restore or self.prune)
+
+
+def diff(
+    desired: Desired,
+    generations: Mapping[str, Generation],
+    outputs: Mapping[str, OutputFact],
+    ready: Mapping[str, bool],
+    *,
+    prune: bool,
+) -> Diff:
+    """What a pass would do. ``ready[fp]`` says the fingerprint's audio is in the cache."""
+    submit: list[str] = []
+    parked: list[str] = []
+    waiting: list[str] = []
+    for fp in desired.fingerprints():
+        gen = generations.get(fp)
+        if gen is None or gen.state == "queued":
+            submit.append(fp)
+        elif gen.state == "parked":
+            parked.append(fp)
+        elif gen.state in IN_FLIGHT:
+            waiting.append(fp)
+    reuse: list[DesiredTrack] = []
+    restore: list[str] = []
+    for t in desired.tracks:
+        gen = generations.get(t.fingerprint)
+        if gen is None or gen.state in ("queued", "parked"):
+            continue
+        for path in t.outputs:
+            fact = outputs.get(path)
+            if fact is None or fact.fingerprint != t.fingerprint:
+                reuse.append(t)
+                break
+            if fact.disk != "ok" and ready.get(t.fingerprint, False):
+                restore.append(path)
+    wanted = {p for t in desired.tracks for p in t.outputs}
+    pruned = (
+        tuple(sorted(p for p in outputs if p not in wanted))
+        if prune and desired.prune_allowed
+        else ()
+    )
+    return Diff(
+        submit=tuple(submit),
+        reuse=tuple(reuse),
+        restore=tuple(restore),
+        prune=pruned,
+        parked=tuple(parked),
+        waiting=tuple(waiting),
+    )
+
+
+def due_submissions(
+    order: Sequence[str],
+    generations: Mapping[str, Generation],
+    now: float,
+    *,
+    in_flight: int,
+    max_in_flight: int,
+    affordable: int | None,
+) -> tuple[str, ...]:
+    """Fingerprints to submit now, in spec order.
+
+    Only queued ones whose backoff has passed; never more than the in-flight
+    cap allows, nor more tasks than the budget and balance pay for (law 8).
+    """
+    room = max(0, max_in_flight - in_flight)
+    if affordable is not None:
+        room = min(room, max(0, affordable))
+    due: list[str] = []
+    for fp in order:
+        if len(due) >= room:
+            break
+        gen = generations.get(fp)
+        if gen is None or (gen.state == "queued" and gen.next_attempt <= now):
+            due.append(fp)
+    return tuple(due)
+
+
+def batches(fingerprints: Sequence[str], size: int = BATCH_SIZE) -> list[tuple[str, ...]]:
+    """Split into full batches: G items cost ceil(G/size) submit calls."""
+    return [tuple(fingerprints[i : i + size]) for i in range(0, len(fingerprints), size)]
+
+
+def backoff(
+    attempts: int,
+    *,
+    initial: float,
+    cap: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before attempt ``attempts + 1``: capped exponential, full jitter.
+
+    A server's ``Retry-After`` is a floor, because retrying earlier only earns
+    another 429; the cap still applies so one bad header cannot stall a track
+    for days.
+    """
+    ceiling = min(cap, initial * (2 ** max(0, attempts - 1)))
+    delay = (rng or random.Random()).uniform(ceiling / 2, ceiling)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, cap)
+
+
+def affordable_tasks(
+    *, spent_today: int, daily_budget: int | None, balance: int | None
+) -> tuple[int | None, str | None]:
+    """How many tasks may still be submitted, and why not more (law 8)."""
+    limits: list[tuple[int, str]] = []
+    if daily_budget is not None:
+        left = max(0, daily_budget - spent_today)
+        limits.append(
+            (left // CREDITS_PER_TASK, f"daily budget reached ({spent_today}/{daily_budget} credits)")
+        )
+    if balance is not None:
+        limits.append((balance // CREDITS_PER_TASK, f"account balance too low ({balance} credits)"))
+    if not limits:
+        return None, None
+    n, reason = min(limits, key=lambda x: x[0])
+    return n, reason

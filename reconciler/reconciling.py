@@ -1,0 +1,799 @@
+"""One reconcile pass, and the loop that repeats it until converged.
+
+Where it sits: this module wires the flow together. A pass reads the spec
+folder (specs), records it (ledger), computes the desired state and what is
+due (planning), submits in full batches (musicapi), polls what is in flight,
+downloads finished clips into the cache and materialises outputs (outputs),
+recording every step in the ledger before and after it happens (law 2).
+
+Every pass is level-triggered (law 1): it recomputes everything from the
+folder, the ledger and the output files, so a missed event or a crash costs
+nothing but a pass. The daemon and ``sync`` run the same pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from reconciler import outputs as out
+from reconciler.config import Settings
+from reconciler.errors import (
+    AmbiguousSubmitError,
+    APIError,
+    AudioExpiredError,
+    AuthError,
+    BatchUnsupportedError,
+    InsufficientCreditsError,
+    NotFoundError,
+    OutputError,
+    RejectedError,
+    TemporaryAPIError,
+)
+from reconciler.ledger import ClipRecord, Ledger, OutputRecord, TaskUpdate
+from reconciler.musicapi import Accepted, MusicAPI, TaskStatus
+from reconciler.planning import (
+    BATCH_SIZE,
+    CREDITS_PER_TASK,
+    IN_FLIGHT,
+    Desired,
+    DesiredTrack,
+    affordable_tasks,
+    backoff,
+    batches,
+    desired_state,
+    due_submissions,
+)
+from reconciler.specs import SpecFile, SpecScan, scan_specs
+
+#: How often an upstream failure is retried before the fingerprint is parked.
+MAX_UPSTREAM_ATTEMPTS = 3
+#: Downloads in parallel: enough to stream results, few enough to be polite.
+DOWNLOAD_CONCURRENCY = 4
+POLL_CONCURRENCY = 8
+#: The per-soundtrack lists written beside the audio.
+LIST_FILES = ("playlist.m3u8", "tracks.json")
+#: Upstream failure types that are a verdict on the content, not a hiccup.
+_PERMANENT_FAILURES = frozenset({"forbidden"})
+
+
+@dataclass
+class PassResult:
+    """What one pass saw and did; the daemon and ``sync`` decide what comes next."""
+
+    total: int = 0
+    ready: int = 0
+    submitted: int = 0
+    submit_calls: int = 0
+    polls: int = 0
+    downloads: int = 0
+    written: int = 0
+    restored: int = 0
+    pruned: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    parked: int = 0
+    invalid_files: int = 0
+    blocked: str | None = None
+    next_due: float | None = None
+    states: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def converged(self) -> bool:
+        return self.total > 0 and self.ready == self.total and self.invalid_files == 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.submitted or self.downloads or self.written or self.restored or self.pruned
+        )
+
+    @property
+    def stuck(self) -> bool:
+        """Nothing can move without a person: no work in flight or scheduled."""
+        if self.converged or self.in_flight:
+            return False
+        if self.queued and not self.blocked:
+            return False
+        return True
+
+
+def utc_day_start(now: float) -> float:
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp()
+
+
+class Reconciler:
+    """Holds what survives between passes: parsed specs, the API client, pauses."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        api: MusicAPI,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.api = api
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.log = structlog.get_logger("reconciler")
+        self.cache = out.AudioCache(settings.state_dir / "cache")
+        self.trash = out.Trash(settings.state_dir / "trash")
+        self._last_good: dict[str, SpecFile] = ledger.last_good()
+        self._batch_unsupported = bool(ledger.get("batch_unsupported"))
+        self._submit_pause_until = 0.0
+        self._block_reason: str | None = None
+        self._auth_failed = False
+        self._started = False
+        self.desired: Desired | None = None
+        self.scan: SpecScan | None = None
+
+    # -- the pass -------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Once per process: settle what a crash may have left behind."""
+        interrupted = self.ledger.recover_interrupted()
+        if interrupted:
+            self.log.warning("submit.interrupted", submits=interrupted)
+        self.cache.sweep_temps()
+        if self.settings.out_dir.exists():
+            out.sweep_output_temps(self.settings.out_dir)
+        self._started = True
+
+    async def run_pass(self) -> PassResult:
+        if not self._started:
+            self.startup()
+        result = PassResult()
+        now = self.clock()
+        desired = await asyncio.to_thread(self._refresh_desired)
+        result.invalid_files = len(self.scan.errors) if self.scan else 0
+        expired = self.ledger.expire_unknown(self.settings.ambiguous_grace)
+        if expired:
+            self.log.warning("submit.resubmitting_ambiguous", items=len(expired))
+        await self._submit(desired, result, now)
+        await self._poll(result)
+        await self._download(desired, result)
+        self._materialise(desired, result)
+        self._prune(desired, result)
+        self._summarise(desired, result)
+        return result
+
+    def _refresh_desired(self) -> Desired:
+        scan = scan_specs(self.settings.specs_dir, models=self.settings.models, reuse=self._last_good)
+        self.scan = scan
+        removed: list[str] = []
+        if scan.root_state == "ok":
+            removed = [p for p in self._last_good if p not in scan.files and p not in scan.errors]
+        self.ledger.record_specs(
+            scan.files, {p: str(e) for p, e in scan.errors.items()}, removed=removed
+        )
+        for err in scan.errors.values():
+            for problem in err.problems:
+                self.log.warning("spec.invalid", problem=str(problem))
+        last_good = dict(self._last_good)
+        for p in removed:
+            last_good.pop(p, None)
+        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
+        last_good.update(scan.files)
+        self._last_good = last_good
+        self.ledger.apply_desired(desired)
+        self.desired = desired
+        return desired
+
+    # -- submit -------------------------------------------------------------------------
+
+    def _item(self, fp: str) -> dict[str, Any]:
+        item = self.ledger.request(fp)
+        hook = self.settings.webhook
+        if hook is not None:
+            # Each item carries its own URL so a callback names its generation
+            # even when the submit's answer (and so the task id) was lost.
+            item["webhook_url"] = f"{hook.public_url}/hook/{fp}"
+            item["webhook_secret"] = hook.secret.get_secret_value()
+        return item
+
+    async def _affordable(self, now: float) -> int | None:
+        balance: int | None = None
+        try:
+            balance = (await self.api.get_credits()).total
+        except TemporaryAPIError as exc:
+            # Without a balance the daily budget still holds; the service
+            # refuses what the account cannot pay for, per item.
+            self.log.warning("credits.unavailable", error=str(exc))
+        spent = CREDITS_PER_TASK * self.ledger.spent_since(utc_day_start(now))
+        n, reason = affordable_tasks(
+            spent_today=spent, daily_budget=self.settings.daily_budget, balance=balance
+        )
+        self._block_reason = reason if n is not None and n <= 0 else None
+        return n
+
+    async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
+        if self._auth_failed:
+            result.blocked = self._block_reason
+            return
+        gens = self.ledger.generations()
+        order = desired.fingerprints()
+        queued = [fp for fp in order if gens[fp].state == "queued"]
+        result.queued = len(queued)
+        if now < self._submit_pause_until:
+            result.blocked = self._block_reason
+            return
+        if not any(gens[fp].next_attempt <= now for fp in queued):
+            return
+        in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
+        affordable = await self._affordable(now)
+        due = due_submissions(
+            order,
+            gens,
+            now,
+            in_flight=in_flight,
+            max_in_flight=self.settings.max_in_flight,
+            affordable=affordable,
+        )
+        if len(due) < len([fp for fp in queued if gens[fp].next_attempt <= now]):
+            # Room frees up a task at a time; waiting for a full batch keeps
+            # G fingerprints at ceil(G/10) submit calls (law 3).
+            due = due[: len(due) - len(due) % BATCH_SIZE]
+        if self._block_reason and not due:
+            result.blocked = self._block_reason
+            self.ledger.put("submit_block", self._block_reason)
+            return
+        self.ledger.put("submit_block", None)
+        for group in batches(due):
+            if self._batch_unsupported:
+                for fp in group:
+                    if not await self._submit_single(fp, result):
+                        return
+            elif not await self._submit_batch(group, result):
+                return
+
+    def _retry_at(self, attempts: int, retry_after: float | None = None) -> float:
+        delay = backoff(
+            attempts + 1,
+            initial=self.settings.backoff_initial,
+            cap=self.settings.backoff_cap,
+            retry_after=retry_after,
+            rng=self.rng,
+        )
+        return self.clock() + delay
+
+    async def _submit_batch(self, group: Sequence[str], result: PassResult) -> bool:
+        """One batch submit. Returns False when submitting should stop for this pass."""
+        submit_id = self.ledger.begin_submit(group, "batch")
+        items = [self._item(fp) for fp in group]
+        result.submit_calls += 1
+        try:
+            answer = await self.api.submit_batch(items)
+        except BatchUnsupportedError:
+            self.ledger.submit_not_sent(submit_id, 0.0, "batch endpoint unavailable")
+            self._batch_unsupported = True
+            self.ledger.put("batch_unsupported", True)
+            self.log.warning("batch.unsupported", fallback="one create per item, per-task polls")
+            for fp in group:
+                if not await self._submit_single(fp, result):
+                    return False
+            return True
+        except APIError as exc:
+            return self._submit_failed(submit_id, group, exc, result)
+        accepted: dict[str, tuple[str, int]] = {}
+        requeue: dict[str, tuple[float, str]] = {}
+        parked: dict[str, str] = {}
+        attempts = self.ledger.generations()
+        for fp, res in zip(group, answer.results, strict=True):
+            if isinstance(res, Accepted):
+                accepted[fp] = (res.task_id, res.index)
+            elif res.type in ("bad_request", "forbidden"):
+                parked[fp] = f"rejected ({res.type}): {res.error}"
+            else:
+                if res.type == "insufficient_credits":
+                    self._pause_submissions("insufficient credits on the account")
+                requeue[fp] = (self._retry_at(attempts[fp].attempts), f"{res.type}: {res.error}")
+        self.ledger.submit_answered(
+            submit_id,
+            answer.batch_id,
+            accepted,
+            requeue,
+            parked,
+            poll_at=self.clock() + self.settings.poll_interval,
+        )
+        result.submitted += len(accepted)
+        self.log.info(
+            "batch.submitted",
+            batch_id=answer.batch_id,
+            accepted=len(accepted),
+            rejected=len(parked) + len(requeue),
+        )
+        for fp, reason in parked.items():
+            self.log.warning("generation.parked", fingerprint=fp, reason=reason)
+        return not requeue or not self._submit_pause_until
+
+    async def _submit_single(self, fp: str, result: PassResult) -> bool:
+        submit_id = self.ledger.begin_submit([fp], "single")
+        result.submit_calls += 1
+        try:
+            task_id = await self.api.create(self._item(fp))
+        except RejectedError as exc:
+            self.ledger.submit_answered(
+                submit_id, None, {}, {}, {fp: f"rejected: {exc.message}"}, poll_at=0.0
+            )
+            self.log.warning("generation.parked", fingerprint=fp, reason=exc.message)
+            return True
+        except APIError as exc:
+            return self._submit_failed(submit_id, [fp], exc, result)
+        self.ledger.submit_answered(
+            submit_id, None, {fp: (task_id, 0)}, {}, {},
+            poll_at=self.clock() + self.settings.poll_interval,
+        )
+        result.submitted += 1
+        self.log.info("task.submitted", task_id=task_id, fingerprint=fp)
+        return True
+
+    def _submit_failed(
+        self, submit_id: int, group: Sequence[str], exc: APIError, result: PassResult
+    ) -> bool:
+        self._api_health(exc)
+        if isinstance(exc, AmbiguousSubmitError):
+            self.ledger.submit_ambiguous(submit_id, exc.message)
+            self.log.error("submit.ambiguous", items=len(group), error=exc.message)
+            return False
+        if isinstance(exc, AuthError):
+            self._auth_failed = True
+            self._block_reason = f"API key rejected (401): {exc.message}"
+            self.ledger.submit_not_sent(submit_id, 0.0, self._block_reason)
+            self.ledger.put("submit_block", self._block_reason)
+            result.blocked = self._block_reason
+            return False
+        if isinstance(exc, InsufficientCreditsError):
+            self._pause_submissions(f"insufficient credits: {exc.message}")
+            self.ledger.submit_not_sent(submit_id, 0.0, exc.message)
+            result.blocked = self._block_reason
+            return False
+        retry_after = exc.retry_after if isinstance(exc, TemporaryAPIError) else None
+        attempts = max(self.ledger.generations()[fp].attempts for fp in group)
+        self.ledger.submit_not_sent(submit_id, self._retry_at(attempts, retry_after), exc.message)
+        self.log.warning("submit.retrying", items=len(group), error=exc.message, status=exc.status)
+        return False
+
+    def _pause_submissions(self, reason: str) -> None:
+        self._submit_pause_until = self.clock() + self.settings.backoff_cap
+        self._block_reason = reason
+        self.ledger.put("submit_block", reason)
+
+    def _api_health(self, exc: APIError | None) -> None:
+        now = self.clock()
+        health = dict(self.ledger.get("api_health") or {})
+        if exc is None:
+            # One write per minute at most: status shows minutes, not seconds.
+            if now - float(health.get("last_success") or 0) < 60:
+                return
+            health["last_success"] = now
+        else:
+            health["last_error"] = now
+            health["last_error_message"] = f"{type(exc).__name__}: {exc.message}"
+        self.ledger.put("api_health", health)
+
+    # -- poll ---------------------------------------------------------------------------
+
+    async def _poll(self, result: PassResult) -> None:
+        now = self.clock()
+        sem = asyncio.Semaphore(POLL_CONCURRENCY)
+
+        async def one_batch(batch_id: str) -> None:
+            async with sem:
+                await self._poll_batch(batch_id, result)
+
+        async def one_task(task_id: str) -> None:
+            async with sem:
+                await self._poll_task(task_id, result)
+
+        jobs = [one_batch(b) for b in self.ledger.due_batches(now)]
+        jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
+        await asyncio.gather(*jobs)
+
+    async def _poll_batch(self, batch_id: str, result: PassResult) -> None:
+        result.polls += 1
+        try:
+            statuses = await self.api.poll_batch(batch_id)
+        except NotFoundError:
+            # The service forgot the batch; its tasks can still be polled one by one.
+            self.ledger.batch_polled(batch_id, 0.0, still_open=False)
+            self.log.warning("batch.unknown", batch_id=batch_id)
+            return
+        except APIError as exc:
+            self._poll_failed(exc)
+            self.ledger.batch_polled(batch_id, self._retry_at(1, _retry_after(exc)), still_open=True)
+            return
+        self._api_health(None)
+        tasks = self.ledger.batch_tasks(batch_id)
+        seen: set[str] = set()
+        for status in statuses:
+            if status.task_id in tasks:
+                seen.add(status.task_id)
+                self._record(status)
+        # A task missing from the answer is not finished as far as we know.
+        still_open = any(s.status in ("pending", "running") for s in statuses) or bool(
+            set(tasks) - seen
+        )
+        self.ledger.batch_polled(
+            batch_id, self.clock() + self.settings.poll_interval, still_open=still_open
+        )
+
+    async def _poll_task(self, task_id: str, result: PassResult) -> None:
+        result.polls += 1
+        try:
+            status = await self.api.poll_task(task_id)
+        except NotFoundError as exc:
+            ref = self.ledger.task_ref(task_id)
+            attempts = self.ledger.generations()[ref.fingerprint].attempts if ref else 0
+            self.ledger.task_lost(task_id, self._retry_at(attempts), exc.message)
+            self.log.warning("task.unknown", task_id=task_id)
+            return
+        except APIError as exc:
+            self._poll_failed(exc)
+            self.ledger.task_polled(task_id, self._retry_at(1, _retry_after(exc)))
+            return
+        self._api_health(None)
+        self._record(status)
+        self.ledger.task_polled(task_id, self.clock() + self.settings.poll_interval)
+
+    def _poll_failed(self, exc: APIError) -> None:
+        self._api_health(exc)
+        if isinstance(exc, AuthError):
+            self._auth_failed = True
+            self._block_reason = f"API key rejected (401): {exc.message}"
+            self.ledger.put("submit_block", self._block_reason)
+        self.log.warning("poll.failed", error=exc.message, status=exc.status)
+
+    def _record(self, status: TaskStatus) -> None:
+        clips = [
+            ClipRecord(
+                clip_id=c.clip_id,
+                task_id=status.task_id,
+                fingerprint="",
+                position=i,
+                state=c.state if c.state != "succeeded" or c.audio_url else "streaming",
+                audio_url=c.audio_url,
+                duration=c.duration,
+                title=c.title,
+                lyrics=c.lyrics,
+                tags=c.tags,
+                sha256=None,
+            )
+            for i, c in enumerate(status.clips, start=1)
+        ]
+        update = TaskUpdate(
+            task_id=status.task_id,
+            status=status.status,
+            clips=clips,
+            error=status.error,
+            failure_type=status.failure_type,
+        )
+        if status.status != "failed":
+            self.ledger.record_task(update)
+            return
+        ref = self.ledger.task_ref(status.task_id)
+        attempts = self.ledger.generations()[ref.fingerprint].attempts if ref else 0
+        reason = status.error or status.failure_type or "failed upstream"
+        if status.failure_type in _PERMANENT_FAILURES:
+            self.ledger.record_task(update, park_reason=f"{status.failure_type}: {reason}")
+        elif attempts + 1 >= MAX_UPSTREAM_ATTEMPTS:
+            self.ledger.record_task(
+                update, park_reason=f"failed upstream {attempts + 1} times: {reason}"
+            )
+        else:
+            self.ledger.record_task(update, requeue_at=self._retry_at(attempts))
+        self.log.warning("task.failed", task_id=status.task_id, reason=reason)
+
+    # -- download -----------------------------------------------------------------------
+
+    def _needed(self, desired: Desired) -> dict[str, int]:
+        """Clips each desired fingerprint must provide (the most any track keeps)."""
+        need: dict[str, int] = {}
+        for t in desired.tracks:
+            need[t.fingerprint] = max(need.get(t.fingerprint, 0), t.clips)
+        return need
+
+    async def _download(self, desired: Desired, result: PassResult) -> None:
+        need = self._needed(desired)
+        usable = self.ledger.usable_clips(need)
+        todo: list[ClipRecord] = []
+        for fp, clips in usable.items():
+            for clip in clips[: need[fp]]:
+                if clip.sha256 and self.cache.has(clip.sha256):
+                    continue
+                todo.append(clip)
+        if not todo:
+            return
+        sem = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
+
+        async def fetch(clip: ClipRecord) -> None:
+            async with sem:
+                await self._fetch(clip, result)
+
+        await asyncio.gather(*(fetch(c) for c in todo))
+
+    async def _fetch(self, clip: ClipRecord, result: PassResult) -> None:
+        tmp = self.cache.new_temp()
+        try:
+            await self.api.download(clip.audio_url or "", tmp)
+            sha, duration = await asyncio.to_thread(self.cache.adopt, tmp)
+        except AudioExpiredError:
+            # Only a fresh poll gives a new URL: make the task due now.
+            ref = self.ledger.task_ref(clip.task_id)
+            self.ledger.wake(ref.batch_id if ref else None, clip.task_id)
+            self.log.info("audio.expired", clip_id=clip.clip_id)
+            return
+        except (APIError, OutputError) as exc:
+            self.log.warning("audio.download_failed", clip_id=clip.clip_id, error=str(exc))
+            ref = self.ledger.task_ref(clip.task_id)
+            self.ledger.wake(ref.batch_id if ref else None, clip.task_id)
+            return
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.ledger.clip_downloaded(clip.clip_id, sha, duration)
+        result.downloads += 1
+        self.log.info("clip.downloaded", clip_id=clip.clip_id, fingerprint=clip.fingerprint)
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def _materialise(self, desired: Desired, result: PassResult) -> None:
+        usable = self.ledger.usable_clips(self._needed(desired))
+        records = self.ledger.outputs()
+        gens = self.ledger.generations()
+        entries: dict[str, list[out.TrackOutput]] = {}
+        for t in desired.tracks:
+            clips = [c for c in usable.get(t.fingerprint, []) if c.sha256][: t.clips]
+            gen = gens.get(t.fingerprint)
+            if len(clips) < t.clips:
+                if gen is not None and gen.state == "succeeded" and len(
+                    usable.get(t.fingerprint, [])
+                ) < t.clips:
+                    self._short_of_clips(t, len(usable.get(t.fingerprint, [])))
+                continue
+            ok = True
+            track_entries = []
+            for n, (rel, clip) in enumerate(zip(t.outputs, clips, strict=True), start=1):
+                ok = self._ensure_output(t, n, rel, clip, records.get(rel), result) and ok
+                track_entries.append(
+                    out.TrackOutput(
+                        filename=rel.split("/", 1)[1],
+                        track=t.name,
+                        clip_index=n,
+                        title=clip.title,
+                        lyrics=clip.lyrics,
+                        duration=clip.duration,
+                        clip_id=clip.clip_id,
+                        fingerprint=t.fingerprint,
+                        tags=clip.tags,
+                    )
+                )
+            if ok:
+                result.ready += 1
+                entries.setdefault(t.soundtrack, []).extend(track_entries)
+        for soundtrack in desired.soundtracks:
+            self._write_lists(soundtrack, entries.get(soundtrack, []), result)
+
+    def _short_of_clips(self, t: DesiredTrack, have: int) -> None:
+        reason = (
+            f"the service returned {have} of the {t.clips} clips this track keeps; "
+            "`reconciler retry` generates it again"
+        )
+        self.ledger.park(t.fingerprint, reason)
+        self.log.warning("generation.parked", fingerprint=t.fingerprint, reason=reason)
+
+    def _ensure_output(
+        self,
+        t: DesiredTrack,
+        n: int,
+        rel: str,
+        clip: ClipRecord,
+        rec: OutputRecord | None,
+        result: PassResult,
+    ) -> bool:
+        """Make ``<out>/<rel>`` hold the clip's audio; True when it does."""
+        assert clip.sha256 is not None
+        root = self.settings.out_dir
+        soundtrack, filename = rel.split("/", 1)
+        try:
+            dest = out.output_path(root, soundtrack, filename)
+            state = out.file_state(dest)
+            if rec is not None and rec.sha256 == clip.sha256 and state == (rec.size, rec.mtime_ns):
+                return True
+            event = "output.written"
+            if state is not None:
+                if out.sha256_file(dest) == clip.sha256:
+                    self.ledger.output_written(self._record_for(t, n, rel, clip, state), event=None)
+                    return True
+                if rec is None:
+                    # Not ours: keep the person's file in the trash, never overwrite it silently.
+                    self.trash.move(dest, root, self.clock())
+                event = "output.restored" if rec is not None else event
+            elif rec is not None and rec.sha256 == clip.sha256:
+                event = "output.restored"
+            src = self.cache.path(clip.sha256)
+            if not src.exists():
+                self.ledger.clip_lost(clip.clip_id)
+                return False
+            new_state = out.materialise(src, dest)
+        except OutputError as exc:
+            self.log.error("output.failed", path=rel, error=str(exc))
+            return False
+        self.ledger.output_written(self._record_for(t, n, rel, clip, new_state), event=event)
+        if event == "output.restored":
+            result.restored += 1
+        else:
+            result.written += 1
+        self.log.info("track.ready" if event == "output.written" else event, path=rel)
+        return True
+
+    @staticmethod
+    def _record_for(
+        t: DesiredTrack, n: int, rel: str, clip: ClipRecord, state: tuple[int, int]
+    ) -> OutputRecord:
+        assert clip.sha256 is not None
+        return OutputRecord(
+            path=rel,
+            soundtrack=t.soundtrack,
+            track=t.name,
+            clip=n,
+            fingerprint=t.fingerprint,
+            sha256=clip.sha256,
+            size=state[0],
+            mtime_ns=state[1],
+        )
+
+    def _write_lists(
+        self, soundtrack: str, entries: Sequence[out.TrackOutput], result: PassResult
+    ) -> None:
+        if not entries:
+            return
+        root = self.settings.out_dir
+        texts = (out.render_playlist(entries), out.render_tracks_json(soundtrack, entries))
+        for name, text in zip(LIST_FILES, texts, strict=True):
+            try:
+                dest = out.output_path(root, soundtrack, name)
+                if not out.write_text_if_changed(dest, text):
+                    continue
+                state = out.file_state(dest)
+            except OutputError as exc:
+                self.log.error("output.failed", path=f"{soundtrack}/{name}", error=str(exc))
+                continue
+            if state is None:
+                continue
+            self.ledger.output_written(
+                OutputRecord(
+                    path=f"{soundtrack}/{name}",
+                    soundtrack=soundtrack,
+                    track=None,
+                    clip=None,
+                    fingerprint=None,
+                    sha256=out.sha256_file(dest),
+                    size=state[0],
+                    mtime_ns=state[1],
+                ),
+                event=None,
+            )
+            result.written += 1
+
+    # -- prune (law 5) ------------------------------------------------------------------
+
+    def _prune(self, desired: Desired, result: PassResult) -> None:
+        if not self.settings.prune:
+            return
+        now = self.clock()
+        if desired.prune_allowed:
+            wanted = {p for t in desired.tracks for p in t.outputs}
+            wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
+            root = self.settings.out_dir
+            for rel, rec in self.ledger.outputs().items():
+                if rel in wanted:
+                    continue
+                try:
+                    path = out.output_path(root, rec.soundtrack, rel.split("/", 1)[1])
+                    moved = self.trash.move(path, root, now) if path.exists() else None
+                except OutputError as exc:
+                    self.log.error("prune.failed", path=rel, error=str(exc))
+                    continue
+                self.ledger.output_removed(rel, str(moved) if moved else "")
+                result.pruned += 1
+                self.log.info("output.pruned", path=rel)
+        for gone in self.trash.empty(self.settings.prune_grace, now):
+            self.log.info("trash.emptied", path=str(gone))
+
+    # -- summary ------------------------------------------------------------------------
+
+    def _summarise(self, desired: Desired, result: PassResult) -> None:
+        gens = self.ledger.generations()
+        result.total = len(desired.tracks)
+        states = Counter(gens[t.fingerprint].state for t in desired.tracks if t.fingerprint in gens)
+        result.states = states
+        result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
+        result.queued = states.get("queued", 0)
+        result.parked = states.get("parked", 0)
+        # Succeeded generations whose files are not there yet are still work.
+        result.in_flight += max(0, states.get("succeeded", 0) - result.ready)
+        result.next_due = self.ledger.next_due()
+        if result.blocked is None and self._block_reason and result.queued:
+            result.blocked = self._block_reason
+        summary = {
+            "total": result.total,
+            "ready": result.ready,
+            "in_flight": result.in_flight,
+            "queued": result.queued,
+            "parked": result.parked,
+            "invalid_files": result.invalid_files,
+            "blocked": result.blocked,
+        }
+        if result.changed or self.ledger.get("last_pass_summary") != summary:
+            self.ledger.put("last_pass_summary", summary)
+            self.ledger.put("last_pass_at", self.clock())
+        self.log.info(
+            "pass.completed",
+            submitted=result.submitted,
+            polls=result.polls,
+            downloads=result.downloads,
+            written=result.written,
+            restored=result.restored,
+            pruned=result.pruned,
+            **summary,
+        )
+
+
+def _retry_after(exc: APIError) -> float | None:
+    return exc.retry_after if isinstance(exc, TemporaryAPIError) else None
+
+
+ProgressFn = Callable[[PassResult], None]
+
+
+async def converge(
+    reconciler: Reconciler,
+    *,
+    wake: asyncio.Event | None = None,
+    progress: ProgressFn | None = None,
+    max_wait: float | None = None,
+) -> PassResult:
+    """Run passes until every track is ready or nothing can progress (``sync``)."""
+    wake = wake or asyncio.Event()
+    while True:
+        result = await reconciler.run_pass()
+        if progress is not None:
+            progress(result)
+        if result.converged or result.stuck:
+            return result
+        await wait_for_due(reconciler, result, wake, max_wait=max_wait)
+
+
+async def wait_for_due(
+    reconciler: Reconciler, result: PassResult, wake: asyncio.Event, *, max_wait: float | None
+) -> None:
+    """Sleep until the next poll or retry is due, or until something wakes us."""
+    if result.changed and result.in_flight:
+        # Something moved: look again soon, results often come in bunches.
+        delay = 0.0
+    else:
+        now = reconciler.clock()
+        due = result.next_due if result.next_due is not None else now + reconciler.settings.poll_interval
+        delay = max(0.0, due - now)
+    if max_wait is not None:
+        delay = min(delay, max_wait)
+    if delay <= 0:
+        return
+    wake.clear()
+    try:
+        await asyncio.wait_for(wake.wait(), timeout=delay)
+    except TimeoutError:
+        pass
+

@@ -1,0 +1,163 @@
+"""``sync`` and ``plan``: the one-shot commands around the reconcile pass.
+
+Where it sits: between the CLI and reconciling. ``run_sync`` takes the state
+lock, opens the ledger and the API client, and converges once with a progress
+bar on a terminal; ``make_plan`` is the dry run: the same scan and diff with
+no lock, no writes and no API calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from reconciler import outputs as out
+from reconciler.config import Settings
+from reconciler.ledger import Ledger, StateLock
+from reconciler.musicapi import MusicAPI
+from reconciler.planning import DiskState, OutputFact, desired_state, diff
+from reconciler.reconciling import PassResult, Reconciler, converge
+from reconciler.specs import scan_specs
+
+
+async def run_sync(settings: Settings, console: Console) -> bool:
+    """Converge once; True when every track is ready."""
+    from reconciler.cli import api_settings
+
+    lock = StateLock(settings.state_dir)
+    lock.acquire()
+    try:
+        ledger = Ledger.open(settings.ledger_path)
+        try:
+            async with api_settings(settings) as s:
+                key = s.require_key()
+                async with MusicAPI(s.api_url, key, timeout=s.request_timeout) as api:
+                    rec = Reconciler(s, ledger, api)
+                    result = await _converge_with_progress(rec, console)
+        finally:
+            ledger.close()
+    finally:
+        lock.release()
+    console.print(summary_line(result))
+    return result.converged
+
+
+async def _converge_with_progress(rec: Reconciler, console: Console) -> PassResult:
+    if not console.is_terminal:
+        return await converge(rec)
+    with Progress(
+        TextColumn("[bold]tracks ready"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("sync", total=None, detail="")
+
+        def progress(r: PassResult) -> None:
+            bar.update(
+                task,
+                total=r.total,
+                completed=r.ready,
+                detail=f"{r.in_flight} in flight, {r.queued} queued",
+            )
+
+        return await converge(rec, progress=progress)
+
+
+def summary_line(r: PassResult) -> str:
+    parts = [f"{r.ready}/{r.total} tracks ready"]
+    if r.in_flight:
+        parts.append(f"{r.in_flight} in flight")
+    if r.queued:
+        parts.append(f"{r.queued} queued")
+    if r.parked:
+        parts.append(f"{r.parked} failed (see `reconciler status`)")
+    if r.invalid_files:
+        parts.append(f"{r.invalid_files} invalid spec file(s)")
+    if r.blocked:
+        parts.append(f"submissions paused: {r.blocked}")
+    return ("converged: " if r.converged else "not converged: ") + ", ".join(parts)
+
+
+def _disk_state(root: Path, path: str, size: int, mtime_ns: int, sha: str) -> DiskState:
+    soundtrack, name = path.split("/", 1)
+    dest = out.output_path(root, soundtrack, name)
+    state = out.file_state(dest)
+    if state is None:
+        return "missing"
+    if state == (size, mtime_ns) or out.sha256_file(dest) == sha:
+        return "ok"
+    return "drifted"
+
+
+def make_plan(settings: Settings) -> dict[str, Any]:
+    """The dry run behind ``reconciler plan``: no lock, no writes, no API calls."""
+    ledger = Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
+    try:
+        last_good = ledger.last_good() if ledger else {}
+        scan = scan_specs(settings.specs_dir, models=settings.models, reuse=last_good)
+        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
+        gens = ledger.generations() if ledger else {}
+        records = ledger.outputs() if ledger else {}
+        usable = ledger.usable_clips() if ledger else {}
+    finally:
+        if ledger:
+            ledger.close()
+    cache = out.AudioCache(settings.state_dir / "cache")
+    facts = {
+        p: OutputFact(
+            p, r.fingerprint or "", _disk_state(settings.out_dir, p, r.size, r.mtime_ns, r.sha256)
+        )
+        for p, r in records.items()
+        if r.track is not None
+    }
+    ready = {
+        fp: bool(clips) and all(c.sha256 and cache.has(c.sha256) for c in clips)
+        for fp, clips in usable.items()
+    }
+    d = diff(desired, gens, facts, ready, prune=settings.prune)
+    by_fp: dict[str, list[str]] = {}
+    for t in desired.tracks:
+        by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
+    return {
+        "submit": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.submit],
+        "reuse": [f"{t.soundtrack}/{t.name}" for t in d.reuse],
+        "restore": list(d.restore),
+        "prune": list(d.prune),
+        "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.parked],
+        "in_flight": len(d.waiting),
+        "credits": d.cost,
+        "submit_calls": -(-len(d.submit) // 10),
+        "invalid_files": {p: str(e) for p, e in scan.errors.items()},
+        "specs_folder": scan.root_state,
+        "changes": d.changes,
+    }
+
+
+def render_plan(report: dict[str, Any], console: Console) -> None:
+    for item in report["submit"]:
+        console.print(f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]})")
+    for name in report["reuse"]:
+        console.print(f"[cyan]= reuse[/]   {name}  (audio already paid for)")
+    for path in report["restore"]:
+        console.print(f"[cyan]~ restore[/] {path}  (from the cache, no generation)")
+    for path in report["prune"]:
+        console.print(f"[red]- prune[/]   {path}  (to the trash)")
+    for item in report["failed"]:
+        console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
+    for path, err in report["invalid_files"].items():
+        console.print(f"[red]invalid[/]   {path}: {err}")
+    if report["specs_folder"] != "ok":
+        console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
+    console.print(
+        f"{len(report['submit'])} generation(s) to submit in {report['submit_calls']} call(s), "
+        f"{report['credits']} credits; {len(report['reuse'])} reused, "
+        f"{len(report['restore'])} restored, {len(report['prune'])} pruned; "
+        f"{report['in_flight']} in flight"
+    )

@@ -1,0 +1,197 @@
+"""The report behind ``reconciler status``: where every track stands.
+
+Where it sits: the end of the flow. It only reads the ledger (opened read-only
+in WAL mode, no lock), so it answers while a daemon or sync is writing. The
+JSON form is a documented, stable schema (``SCHEMA_VERSION``; fields are only
+ever added): see the README.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from reconciler.config import Settings
+from reconciler.ledger import Ledger
+from reconciler.planning import CREDITS_PER_TASK, output_names
+from reconciler.reconciling import utc_day_start
+
+SCHEMA_VERSION = 1
+TRACK_STATES = ("ready", "generating", "queued", "retrying", "failed", "invalid")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _track_state(row: dict[str, Any], files_ok: bool, spec_error: str | None) -> tuple[str, str | None]:
+    if spec_error is not None:
+        return "invalid", spec_error.splitlines()[0]
+    if files_ok:
+        return "ready", None
+    state = row["gstate"]
+    if state == "parked":
+        return "failed", row["reason"]
+    if state == "queued":
+        if row["attempts"]:
+            return "retrying", row["reason"]
+        return "queued", row["reason"]
+    if state == "unknown":
+        return "generating", "submit outcome unknown (answer lost); waiting for a callback"
+    return "generating", None
+
+
+def build_report(
+    ledger: Ledger, settings: Settings, now: float, selector: str | None = None
+) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain JSON-ready data."""
+    spec_errors = ledger.spec_errors()
+    outputs = ledger.outputs()
+    rows = ledger.query(
+        "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, t.position, "
+        "t.updated_at AS t_at, g.state AS gstate, g.reason, g.attempts, g.updated_at AS g_at "
+        "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
+        "ORDER BY t.soundtrack, t.position"
+    )
+    sel_st, _, sel_track = (selector or "").partition("/")
+    tracks: list[dict[str, Any]] = []
+    for r in rows:
+        if sel_st and r["soundtrack"] != sel_st:
+            continue
+        if sel_track and r["name"] != sel_track:
+            continue
+        files = [f"{r['soundtrack']}/{n}" for n in output_names(r["name"], r["clips"])]
+        recs = [outputs.get(f) for f in files]
+        files_ok = all(rec is not None and rec.fingerprint == r["fingerprint"] for rec in recs)
+        state, reason = _track_state(r, files_ok, spec_errors.get(r["source"]))
+        changed = max(
+            [r["t_at"] or 0.0, r["g_at"] or 0.0],
+        )
+        tracks.append(
+            {
+                "soundtrack": r["soundtrack"],
+                "track": r["name"],
+                "state": state,
+                "reason": reason,
+                "age_seconds": round(max(0.0, now - changed), 1),
+                "fingerprint": r["fingerprint"],
+                "files": files,
+                "source": r["source"],
+            }
+        )
+    known_sources = {r["source"] for r in rows}
+    invalid_files = [
+        {"path": p, "error": e} for p, e in sorted(spec_errors.items())
+    ]
+    # A file that was never valid has no tracks yet: show it as a row too.
+    for p, e in sorted(spec_errors.items()):
+        if p not in known_sources and not selector:
+            tracks.append(
+                {
+                    "soundtrack": p,
+                    "track": "-",
+                    "state": "invalid",
+                    "reason": e.splitlines()[0],
+                    "age_seconds": 0.0,
+                    "fingerprint": None,
+                    "files": [],
+                    "source": p,
+                }
+            )
+    counts = Counter(t["state"] for t in tracks)
+    spent = CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now))
+    budget = settings.daily_budget
+    batches = ledger.query("SELECT count(*) AS n FROM batches WHERE open = 1")[0]["n"]
+    ambiguous = ledger.query("SELECT count(*) AS n FROM submits WHERE state = 'ambiguous'")[0]["n"]
+    doubles = ledger.query(
+        "SELECT coalesce(sum(possible_double), 0) AS n FROM generations"
+    )[0]["n"]
+    health = ledger.get("api_health") or {}
+    return {
+        "schema": SCHEMA_VERSION,
+        "generated_at": _iso(now),
+        "summary": {"tracks": len(tracks), **{s: counts.get(s, 0) for s in TRACK_STATES}},
+        "tracks": tracks,
+        "invalid_files": invalid_files,
+        "batches_in_flight": batches,
+        "credits": {
+            "spent_today": spent,
+            "daily_budget": budget,
+            "budget_left": None if budget is None else max(0, budget - spent),
+        },
+        "submit_block": ledger.get("submit_block"),
+        "ambiguous_submits": ambiguous,
+        "possible_double_spend": doubles,
+        "last_pass": _iso(ledger.get("last_pass_at")),
+        "api": {
+            "last_success": _iso(health.get("last_success")),
+            "last_error": _iso(health.get("last_error")),
+            "last_error_message": health.get("last_error_message"),
+            "batch_endpoint": "unsupported" if ledger.get("batch_unsupported") else "ok",
+        },
+    }
+
+
+def failed(report: dict[str, Any]) -> bool:
+    s = report["summary"]
+    return bool(s["failed"] or s["invalid"])
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{int(seconds)}s"
+    if seconds < 5400:
+        return f"{int(seconds // 60)}m"
+    if seconds < 172800:
+        return f"{int(seconds // 3600)}h"
+    return f"{int(seconds // 86400)}d"
+
+
+_STYLE = {"ready": "green", "generating": "cyan", "queued": "blue", "retrying": "yellow",
+          "failed": "red", "invalid": "red"}
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("SOUNDTRACK", "TRACK", "STATE", "AGE", "REASON"):
+        table.add_column(col, overflow="fold")
+    for t in report["tracks"]:
+        table.add_row(
+            t["soundtrack"],
+            t["track"],
+            f"[{_STYLE[t['state']]}]{t['state']}[/]",
+            _age(t["age_seconds"]),
+            t["reason"] or "",
+        )
+    console.print(table)
+    s = report["summary"]
+    counts = ", ".join(f"{s[k]} {k}" for k in TRACK_STATES if s[k])
+    console.print(f"\n{s['tracks']} tracks: {counts or 'none'}")
+    c = report["credits"]
+    budget = (
+        f", budget left today {c['budget_left']}/{c['daily_budget']}"
+        if c["daily_budget"] is not None
+        else ""
+    )
+    console.print(
+        f"batches in flight: {report['batches_in_flight']}; "
+        f"credits spent today: {c['spent_today']}{budget}"
+    )
+    if report["submit_block"]:
+        console.print(f"[yellow]submissions paused: {report['submit_block']}[/]")
+    if report["ambiguous_submits"] or report["possible_double_spend"]:
+        console.print(
+            f"[yellow]ambiguous submits: {report['ambiguous_submits']}; "
+            f"possible double spend: {report['possible_double_spend']} generation(s)[/]"
+        )
+    api = report["api"]
+    line = f"last pass: {report['last_pass'] or 'never'}; API last success: {api['last_success'] or '-'}"
+    if api["last_error"]:
+        line += f"; last error {api['last_error']}: {api['last_error_message']}"
+    console.print(line)
+    if api["batch_endpoint"] == "unsupported":
+        console.print("[yellow]batch endpoint unavailable: submitting one create per track[/]")
