@@ -12,8 +12,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -90,20 +89,6 @@ def _settings(
     )
     logs.configure(settings.log_level)
     return settings
-
-
-@asynccontextmanager
-async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
-    """With ``--sandbox``, serve the emulator in this process and point at it."""
-    if not settings.sandbox:
-        settings.require_key()
-        yield settings
-        return
-    from reconciler.sandbox.server import SandboxConfig, SandboxServer
-
-    async with SandboxServer(SandboxConfig(port=0)) as server:
-        click.echo(f"sandbox MusicAPI at {server.base_url}", err=True)
-        yield settings.with_api(server.base_url, server.key)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

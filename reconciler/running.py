@@ -8,8 +8,12 @@ no lock, no writes and no API calls.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,10 +27,22 @@ from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import scan_specs
 
 
+@asynccontextmanager
+async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
+    """With ``--sandbox``, serve the emulator in this process and point at it."""
+    if not settings.sandbox:
+        settings.require_key()
+        yield settings
+        return
+    from reconciler.sandbox.server import SandboxConfig, SandboxServer
+
+    async with SandboxServer(SandboxConfig(port=0)) as server:
+        structlog.get_logger("reconciler").info("sandbox.started", url=server.base_url)
+        yield settings.with_api(server.base_url, server.key)
+
+
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
-    from reconciler.cli import api_settings
-
     lock = StateLock(settings.state_dir)
     lock.acquire()
     try:
