@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
+import shutil
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import IO, cast
 
 import mutagen
 import mutagen.mp3
@@ -72,6 +75,26 @@ def _make_dirs(directory: Path) -> None:
 
 def _temp_in(directory: Path) -> Path:
     return directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+
+
+def _atomic_write(dest: Path, fill: Callable[[IO[bytes]], object]) -> None:
+    """Write ``dest`` through a temp file in its directory; raises OSError.
+
+    The temp is removed when anything fails in-process; only a hard crash
+    (power loss, SIGKILL) leaves it behind for a sweep.
+    """
+    _make_dirs(dest.parent)
+    tmp = _temp_in(dest.parent)
+    try:
+        with open(tmp, "xb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
 
 
 def _sweep(directory: Path, *, recursive: bool) -> int:
@@ -366,6 +389,48 @@ class AudioCache:
 # The output folder
 
 
+def output_path(out_root: Path, soundtrack: str, filename: str) -> Path:
+    """``<out_root>/<soundtrack>/<filename>``, refused unless it stays inside out_root.
+
+    Both names must be single, non-hidden path components (hidden names are
+    reserved for temp files). A soundtrack directory that is a symlink may
+    point anywhere inside out_root but not outside it. The file itself may be
+    a symlink: writes replace the link, they never follow it.
+    """
+    for what, name in (("soundtrack", soundtrack), ("file name", filename)):
+        if not name or "/" in name or "\0" in name or name.startswith("."):
+            raise OutputError(
+                f"{what} {name!r} is not a plain name: output paths must stay inside {out_root}"
+            )
+    root = Path(os.path.abspath(out_root))
+    parent = root / soundtrack
+    if not parent.resolve().is_relative_to(root.resolve()):
+        raise OutputError(f"{parent} resolves to {parent.resolve()}, outside {root}")
+    return parent / filename
+
+
+def materialise(src: Path, dest: Path) -> tuple[int, int]:
+    """Copy ``src`` onto ``dest`` atomically; return dest's (size, mtime_ns)."""
+    dest = Path(os.path.abspath(dest))
+    try:
+        with open(src, "rb") as source:
+            _atomic_write(dest, lambda out: shutil.copyfileobj(source, out, 1 << 20))
+        stat = dest.stat()
+    except OSError as e:
+        raise OutputError(f"cannot write {dest} from {src}: {e.strerror or e}") from e
+    return stat.st_size, stat.st_mtime_ns
+
+
+def sweep_output_temps(out_root: Path) -> int:
+    """Remove temp files a crash left anywhere under out_root; call at start-up only."""
+    if not out_root.is_dir():
+        return 0
+    try:
+        return _sweep(out_root, recursive=True)
+    except OSError as e:
+        raise OutputError(f"cannot sweep temp files in {out_root}: {e.strerror or e}") from e
+
+
 def file_state(path: Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file, None when it is missing; one stat call."""
     try:
@@ -375,3 +440,74 @@ def file_state(path: Path) -> tuple[int, int] | None:
     except OSError as e:
         raise OutputError(f"cannot stat {path}: {e.strerror or e}") from e
     return stat.st_size, stat.st_mtime_ns
+
+
+def write_text_if_changed(dest: Path, text: str) -> bool:
+    """Write ``text`` (UTF-8) atomically unless dest holds exactly it; True if written.
+
+    Law 12: a converged pass must not even bump an mtime, or the watcher and
+    any sync tool downstream would see a change that is not one.
+    """
+    data = text.encode("utf-8")
+    try:
+        state = file_state(dest)
+        if state is not None and state[0] == len(data) and Path(dest).read_bytes() == data:
+            return False
+        _atomic_write(Path(os.path.abspath(dest)), lambda out: out.write(data))
+    except OSError as e:
+        raise OutputError(f"cannot write {dest}: {e.strerror or e}") from e
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Playlist and tracks.json
+
+
+@dataclass(frozen=True)
+class TrackOutput:
+    """One audio file of a soundtrack, in spec order."""
+
+    filename: str  # "morning-focus.mp3" or "night-drive-2.mp3"
+    track: str
+    clip_index: int  # 1 or 2
+    title: str | None
+    lyrics: str | None
+    duration: float | None
+    clip_id: str
+    fingerprint: str
+    tags: str | None
+
+
+def render_playlist(entries: Sequence[TrackOutput]) -> str:
+    """Extended M3U (``playlist.m3u8``) with file names relative to the soundtrack folder."""
+    lines = ["#EXTM3U"]
+    for entry in entries:
+        # -1 is M3U's "length unknown".
+        seconds = -1 if entry.duration is None else round(entry.duration)
+        # A line break in a title would end the #EXTINF line early.
+        label = " ".join((entry.title or "").split()) or entry.track
+        lines.append(f"#EXTINF:{seconds},{label}")
+        lines.append(entry.filename)
+    return "\n".join(lines) + "\n"
+
+
+def render_tracks_json(soundtrack: str, entries: Sequence[TrackOutput]) -> str:
+    """``tracks.json``: byte-stable for equal input, so unchanged soundtracks write nothing."""
+    document = {
+        "soundtrack": soundtrack,
+        "tracks": [
+            {
+                "track": e.track,
+                "file": e.filename,
+                "clip": e.clip_index,
+                "title": e.title,
+                "lyrics": e.lyrics,
+                "duration": e.duration,
+                "clip_id": e.clip_id,
+                "fingerprint": e.fingerprint,
+                "tags": e.tags,
+            }
+            for e in entries
+        ],
+    }
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lameenc
@@ -13,9 +17,16 @@ import pytest
 from reconciler.errors import InvalidAudioError, OutputError
 from reconciler.outputs import (
     AudioCache,
+    TrackOutput,
     file_state,
+    materialise,
+    output_path,
     probe_audio,
+    render_playlist,
+    render_tracks_json,
     sha256_file,
+    sweep_output_temps,
+    write_text_if_changed,
 )
 
 RATE = 24_000
@@ -196,6 +207,149 @@ def test_cache_path_refuses_what_is_not_a_digest(tmp_path: Path, digest: str) ->
 
 
 # ---------------------------------------------------------------------------
+# output_path
+
+
+def test_output_path_joins_inside_out_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = output_path(Path("tracks"), "study-session", "morning-focus.mp3")
+    assert path == tmp_path / "tracks" / "study-session" / "morning-focus.mp3"
+    assert path.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("soundtrack", "filename"),
+    [
+        pytest.param("..", "x.mp3", id="dotdot-soundtrack"),
+        pytest.param("st", "../x.mp3", id="dotdot-file"),
+        pytest.param("/etc", "passwd", id="absolute-soundtrack"),
+        pytest.param("st", "/etc/passwd", id="absolute-file"),
+        pytest.param("a/../..", "x.mp3", id="nested-escape"),
+        pytest.param("", "x.mp3", id="empty-soundtrack"),
+        pytest.param("st", "", id="empty-file"),
+        pytest.param("st", ".reconciler-tmp-x", id="hidden-file-would-be-swept"),
+    ],
+)
+def test_output_path_refuses_escapes(tmp_path: Path, soundtrack: str, filename: str) -> None:
+    with pytest.raises(OutputError):
+        output_path(tmp_path / "out", soundtrack, filename)
+
+
+def test_output_path_refuses_a_symlinked_dir_pointing_outside(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    out.mkdir()
+    (out / "st").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="outside"):
+        output_path(out, "st", "x.mp3")
+
+
+def test_output_path_allows_a_symlinked_dir_pointing_inside(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "real").mkdir(parents=True)
+    (out / "alias").symlink_to(out / "real")
+    assert output_path(out, "alias", "x.mp3") == out / "alias" / "x.mp3"
+
+
+def test_materialise_replaces_a_symlinked_file_instead_of_writing_through_it(
+    tmp_path: Path,
+) -> None:
+    victim = write(tmp_path / "victim.txt", b"precious")
+    out = tmp_path / "out"
+    (out / "st").mkdir(parents=True)
+    (out / "st" / "x.mp3").symlink_to(victim)
+    dest = output_path(out, "st", "x.mp3")
+    materialise(write(tmp_path / "src.mp3", MP3), dest)
+    assert victim.read_bytes() == b"precious"
+    assert not dest.is_symlink()
+    assert dest.read_bytes() == MP3
+
+
+# ---------------------------------------------------------------------------
+# materialise and temp sweeping
+
+
+def test_materialise_writes_dest_and_leaves_no_temp(tmp_path: Path) -> None:
+    src = write(tmp_path / "cache" / "a.mp3", MP3)
+    dest = tmp_path / "out" / "st" / "x.mp3"
+    size, mtime_ns = materialise(src, dest)
+    assert dest.read_bytes() == MP3
+    assert (size, mtime_ns) == (len(MP3), dest.stat().st_mtime_ns)
+    assert os.listdir(dest.parent) == ["x.mp3"]
+
+
+def test_materialise_replaces_atomically(tmp_path: Path) -> None:
+    dest = write(tmp_path / "out" / "x.mp3", b"old audio")
+    new = make_mp3(freq=660.0)
+    with open(dest, "rb") as reader:  # a player holding the old file open
+        materialise(write(tmp_path / "src.mp3", new), dest)
+        assert reader.read() == b"old audio"
+    assert dest.read_bytes() == new
+
+
+def test_materialise_failure_leaves_dest_unchanged_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = write(tmp_path / "out" / "x.mp3", b"old audio")
+    src = write(tmp_path / "src.mp3", MP3)
+
+    def failing_replace(a: object, b: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OutputError, match=r"x\.mp3"):
+        materialise(src, dest)
+    assert dest.read_bytes() == b"old audio"
+    assert os.listdir(dest.parent) == ["x.mp3"]
+
+
+CRASH_IN_REPLACE = """
+import os, sys
+from pathlib import Path
+from reconciler import outputs
+os.replace = lambda a, b: os._exit(3)  # die like SIGKILL: no cleanup runs
+outputs.materialise(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_crash_before_rename_leaves_dest_intact_and_a_sweepable_temp(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    dest = write(out / "st" / "x.mp3", b"old audio")
+    src = write(tmp_path / "src.mp3", MP3)
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_REPLACE, str(src), str(dest)], check=False
+    )
+    assert child.returncode == 3
+    assert dest.read_bytes() == b"old audio"
+    leftovers = [n for n in os.listdir(dest.parent) if n != "x.mp3"]
+    assert len(leftovers) == 1
+    assert leftovers[0].startswith(".reconciler-tmp-")
+    assert sweep_output_temps(out) == 1
+    assert os.listdir(dest.parent) == ["x.mp3"]
+
+
+def test_sweep_output_temps_removes_only_our_temps(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write(out / "a" / ".reconciler-tmp-1", b"")
+    write(out / "b" / "deep" / ".reconciler-tmp-2", b"")
+    keep = [
+        write(out / "a" / "x.mp3", MP3),
+        write(out / "a" / ".DS_Store", b""),
+        write(out / "a" / "reconciler-tmp-3", b""),
+    ]
+    assert sweep_output_temps(out) == 2
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(keep)
+    assert sweep_output_temps(tmp_path / "missing") == 0
+
+
+def test_materialise_missing_source_is_an_output_error(tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "x.mp3"
+    with pytest.raises(OutputError, match=r"src\.mp3"):
+        materialise(tmp_path / "src.mp3", dest)
+    assert not dest.exists()
+
+
+# ---------------------------------------------------------------------------
 # file_state and write_text_if_changed
 
 
@@ -208,3 +362,110 @@ def test_file_state_tracks_size_and_mtime(tmp_path: Path) -> None:
     assert file_state(path) == (len(MP3), 1_000_000_000)
     write(path, MP3[:-1])
     assert file_state(path) != (len(MP3), 1_000_000_000)
+
+
+def test_write_text_if_changed_writes_nothing_when_equal(tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "st" / "playlist.m3u8"
+    assert write_text_if_changed(dest, "#EXTM3U\nCafé ☕\n") is True
+    assert dest.read_bytes() == "#EXTM3U\nCafé ☕\n".encode()
+    os.utime(dest, ns=(1_000_000_000, 1_000_000_000))
+    inode = dest.stat().st_ino
+    assert write_text_if_changed(dest, "#EXTM3U\nCafé ☕\n") is False
+    assert (dest.stat().st_ino, dest.stat().st_mtime_ns) == (inode, 1_000_000_000)
+    # Same length, different text: must still be rewritten.
+    assert write_text_if_changed(dest, "#EXTM3U\nCafé ☔\n") is True
+    assert dest.read_text(encoding="utf-8") == "#EXTM3U\nCafé ☔\n"
+    assert os.listdir(dest.parent) == ["playlist.m3u8"]
+
+
+# ---------------------------------------------------------------------------
+# playlist and tracks.json
+
+ENTRIES = [
+    TrackOutput(
+        filename="morning-focus.mp3",
+        track="morning-focus",
+        clip_index=1,
+        title="Café del Mar ☕",
+        lyrics=None,
+        duration=61.6,
+        clip_id="clip-a",
+        fingerprint="fp-1",
+        tags="lofi",
+    ),
+    TrackOutput(
+        filename="night-drive.mp3",
+        track="night-drive",
+        clip_index=1,
+        title=None,
+        lyrics="[Verse]\nCity lights",
+        duration=200.4,
+        clip_id="clip-b",
+        fingerprint="fp-2",
+        tags=None,
+    ),
+    TrackOutput(
+        filename="night-drive-2.mp3",
+        track="night-drive",
+        clip_index=2,
+        title="Night\nDrive",
+        lyrics="[Verse]\nCity lights",
+        duration=None,
+        clip_id="clip-c",
+        fingerprint="fp-2",
+        tags=None,
+    ),
+]
+
+
+def test_render_playlist_exact_text() -> None:
+    assert render_playlist(ENTRIES) == (
+        "#EXTM3U\n"
+        "#EXTINF:62,Café del Mar ☕\n"
+        "morning-focus.mp3\n"
+        "#EXTINF:200,night-drive\n"
+        "night-drive.mp3\n"
+        "#EXTINF:-1,Night Drive\n"
+        "night-drive-2.mp3\n"
+    )
+    assert render_playlist([]) == "#EXTM3U\n"
+
+
+def test_render_tracks_json_exact_text() -> None:
+    text = render_tracks_json("study-session ☕", ENTRIES[:2])
+    assert text == (
+        "{\n"
+        '  "soundtrack": "study-session ☕",\n'
+        '  "tracks": [\n'
+        "    {\n"
+        '      "clip": 1,\n'
+        '      "clip_id": "clip-a",\n'
+        '      "duration": 61.6,\n'
+        '      "file": "morning-focus.mp3",\n'
+        '      "fingerprint": "fp-1",\n'
+        '      "lyrics": null,\n'
+        '      "tags": "lofi",\n'
+        '      "title": "Café del Mar ☕",\n'
+        '      "track": "morning-focus"\n'
+        "    },\n"
+        "    {\n"
+        '      "clip": 1,\n'
+        '      "clip_id": "clip-b",\n'
+        '      "duration": 200.4,\n'
+        '      "file": "night-drive.mp3",\n'
+        '      "fingerprint": "fp-2",\n'
+        '      "lyrics": "[Verse]\\nCity lights",\n'
+        '      "tags": null,\n'
+        '      "title": null,\n'
+        '      "track": "night-drive"\n'
+        "    }\n"
+        "  ]\n"
+        "}\n"
+    )
+    assert json.loads(text)["tracks"][1]["lyrics"] == "[Verse]\nCity lights"
+
+
+def test_render_tracks_json_keeps_spec_order() -> None:
+    reordered = [ENTRIES[2], ENTRIES[0]]
+    files = [t["file"] for t in json.loads(render_tracks_json("s", reordered))["tracks"]]
+    assert files == ["night-drive-2.mp3", "morning-focus.mp3"]
