@@ -18,6 +18,7 @@ translated here into :class:`OutputError` / :class:`InvalidAudioError`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, cast
 
@@ -40,6 +42,8 @@ from reconciler.errors import InvalidAudioError, OutputError
 TEMP_PREFIX = ".reconciler-tmp-"
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_TRASH_BATCH_RE = re.compile(r"(\d{8}T\d{6}Z)-(\d+)")
+_TRASH_TS_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
 # ---------------------------------------------------------------------------
@@ -511,3 +515,71 @@ def render_tracks_json(soundtrack: str, entries: Sequence[TrackOutput]) -> str:
         ],
     }
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Trash (law 5)
+
+
+class Trash:
+    """Pruned outputs wait at ``<root>/<UTC timestamp>-<n>/<path under out_root>``.
+
+    A prune that was a mistake can be undone by moving files back until
+    :meth:`empty` removes batches older than the grace period.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    def move(self, path: Path, out_root: Path, now: float) -> Path:
+        """Move ``path`` (inside out_root) into this trash; return where it went."""
+        path = Path(os.path.abspath(path))
+        out = Path(os.path.abspath(out_root)).resolve()
+        # Resolve the parent only: a symlink being pruned is moved, not followed.
+        parent = path.parent.resolve()
+        if path.name in ("", ".", "..") or not parent.is_relative_to(out):
+            raise OutputError(f"refusing to trash {path}: it is not inside {out_root}")
+        relative = parent.relative_to(out) / path.name
+        if not os.path.lexists(path):
+            raise OutputError(f"cannot trash {path}: it does not exist")
+        stamp = datetime.fromtimestamp(now, UTC).strftime(_TRASH_TS_FORMAT)
+        n = 0
+        # One batch per timestamp; a name clash (same file pruned twice within
+        # a second) opens the next batch instead of overwriting.
+        while os.path.lexists(self.root / f"{stamp}-{n}" / relative):
+            n += 1
+        target = self.root / f"{stamp}-{n}" / relative
+        try:
+            _make_dirs(target.parent)
+            try:
+                os.replace(path, target)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                # Trash on another filesystem: copy then delete (a crash in
+                # between leaves both copies, never neither).
+                shutil.move(path, target)
+            _fsync_dir(target.parent)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            raise OutputError(f"cannot move {path} to the trash {target}: {e.strerror or e}") from e
+        return target
+
+    def empty(self, grace_seconds: float, now: float) -> list[Path]:
+        """Delete trash batches older than ``grace_seconds``; return the batch dirs removed."""
+        if not self.root.is_dir():
+            return []
+        removed: list[Path] = []
+        try:
+            for batch in sorted(self.root.iterdir()):
+                match = _TRASH_BATCH_RE.fullmatch(batch.name)
+                # Anything not named like a batch was not put here by us: keep it.
+                if match is None or batch.is_symlink() or not batch.is_dir():
+                    continue
+                moved_at = datetime.strptime(match[1], _TRASH_TS_FORMAT).replace(tzinfo=UTC)
+                if now - moved_at.timestamp() > grace_seconds:
+                    shutil.rmtree(batch)
+                    removed.append(batch)
+        except OSError as e:
+            raise OutputError(f"cannot empty the trash {self.root}: {e.strerror or e}") from e
+        return removed

@@ -18,6 +18,7 @@ from reconciler.errors import InvalidAudioError, OutputError
 from reconciler.outputs import (
     AudioCache,
     TrackOutput,
+    Trash,
     file_state,
     materialise,
     output_path,
@@ -469,3 +470,78 @@ def test_render_tracks_json_keeps_spec_order() -> None:
     reordered = [ENTRIES[2], ENTRIES[0]]
     files = [t["file"] for t in json.loads(render_tracks_json("s", reordered))["tracks"]]
     assert files == ["night-drive-2.mp3", "morning-focus.mp3"]
+
+
+# ---------------------------------------------------------------------------
+# Trash
+
+NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+def test_trash_move_keeps_the_path_under_a_timestamped_batch(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    victim = write(out / "st" / "x.mp3", MP3)
+    trash = Trash(tmp_path / "state" / "trash")
+    moved = trash.move(victim, out, NOW)
+    assert moved == tmp_path / "state" / "trash" / "20231114T221320Z-0" / "st" / "x.mp3"
+    assert moved.read_bytes() == MP3
+    assert not victim.exists()
+
+
+def test_trash_never_overwrites_an_earlier_copy(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    trash = Trash(tmp_path / "trash")
+    first = trash.move(write(out / "st" / "x.mp3", b"first"), out, NOW)
+    second = trash.move(write(out / "st" / "x.mp3", b"second"), out, NOW)
+    assert first.parent.parent.name == "20231114T221320Z-0"
+    assert second.parent.parent.name == "20231114T221320Z-1"
+    assert (first.read_bytes(), second.read_bytes()) == (b"first", b"second")
+
+
+def test_trash_refuses_paths_outside_out_root(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    outside = write(tmp_path / "precious.txt", b"keep")
+    write(tmp_path / "elsewhere" / "y.mp3", b"keep")
+    (out / "st").mkdir(parents=True)
+    (out / "link").symlink_to(tmp_path / "elsewhere")
+    trash = Trash(tmp_path / "trash")
+    for path in [outside, out / ".." / "precious.txt", out, out / "link" / "y.mp3"]:
+        with pytest.raises(OutputError, match="not inside"):
+            trash.move(path, out, NOW)
+    assert outside.read_bytes() == b"keep"
+    assert (tmp_path / "elsewhere" / "y.mp3").exists()
+    assert not (tmp_path / "trash").exists()
+
+
+def test_trash_move_of_a_missing_file_is_an_output_error(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="does not exist"):
+        Trash(tmp_path / "trash").move(tmp_path / "out" / "x.mp3", tmp_path / "out", NOW)
+
+
+def test_trash_moves_across_filesystems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def cross_device(a: object, b: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    # Both: outputs uses os.replace, shutil.move tries os.rename before copying.
+    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr(os, "rename", cross_device)
+    out = tmp_path / "out"
+    victim = write(out / "st" / "x.mp3", MP3)
+    moved = Trash(tmp_path / "trash").move(victim, out, NOW)
+    assert moved.read_bytes() == MP3
+    assert not victim.exists()
+
+
+def test_trash_empty_removes_only_batches_past_grace(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    trash = Trash(tmp_path / "trash")
+    assert trash.empty(3600, NOW) == []
+    old = trash.move(write(out / "a.mp3", b"a"), out, NOW)
+    young = trash.move(write(out / "b.mp3", b"b"), out, NOW + 100)
+    foreign = write(tmp_path / "trash" / "keep-me" / "notes.txt", b"")
+    assert trash.empty(3600, NOW + 3600) == []
+    assert trash.empty(3600, NOW + 3650) == [old.parent]
+    assert not old.exists()
+    assert young.exists()
+    assert trash.empty(3600, NOW + 10_000) == [young.parent]
+    assert foreign.exists()
