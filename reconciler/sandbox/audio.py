@@ -1,0 +1,135 @@
+"""Deterministic MP3 synthesis for the sandbox's ``audio_url`` downloads.
+
+Sits behind ``GET /_sandbox/audio/{clip_id}.mp3``: ``state.py`` plans each
+clip when its task is created (the length must be known for the poll body's
+``duration``) and :class:`AudioCache` renders and encodes it on first
+download. The music is a short melody: the prompt text picks key, scale and
+tempo (the same prompt sounds alike), the clip's seed picks the notes.
+Mono, 22.05 kHz, 32 kbit/s CBR: a few seconds cost about 20 KB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import lameenc
+import numpy as np
+
+SAMPLE_RATE = 22_050
+BIT_RATE_KBPS = 32
+# An MPEG-2 layer III frame at 22.05 kHz holds 576 samples. LAME adds two
+# frames of encoder delay and padding to a whole number of frames, and a CBR
+# file without a Xing header is timed by decoders (mutagen included) from its
+# frame count, so the advertised duration counts those frames too.
+FRAME_SAMPLES = 576
+_PADDING_FRAMES = 2
+MIN_FRAMES = 115  # about 3 s
+MAX_FRAMES = 230  # about 6 s
+
+_SCALES = (
+    (0, 2, 4, 7, 9),  # major pentatonic
+    (0, 3, 5, 7, 10),  # minor pentatonic
+    (0, 2, 4, 5, 7, 9, 11),  # major
+    (0, 2, 3, 5, 7, 8, 10),  # natural minor
+)
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Everything needed to render one clip, fixed when its task is created."""
+
+    prompt: str
+    seed: bytes
+    frames: int
+
+    @property
+    def duration(self) -> float:
+        """Seconds, as a decoder reports them for the encoded file."""
+        return (self.frames + _PADDING_FRAMES) * FRAME_SAMPLES / SAMPLE_RATE
+
+
+def plan_clip(prompt: str, seed: bytes) -> ClipPlan:
+    """Choose a clip's length from its seed; rendering happens later, on download."""
+    span = MAX_FRAMES - MIN_FRAMES + 1
+    frames = MIN_FRAMES + int.from_bytes(hashlib.sha256(seed).digest()[:4], "big") % span
+    return ClipPlan(prompt=prompt, seed=seed, frames=frames)
+
+
+def render(plan: ClipPlan) -> np.ndarray:
+    """The clip as 16-bit mono PCM samples."""
+    style = hashlib.sha256(plan.prompt.encode("utf-8")).digest()
+    rng = np.random.default_rng(list(hashlib.sha256(plan.seed + style).digest()))
+    scale = _SCALES[style[0] % len(_SCALES)]
+    root = 48 + style[1] % 12  # MIDI note C3..B3
+    beat = 60.0 / (78 + style[2] % 60)  # 78..137 bpm
+    step = int(SAMPLE_RATE * beat / 2)  # eighth notes
+
+    total = plan.frames * FRAME_SAMPLES
+    out = np.zeros(total, dtype=np.float64)
+    degree = int(rng.integers(len(scale)))
+    for start in range(0, total, step):
+        # A random walk over the scale keeps the melody stepwise, like a tune.
+        degree = int(np.clip(degree + rng.integers(-2, 3), 0, 2 * len(scale) - 1))
+        octave, index = divmod(degree, len(scale))
+        melody = root + 12 + 12 * octave + scale[index]
+        length = min(step, total - start)
+        t = np.arange(length) / SAMPLE_RATE
+        envelope = np.exp(-4.0 * t / beat)
+        out[start : start + length] += 0.35 * envelope * _tone(melody, t)
+        if (start // step) % 4 == 0:
+            bass_length = min(4 * step, total - start)
+            tb = np.arange(bass_length) / SAMPLE_RATE
+            out[start : start + bass_length] += 0.25 * np.exp(-1.5 * tb / beat) * _tone(root, tb)
+    fade = min(total // 2, SAMPLE_RATE // 20)
+    ramp = np.linspace(0.0, 1.0, fade)
+    out[:fade] *= ramp
+    out[total - fade :] *= ramp[::-1]
+    pcm: np.ndarray = np.clip(out * 32767.0, -32768, 32767).astype(np.int16)
+    return pcm
+
+
+def _tone(midi_note: int, t: np.ndarray) -> np.ndarray:
+    frequency = 440.0 * 2.0 ** ((midi_note - 69) / 12)
+    phase = 2.0 * np.pi * frequency * t
+    tone: np.ndarray = np.sin(phase) + 0.3 * np.sin(2 * phase) + 0.1 * np.sin(3 * phase)
+    return tone
+
+
+def encode(pcm: np.ndarray) -> bytes:
+    """MP3-encode 16-bit mono PCM at :data:`SAMPLE_RATE`."""
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(BIT_RATE_KBPS)
+    encoder.set_in_sample_rate(SAMPLE_RATE)
+    encoder.set_channels(1)
+    encoder.set_quality(7)  # fast; the sound only has to be real, not good
+    return bytes(encoder.encode(pcm.tobytes())) + bytes(encoder.flush())
+
+
+class AudioCache:
+    """Encoded clips by clip id, least recently used evicted.
+
+    Encoding costs a few milliseconds per clip and clients download each clip
+    about once, so a modest bound keeps memory flat during long runs while
+    repeat downloads (retries, drift restores) stay cheap.
+    """
+
+    def __init__(self, capacity: int = 512) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, clip_id: str, plan: ClipPlan) -> bytes:
+        """The MP3 bytes of a clip, rendering and encoding them on a miss."""
+        data = self._items.get(clip_id)
+        if data is None:
+            data = encode(render(plan))
+            self._items[clip_id] = data
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(clip_id)
+        return data
+
+    def clear(self) -> None:
+        self._items.clear()
