@@ -50,7 +50,9 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--specs", type=click.Path(path_type=Path), help="Spec folder [specs]."),
         click.option("--out", type=click.Path(path_type=Path), help="Output folder [tracks]."),
-        click.option("--state", type=click.Path(path_type=Path), help="State folder [.reconciler]."),
+        click.option(
+            "--state", type=click.Path(path_type=Path), help="State folder [.reconciler]."
+        ),
         click.option(
             "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file."
         ),
@@ -99,7 +101,9 @@ def main() -> None:
 
 @main.command()
 @common_options
-@click.option("--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash.")
+@click.option(
+    "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
+)
 @_exits_on_errors(1)
 def sync(prune: bool | None, **opts: Any) -> None:
     """Reconcile until converged or stuck. Exit 0 when every track is ready."""
@@ -112,7 +116,9 @@ def sync(prune: bool | None, **opts: Any) -> None:
 
 @main.command()
 @common_options
-@click.option("--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash.")
+@click.option(
+    "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
+)
 @_exits_on_errors(1)
 def run(prune: bool | None, **opts: Any) -> None:
     """The daemon: watch the specs folder and reconcile until SIGTERM."""

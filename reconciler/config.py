@@ -217,7 +217,9 @@ def _webhook(hook: _Webhook, base: Path | None, source: str) -> WebhookSettings 
 def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Settings:
     """Resolve flag > environment > config file > default into one ``Settings``."""
     env = os.environ if env is None else env
-    config_path = flags.config or (Path(env["RECONCILER_CONFIG"]) if env.get("RECONCILER_CONFIG") else None)
+    config_path = flags.config or (
+        Path(env["RECONCILER_CONFIG"]) if env.get("RECONCILER_CONFIG") else None
+    )
     conf = _read_file(config_path) if config_path else _File()
     base = config_path.parent if config_path else None
     source = str(config_path) if config_path else "config"

@@ -390,9 +390,7 @@ class Ledger:
                         previous=before[0] if before else None,
                     )
             for st, name in gone:
-                self.db.execute(
-                    "DELETE FROM tracks WHERE soundtrack = ? AND name = ?", [st, name]
-                )
+                self.db.execute("DELETE FROM tracks WHERE soundtrack = ? AND name = ?", [st, name])
                 self._event("track.removed", soundtrack=st, track=name)
 
     def generations(self) -> dict[str, Generation]:
@@ -453,12 +451,14 @@ class Ledger:
         parked: Mapping[str, str],
         *,
         poll_at: float,
+        unconfirmed: Mapping[str, str] | None = None,
     ) -> None:
         """Record a submit's answer at once: task ids, parked and requeued items.
 
         ``accepted`` maps fingerprint → (task id, index in the batch);
         ``requeue`` fingerprint → (next attempt time, reason);
-        ``parked`` fingerprint → the API's reason.
+        ``parked`` fingerprint → the API's reason; ``unconfirmed`` items the
+        answer did not account for are treated like an ambiguous submit.
         """
         now = self.clock()
         with self.transaction():
@@ -479,12 +479,28 @@ class Ledger:
                 self._requeue(fp, when, reason, now)
             for fp, reason in parked.items():
                 self._park(fp, reason, now)
+            for fp, reason in (unconfirmed or {}).items():
+                self._unknown(fp, reason, now)
+
+    def _unknown(self, fp: str, reason: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE generations SET state = 'unknown', reason = ?, updated_at = ? "
+            "WHERE fingerprint = ? AND state = 'submitting'",
+            [reason, now, fp],
+        )
 
     def _task_started(
-        self, fp: str, task_id: str, batch_id: str | None, idx: int | None, now: float, poll_at: float
+        self,
+        fp: str,
+        task_id: str,
+        batch_id: str | None,
+        idx: int | None,
+        now: float,
+        poll_at: float,
     ) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO tasks (task_id, fingerprint, batch_id, idx, state, at, next_poll) "
+            "INSERT OR IGNORE INTO tasks "
+            "(task_id, fingerprint, batch_id, idx, state, at, next_poll) "
             "VALUES (?, ?, ?, ?, 'running', ?, ?)",
             [task_id, fp, batch_id, idx, now, poll_at],
         )
@@ -526,19 +542,18 @@ class Ledger:
         fps = self._submit_fingerprints(submit_id)
         with self.transaction():
             self.db.execute(
-                "UPDATE submits SET state = 'ambiguous', error = ? WHERE id = ?", [reason, submit_id]
+                "UPDATE submits SET state = 'ambiguous', error = ? WHERE id = ?",
+                [reason, submit_id],
             )
             for fp in fps:
-                self.db.execute(
-                    "UPDATE generations SET state = 'unknown', reason = ?, updated_at = ? "
-                    "WHERE fingerprint = ? AND state = 'submitting'",
-                    [reason, now, fp],
-                )
+                self._unknown(fp, reason, now)
             self._event("submit.ambiguous", submit_id=submit_id, items=len(fps), reason=reason)
         return fps
 
     def _submit_fingerprints(self, submit_id: int) -> list[str]:
-        row = self.db.execute("SELECT fingerprints FROM submits WHERE id = ?", [submit_id]).fetchone()
+        row = self.db.execute(
+            "SELECT fingerprints FROM submits WHERE id = ?", [submit_id]
+        ).fetchone()
         return list(json.loads(row[0])) if row else []
 
     def recover_interrupted(self) -> int:
@@ -794,7 +809,9 @@ class Ledger:
 
     # -- clips and audio ------------------------------------------------------------
 
-    def usable_clips(self, fingerprints: Iterable[str] | None = None) -> dict[str, list[ClipRecord]]:
+    def usable_clips(
+        self, fingerprints: Iterable[str] | None = None
+    ) -> dict[str, list[ClipRecord]]:
         """Finished clips of each fingerprint's current task, in position order."""
         rows = self.db.query(
             "SELECT c.* FROM clips c JOIN generations g ON g.task_id = c.task_id "

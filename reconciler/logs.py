@@ -14,11 +14,17 @@ from typing import TextIO
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
-def configure(level: str = "info", *, stream: TextIO | None = None, json: bool | None = None) -> None:
+def configure(
+    level: str = "info", *, stream: TextIO | None = None, json: bool | None = None
+) -> None:
     stream = stream or sys.stderr
     as_json = (not stream.isatty()) if json is None else json
     renderer: structlog.typing.Processor = (

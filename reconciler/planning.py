@@ -281,7 +281,10 @@ def affordable_tasks(
     if daily_budget is not None:
         left = max(0, daily_budget - spent_today)
         limits.append(
-            (left // CREDITS_PER_TASK, f"daily budget reached ({spent_today}/{daily_budget} credits)")
+            (
+                left // CREDITS_PER_TASK,
+                f"daily budget reached ({spent_today}/{daily_budget} credits)",
+            )
         )
     if balance is not None:
         limits.append((balance // CREDITS_PER_TASK, f"account balance too low ({balance} credits)"))

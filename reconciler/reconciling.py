@@ -14,6 +14,7 @@ nothing but a pass. The daemon and ``sync`` run the same pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ from reconciler.errors import (
     TemporaryAPIError,
 )
 from reconciler.ledger import ClipRecord, Ledger, OutputRecord, TaskUpdate
-from reconciler.musicapi import Accepted, MusicAPI, TaskStatus
+from reconciler.musicapi import Accepted, MusicAPI, TaskStatus, Unconfirmed
 from reconciler.planning import (
     BATCH_SIZE,
     CREDITS_PER_TASK,
@@ -101,9 +102,7 @@ class PassResult:
         """Nothing can move without a person: no work in flight or scheduled."""
         if self.converged or self.in_flight:
             return False
-        if self.queued and not self.blocked:
-            return False
-        return True
+        return not (self.queued and not self.blocked)
 
 
 def utc_day_start(now: float) -> float:
@@ -171,7 +170,9 @@ class Reconciler:
         return result
 
     def _refresh_desired(self) -> Desired:
-        scan = scan_specs(self.settings.specs_dir, models=self.settings.models, reuse=self._last_good)
+        scan = scan_specs(
+            self.settings.specs_dir, models=self.settings.models, reuse=self._last_good
+        )
         self.scan = scan
         removed: list[str] = []
         if scan.root_state == "ok":
@@ -290,10 +291,13 @@ class Reconciler:
         accepted: dict[str, tuple[str, int]] = {}
         requeue: dict[str, tuple[float, str]] = {}
         parked: dict[str, str] = {}
+        unconfirmed: dict[str, str] = {}
         attempts = self.ledger.generations()
         for fp, res in zip(group, answer.results, strict=True):
             if isinstance(res, Accepted):
                 accepted[fp] = (res.task_id, res.index)
+            elif isinstance(res, Unconfirmed):
+                unconfirmed[fp] = res.reason
             elif res.type in ("bad_request", "forbidden"):
                 parked[fp] = f"rejected ({res.type}): {res.error}"
             else:
@@ -306,6 +310,7 @@ class Reconciler:
             accepted,
             requeue,
             parked,
+            unconfirmed=unconfirmed,
             poll_at=self.clock() + self.settings.poll_interval,
         )
         result.submitted += len(accepted)
@@ -333,7 +338,11 @@ class Reconciler:
         except APIError as exc:
             return self._submit_failed(submit_id, [fp], exc, result)
         self.ledger.submit_answered(
-            submit_id, None, {fp: (task_id, 0)}, {}, {},
+            submit_id,
+            None,
+            {fp: (task_id, 0)},
+            {},
+            {},
             poll_at=self.clock() + self.settings.poll_interval,
         )
         result.submitted += 1
@@ -413,7 +422,9 @@ class Reconciler:
             return
         except APIError as exc:
             self._poll_failed(exc)
-            self.ledger.batch_polled(batch_id, self._retry_at(1, _retry_after(exc)), still_open=True)
+            self.ledger.batch_polled(
+                batch_id, self._retry_at(1, _retry_after(exc)), still_open=True
+            )
             return
         self._api_health(None)
         tasks = self.ledger.batch_tasks(batch_id)
@@ -557,9 +568,11 @@ class Reconciler:
             clips = [c for c in usable.get(t.fingerprint, []) if c.sha256][: t.clips]
             gen = gens.get(t.fingerprint)
             if len(clips) < t.clips:
-                if gen is not None and gen.state == "succeeded" and len(
-                    usable.get(t.fingerprint, [])
-                ) < t.clips:
+                if (
+                    gen is not None
+                    and gen.state == "succeeded"
+                    and len(usable.get(t.fingerprint, [])) < t.clips
+                ):
                     self._short_of_clips(t, len(usable.get(t.fingerprint, [])))
                 continue
             ok = True
@@ -717,7 +730,9 @@ class Reconciler:
     def _summarise(self, desired: Desired, result: PassResult) -> None:
         gens = self.ledger.generations()
         result.total = len(desired.tracks)
-        states = Counter(gens[t.fingerprint].state for t in desired.tracks if t.fingerprint in gens)
+        states: Counter[str] = Counter(
+            gens[t.fingerprint].state for t in desired.tracks if t.fingerprint in gens
+        )
         result.states = states
         result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
         result.queued = states.get("queued", 0)
@@ -785,15 +800,16 @@ async def wait_for_due(
         delay = 0.0
     else:
         now = reconciler.clock()
-        due = result.next_due if result.next_due is not None else now + reconciler.settings.poll_interval
+        due = (
+            result.next_due
+            if result.next_due is not None
+            else now + reconciler.settings.poll_interval
+        )
         delay = max(0.0, due - now)
     if max_wait is not None:
         delay = min(delay, max_wait)
     if delay <= 0:
         return
     wake.clear()
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(wake.wait(), timeout=delay)
-    except TimeoutError:
-        pass
-

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -114,7 +113,9 @@ def _disk_state(root: Path, path: str, size: int, mtime_ns: int, sha: str) -> Di
 
 def make_plan(settings: Settings) -> dict[str, Any]:
     """The dry run behind ``reconciler plan``: no lock, no writes, no API calls."""
-    ledger = Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
+    ledger = (
+        Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
+    )
     try:
         last_good = ledger.last_good() if ledger else {}
         scan = scan_specs(settings.specs_dir, models=settings.models, reuse=last_good)
@@ -158,7 +159,9 @@ def make_plan(settings: Settings) -> dict[str, Any]:
 
 def render_plan(report: dict[str, Any], console: Console) -> None:
     for item in report["submit"]:
-        console.print(f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]})")
+        console.print(
+            f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]})"
+        )
     for name in report["reuse"]:
         console.print(f"[cyan]= reuse[/]   {name}  (audio already paid for)")
     for path in report["restore"]:

@@ -28,7 +28,9 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def _track_state(row: dict[str, Any], files_ok: bool, spec_error: str | None) -> tuple[str, str | None]:
+def _track_state(
+    row: dict[str, Any], files_ok: bool, spec_error: str | None
+) -> tuple[str, str | None]:
     if spec_error is not None:
         return "invalid", spec_error.splitlines()[0]
     if files_ok:
@@ -84,9 +86,7 @@ def build_report(
             }
         )
     known_sources = {r["source"] for r in rows}
-    invalid_files = [
-        {"path": p, "error": e} for p, e in sorted(spec_errors.items())
-    ]
+    invalid_files = [{"path": p, "error": e} for p, e in sorted(spec_errors.items())]
     # A file that was never valid has no tracks yet: show it as a row too.
     for p, e in sorted(spec_errors.items()):
         if p not in known_sources and not selector:
@@ -107,9 +107,7 @@ def build_report(
     budget = settings.daily_budget
     batches = ledger.query("SELECT count(*) AS n FROM batches WHERE open = 1")[0]["n"]
     ambiguous = ledger.query("SELECT count(*) AS n FROM submits WHERE state = 'ambiguous'")[0]["n"]
-    doubles = ledger.query(
-        "SELECT coalesce(sum(possible_double), 0) AS n FROM generations"
-    )[0]["n"]
+    doubles = ledger.query("SELECT coalesce(sum(possible_double), 0) AS n FROM generations")[0]["n"]
     health = ledger.get("api_health") or {}
     return {
         "schema": SCHEMA_VERSION,
@@ -151,8 +149,14 @@ def _age(seconds: float) -> str:
     return f"{int(seconds // 86400)}d"
 
 
-_STYLE = {"ready": "green", "generating": "cyan", "queued": "blue", "retrying": "yellow",
-          "failed": "red", "invalid": "red"}
+_STYLE = {
+    "ready": "green",
+    "generating": "cyan",
+    "queued": "blue",
+    "retrying": "yellow",
+    "failed": "red",
+    "invalid": "red",
+}
 
 
 def render(report: dict[str, Any], console: Console) -> None:
@@ -189,7 +193,10 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"possible double spend: {report['possible_double_spend']} generation(s)[/]"
         )
     api = report["api"]
-    line = f"last pass: {report['last_pass'] or 'never'}; API last success: {api['last_success'] or '-'}"
+    line = (
+        f"last pass: {report['last_pass'] or 'never'}; "
+        f"API last success: {api['last_success'] or '-'}"
+    )
     if api["last_error"]:
         line += f"; last error {api['last_error']}: {api['last_error_message']}"
     console.print(line)

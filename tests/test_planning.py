@@ -1,0 +1,351 @@
+"""Table-driven tests of the pure planning core: plain values in, plain values out."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+
+from reconciler.planning import (
+    CREDITS_PER_TASK,
+    Generation,
+    OutputFact,
+    affordable_tasks,
+    backoff,
+    batches,
+    desired_state,
+    diff,
+    due_submissions,
+    fingerprint,
+)
+from reconciler.specs import SpecFile, TrackSpec
+
+LOFI = {"custom_mode": False, "mv": "sonic-v5", "gpt_description_prompt": "lofi beats"}
+JAZZ = {"custom_mode": False, "mv": "sonic-v5", "gpt_description_prompt": "late night jazz"}
+
+
+def track(name: str, request: dict[str, Any], variant: int = 1, clips: int = 1) -> TrackSpec:
+    return TrackSpec(name=name, request=request, variant=variant, clips=clips, line=1)
+
+
+def spec(path: str, soundtrack: str, *tracks: TrackSpec, digest: str = "d") -> SpecFile:
+    return SpecFile(path=path, soundtrack=soundtrack, tracks=tuple(tracks), digest=digest)
+
+
+def test_fingerprint_ignores_key_order_but_not_variant_or_content() -> None:
+    reordered = dict(reversed(list(LOFI.items())))
+    assert fingerprint(LOFI, 1) == fingerprint(reordered, 1)
+    assert fingerprint(LOFI, 1) != fingerprint(LOFI, 2)
+    assert fingerprint(LOFI, 1) != fingerprint(JAZZ, 1)
+    assert fingerprint({**LOFI, "make_instrumental": True}, 1) != fingerprint(LOFI, 1)
+
+
+# Each case: the ledger's last good files, the scan now, and the expected
+# (soundtrack, track, fingerprint source) rows plus whether pruning is allowed.
+A = spec("a.yaml", "study", track("focus", LOFI), track("deep", JAZZ))
+CASES = {
+    "new file": (
+        {},
+        {"a.yaml": A},
+        [],
+        "ok",
+        [("study", "focus", LOFI), ("study", "deep", JAZZ)],
+        True,
+    ),
+    "renamed file keeps fingerprints": (
+        {"a.yaml": A},
+        {"b.yaml": spec("b.yaml", "study", *A.tracks)},
+        [],
+        "ok",
+        [("study", "focus", LOFI), ("study", "deep", JAZZ)],
+        True,
+    ),
+    "renamed track keeps fingerprint": (
+        {"a.yaml": A},
+        {"a.yaml": spec("a.yaml", "study", track("focus-2", LOFI), track("deep", JAZZ))},
+        [],
+        "ok",
+        [("study", "focus-2", LOFI), ("study", "deep", JAZZ)],
+        True,
+    ),
+    "removed track": (
+        {"a.yaml": A},
+        {"a.yaml": spec("a.yaml", "study", track("focus", LOFI))},
+        [],
+        "ok",
+        [("study", "focus", LOFI)],
+        True,
+    ),
+    "invalid file keeps last good version, no prune": (
+        {"a.yaml": A},
+        {},
+        ["a.yaml"],
+        "ok",
+        [("study", "focus", LOFI), ("study", "deep", JAZZ)],
+        False,
+    ),
+    "invalid new file has nothing in force": ({}, {}, ["a.yaml"], "ok", [], False),
+    "missing folder keeps everything, no prune": (
+        {"a.yaml": A},
+        {},
+        [],
+        "missing",
+        [("study", "focus", LOFI), ("study", "deep", JAZZ)],
+        False,
+    ),
+    "empty folder keeps everything, no prune": (
+        {"a.yaml": A},
+        {},
+        [],
+        "empty",
+        [("study", "focus", LOFI), ("study", "deep", JAZZ)],
+        False,
+    ),
+    "deleted file removes its tracks": (
+        {"a.yaml": A},
+        {"z.yaml": spec("z.yaml", "z")},
+        [],
+        "ok",
+        [],
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("last_good", "files", "invalid", "root", "expected", "prune_ok"),
+    list(CASES.values()),
+    ids=list(CASES),
+)
+def test_desired_state(
+    last_good: dict[str, SpecFile],
+    files: dict[str, SpecFile],
+    invalid: list[str],
+    root: Any,
+    expected: list[tuple[str, str, dict[str, Any]]],
+    prune_ok: bool,
+) -> None:
+    d = desired_state(files, invalid, root, last_good)
+    assert [(t.soundtrack, t.name, t.fingerprint) for t in d.tracks] == [
+        (s, n, fingerprint(r, 1)) for s, n, r in expected
+    ]
+    assert d.prune_allowed is prune_ok
+
+
+def test_same_spec_in_two_soundtracks_is_one_fingerprint() -> None:
+    d = desired_state(
+        {"a.yaml": A, "b.yaml": spec("b.yaml", "gym", track("warmup", LOFI))}, [], "ok", {}
+    )
+    assert len(d.tracks) == 3
+    assert d.fingerprints() == (fingerprint(LOFI, 1), fingerprint(JAZZ, 1))
+
+
+def test_variant_and_clips() -> None:
+    d = desired_state(
+        {"a.yaml": spec("a.yaml", "s", track("one", LOFI), track("two", LOFI, variant=2, clips=2))},
+        [],
+        "ok",
+        {},
+    )
+    one, two = d.tracks
+    assert one.fingerprint != two.fingerprint
+    assert two.outputs == ("s/two.mp3", "s/two-2.mp3")
+    assert one.outputs == ("s/one.mp3",)
+
+
+FP_L, FP_J = fingerprint(LOFI, 1), fingerprint(JAZZ, 1)
+DESIRED = desired_state({"a.yaml": A}, [], "ok", {})
+
+
+def gen(fp: str, state: Any, **kw: Any) -> Generation:
+    return Generation(fingerprint=fp, state=state, **kw)
+
+
+DIFF_CASES = {
+    "all new": ({}, {}, {}, (FP_L, FP_J), 0, (), ()),
+    "unchanged and ready": (
+        {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")},
+        {
+            "study/focus.mp3": OutputFact("study/focus.mp3", FP_L, "ok"),
+            "study/deep.mp3": OutputFact("study/deep.mp3", FP_J, "ok"),
+        },
+        {FP_L: True, FP_J: True},
+        (),
+        0,
+        (),
+        (),
+    ),
+    "one changed prompt": (
+        {FP_L: gen(FP_L, "succeeded")},
+        {
+            "study/focus.mp3": OutputFact("study/focus.mp3", FP_L, "ok"),
+            "study/deep.mp3": OutputFact("study/deep.mp3", "old", "ok"),
+        },
+        {FP_L: True},
+        (FP_J,),
+        0,
+        (),
+        (),
+    ),
+    "deleted output restored from cache": (
+        {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")},
+        {
+            "study/focus.mp3": OutputFact("study/focus.mp3", FP_L, "missing"),
+            "study/deep.mp3": OutputFact("study/deep.mp3", FP_J, "drifted"),
+        },
+        {FP_L: True, FP_J: True},
+        (),
+        0,
+        ("study/focus.mp3", "study/deep.mp3"),
+        (),
+    ),
+    "renamed track reuses audio": (
+        {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")},
+        {
+            "study/old-name.mp3": OutputFact("study/old-name.mp3", FP_L, "ok"),
+            "study/deep.mp3": OutputFact("study/deep.mp3", FP_J, "ok"),
+        },
+        {FP_L: True, FP_J: True},
+        (),
+        1,
+        (),
+        ("study/old-name.mp3",),
+    ),
+    "in flight is never resubmitted": (
+        {FP_L: gen(FP_L, "running"), FP_J: gen(FP_J, "unknown")},
+        {},
+        {},
+        (),
+        2,
+        (),
+        (),
+    ),
+    "parked is not resubmitted": (
+        {FP_L: gen(FP_L, "parked"), FP_J: gen(FP_J, "queued")},
+        {},
+        {},
+        (FP_J,),
+        0,
+        (),
+        (),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("gens", "facts", "ready", "submit", "reuse", "restore", "prune"),
+    list(DIFF_CASES.values()),
+    ids=list(DIFF_CASES),
+)
+def test_diff(
+    gens: dict[str, Generation],
+    facts: dict[str, OutputFact],
+    ready: dict[str, bool],
+    submit: tuple[str, ...],
+    reuse: int,
+    restore: tuple[str, ...],
+    prune: tuple[str, ...],
+) -> None:
+    d = diff(DESIRED, gens, facts, ready, prune=True)
+    assert d.submit == submit
+    assert len(d.reuse) == reuse
+    assert d.restore == restore
+    assert d.prune == prune
+    assert d.cost == CREDITS_PER_TASK * len(submit)
+
+
+def test_prune_needs_opt_in_and_a_healthy_folder() -> None:
+    facts = {"study/gone.mp3": OutputFact("study/gone.mp3", "x", "ok")}
+    assert diff(DESIRED, {}, facts, {}, prune=False).prune == ()
+    broken = desired_state({}, ["a.yaml"], "ok", {"a.yaml": A})
+    assert diff(broken, {}, facts, {}, prune=True).prune == ()
+    assert diff(DESIRED, {}, facts, {}, prune=True).prune == ("study/gone.mp3",)
+
+
+@pytest.mark.parametrize("g", [0, 1, 9, 10, 11, 25, 100, 1001])
+def test_batches_cost_ceil_g_over_10(g: int) -> None:
+    fps = [f"fp{i}" for i in range(g)]
+    groups = batches(fps)
+    assert len(groups) == math.ceil(g / 10)
+    assert [fp for group in groups for fp in group] == fps
+    assert all(1 <= len(group) <= 10 for group in groups)
+
+
+SUBMIT_CASES = {
+    "all due": (["a", "b", "c"], {}, 0, 10, None, ("a", "b", "c")),
+    "in-flight cap": (["a", "b", "c"], {}, 9, 10, None, ("a",)),
+    "budget": (["a", "b", "c"], {}, 0, 10, 2, ("a", "b")),
+    "backoff not passed": (
+        ["a", "b"],
+        {"a": gen("a", "queued", next_attempt=50.0)},
+        0,
+        10,
+        None,
+        ("b",),
+    ),
+    "running never resubmitted": (["a", "b"], {"a": gen("a", "running")}, 0, 10, None, ("b",)),
+    "nothing affordable": (["a"], {}, 0, 10, 0, ()),
+}
+
+
+@pytest.mark.parametrize(
+    ("order", "gens", "in_flight", "cap", "affordable", "expected"),
+    list(SUBMIT_CASES.values()),
+    ids=list(SUBMIT_CASES),
+)
+def test_due_submissions(
+    order: list[str],
+    gens: dict[str, Generation],
+    in_flight: int,
+    cap: int,
+    affordable: int | None,
+    expected: tuple[str, ...],
+) -> None:
+    got = due_submissions(
+        order, gens, 10.0, in_flight=in_flight, max_in_flight=cap, affordable=affordable
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("attempts", "retry_after", "low", "high"),
+    [
+        (1, None, 2.5, 5.0),
+        (3, None, 10.0, 20.0),
+        (20, None, 30.0, 60.0),
+        (1, 40.0, 40.0, 40.0),
+        (1, 1000.0, 60.0, 60.0),
+    ],
+)
+def test_backoff_is_capped_exponential_with_jitter_and_honours_retry_after(
+    attempts: int, retry_after: float | None, low: float, high: float
+) -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        d = backoff(attempts, initial=5.0, cap=60.0, retry_after=retry_after, rng=rng)
+        assert low <= d <= high
+
+
+@pytest.mark.parametrize(
+    ("spent", "budget", "balance", "n", "why"),
+    [
+        (0, None, None, None, None),
+        (0, 150, None, 10, "daily budget"),
+        (150, 150, None, 0, "daily budget"),
+        (0, None, 44, 2, "balance"),
+        (0, 3000, 30, 2, "balance"),
+        (2990, 3000, 1000, 0, "daily budget"),
+    ],
+)
+def test_affordable_tasks(
+    spent: int, budget: int | None, balance: int | None, n: int | None, why: str | None
+) -> None:
+    got, reason = affordable_tasks(spent_today=spent, daily_budget=budget, balance=balance)
+    assert got == n
+    if why is None:
+        assert reason is None
+    else:
+        assert reason is not None
+        assert why in reason
