@@ -1,0 +1,891 @@
+"""The MusicAPI client: the only module of reconciler that speaks HTTP (httpx).
+
+Where it sits in the flow: plan → **submit** → **track (poll/webhook)** →
+**download** → materialise. ``reconciling`` hands it the fingerprints' create
+requests ten at a time (:meth:`MusicAPI.submit_batch`, or :meth:`MusicAPI.create`
+when the deployment has no batch endpoint), follows them with
+:meth:`MusicAPI.poll_batch` / :meth:`MusicAPI.poll_task`, and fetches finished
+clips with :meth:`MusicAPI.download`. The wire format is described in
+``shared/musicapi-protocol.md``.
+
+What this module promises its callers:
+
+* Only exceptions from :mod:`reconciler.errors` leave it; httpx's never do (and
+  are not chained either, because an httpx exception holds the request and so
+  the Authorization header).
+* The error's class carries the retry policy (law 7). Submits are never retried
+  here: there is no idempotency key, so a submit that may have reached the
+  service raises :class:`AmbiguousSubmitError` and the caller applies the
+  protocol's grace-period rule (law 2). A submit cancelled while in flight is
+  just as ambiguous; the caller's recorded intent covers that case.
+* Idempotent GETs (polls, credits, downloads) are retried here with capped
+  exponential backoff and jitter, honouring ``Retry-After`` (via stamina).
+* The API key goes into the Authorization header of API calls and nowhere else:
+  not into ``repr``, messages, logs, or requests to other hosts (law 10).
+* Answers are read leniently (the protocol's tolerance rules); a 2xx body that
+  cannot be read at all is a temporary error for a GET and an ambiguous one for
+  a submit.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import html
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import httpx
+import pydantic
+import stamina
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from reconciler.errors import (
+    AmbiguousSubmitError,
+    APIError,
+    AudioExpiredError,
+    AuthError,
+    BatchUnsupportedError,
+    ConfigError,
+    InsufficientCreditsError,
+    NotFoundError,
+    OutputError,
+    PermanentAPIError,
+    RateLimitedError,
+    RejectedError,
+    TemporaryAPIError,
+)
+
+__all__ = [
+    "MAX_BATCH_ITEMS",
+    "Accepted",
+    "BatchSubmission",
+    "Clip",
+    "Credits",
+    "MusicAPI",
+    "Rejected",
+    "TaskState",
+    "TaskStatus",
+    "Unconfirmed",
+    "error_message",
+    "parse_retry_after",
+]
+
+MAX_BATCH_ITEMS = 10
+"""The service accepts 1 to 10 items per ``POST /sonic/batch``."""
+
+TaskState = Literal["pending", "running", "succeeded", "failed"]
+
+T = TypeVar("T")
+
+# Which endpoint an answer came from decides how its status maps to an error.
+_Kind = Literal["create", "batch", "poll", "credits", "download"]
+_SUBMITS: frozenset[_Kind] = frozenset({"create", "batch"})
+
+# Only these prove that no byte of the request left this machine; every other
+# transport fault during a submit may have happened after the service read it.
+_NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+# A 403 is about money when its reason says so; anything else is moderation.
+_CREDIT_WORDS = re.compile(
+    r"credit|subscri|balance|insufficient|quota|billing|payment", re.IGNORECASE
+)
+_REQUEST_ID_HEADERS = ("x-request-id", "x-vercel-id", "cf-ray")
+_MESSAGE_LIMIT = 200
+_ERROR_BODY_LIMIT = 16_384
+_KEY_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Clip:
+    """One song of a task, as the service last described it."""
+
+    clip_id: str
+    state: str
+    """As sent; states other than ``succeeded``/``failed`` mean "not finished yet"."""
+    audio_url: str | None
+    duration: float | None
+    """Seconds; None when the service sent nothing usable."""
+    title: str | None
+    lyrics: str | None
+    tags: str | None
+    image_url: str | None
+    created_at: str | None
+
+    @property
+    def done(self) -> bool:
+        """Ready to download: succeeded *and* an audio URL to fetch."""
+        return self.state == "succeeded" and bool(self.audio_url)
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """Where one task stands.
+
+    ``status`` is derived the same way for a single poll, a batch poll entry
+    and a 202: ``failed`` when the service names a failure ``type`` (or says
+    ``failed``) or every clip failed; ``succeeded`` when every clip is done or
+    failed and at least one is done (callers decide per clip, so one failed
+    clip next to a done one is still ``succeeded``); ``running`` while any clip
+    is unfinished, on a 202 ``not_ready`` and when no clip is known yet;
+    ``pending`` only when a batch entry says so and carries no clips.
+    """
+
+    task_id: str
+    index: int | None
+    """Position in its batch, when known."""
+    status: TaskState
+    clips: tuple[Clip, ...]
+    failure_type: str | None
+    """``failed``, ``timeout``, ``forbidden``, ``api_error``, ... when failed."""
+    error: str | None
+    """The service's reason, for people."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Batch item ``index`` became task ``task_id`` (and is being charged)."""
+
+    index: int
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Batch item ``index`` was refused and not charged.
+
+    ``type`` is ``bad_request``, ``insufficient_credits``, ``forbidden`` or
+    whatever else the service names; ``error`` is its reason.
+    """
+
+    index: int
+    type: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unconfirmed:
+    """Batch item ``index`` is not accounted for in the service's answer.
+
+    The submit itself went through, so the item may have become a task that is
+    being charged: treat it like an ambiguous submit (never resubmit blindly).
+    """
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSubmission:
+    """The answer to one batch submit: one result per item, in item order."""
+
+    batch_id: str
+    results: tuple[Accepted | Rejected | Unconfirmed, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Credits:
+    credits: int
+    extra_credits: int
+    """Spent first by the service."""
+
+    @property
+    def total(self) -> int:
+        return self.credits + self.extra_credits
+
+
+# ---------------------------------------------------------------------------
+# Reading answers
+# ---------------------------------------------------------------------------
+
+
+class _MalformedError(Exception):
+    """A 2xx body we cannot read; never leaves this module (translated by kind)."""
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _duration(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise _MalformedError(f"{what} is not a whole number")
+
+
+def _clip(value: Any) -> Clip:
+    if not isinstance(value, Mapping):
+        raise _MalformedError("a clip is not an object")
+    clip_id = value.get("clip_id", value.get("id"))
+    if not isinstance(clip_id, str) or not clip_id:
+        raise _MalformedError("a clip has no clip_id")
+    return Clip(
+        clip_id=clip_id,
+        state=_text(value.get("state")) or "",
+        audio_url=_text(value.get("audio_url")),
+        duration=_duration(value.get("duration")),
+        title=_text(value.get("title")),
+        lyrics=_text(value.get("lyrics")),
+        tags=_text(value.get("tags")),
+        image_url=_text(value.get("image_url")),
+        created_at=_text(value.get("created_at")),
+    )
+
+
+def _clips(value: Any) -> tuple[Clip, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):  # one clip sent bare instead of in a list
+        return (_clip(value),)
+    if not isinstance(value, list):
+        raise _MalformedError("data is neither a list of clips nor a clip")
+    return tuple(_clip(item) for item in value)
+
+
+def _task_status(body: Mapping[str, Any], task_id: str, index: int | None) -> TaskStatus:
+    """Derive a task's status from a single-poll body or a batch poll entry."""
+    clips = _clips(body.get("data"))
+    failure = _text(body.get("type"))
+    declared = body.get("status")
+    reason = _text(body.get("error"))
+
+    def result(status: TaskState, failure_type: str | None, error: str | None) -> TaskStatus:
+        return TaskStatus(task_id, index, status, clips, failure_type, error)
+
+    if failure and failure != "not_ready":
+        return result("failed", failure, reason or _text(body.get("message")) or f"task {failure}")
+    if declared == "failed":
+        return result("failed", "failed", reason or "task failed")
+    if clips:
+        if all(clip.failed for clip in clips):
+            return result("failed", "failed", reason or "every clip failed")
+        if all(clip.done or clip.failed for clip in clips):
+            return result("succeeded", None, None)
+        return result("running", None, None)
+    # No clips to judge by: nothing can be downloaded yet, whatever else it says.
+    return result("pending" if declared == "pending" else "running", None, None)
+
+
+def _batch_results(
+    tasks: Any, count: int
+) -> tuple[tuple[Accepted | Rejected | Unconfirmed, ...], list[int]]:
+    """One result per submitted item, and the indexes the answer left out."""
+    if not isinstance(tasks, list):
+        raise _MalformedError("tasks is not a list")
+    found: dict[int, Accepted | Rejected] = {}
+    for position, entry in enumerate(tasks):
+        if not isinstance(entry, Mapping):
+            continue
+        index = entry.get("index", position)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+            raise _MalformedError(f"an entry names item {index!r} of {count}{_task_ids_in(tasks)}")
+        if index in found:
+            raise _MalformedError(f"two entries name item {index}{_task_ids_in(tasks)}")
+        task_id = entry.get("task_id")
+        kind = _text(entry.get("type"))
+        reason = _text(entry.get("error")) or _text(entry.get("message"))
+        # A task id wins over a failure type: a created task must be tracked.
+        if isinstance(task_id, str) and task_id:
+            found[index] = Accepted(index, task_id)
+        elif kind or reason:
+            found[index] = Rejected(index, kind or "rejected", reason or kind or "rejected")
+    missing = [i for i in range(count) if i not in found]
+    results = tuple(
+        found.get(
+            i,
+            Unconfirmed(i, "the service's answer does not account for this item; it may exist"),
+        )
+        for i in range(count)
+    )
+    return results, missing
+
+
+def _task_ids_in(tasks: Any) -> str:
+    """The task ids in an answer we cannot trust, for the message: they may be charged."""
+    found = [
+        entry["task_id"]
+        for entry in (tasks if isinstance(tasks, list) else [])
+        if isinstance(entry, Mapping) and isinstance(entry.get("task_id"), str)
+    ]
+    return f" (task ids seen: {', '.join(found)})" if found else ""
+
+
+def _loads(content: bytes) -> tuple[bool, Any]:
+    """(readable, value): parse JSON without leaving a JSONDecodeError to chain."""
+    try:
+        return True, json.loads(content)
+    except ValueError:
+        return False, None
+
+
+# ---------------------------------------------------------------------------
+# Errors: bodies, headers, classification
+# ---------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MESSAGE_LIMIT else line[: _MESSAGE_LIMIT - 1] + "…"
+
+
+def _reason_from_json(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, Mapping):
+        # {"error"}, {"message"}, {"type","error"}, {"code","message"}, {"detail"},
+        # and {"error": {"message": ...}} one level down.
+        for key in ("error", "message", "detail", "type"):
+            found = _reason_from_json(value.get(key))
+            if found:
+                return found
+    return None
+
+
+def error_message(status: int, content: bytes, content_type: str) -> str:
+    """A short, one-line reason from any error body the service sends.
+
+    JSON (any of the service's envelopes), plain text and HTML pages (their
+    title, else their text) are all reduced to one line; an empty or useless
+    body gives ``HTTP <status> <phrase>``.
+    """
+    text = content.decode("utf-8", errors="replace").strip()
+    reason: str | None = None
+    if text:
+        try:
+            reason = _reason_from_json(json.loads(text))
+        except ValueError:
+            if "html" in content_type.lower() or text.startswith("<"):
+                title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+                if title:
+                    source = title.group(1)
+                else:
+                    source = re.sub(r"<(script|style)\b.*?</\1\s*>", " ", text, flags=re.I | re.S)
+                    source = re.sub(r"<[^>]*>", " ", source)
+                reason = html.unescape(source)
+            else:
+                reason = text
+    if reason and reason.strip():
+        return _one_line(reason)
+    phrase = httpx.codes.get_reason_phrase(status)
+    return f"HTTP {status} {phrase}".rstrip()
+
+
+def parse_retry_after(value: str | None, *, now: float, cap: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP-date), capped.
+
+    None when absent or unreadable; a date in the past gives 0.
+    """
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; an unmarked one is taken as such
+            return None
+        seconds = max(0.0, when.timestamp() - now)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, cap)
+
+
+def _request_id(headers: httpx.Headers) -> str | None:
+    for name in _REQUEST_ID_HEADERS:
+        if value := headers.get(name):
+            return str(value)
+    return None
+
+
+def _classify(
+    status: int, message: str, kind: _Kind, request_id: str | None, retry_after: float | None
+) -> APIError:
+    """Map a non-2xx answer from endpoint ``kind`` to the error that carries its policy."""
+    if status == 429:
+        # Rate limiting happens before processing, so even a submit is safe to repeat.
+        return RateLimitedError(
+            message, status=status, request_id=request_id, retry_after=retry_after
+        )
+    if status == 408 or status >= 500:
+        if kind in _SUBMITS:
+            return AmbiguousSubmitError(
+                f"the submit may have been processed (HTTP {status}: {message})",
+                status=status,
+                request_id=request_id,
+            )
+        return TemporaryAPIError(
+            message, status=status, request_id=request_id, retry_after=retry_after
+        )
+    if kind == "download" and status in (403, 404, 410):
+        return AudioExpiredError(
+            f"audio URL expired or gone: {message}", status=status, request_id=request_id
+        )
+    if kind == "batch" and status in (404, 405):
+        return BatchUnsupportedError(
+            f"no batch endpoint here (HTTP {status})", status=status, request_id=request_id
+        )
+    if kind == "poll" and (status == 404 or (status == 400 and "not found" in message.lower())):
+        return NotFoundError(message, status=status, request_id=request_id)
+    if status == 401:
+        return AuthError(message, status=status, request_id=request_id)
+    if status == 402 or (status == 403 and _CREDIT_WORDS.search(message)):
+        return InsufficientCreditsError(message, status=status, request_id=request_id)
+    if status in (400, 403, 413, 422):
+        return RejectedError(message, status=status, request_id=request_id)
+    return PermanentAPIError(
+        f"unexpected HTTP {status}: {message}", status=status, request_id=request_id
+    )
+
+
+# ---------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------
+
+
+class MusicAPI:
+    """Async client for the MusicAPI (live service or the sandbox).
+
+    ``max_attempts`` bounds tries of each GET; ``backoff_initial`` and
+    ``backoff_cap`` shape the exponential backoff between them. A
+    ``Retry-After`` (capped at ``retry_after_cap``) replaces the backoff when
+    it is at most ``backoff_cap``; a longer one is not slept inside the call
+    but raised as :class:`RateLimitedError` for the caller to schedule.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | pydantic.SecretStr,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_attempts: int = 3,
+        backoff_initial: float = 0.5,
+        backoff_cap: float = 30.0,
+        retry_after_cap: float = 300.0,
+        log: FilteringBoundLogger | None = None,
+    ) -> None:
+        base = httpx.URL(base_url)
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ConfigError(f"MusicAPI base URL must be an http(s) URL, not {base_url!r}")
+        key = api_key.get_secret_value() if isinstance(api_key, pydantic.SecretStr) else api_key
+        key = key.strip()
+        if not key or _KEY_FORBIDDEN.search(key):
+            # httpx would reject such a header and quote it in its message.
+            raise ConfigError("the MusicAPI key is empty or contains whitespace")
+        if max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        self._key = pydantic.SecretStr(key)
+        self._base = base
+        self._max_attempts = max_attempts
+        self._backoff_initial = backoff_initial
+        self._backoff_cap = backoff_cap
+        self._retry_after_cap = retry_after_cap
+        self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger(__name__)
+        self._http = httpx.AsyncClient(
+            base_url=base, timeout=httpx.Timeout(timeout), transport=transport
+        )
+
+    def __repr__(self) -> str:
+        return f"MusicAPI(base_url={str(self._base)!r})"
+
+    async def __aenter__(self) -> MusicAPI:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- submits: one try each, never retried here ---------------------------
+
+    async def submit_batch(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+    ) -> BatchSubmission:
+        """Submit 1 to :data:`MAX_BATCH_ITEMS` create requests in one call.
+
+        Returns one result per item, in item order: :class:`Accepted` (a task
+        now exists), :class:`Rejected` (refused, not charged) or
+        :class:`Unconfirmed` (the answer left the item out, so it may exist).
+
+        Raises :class:`AmbiguousSubmitError` when the request may have been
+        processed but the answer is lost or unreadable, :class:`TemporaryAPIError`
+        only when nothing was sent, :class:`RateLimitedError` on 429,
+        :class:`BatchUnsupportedError` on 404/405, and the permanent errors
+        for a refusal of the whole batch.
+        """
+        if not 1 <= len(items) <= MAX_BATCH_ITEMS:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH_ITEMS} items, not {len(items)}")
+        payload: dict[str, Any] = {"items": [dict(item) for item in items]}
+        if webhook_url is not None:
+            payload["webhook_url"] = webhook_url
+        if webhook_secret is not None:
+            payload["webhook_secret"] = webhook_secret
+
+        def parse(body: Any) -> BatchSubmission:
+            if not isinstance(body, Mapping):
+                raise _MalformedError("the answer is not an object")
+            batch_id = body.get("batch_id")
+            if not isinstance(batch_id, str) or not batch_id:
+                raise _MalformedError(f"no batch_id{_task_ids_in(body.get('tasks'))}")
+            results, missing = _batch_results(body.get("tasks"), len(items))
+            if missing:
+                self._log.warning(
+                    "api.batch_unconfirmed", batch_id=batch_id, indexes=missing, path="/sonic/batch"
+                )
+            return BatchSubmission(batch_id, results)
+
+        return await self._call("POST", "/sonic/batch", "batch", parse, json_body=payload)
+
+    async def create(self, item: Mapping[str, Any]) -> str:
+        """Submit one create request (``POST /sonic/create``); returns its task id.
+
+        Raises as :meth:`submit_batch` does (without :class:`BatchUnsupportedError`).
+        """
+
+        def parse(body: Any) -> str:
+            task_id = body.get("task_id") if isinstance(body, Mapping) else None
+            if not isinstance(task_id, str) or not task_id:
+                raise _MalformedError("the answer has no task_id")
+            return task_id
+
+        return await self._call("POST", "/sonic/create", "create", parse, json_body=dict(item))
+
+    # -- idempotent reads: retried here ---------------------------------------
+
+    async def poll_batch(self, batch_id: str) -> tuple[TaskStatus, ...]:
+        """Every accepted task of a batch, in the order the service lists them.
+
+        Rejected items do not appear; an entry without a usable ``task_id`` or
+        with unreadable clips is left out and logged as ``api.bad_entry``.
+        """
+
+        def parse(body: Any) -> tuple[TaskStatus, ...]:
+            tasks = body.get("tasks") if isinstance(body, Mapping) else None
+            if not isinstance(tasks, list):
+                raise _MalformedError("the answer has no tasks list")
+            statuses = []
+            for position, entry in enumerate(tasks):
+                try:
+                    statuses.append(self._entry_status(entry))
+                except _MalformedError as exc:
+                    self._log.warning(
+                        "api.bad_entry", batch_id=batch_id, position=position, reason=str(exc)
+                    )
+            return tuple(statuses)
+
+        return await self._retrying(
+            lambda attempt: self._call(
+                "GET", "/sonic/batch", "poll", parse, params={"batch_id": batch_id}, attempt=attempt
+            )
+        )
+
+    async def poll_task(self, task_id: str) -> TaskStatus:
+        """One task's status (``GET /sonic/task/{id}``); a 202 means ``running``."""
+
+        def parse(body: Any) -> TaskStatus:
+            if body is None:  # 202 not_ready
+                return TaskStatus(task_id, None, "running", (), None, None)
+            if not isinstance(body, Mapping):
+                raise _MalformedError("the answer is not an object")
+            if not any(key in body for key in ("data", "type", "code", "status")):
+                raise _MalformedError("the answer is not a task")
+            return _task_status(body, task_id, None)
+
+        path = f"/sonic/task/{quote(task_id, safe='')}"
+        return await self._retrying(
+            lambda attempt: self._call("GET", path, "poll", parse, attempt=attempt)
+        )
+
+    async def get_credits(self) -> Credits:
+        """The account balance (``GET /get-credits``)."""
+
+        def parse(body: Any) -> Credits:
+            if not isinstance(body, Mapping) or "credits" not in body:
+                raise _MalformedError("the answer has no credits")
+            return Credits(
+                credits=_count(body["credits"], "credits"),
+                extra_credits=_count(body.get("extra_credits", 0), "extra_credits"),
+            )
+
+        return await self._retrying(
+            lambda attempt: self._call("GET", "/get-credits", "credits", parse, attempt=attempt)
+        )
+
+    async def download(self, url: str, dest: Path) -> int:
+        """Stream ``url`` into ``dest`` (overwritten); returns the bytes written.
+
+        Raises :class:`AudioExpiredError` on 403/404/410 or an unusable URL
+        (poll again for a fresh one), :class:`TemporaryAPIError` when the body
+        stays short of its Content-Length or the connection drops after all
+        attempts, :class:`OutputError` when ``dest`` cannot be written. On
+        failure ``dest`` may hold a partial body: the caller discards it. The
+        key is only sent when ``url`` is on the API's own origin.
+        """
+        try:
+            target = httpx.URL(url)
+        except httpx.InvalidURL:
+            target = None
+        if target is None or target.scheme not in ("http", "https") or not target.host:
+            error = AudioExpiredError("audio URL is not a usable http(s) URL")
+            self._log_error(error, "GET", "", 1)
+            raise error
+        return await self._retrying(lambda attempt: self._download_once(target, dest, attempt))
+
+    # -- machinery -------------------------------------------------------------
+
+    def _entry_status(self, entry: Any) -> TaskStatus:
+        if not isinstance(entry, Mapping):
+            raise _MalformedError("an entry is not an object")
+        task_id = entry.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise _MalformedError("an entry has no task_id")
+        index = entry.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = None
+        return _task_status(entry, task_id, index)
+
+    def _backoff_hint(self, exc: Exception) -> bool | float:
+        """stamina's hook: retry temporary errors, with Retry-After as the backoff."""
+        if not isinstance(exc, TemporaryAPIError):
+            return False
+        if exc.retry_after is None:
+            return True
+        if exc.retry_after > self._backoff_cap:
+            return False  # too long to block inside a call: the caller schedules it
+        return exc.retry_after
+
+    async def _retrying(self, call: Callable[[int], Awaitable[T]]) -> T:
+        async for attempt in stamina.retry_context(
+            on=self._backoff_hint,
+            attempts=self._max_attempts,
+            timeout=None,
+            wait_initial=self._backoff_initial,
+            wait_max=self._backoff_cap,
+            wait_jitter=self._backoff_initial,
+        ):
+            with attempt:
+                return await call(attempt.num)
+        raise AssertionError("unreachable: stamina re-raises the last error")
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key.get_secret_value()}"}
+
+    def _same_origin(self, url: httpx.URL) -> bool:
+        base = self._base
+        return (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        kind: _Kind,
+        parse: Callable[[Any], T],
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        attempt: int = 1,
+    ) -> T:
+        """One request: send, map a non-2xx to its error, read the body with ``parse``.
+
+        Errors are raised outside any ``except`` block so that no httpx
+        exception (which holds the request's headers) is chained to them.
+        """
+        request = self._http.build_request(
+            method, path, params=params, json=json_body, headers=self._auth()
+        )
+        error: APIError
+        try:
+            response = await self._http.send(request)
+        except httpx.RequestError as exc:
+            error = self._transport_error(exc, kind)
+        else:
+            try:
+                return self._read(response, kind, parse)
+            except APIError as exc:
+                error = exc
+        self._log_error(error, method, path, attempt)
+        raise error
+
+    def _read(self, response: httpx.Response, kind: _Kind, parse: Callable[[Any], T]) -> T:
+        # Errors are raised after the ``except`` blocks: a chained JSONDecodeError or
+        # _MalformedError would carry the raw body, unscrubbed.
+        status = response.status_code
+        request_id = _request_id(response.headers)
+        if not response.is_success:
+            raise self._status_error(response, response.content, kind)
+        if kind == "poll" and status == 202:
+            return parse(None)
+        readable, body = _loads(response.content)
+        if not readable:
+            raise self._malformed(kind, "the answer is not JSON", status, request_id)
+        embedded = body.get("code") if isinstance(body, Mapping) else None
+        if (
+            isinstance(embedded, int)
+            and not isinstance(embedded, bool)
+            and embedded >= 400
+            and not any(k in body for k in ("data", "task_id", "tasks"))
+        ):
+            # A 2xx whose body is an error envelope: judge it by the code it names.
+            message = self._scrub(_one_line(_reason_from_json(body) or f"HTTP {embedded}"))
+            raise _classify(embedded, message, kind, request_id, None)
+        try:
+            return parse(body)
+        except _MalformedError as exc:
+            reason = str(exc)
+        raise self._malformed(kind, reason, status, request_id)
+
+    def _malformed(self, kind: _Kind, reason: str, status: int, request_id: str | None) -> APIError:
+        reason = self._scrub(reason)
+        if kind in _SUBMITS:
+            return AmbiguousSubmitError(
+                f"the submit may have been processed but its answer is unreadable: {reason}",
+                status=status,
+                request_id=request_id,
+            )
+        return TemporaryAPIError(
+            f"unreadable answer: {reason}", status=status, request_id=request_id
+        )
+
+    def _status_error(self, response: httpx.Response, content: bytes, kind: _Kind) -> APIError:
+        status = response.status_code
+        message = self._scrub(
+            error_message(status, content, response.headers.get("content-type", ""))
+        )
+        retry_after = parse_retry_after(
+            response.headers.get("retry-after"), now=time.time(), cap=self._retry_after_cap
+        )
+        return _classify(status, message, kind, _request_id(response.headers), retry_after)
+
+    async def _download_once(self, url: httpx.URL, dest: Path, attempt: int) -> int:
+        headers = self._auth() if self._same_origin(url) else {}
+        request = self._http.build_request("GET", url, headers=headers)
+        error: APIError
+        try:
+            response = await self._http.send(request, stream=True, follow_redirects=True)
+            try:
+                if not response.is_success:
+                    head = await _read_head(response, _ERROR_BODY_LIMIT)
+                    error = self._status_error(response, head, "download")
+                else:
+                    written = await _write_body(response, dest)
+                    expected = _content_length(response.headers)
+                    if expected is None or response.num_bytes_downloaded >= expected:
+                        return written
+                    error = TemporaryAPIError(
+                        f"audio body truncated: {response.num_bytes_downloaded} of "
+                        f"{expected} bytes",
+                        status=response.status_code,
+                        request_id=_request_id(response.headers),
+                    )
+            finally:
+                await response.aclose()
+        except httpx.RequestError as exc:
+            error = self._transport_error(exc, "download")
+        # Only the path: an audio URL's query string may be a signed token.
+        self._log_error(error, "GET", url.path, attempt)
+        raise error
+
+    def _transport_error(self, exc: httpx.RequestError, kind: _Kind) -> APIError:
+        detail = self._scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if kind in _SUBMITS and not isinstance(exc, _NOTHING_SENT):
+            return AmbiguousSubmitError(
+                f"the submit may have been processed but its answer was lost ({detail})"
+            )
+        return TemporaryAPIError(f"network fault ({detail})")
+
+    def _scrub(self, text: str) -> str:
+        """Remove the key from text the service sent back (it may echo it)."""
+        return text.replace(self._key.get_secret_value(), "***")
+
+    def _log_error(self, error: APIError, method: str, path: str, attempt: int) -> None:
+        emit = self._log.warning if isinstance(error, TemporaryAPIError) else self._log.error
+        emit(
+            "api.error",
+            method=method,
+            path=path,
+            status=error.status,
+            request_id=error.request_id,
+            attempt=attempt,
+            error=type(error).__name__,
+            message=error.message,
+            retry_after=error.retry_after if isinstance(error, TemporaryAPIError) else None,
+        )
+
+
+async def _read_head(response: httpx.Response, limit: int) -> bytes:
+    """The first ``limit`` bytes of a streamed body: enough for an error reason."""
+    head = b""
+    async for chunk in response.aiter_bytes():
+        head += chunk
+        if len(head) >= limit:
+            break
+    return head[:limit]
+
+
+async def _write_body(response: httpx.Response, dest: Path) -> int:
+    written = 0
+    try:
+        # Plain blocking writes: chunks are small, and a local disk write is
+        # far shorter than the network read that precedes each one.
+        with dest.open("wb") as out:
+            async for chunk in response.aiter_bytes():
+                out.write(chunk)
+                written += len(chunk)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    return written
+
+
+def _content_length(headers: httpx.Headers) -> int | None:
+    value = headers.get("content-length", "")
+    return int(value) if value.strip().isdigit() else None
