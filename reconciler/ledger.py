@@ -242,9 +242,11 @@ class Ledger:
         if readonly:
             raise LedgerError("ledger needs a migration; run `reconciler sync` once")
         for i in range(version, len(MIGRATIONS)):
-            with self.db.atomic():
-                self.db.conn.executescript("SAVEPOINT m;" + MIGRATIONS[i] + "RELEASE m;")
-                self.db.execute(f"PRAGMA user_version={i + 1}")
+            # One script per step, schema and version together: DDL is
+            # transactional in SQLite, so a crash leaves the old version whole.
+            self.db.conn.executescript(
+                f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; COMMIT;"
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -156,7 +156,11 @@ class Reconciler:
             self.startup()
         result = PassResult()
         now = self.clock()
-        desired = await asyncio.to_thread(self._refresh_desired)
+        # Reading and parsing files is the slow part; SQLite stays on this thread.
+        scan = await asyncio.to_thread(
+            scan_specs, self.settings.specs_dir, models=self.settings.models, reuse=self._last_good
+        )
+        desired = self._apply_scan(scan)
         result.invalid_files = len(self.scan.errors) if self.scan else 0
         expired = self.ledger.expire_unknown(self.settings.ambiguous_grace)
         if expired:
@@ -169,10 +173,7 @@ class Reconciler:
         self._summarise(desired, result)
         return result
 
-    def _refresh_desired(self) -> Desired:
-        scan = scan_specs(
-            self.settings.specs_dir, models=self.settings.models, reuse=self._last_good
-        )
+    def _apply_scan(self, scan: SpecScan) -> Desired:
         self.scan = scan
         removed: list[str] = []
         if scan.root_state == "ok":
@@ -795,17 +796,9 @@ async def wait_for_due(
     reconciler: Reconciler, result: PassResult, wake: asyncio.Event, *, max_wait: float | None
 ) -> None:
     """Sleep until the next poll or retry is due, or until something wakes us."""
-    if result.changed and result.in_flight:
-        # Something moved: look again soon, results often come in bunches.
-        delay = 0.0
-    else:
-        now = reconciler.clock()
-        due = (
-            result.next_due
-            if result.next_due is not None
-            else now + reconciler.settings.poll_interval
-        )
-        delay = max(0.0, due - now)
+    now = reconciler.clock()
+    due = result.next_due if result.next_due is not None else now + reconciler.settings.poll_interval
+    delay = max(0.0, due - now)
     if max_wait is not None:
         delay = min(delay, max_wait)
     if delay <= 0:
