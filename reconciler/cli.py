@@ -9,13 +9,14 @@ contract in the README.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
 import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
@@ -23,7 +24,6 @@ from rich.console import Console
 from reconciler import logs
 from reconciler.config import Flags, Settings, load_settings
 from reconciler.errors import ReconcilerError, SpecError
-from reconciler.sandbox.cli import sandbox
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,7 +93,24 @@ def _settings(
     return settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Loads the sandbox command only when asked for: it pulls in numpy, lameenc
+    and the HTTP server, which would add most of a second to every command."""
+
+    _lazy: ClassVar[dict[str, tuple[str, str]]] = {"sandbox": ("reconciler.sandbox.cli", "sandbox")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy:
+            module, attr = self._lazy[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="reconciler")
 def main() -> None:
     """Make a folder of generated music converge to a folder of spec files."""
@@ -234,6 +251,3 @@ def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
     finally:
         ledger.close()
     click.echo(f"re-armed {n} generation(s); the next pass submits them")
-
-
-main.add_command(sandbox)
