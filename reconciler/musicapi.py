@@ -252,7 +252,7 @@ def _count(value: Any, what: str) -> int:
 def _clip(value: Any) -> Clip:
     if not isinstance(value, Mapping):
         raise _MalformedError("a clip is not an object")
-    clip_id = value.get("clip_id", value.get("id"))
+    clip_id = value.get("clip_id")
     if not isinstance(clip_id, str) or not clip_id:
         raise _MalformedError("a clip has no clip_id")
     return Clip(
@@ -504,7 +504,10 @@ class MusicAPI:
         retry_after_cap: float = 300.0,
         log: FilteringBoundLogger | None = None,
     ) -> None:
-        base = httpx.URL(base_url)
+        try:
+            base = httpx.URL(base_url)
+        except httpx.InvalidURL:
+            base = httpx.URL()
         if base.scheme not in ("http", "https") or not base.host:
             raise ConfigError(f"MusicAPI base URL must be an http(s) URL, not {base_url!r}")
         key = api_key.get_secret_value() if isinstance(api_key, pydantic.SecretStr) else api_key
@@ -848,7 +851,9 @@ class MusicAPI:
         return text.replace(self._key.get_secret_value(), "***")
 
     def _log_error(self, error: APIError, method: str, path: str, attempt: int) -> None:
-        emit = self._log.warning if isinstance(error, TemporaryAPIError) else self._log.error
+        # Warning for what has a recovery path of its own; error for what needs a decision.
+        expected = (TemporaryAPIError, BatchUnsupportedError, AudioExpiredError)
+        emit = self._log.warning if isinstance(error, expected) else self._log.error
         emit(
             "api.error",
             method=method,

@@ -21,6 +21,7 @@ import httpx
 import pydantic
 import pytest
 import stamina
+import structlog
 from structlog.testing import capture_logs
 
 from reconciler.errors import (
@@ -1064,6 +1065,7 @@ def test_unwritable_dest_is_an_output_error(tmp_path: Path) -> None:
     [
         ("ftp://api.test", KEY),
         ("api.test/api/v1", KEY),
+        ("http://[::1", KEY),
         (BASE, ""),
         (BASE, "   "),
         (BASE, "sk-SECRET 123"),
@@ -1088,6 +1090,18 @@ def test_key_from_a_file_or_secretstr(key: str | pydantic.SecretStr) -> None:
 
     asyncio.run(main())
     assert wire.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_max_attempts_must_allow_one_try() -> None:
+    with pytest.raises(ConfigError, match="max_attempts"):
+        MusicAPI(BASE, KEY, max_attempts=0)
+
+
+def test_an_injected_logger_is_used() -> None:
+    with capture_logs() as logs:
+        log = structlog.get_logger("test").bind(component="musicapi-test")
+        fails(Wire(answer(404)), POLL, log=log)
+    assert [(e["event"], e["component"]) for e in logs] == [("api.error", "musicapi-test")]
 
 
 def test_repr_hides_the_key() -> None:
