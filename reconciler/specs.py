@@ -1132,7 +1132,7 @@ def _validate(
         check.names()
 
     if check.problems or soundtrack is None:
-        check.problems.sort(key=lambda p: p.line or 0)
+        check.problems.sort(key=lambda p: (p.line or 0, p.field or ""))
         raise SpecError(check.problems)
     spec = SpecFile(
         path=path,
