@@ -152,8 +152,9 @@ class FaultLayer:
             send = _with_header(send, b"x-request-id", request_id.encode())
         rule = self.state.injector.on_request(endpoint)
         if rule is not None and rule.kind == "slow":
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self.state.stopping.wait(), rule.delay)
+            # The request is handled at once and only the answer is late, so a
+            # submit that times out on the client has still created its tasks.
+            send = _delayed(send, rule.delay, self.state.stopping)
             rule = None
         if rule is not None and await self._answer_fault(rule, scope, receive, send):
             return
@@ -210,6 +211,16 @@ def _with_header(send: Send, name: bytes, value: bytes) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
             message["headers"] = [*message.get("headers", []), (name, value)]
+        await send(message)
+
+    return wrapped
+
+
+def _delayed(send: Send, delay: float, stopping: asyncio.Event) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
         await send(message)
 
     return wrapped
