@@ -434,8 +434,11 @@ _YAML_PLAIN = "!reconciler/plain"
 _YAML_PLAIN_TAGS = frozenset(
     [_YAML_PLAIN] + ["tag:yaml.org,2002:" + t for t in ("null", "bool", "int", "float")]
 )
-_YAML_INT = re.compile(r"[-+]?[0-9]+\Z")
-_YAML_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\Z")
+# A plain scalar is a number only where YAML 1.1 and 1.2 agree that it is one,
+# so "08", "1e3", "1_000" or "0x1f" stay text: files written by YAML 1.1
+# tools (PyYAML quotes only what 1.1 reads as non-text) read back unchanged.
+_YAML_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)\Z")
+_YAML_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+][0-9]+)?\Z")
 _YAML_SPECIAL = {
     "": None,
     "~": None,
@@ -576,7 +579,7 @@ class _YamlBuilder:
                 return None
         if _YAML_FLOAT.match(value):
             return float(value)
-        return value  # YAML 1.2: yes/no/on/off, dates and 1:30 stay text
+        return value  # yes/no/on/off, dates, 1:30 and 08 stay text
 
 
 # --- TOML -------------------------------------------------------------------

@@ -243,10 +243,11 @@ REQUEST_CASES = [
         },
     ),
     (
-        "YAML 1.2 scalars: yes, dates and 1:30 stay text",
+        "YAML scalars: yes, dates, 1:30 and 1e3 stay text (numbers only where 1.1 and 1.2 agree)",
         """\
         tracks:
-          - {name: a, mv: sonic-v5, gpt_description_prompt: yes, title: 2024-01-01, tags: 1:30}
+          - {name: "007", mv: sonic-v5, gpt_description_prompt: yes, title: 2024-01-01, tags: 1:30,
+             negative_tags: 1e3, style_weight: .5}
         """,
         {
             "custom_mode": False,
@@ -254,6 +255,8 @@ REQUEST_CASES = [
             "gpt_description_prompt": "yes",
             "title": "2024-01-01",
             "tags": "1:30",
+            "negative_tags": "1e3",
+            "style_weight": 0.5,
         },
     ),
 ]
@@ -532,6 +535,10 @@ RULES = [
     (
         track("prompt: x, variant: true"),
         ["specs/s.yaml:2 tracks[0].variant: must be a whole number from 1 up, not true"],
+    ),
+    (
+        track("prompt: x, variant: 08"),
+        ["specs/s.yaml:2 tracks[0].variant: must be a whole number from 1 up, not text '08'"],
     ),
     (
         track("prompt: x, variant: 1.5"),
