@@ -147,6 +147,8 @@ class OutputFact:
     path: str
     fingerprint: str
     disk: DiskState
+    #: Its audio is in the cache, so a deleted or drifted copy comes back for free.
+    cached: bool = True
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,10 @@ def diff(
     desired: Desired,
     generations: Mapping[str, Generation],
     outputs: Mapping[str, OutputFact],
-    ready: Mapping[str, bool],
     *,
     prune: bool,
 ) -> Diff:
-    """What a pass would do. ``ready[fp]`` says the fingerprint's audio is in the cache."""
+    """What a pass would do, for ``reconciler plan``."""
     submit: list[str] = []
     parked: list[str] = []
     waiting: list[str] = []
@@ -202,7 +203,7 @@ def diff(
             if fact is None or fact.fingerprint != t.fingerprint:
                 reuse.append(t)
                 break
-            if fact.disk != "ok" and ready.get(t.fingerprint, False):
+            if fact.disk != "ok" and fact.cached:
                 restore.append(path)
     wanted = {p for t in desired.tracks for p in t.outputs}
     pruned = (
@@ -228,23 +229,30 @@ def due_submissions(
     in_flight: int,
     max_in_flight: int,
     affordable: int | None,
+    batch_size: int = BATCH_SIZE,
 ) -> tuple[str, ...]:
     """Fingerprints to submit now, in spec order.
 
     Only queued ones whose backoff has passed; never more than the in-flight
     cap allows, nor more tasks than the budget and balance pay for (law 8).
+    When the in-flight cap is what holds fingerprints back, room frees up a
+    task at a time: waiting for a full batch keeps G fingerprints at
+    ceil(G/10) submit calls (law 3). A budget limit does not free up, so it
+    does not wait.
     """
+    eligible = [
+        fp
+        for fp in order
+        if (gen := generations.get(fp)) is None
+        or (gen.state == "queued" and gen.next_attempt <= now)
+    ]
     room = max(0, max_in_flight - in_flight)
+    n = min(len(eligible), room)
+    if n < len(eligible) and n == room:
+        n -= n % batch_size
     if affordable is not None:
-        room = min(room, max(0, affordable))
-    due: list[str] = []
-    for fp in order:
-        if len(due) >= room:
-            break
-        gen = generations.get(fp)
-        if gen is None or (gen.state == "queued" and gen.next_attempt <= now):
-            due.append(fp)
-    return tuple(due)
+        n = min(n, max(0, affordable))
+    return tuple(eligible[:n])
 
 
 def batches(fingerprints: Sequence[str], size: int = BATCH_SIZE) -> list[tuple[str, ...]]:

@@ -244,10 +244,6 @@ class Reconciler:
             max_in_flight=self.settings.max_in_flight,
             affordable=affordable,
         )
-        if len(due) < len([fp for fp in queued if gens[fp].next_attempt <= now]):
-            # Room frees up a task at a time; waiting for a full batch keeps
-            # G fingerprints at ceil(G/10) submit calls (law 3).
-            due = due[: len(due) - len(due) % BATCH_SIZE]
         if self._block_reason and not due:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
@@ -797,7 +793,9 @@ async def wait_for_due(
 ) -> None:
     """Sleep until the next poll or retry is due, or until something wakes us."""
     now = reconciler.clock()
-    due = result.next_due if result.next_due is not None else now + reconciler.settings.poll_interval
+    due = (
+        result.next_due if result.next_due is not None else now + reconciler.settings.poll_interval
+    )
     delay = max(0.0, due - now)
     if max_wait is not None:
         delay = min(delay, max_wait)

@@ -122,23 +122,21 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
-        usable = ledger.usable_clips() if ledger else {}
     finally:
         if ledger:
             ledger.close()
     cache = out.AudioCache(settings.state_dir / "cache")
     facts = {
         p: OutputFact(
-            p, r.fingerprint or "", _disk_state(settings.out_dir, p, r.size, r.mtime_ns, r.sha256)
+            p,
+            r.fingerprint or "",
+            _disk_state(settings.out_dir, p, r.size, r.mtime_ns, r.sha256),
+            cached=cache.has(r.sha256),
         )
         for p, r in records.items()
         if r.track is not None
     }
-    ready = {
-        fp: bool(clips) and all(c.sha256 and cache.has(c.sha256) for c in clips)
-        for fp, clips in usable.items()
-    }
-    d = diff(desired, gens, facts, ready, prune=settings.prune)
+    d = diff(desired, gens, facts, prune=settings.prune)
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks:
         by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")

@@ -163,51 +163,51 @@ def gen(fp: str, state: Any, **kw: Any) -> Generation:
     return Generation(fingerprint=fp, state=state, **kw)
 
 
+def fact(path: str, fp: str, disk: str = "ok", *, cached: bool = True) -> OutputFact:
+    return OutputFact(path, fp, disk, cached=cached)  # type: ignore[arg-type]
+
+
+DONE = {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")}
+BOTH_OK = {
+    "study/focus.mp3": fact("study/focus.mp3", FP_L),
+    "study/deep.mp3": fact("study/deep.mp3", FP_J),
+}
 DIFF_CASES = {
-    "all new": ({}, {}, {}, (FP_L, FP_J), 0, (), ()),
-    "unchanged and ready": (
-        {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")},
-        {
-            "study/focus.mp3": OutputFact("study/focus.mp3", FP_L, "ok"),
-            "study/deep.mp3": OutputFact("study/deep.mp3", FP_J, "ok"),
-        },
-        {FP_L: True, FP_J: True},
-        (),
-        0,
-        (),
-        (),
-    ),
+    "all new": ({}, {}, (FP_L, FP_J), 0, (), ()),
+    "unchanged and ready": (DONE, BOTH_OK, (), 0, (), ()),
     "one changed prompt": (
         {FP_L: gen(FP_L, "succeeded")},
-        {
-            "study/focus.mp3": OutputFact("study/focus.mp3", FP_L, "ok"),
-            "study/deep.mp3": OutputFact("study/deep.mp3", "old", "ok"),
-        },
-        {FP_L: True},
+        {**BOTH_OK, "study/deep.mp3": fact("study/deep.mp3", "old")},
         (FP_J,),
         0,
         (),
         (),
     ),
-    "deleted output restored from cache": (
-        {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")},
+    "deleted and drifted outputs come back from the cache": (
+        DONE,
         {
-            "study/focus.mp3": OutputFact("study/focus.mp3", FP_L, "missing"),
-            "study/deep.mp3": OutputFact("study/deep.mp3", FP_J, "drifted"),
+            "study/focus.mp3": fact("study/focus.mp3", FP_L, "missing"),
+            "study/deep.mp3": fact("study/deep.mp3", FP_J, "drifted"),
         },
-        {FP_L: True, FP_J: True},
         (),
         0,
         ("study/focus.mp3", "study/deep.mp3"),
         (),
     ),
+    "nothing to restore from without a cached copy": (
+        DONE,
+        {**BOTH_OK, "study/focus.mp3": fact("study/focus.mp3", FP_L, "missing", cached=False)},
+        (),
+        0,
+        (),
+        (),
+    ),
     "renamed track reuses audio": (
-        {FP_L: gen(FP_L, "succeeded"), FP_J: gen(FP_J, "succeeded")},
+        DONE,
         {
-            "study/old-name.mp3": OutputFact("study/old-name.mp3", FP_L, "ok"),
-            "study/deep.mp3": OutputFact("study/deep.mp3", FP_J, "ok"),
+            "study/old-name.mp3": fact("study/old-name.mp3", FP_L),
+            "study/deep.mp3": fact("study/deep.mp3", FP_J),
         },
-        {FP_L: True, FP_J: True},
         (),
         1,
         (),
@@ -216,7 +216,6 @@ DIFF_CASES = {
     "in flight is never resubmitted": (
         {FP_L: gen(FP_L, "running"), FP_J: gen(FP_J, "unknown")},
         {},
-        {},
         (),
         2,
         (),
@@ -224,7 +223,6 @@ DIFF_CASES = {
     ),
     "parked is not resubmitted": (
         {FP_L: gen(FP_L, "parked"), FP_J: gen(FP_J, "queued")},
-        {},
         {},
         (FP_J,),
         0,
@@ -235,20 +233,19 @@ DIFF_CASES = {
 
 
 @pytest.mark.parametrize(
-    ("gens", "facts", "ready", "submit", "reuse", "restore", "prune"),
+    ("gens", "facts", "submit", "reuse", "restore", "prune"),
     list(DIFF_CASES.values()),
     ids=list(DIFF_CASES),
 )
 def test_diff(
     gens: dict[str, Generation],
     facts: dict[str, OutputFact],
-    ready: dict[str, bool],
     submit: tuple[str, ...],
     reuse: int,
     restore: tuple[str, ...],
     prune: tuple[str, ...],
 ) -> None:
-    d = diff(DESIRED, gens, facts, ready, prune=True)
+    d = diff(DESIRED, gens, facts, prune=True)
     assert d.submit == submit
     assert len(d.reuse) == reuse
     assert d.restore == restore
@@ -257,11 +254,11 @@ def test_diff(
 
 
 def test_prune_needs_opt_in_and_a_healthy_folder() -> None:
-    facts = {"study/gone.mp3": OutputFact("study/gone.mp3", "x", "ok")}
-    assert diff(DESIRED, {}, facts, {}, prune=False).prune == ()
+    facts = {"study/gone.mp3": fact("study/gone.mp3", "x")}
+    assert diff(DESIRED, {}, facts, prune=False).prune == ()
     broken = desired_state({}, ["a.yaml"], "ok", {"a.yaml": A})
-    assert diff(broken, {}, facts, {}, prune=True).prune == ()
-    assert diff(DESIRED, {}, facts, {}, prune=True).prune == ("study/gone.mp3",)
+    assert diff(broken, {}, facts, prune=True).prune == ()
+    assert diff(DESIRED, {}, facts, prune=True).prune == ("study/gone.mp3",)
 
 
 @pytest.mark.parametrize("g", [0, 1, 9, 10, 11, 25, 100, 1001])
@@ -275,7 +272,7 @@ def test_batches_cost_ceil_g_over_10(g: int) -> None:
 
 SUBMIT_CASES = {
     "all due": (["a", "b", "c"], {}, 0, 10, None, ("a", "b", "c")),
-    "in-flight cap": (["a", "b", "c"], {}, 9, 10, None, ("a",)),
+    "in-flight cap holds a part batch back": (["a", "b", "c"], {}, 9, 10, None, ()),
     "budget": (["a", "b", "c"], {}, 0, 10, 2, ("a", "b")),
     "backoff not passed": (
         ["a", "b"],
@@ -287,6 +284,38 @@ SUBMIT_CASES = {
     ),
     "running never resubmitted": (["a", "b"], {"a": gen("a", "running")}, 0, 10, None, ("b",)),
     "nothing affordable": (["a"], {}, 0, 10, 0, ()),
+    "cap rounds down to full batches": (
+        [f"f{i}" for i in range(30)],
+        {},
+        5,
+        20,
+        None,
+        tuple(f"f{i}" for i in range(10)),
+    ),
+    "cap sends whole batches": (
+        [f"f{i}" for i in range(30)],
+        {},
+        0,
+        25,
+        None,
+        tuple(f"f{i}" for i in range(20)),
+    ),
+    "the rest fits: no waiting": (
+        [f"f{i}" for i in range(7)],
+        {},
+        5,
+        20,
+        None,
+        tuple(f"f{i}" for i in range(7)),
+    ),
+    "budget does not wait for a full batch": (
+        [f"f{i}" for i in range(30)],
+        {},
+        0,
+        100,
+        3,
+        ("f0", "f1", "f2"),
+    ),
 }
 
 

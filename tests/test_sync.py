@@ -1,0 +1,299 @@
+"""`reconciler sync`, `plan`, `status` and `retry` end to end.
+
+Real CLI subprocesses against the real sandbox over loopback, a real SQLite
+ledger and real files; the sandbox's counters prove what was paid for.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.outputs import probe_audio
+from reconciler.sandbox import SandboxControl
+from tests.project import Project, track
+
+
+@pytest.fixture
+def project(tmp_path: Path, sandbox: SandboxControl) -> Project:
+    return Project(tmp_path, sandbox)
+
+
+def three_soundtracks(p: Project, n: int = 23) -> None:
+    """n distinct tracks over three files, one lyrics track with two clips."""
+    p.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(10)])
+    p.write_spec(
+        "gym.yaml",
+        [track(f"run-{i}", f"drum and bass {i}") for i in range(n - 11)],
+        soundtrack="gym-mix",
+    )
+    p.write_spec(
+        "songs.yaml",
+        [
+            {
+                "name": "night-drive",
+                "title": "Night Drive",
+                "prompt": "[Verse]\nCity lights",
+                "clips": 2,
+            }
+        ],
+    )
+
+
+def submits(p: Project) -> int:
+    s = p.stats()
+    return int(s["batch_submit_calls"] + s["create_calls"])
+
+
+def test_first_sync_fills_batches_and_writes_valid_outputs(project: Project) -> None:
+    three_soundtracks(project, 23)
+    project.sync()
+    stats = project.stats()
+    assert stats["batch_submit_calls"] == math.ceil(23 / 10)
+    assert stats["tasks_created"] == 23
+    assert stats["create_calls"] == 0
+    assert stats["task_polls"] == 0, "batches are polled as a whole, never task by task"
+    files = project.files()
+    mp3s = [f for f in files if f.endswith(".mp3")]
+    assert len(mp3s) == 24  # 22 one-clip tracks + night-drive with two clips
+    assert "songs/night-drive-2.mp3" in files
+    for name in mp3s:
+        assert probe_audio(project.out / name) > 0
+    for soundtrack in ("study", "gym-mix", "songs"):
+        assert f"{soundtrack}/playlist.m3u8" in files
+        assert f"{soundtrack}/tracks.json" in files
+    playlist = (project.out / "study" / "playlist.m3u8").read_text()
+    assert playlist.startswith("#EXTM3U\n")
+    assert [line for line in playlist.splitlines() if line.endswith(".mp3")] == [
+        f"focus-{i}.mp3" for i in range(10)
+    ]
+    report = project.status()
+    assert report["summary"]["ready"] == 23
+    assert report["summary"]["tracks"] == 23
+    assert report["credits"]["spent_today"] == 23 * 15
+
+
+def test_second_sync_submits_nothing_and_touches_no_file(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    before, files = project.stats(), project.files()
+    ledger_mtime = (project.state / "ledger.sqlite3").stat().st_mtime_ns
+    project.sync()
+    after = project.stats()
+    assert submits(project) == before["batch_submit_calls"] + before["create_calls"]
+    assert after["batch_polls"] == before["batch_polls"]
+    assert after["downloads"] == before["downloads"]
+    assert project.files() == files
+    assert (project.state / "ledger.sqlite3").stat().st_mtime_ns == ledger_mtime
+
+
+def test_editing_one_prompt_submits_exactly_one_generation(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    created = project.stats()["tasks_created"]
+    tracks = [track(f"focus-{i}", f"lofi beats {i}") for i in range(10)]
+    tracks[3] = track("focus-3", "lofi beats with rain")
+    project.write_spec("study.yaml", tracks)
+    old = project.files()["study/focus-3.mp3"][0]
+    project.sync()
+    assert project.stats()["tasks_created"] == created + 1
+    assert project.files()["study/focus-3.mp3"][0] != old
+
+
+def test_renames_moves_and_copies_reuse_audio(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    paid = submits(project)
+    audio = project.files()["study/focus-0.mp3"][0]
+    # Rename the file, rename a track, reformat (key order, comments), and copy a
+    # track into a brand-new soundtrack in a subfolder.
+    (project.specs / "study.yaml").unlink()
+    tracks = [track(f"focus-{i}", f"lofi beats {i}") for i in range(1, 10)]
+    tracks.insert(0, {"gpt_description_prompt": "lofi beats 0", "name": "opening"})
+    path = project.write_spec("renamed.yaml", tracks, soundtrack="study")
+    path.write_text("# reformatted\n" + path.read_text())
+    project.write_spec(
+        "sub/copies.yaml", [track("same-as-focus-1", "lofi beats 1")], soundtrack="copies"
+    )
+    project.sync()
+    assert submits(project) == paid
+    files = project.files()
+    assert files["study/opening.mp3"][0] == audio
+    assert files["copies/same-as-focus-1.mp3"][0] == files["study/focus-1.mp3"][0]
+
+
+def test_deleted_and_corrupted_outputs_are_restored_from_the_cache(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    paid, downloads = submits(project), project.stats()["downloads"]
+    files = project.files()
+    (project.out / "study" / "focus-1.mp3").unlink()
+    (project.out / "study" / "focus-2.mp3").write_bytes(b"not audio at all")
+    plan = project.cli("plan")
+    assert plan.returncode == 2
+    assert "restore" in plan.stdout
+    project.sync()
+    assert submits(project) == paid
+    assert project.stats()["downloads"] == downloads
+    now = project.files()
+    assert now["study/focus-1.mp3"][0] == files["study/focus-1.mp3"][0]
+    assert now["study/focus-2.mp3"][0] == files["study/focus-2.mp3"][0]
+
+
+def test_plan_shows_cost_and_exit_codes(project: Project) -> None:
+    three_soundtracks(project, 12)
+    proc = project.cli("plan")
+    assert proc.returncode == 2, proc.stderr
+    assert "12 generation(s) to submit in 2 call(s), 180 credits" in " ".join(proc.stdout.split())
+    assert project.stats()["batch_submit_calls"] == 0, "plan is a dry run"
+    project.sync()
+    assert project.cli("plan").returncode == 0
+    (project.specs / "broken.yaml").write_text("tracks: [\n")
+    assert project.cli("plan").returncode == 1
+
+
+def test_invalid_file_keeps_last_good_version_and_prunes_nothing(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    files = project.files()
+    (project.specs / "study.yaml").write_text("tracks:\n  - name: focus-0\n    mv: sonic-v9\n")
+    proc = project.sync("--prune", expect=1)
+    assert "study.yaml:3 tracks[0].mv" in proc.stderr
+    assert project.files() == files
+    report = project.status()
+    assert {t["state"] for t in report["tracks"] if t["soundtrack"] == "study"} == {"invalid"}
+    assert report["invalid_files"][0]["path"] == "study.yaml"
+    assert project.cli("status").returncode == 1
+
+
+def test_empty_specs_folder_prunes_nothing(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    files = project.files()
+    for f in project.specs.iterdir():
+        f.unlink()
+    project.cli("sync", "--prune")
+    assert project.files() == files
+
+
+def test_prune_is_opt_in_and_moves_to_trash(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(9)])
+    project.sync()
+    assert "study/focus-9.mp3" in project.files(), "prune is off by default"
+    project.sync("--prune")
+    assert "study/focus-9.mp3" not in project.files()
+    trashed = list((project.state / "trash").rglob("focus-9.mp3"))
+    assert len(trashed) == 1
+    # A file reconciler never wrote is never pruned.
+    (project.out / "study" / "mine.mp3").write_bytes(b"a person's file")
+    project.sync("--prune")
+    assert (project.out / "study" / "mine.mp3").read_bytes() == b"a person's file"
+
+
+def test_rejected_items_are_parked_with_the_reason_until_retry(project: Project) -> None:
+    project.sandbox.configure(
+        faults=[{"kind": "reject", "at": [2], "type": "forbidden", "error": "copyrighted"}]
+    )
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(4)])
+    proc = project.sync(expect=1)
+    assert "1 failed" in proc.stderr
+    report = project.status()
+    failed = [t for t in report["tracks"] if t["state"] == "failed"]
+    assert len(failed) == 1
+    assert "copyrighted" in failed[0]["reason"]
+    assert project.stats()["credits_charged"] == 3 * 15, "rejected items are not charged"
+    again = project.cli("sync")
+    assert again.returncode == 1, "a parked failure is not retried on its own"
+    assert project.stats()["batch_submit_calls"] == 1
+    project.sandbox.configure(faults=[])
+    assert project.cli("retry", f"study/{failed[0]['track']}").returncode == 0
+    project.sync()
+    assert project.status()["summary"]["ready"] == 4
+
+
+def test_falls_back_to_single_creates_without_a_batch_endpoint(project: Project) -> None:
+    project.sandbox.configure(batch_disabled=404)
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(3)])
+    project.sync()
+    stats = project.stats()
+    assert stats["create_calls"] == 3
+    assert stats["batch_polls"] == 0
+    assert stats["task_polls"] >= 3
+    assert project.status()["api"]["batch_endpoint"] == "unsupported"
+
+
+def test_expired_audio_url_is_fetched_again_after_a_fresh_poll(project: Project) -> None:
+    project.sandbox.configure(faults=[{"kind": "audio_expired", "at": [1, 2]}])
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(3)])
+    project.sync()
+    stats = project.stats()
+    assert stats["faults_fired"]["audio_expired"] == 2
+    assert stats["tasks_created"] == 3
+
+
+def test_daily_budget_stops_submissions_but_not_downloads(project: Project) -> None:
+    project.config.write_text(
+        project.config.read_text().replace("[submit]\n", "[submit]\ndaily_budget = 45\n")
+    )
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(5)])
+    proc = project.sync(expect=1)
+    assert project.stats()["tasks_created"] == 3
+    assert "daily budget" in proc.stderr
+    report = project.status()
+    assert report["summary"]["ready"] == 3
+    assert "daily budget" in report["submit_block"]
+    assert report["credits"]["budget_left"] == 0
+
+
+def test_account_balance_limits_submissions(project: Project) -> None:
+    project.sandbox.configure(credits=30)
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(4)])
+    project.sync(expect=1)
+    assert project.stats()["tasks_created"] == 2
+    assert "balance" in project.status()["submit_block"]
+
+
+def test_lost_submit_response_is_never_retried_blindly(project: Project) -> None:
+    project.sandbox.configure(faults=[{"kind": "drop_response", "at": [1]}])
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(3)])
+    project.sync()
+    report = project.status()
+    assert report["ambiguous_submits"] == 1
+    by_fp = project.stats()["tasks_by_fingerprint"]
+    doubles = sum(n - 1 for n in by_fp.values())
+    # The sandbox processed the dropped submit: every item was paid twice, and
+    # status says exactly that, after waiting the grace period.
+    assert doubles == report["possible_double_spend"] == 3
+
+
+def test_validate_names_file_line_and_field(project: Project) -> None:
+    (project.specs / "bad.yaml").write_text(
+        "defaults:\n  mv: sonic-v5\ntracks:\n  - name: ok\n    gpt_description_prompt: x\n"
+        "  - name: Bad Name\n    gpt_description_prompt: y\n"
+    )
+    # validate takes no API flags, so it is run directly.
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler", "validate", "--specs", str(project.specs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "bad.yaml:6 tracks[1].name" in proc.stdout
+
+
+def test_missing_key_is_one_clear_line(project: Project) -> None:
+    env = project.env()
+    del env["MUSICAPI_KEY"]
+    proc = subprocess.run(
+        project.args("sync"), env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "MUSICAPI_KEY" in proc.stderr
