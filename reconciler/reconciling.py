@@ -42,7 +42,6 @@ from reconciler.errors import (
 from reconciler.ledger import ClipRecord, Ledger, OutputRecord, TaskUpdate
 from reconciler.musicapi import Accepted, MusicAPI, TaskStatus, Unconfirmed
 from reconciler.planning import (
-    BATCH_SIZE,
     CREDITS_PER_TASK,
     IN_FLIGHT,
     Desired,
