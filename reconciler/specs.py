@@ -307,12 +307,12 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
         real_root = root.resolve(strict=True)
         real = (root / rel).resolve(strict=True)
         if not real.is_relative_to(real_root):
-            return _raise(refuse(f"is a symlink to {real}, outside the specs folder"))
+            raise refuse(f"points to {real}, outside the specs folder")
         before = real.stat()
         if not stat.S_ISREG(before.st_mode):
-            return _raise(refuse("is not a regular file"))
+            raise refuse("is not a regular file")
         if before.st_size > MAX_SPEC_BYTES:
-            return _raise(refuse(_too_large(before.st_size)))
+            raise refuse(_too_large(before.st_size))
         # O_NOFOLLOW: the path was resolved above, so a symlink here means it
         # was swapped in since; O_NONBLOCK: a FIFO swapped in cannot hang us.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -320,13 +320,13 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
         try:
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-                return _raise(refuse(_CHANGING))
+                raise refuse(_CHANGING)
             chunks: list[bytes] = []
             size = 0
             while chunk := os.read(fd, 1 << 20):
                 size += len(chunk)
                 if size > MAX_SPEC_BYTES:
-                    return _raise(refuse(_too_large(size)))
+                    raise refuse(_too_large(size))
                 chunks.append(chunk)
             after = os.fstat(fd)
         finally:
@@ -345,10 +345,6 @@ _CHANGING = "is changing while being read; it will be read again on the next pas
 
 def _too_large(size: int) -> str:
     return f"is too large ({size} bytes; spec files may be at most {MAX_SPEC_BYTES} bytes)"
-
-
-def _raise(error: SpecError) -> bytes:
-    raise error
 
 
 # ---------------------------------------------------------------------------
@@ -472,7 +468,7 @@ class _YamlLoader(_BaseYamlLoader):
 
     PyYAML would call its regex resolver for every scalar (the slowest part
     of a compose) and turn yes/no/on/off into booleans. Plain scalars are
-    only marked here and typed by _YamlBuilder.scalar with YAML 1.2 rules.
+    only marked here and typed by _YamlBuilder.scalar.
     """
 
     def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
@@ -541,12 +537,9 @@ class _YamlBuilder:
             return self.scalar(node, loc, line)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*loc, i), depth + 1) for i, item in enumerate(node.value)]
-        if isinstance(node, yaml.MappingNode):
-            return self.mapping(node, loc, depth)
-        self.problem(loc, line, "unsupported YAML node")  # pragma: no cover - none other exists
-        return None  # pragma: no cover
+        return self.mapping(node, loc, depth)  # the only other kind of node
 
-    def mapping(self, node: yaml.MappingNode, loc: _Loc, depth: int) -> dict[str, Any]:
+    def mapping(self, node: yaml.Node, loc: _Loc, depth: int) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
@@ -864,12 +857,11 @@ def _name_problem(value: Any, what: str) -> str | None:
 _Checked = tuple[Any, str | None]
 
 
-def _check_text(key: str, value: Any) -> _Checked:
+def _check_text(value: Any, limit: int) -> _Checked:
     if not isinstance(value, str):
         hint = " (put it in quotes)" if isinstance(value, int | float) else ""
         return None, f"must be text, not {_show(value)}{hint}"
     text = value.strip()
-    limit = _TEXT_LIMITS[key]
     if len(text) > limit:
         return None, f"is {len(text)} characters long; at most {limit} are allowed"
     return text or None, None
@@ -917,25 +909,31 @@ def _check_clips(value: Any) -> _Checked:
     return None, f"must be 1 or 2 (clips kept of the task's two), not {_show(value)}"
 
 
+def _check_name(value: Any) -> _Checked:
+    problem = _name_problem(value, "name")
+    return (None if problem else value), problem
+
+
+_CHECKS: dict[str, Callable[[Any], _Checked]] = {
+    "name": _check_name,
+    "custom_mode": _check_bool,
+    "make_instrumental": _check_bool,
+    "vocal_gender": _check_gender,
+    "style_weight": _check_unit,
+    "weirdness_constraint": _check_unit,
+    "variant": _check_variant,
+    "clips": _check_clips,
+}
+
+
 def _check(key: str, value: Any, models: Sequence[str]) -> _Checked:
     if value is None:  # an explicit null unsets the field, defaults included
         return None, None
-    if key in _TEXT_LIMITS:
-        return _check_text(key, value)
-    if key in ("custom_mode", "make_instrumental"):
-        return _check_bool(value)
     if key == "mv":
         return _check_model(value, models)
-    if key == "vocal_gender":
-        return _check_gender(value)
-    if key in ("style_weight", "weirdness_constraint"):
-        return _check_unit(value)
-    if key == "variant":
-        return _check_variant(value)
-    if key == "clips":
-        return _check_clips(value)
-    problem = _name_problem(value, "name")
-    return (None if problem else value), problem
+    if key in _TEXT_LIMITS:
+        return _check_text(value, _TEXT_LIMITS[key])
+    return _CHECKS[key](value)
 
 
 _INVALID = object()  # a field given with a bad value: reported once, skipped after
@@ -1134,7 +1132,7 @@ def _validate(
                 tracks.append(track)
         check.names()
 
-    if check.problems or soundtrack is None:
+    if check.problems or soundtrack is None:  # (no soundtrack name is a problem too)
         check.problems.sort(key=lambda p: (p.line or 0, p.field or ""))
         raise SpecError(check.problems)
     spec = SpecFile(

@@ -960,7 +960,7 @@ def test_refuses_symlink_out_of_root_but_follows_one_inside(tmp_path: Path) -> N
     (root / "out.yaml").symlink_to(tmp_path / "outside.yaml")
     (root / "in.yaml").symlink_to("real.yaml")
     assert read_problem(root, "out.yaml") == (
-        f"specs/out.yaml: is a symlink to {tmp_path / 'outside.yaml'}, outside the specs folder"
+        f"specs/out.yaml: points to {tmp_path / 'outside.yaml'}, outside the specs folder"
     )
     assert load_spec_file(root, root / "in.yaml").soundtrack == "in"
 
