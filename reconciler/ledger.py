@@ -35,7 +35,7 @@ Clock = Callable[[], float]
 _SCHEMA_V1 = """
 CREATE TABLE spec_files (
     path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, digest TEXT NOT NULL,
-    body TEXT NOT NULL, error TEXT, updated_at REAL NOT NULL);
+    body TEXT, error TEXT, updated_at REAL NOT NULL);
 CREATE TABLE tracks (
     soundtrack TEXT NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL,
     clips INTEGER NOT NULL, source TEXT NOT NULL, position INTEGER NOT NULL,
@@ -295,7 +295,7 @@ class Ledger:
     def last_good(self) -> dict[str, SpecFile]:
         return {
             r["path"]: spec_from_json(r["path"], r["body"])
-            for r in self.db.query("SELECT path, body FROM spec_files")
+            for r in self.db.query("SELECT path, body FROM spec_files WHERE body IS NOT NULL")
         }
 
     def spec_errors(self) -> dict[str, str]:
@@ -309,8 +309,8 @@ class Ledger:
         valid: Mapping[str, SpecFile],
         errors: Mapping[str, str],
         *,
-        removed: Iterable[str],
-    ) -> None:
+        complete: bool,
+    ) -> list[str]:
         """Store new last good versions and current errors; writes only what changed."""
         now = self.clock()
         known = {
@@ -330,17 +330,27 @@ class Ledger:
                 )
                 self._event("spec.accepted", path=path, soundtrack=spec.soundtrack)
             for path, error in errors.items():
-                # A file never seen valid has no last good version to keep in force.
-                if path in known and known[path][1] != error:
+                if path not in known:
+                    # Never valid: nothing to keep in force, but status shows it.
+                    self.db.execute(
+                        "INSERT INTO spec_files "
+                        "(path, soundtrack, digest, body, error, updated_at) "
+                        "VALUES (?, '', '', NULL, ?, ?)",
+                        [path, error, now],
+                    )
+                elif known[path][1] != error:
                     self.db.execute(
                         "UPDATE spec_files SET error = ?, updated_at = ? WHERE path = ?",
                         [error, now, path],
                     )
-                    self._event("spec.invalid", path=path, error=error)
+                else:
+                    continue
+                self._event("spec.invalid", path=path, error=error)
+            removed = [p for p in known if p not in valid and p not in errors] if complete else []
             for path in removed:
-                if path in known:
-                    self.db.execute("DELETE FROM spec_files WHERE path = ?", [path])
-                    self._event("spec.removed", path=path)
+                self.db.execute("DELETE FROM spec_files WHERE path = ?", [path])
+                self._event("spec.removed", path=path)
+        return removed
 
     def apply_desired(self, desired: Desired) -> None:
         """Make the tracks table equal the desired tracks; create queued generations.

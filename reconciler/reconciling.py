@@ -135,6 +135,7 @@ class Reconciler:
         self._block_reason: str | None = None
         self._auth_failed = False
         self._started = False
+        self._reported: dict[str, str] = {}
         self.desired: Desired | None = None
         self.scan: SpecScan | None = None
 
@@ -174,15 +175,17 @@ class Reconciler:
 
     def _apply_scan(self, scan: SpecScan) -> Desired:
         self.scan = scan
-        removed: list[str] = []
-        if scan.root_state == "ok":
-            removed = [p for p in self._last_good if p not in scan.files and p not in scan.errors]
-        self.ledger.record_specs(
-            scan.files, {p: str(e) for p, e in scan.errors.items()}, removed=removed
+        removed = self.ledger.record_specs(
+            scan.files,
+            {p: str(e) for p, e in scan.errors.items()},
+            complete=scan.root_state == "ok",
         )
-        for err in scan.errors.values():
-            for problem in err.problems:
-                self.log.warning("spec.invalid", problem=str(problem))
+        for path, err in scan.errors.items():
+            # Report each problem once, not on every pass (law 12).
+            if self._reported.get(path) != str(err):
+                for problem in err.problems:
+                    self.log.warning("spec.invalid", problem=str(problem))
+        self._reported = {p: str(e) for p, e in scan.errors.items()}
         last_good = dict(self._last_good)
         for p in removed:
             last_good.pop(p, None)

@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.outputs import probe_audio
 from reconciler.sandbox import SandboxControl
-from tests.project import Project, track
+from tests.project import Project, track, wait_until
 
 
 @pytest.fixture
@@ -297,3 +297,28 @@ def test_missing_key_is_one_clear_line(project: Project) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0
     assert "MUSICAPI_KEY" in proc.stderr
+
+
+def test_never_valid_file_shows_in_status_and_goes_when_deleted(project: Project) -> None:
+    three_soundtracks(project, 12)
+    (project.specs / "typo.yaml").write_text("tracks:\n  - name: x\n    promt: hi\n")
+    project.sync(expect=1)
+    report = project.status()
+    assert [f["path"] for f in report["invalid_files"]] == ["typo.yaml"]
+    assert "promt" in report["invalid_files"][0]["error"]
+    (project.specs / "typo.yaml").unlink()
+    project.sync()
+    assert project.status()["invalid_files"] == []
+
+
+def test_status_answers_while_sync_writes(project: Project) -> None:
+    project.sandbox.configure(latency=1.5)
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(15)])
+    proc = subprocess.Popen(project.args("sync"), env=project.env(), stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: project.stats()["batch_submit_calls"] >= 2, 30, "both batches")
+        report = project.status()
+        assert report["summary"]["generating"] == 15
+        assert report["batches_in_flight"] == 2
+    finally:
+        assert proc.wait(timeout=60) == 0
