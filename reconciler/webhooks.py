@@ -1,0 +1,324 @@
+"""The webhook receiver: verified callbacks become hints, never facts (law 11).
+
+Where it sits: beside the daemon loop. Each submitted item carries its own
+``webhook_url`` (``<public_url>/hook/<fingerprint>``, see
+``Reconciler._item``), so a callback names its generation even when the
+submit's answer, and with it the task id, was lost. The receiver is a
+Starlette app served by uvicorn in the daemon's event loop.
+
+A request is checked in this order, cheapest first, and anything that fails
+gets 401 or 413, a ``webhook.rejected`` log line with a stable ``reason``, and
+changes nothing:
+
+1. size: ``Content-Length`` over ``max_body`` → 413 before reading; the
+   stream is counted too (chunked bodies have no length) → 413;
+2. headers: ``X-Webhook-Timestamp`` and ``X-Webhook-Signature`` present;
+3. time: the timestamp within ``tolerance`` seconds of now (either way);
+4. signature: HMAC-SHA256 of ``<timestamp>.<raw body>``, compared in constant time;
+5. replay: a delivery already taken (same ``X-Webhook-Id``, or the same
+   signature under a new id) is answered 200 and ignored. The service retries
+   deliveries it thinks failed and may send duplicates; 200 stops that, and
+   a 4xx would only make it retry.
+
+A verified callback is queued as a :class:`Hint` (fingerprint, task id) and
+wakes the daemon; the body's clip data is never used. The daemon applies the
+hints to the ledger between passes (:func:`apply_hints`), never during one: a
+pass holds ledger reads across awaits (a batch poll in flight would
+overwrite a "poll now" written under it), and one writer at a time keeps that
+simple. Applying means: a known task's batch is polled now; an unknown task
+of a generation whose submit answer was lost is claimed (then polled). The
+poll is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from reconciler.config import WebhookSettings
+from reconciler.errors import ConfigError
+from reconciler.ledger import Ledger
+
+Clock = Callable[[], float]
+
+#: Fingerprints are SHA-256 hex digests (planning.fingerprint).
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}\Z")
+#: Task ids are UUIDs in practice; anything longer or stranger is not one.
+_TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+#: Deliveries remembered for replay detection (ids and signatures).
+SEEN_CAPACITY = 8192
+#: Hints waiting for the next pass; one per task at most, so this bounds a flood.
+MAX_PENDING = 50_000
+START_TIMEOUT = 10.0
+#: uvicorn's wait for open requests at shutdown.
+GRACEFUL_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A verified callback: something happened to ``task_id`` of ``fingerprint``."""
+
+    fingerprint: str
+    task_id: str
+
+
+class _Rejection(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 the service sends as ``X-Webhook-Signature: sha256=<hex>``."""
+    msg = f"{timestamp}.".encode() + body
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+
+
+class WebhookReceiver:
+    """Verifies callbacks and queues them as hints; ``app`` is the ASGI app to serve.
+
+    ``on_hint`` is called (on the event loop) whenever a hint was queued, so
+    the daemon can wake. ``clock`` gives Unix seconds for the timestamp check.
+    """
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        *,
+        on_hint: Callable[[], None],
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.on_hint = on_hint
+        self.clock = clock
+        self.log = structlog.get_logger("reconciler")
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._pending: dict[Hint, None] = {}
+        self.app = Starlette(routes=[Route("/hook/{fingerprint}", self._handle, methods=["POST"])])
+
+    def drain(self) -> list[Hint]:
+        """The hints queued since the last call, oldest first."""
+        hints = list(self._pending)
+        self._pending.clear()
+        return hints
+
+    async def _handle(self, request: Request) -> Response:
+        fingerprint = request.path_params["fingerprint"]
+        webhook_id = request.headers.get("x-webhook-id", "")
+        try:
+            if not _FINGERPRINT.match(fingerprint):
+                raise _Rejection(404, "unknown_path")
+            body = await self._read_body(request)
+            sig = self._verify(request, body)
+        except _Rejection as rej:
+            self.log.warning(
+                "webhook.rejected",
+                reason=rej.reason,
+                status=rej.status,
+                fingerprint=fingerprint[:64],
+                webhook_id=webhook_id[:64],
+                peer=request.client.host if request.client else None,
+            )
+            return JSONResponse({"error": rej.reason}, status_code=rej.status)
+        keys = [f"sig:{sig}"] + ([f"id:{webhook_id}"] if webhook_id else [])
+        if any(k in self._seen for k in keys):
+            self.log.info("webhook.duplicate", fingerprint=fingerprint, webhook_id=webhook_id[:64])
+            return JSONResponse({"status": "duplicate"})
+        task_id = _task_id(body)
+        if task_id is None:
+            # Signed by the service but not a shape we can use: acknowledged so
+            # it is not retried, and the next scheduled poll finds the truth.
+            self.log.warning(
+                "webhook.unusable", fingerprint=fingerprint, webhook_id=webhook_id[:64]
+            )
+        elif len(self._pending) >= MAX_PENDING:
+            self.log.warning("webhook.dropped", fingerprint=fingerprint, task_id=task_id)
+        else:
+            self._pending[Hint(fingerprint, task_id)] = None
+            self.log.info(
+                "webhook.received",
+                fingerprint=fingerprint,
+                task_id=task_id,
+                webhook_event=request.headers.get("x-webhook-event", "")[:64],
+            )
+            self.on_hint()
+        # Remembered only once handled: a delivery we failed to take must
+        # still be accepted when the service retries it.
+        for key in keys:
+            self._seen[key] = None
+        while len(self._seen) > SEEN_CAPACITY:
+            self._seen.popitem(last=False)
+        return JSONResponse({"status": "accepted"})
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _Rejection(413, "too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _Rejection(413, "too_large")
+        return bytes(body)
+
+    def _verify(self, request: Request, body: bytes) -> str:
+        """Check timestamp and signature; returns the verified signature."""
+        timestamp = request.headers.get("x-webhook-timestamp")
+        given = request.headers.get("x-webhook-signature")
+        if not timestamp or not given:
+            raise _Rejection(401, "missing_headers")
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            raise _Rejection(401, "bad_timestamp")
+        if abs(self.clock() - int(timestamp)) > self.settings.tolerance:
+            raise _Rejection(401, "stale_timestamp")
+        scheme, _, digest = given.strip().partition("=")
+        if scheme.lower() != "sha256" or not digest:
+            raise _Rejection(401, "bad_signature")
+        expected = signature(self.settings.secret.get_secret_value(), timestamp, body)
+        # Header values arrive as latin-1 text; compare bytes so any input is comparable.
+        if not hmac.compare_digest(expected.encode(), digest.lower().encode("latin-1")):
+            raise _Rejection(401, "bad_signature")
+        return expected
+
+
+def _task_id(body: bytes) -> str | None:
+    """The top-level ``task_id`` of a finished-task body, read leniently."""
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    task_id = data.get("task_id") if isinstance(data, dict) else None
+    if isinstance(task_id, str) and _TASK_ID.match(task_id):
+        return task_id
+    return None
+
+
+def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
+    """Turn hints into "poll now" in the ledger; returns how many changed something.
+
+    A task the ledger knows has its batch (or itself) polled now. A task it
+    does not know is claimed when its generation is waiting on a lost submit
+    answer (``unknown``): the callback proves the task exists and is paid
+    for. A task naming another fingerprint than its URL is refused: the
+    signature covers the body, not the URL.
+    """
+    log = structlog.get_logger("reconciler")
+    changed = 0
+    for hint in hints:
+        ref = ledger.task_ref(hint.task_id)
+        if ref is not None:
+            if ref.fingerprint != hint.fingerprint:
+                log.warning(
+                    "webhook.mismatch",
+                    fingerprint=hint.fingerprint,
+                    task_id=hint.task_id,
+                    task_fingerprint=ref.fingerprint,
+                )
+                continue
+            ledger.wake(ref.batch_id, ref.task_id)
+            changed += 1
+        elif ledger.claim(hint.fingerprint, hint.task_id, now):
+            log.warning("webhook.claimed", fingerprint=hint.fingerprint, task_id=hint.task_id)
+            changed += 1
+        else:
+            log.info("webhook.ignored", fingerprint=hint.fingerprint, task_id=hint.task_id)
+    return changed
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The daemon owns SIGTERM/SIGINT/SIGHUP; uvicorn must not install its own.
+        yield
+
+
+class WebhookServer:
+    """uvicorn serving a receiver on ``host:port`` in the running event loop."""
+
+    def __init__(self, receiver: WebhookReceiver, host: str, port: int) -> None:
+        self.receiver = receiver
+        self.host = host
+        self.port = port
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+
+    def _bind(self) -> socket.socket:
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise ConfigError(f"webhook.listen {self.host}:{self.port}: {exc.strerror}") from exc
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"webhook.listen {self.host}:{self.port}: cannot listen: {exc.strerror}"
+            ) from exc
+        return sock
+
+    async def start(self) -> None:
+        """Bind (a ``ConfigError`` names the address when that fails) and serve."""
+        self._sock = self._bind()
+        config = uvicorn.Config(
+            self.receiver.app,
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            proxy_headers=False,
+            limit_concurrency=64,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        deadline = time.monotonic() + START_TIMEOUT
+        # uvicorn reports readiness only as a flag.
+        while not self._server.started:
+            if self._task.done() or time.monotonic() > deadline:
+                await self.stop()
+                raise ConfigError(f"webhook.listen {self.host}:{self.port}: server did not start")
+            await asyncio.sleep(0.01)
+        self.receiver.log.info("webhook.listening", host=self.host, port=self.port)
+
+    @property
+    def failed(self) -> bool:
+        """The server task ended on its own (it only should when told to)."""
+        return self._task is not None and self._task.done()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            task, self._task = self._task, None
+            with contextlib.suppress(Exception):
+                await task
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
