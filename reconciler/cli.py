@@ -142,7 +142,12 @@ def run(prune: bool | None, **opts: Any) -> None:
     from reconciler.daemon import run_daemon
 
     settings = _settings(prune=prune, **opts)
-    sys.exit(asyncio.run(run_daemon(settings)))
+
+    def reload() -> Settings:
+        """SIGHUP: the config file and environment again, under the same flags."""
+        return _settings(prune=prune, **opts)
+
+    sys.exit(asyncio.run(run_daemon(settings, reload=reload)))
 
 
 @main.command()

@@ -1,0 +1,526 @@
+"""The daemon behind ``reconciler run``: watch, wait, run the same pass as ``sync``.
+
+Where it sits: between the CLI and reconciling. It takes the state lock (law 9),
+opens the ledger and the API client (the embedded sandbox with ``--sandbox``),
+and then loops: run one reconcile pass, tell systemd how it went, wait for the
+next reason to run another. The reasons:
+
+- a poll or retry falls due (``PassResult.next_due``, from the ledger);
+- a file in the specs folder changed, plus the batching window, so a burst
+  of saves shares batches (law 3);
+- a verified webhook arrived (webhooks.py), plus a short window, so the ten
+  callbacks of one batch cost one poll;
+- the periodic full rescan (``rescan_interval``), and SIGHUP.
+
+File events and webhooks are hints only (laws 1 and 11): every pass rescans
+the whole folder and polls for the truth, so a missed or forged event costs
+at most a delay. When converged nothing is due, and the loop sleeps until the
+rescan interval: no requests, no writes (law 12).
+
+SIGTERM/SIGINT: ``STOPPING=1``, let the running pass finish for a moment, then
+cancel it (every step is recorded in the ledger before and after it happens,
+and an interrupted submit is treated as ambiguous on the next start), close
+everything and return 0. A second signal cancels the pass at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import fields, replace
+from pathlib import Path
+
+import structlog
+from watchfiles import Change, awatch
+
+from reconciler import logs
+from reconciler.config import Settings, settings_summary
+from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.ledger import Ledger, StateLock
+from reconciler.musicapi import MusicAPI
+from reconciler.reconciling import PassResult, Reconciler
+from reconciler.running import api_settings
+from reconciler.specs import is_spec_candidate
+from reconciler.systemd import Notifier, watchdog_interval
+from reconciler.webhooks import WebhookReceiver, WebhookServer, apply_hints
+
+#: How long a pass may run on after SIGTERM before it is cancelled.
+STOP_GRACE = 3.0
+#: Webhooks of one batch arrive together; gathering them costs one poll, not ten.
+HOOK_WINDOW = 0.1
+#: Passes run back to back while results stream in, at most this many in a row.
+MAX_QUICK_PASSES = 3
+#: A failing pass (ledger trouble, a bug) is retried with backoff up to this.
+FAILURE_BACKOFF_CAP = 60.0
+#: Settings a running daemon cannot take over on SIGHUP: they name the state it
+#: holds open (lock, ledger, API client, listening socket). Restart for these.
+RESTART_FIELDS = ("state_dir", "api_url", "api_key", "sandbox", "webhook")
+
+# The watcher. watchfiles hands over changes once they have been quiet for
+# STEP ms (at most DEBOUNCE ms after the first); the batching window is ours.
+WATCH_STEP_MS = 50
+WATCH_DEBOUNCE_MS = 300
+#: Without events, the watcher still checks every so often that the folder it
+#: watches is the one at the path (it may have been replaced wholesale).
+WATCH_TIMEOUT_MS = 5_000
+#: While the specs folder is missing, its nearest ancestor is watched; checked more often.
+ANCESTOR_TIMEOUT_MS = 1_000
+WATCH_RETRY_CAP = 60.0
+
+
+async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 then. ``reload`` re-reads the settings on SIGHUP.
+
+    Raises ``ReconcilerError`` (the CLI prints it as one line, exit 1) when
+    it cannot start: the state dir is locked, no key, the webhook port is taken.
+    """
+    daemon = Daemon(settings, reload)
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    # Installed first, so a SIGTERM during start-up is a clean stop too.
+    for sig in handled:
+        loop.add_signal_handler(sig, daemon.on_signal, sig)
+    try:
+        return await daemon.run()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        daemon.notifier.close()
+
+
+def _check_paths(settings: Settings) -> None:
+    """Outputs and state inside the watched folder would wake the daemon with its own writes."""
+    specs = settings.specs_dir.resolve()
+    for name, path in (("output", settings.out_dir), ("state", settings.state_dir)):
+        resolved = path.resolve()
+        if resolved == specs or specs in resolved.parents:
+            raise ConfigError(
+                f"the {name} folder {path} is inside the specs folder {settings.specs_dir}; "
+                "move it out (law 12: the watched folder holds specs only)"
+            )
+
+
+def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
+    """The one-line ``STATUS=`` systemd shows in ``systemctl status``."""
+    parts = [
+        f"{result.ready}/{result.total} ready",
+        f"{result.in_flight} in flight",
+        f"{result.queued} queued",
+        f"{result.parked} failed",
+    ]
+    if result.invalid_files:
+        parts.append(f"{result.invalid_files} invalid file(s)")
+    if result.blocked:
+        parts.append(f"paused: {result.blocked}")
+    parts.append(f"last pass {max(0, round(now - last_pass_at))}s ago")
+    return ", ".join(parts)
+
+
+class Daemon:
+    """One ``reconciler run``: the wake-up sources, the loop, and the shutdown."""
+
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None) -> None:
+        self.origin = settings
+        self.settings = settings
+        self.reload_fn = reload
+        self.log = structlog.get_logger("reconciler")
+        self.notifier = Notifier.from_env()
+        self.watchdog = watchdog_interval()
+        self.rec: Reconciler | None = None
+        self.watcher: SpecWatcher | None = None
+        self.receiver: WebhookReceiver | None = None
+        self._poke = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reload_requested = False
+        self._file_hint_at: float | None = None
+        self._hook_hint_at: float | None = None
+        self._pass_task: asyncio.Task[PassResult] | None = None
+        self._last_ping = time.monotonic()
+        self._last_pass_at: float | None = None
+        self._last_result: PassResult | None = None
+
+    # -- wake-up sources (called on the event loop) ------------------------------------
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            self._reload_requested = True
+        elif self._stop.is_set():
+            # A second SIGTERM/Ctrl-C: do not wait for the pass any longer.
+            if self._pass_task is not None:
+                self._pass_task.cancel()
+        else:
+            self.notifier.stopping()
+            self.log.info("daemon.stopping", signal=sig.name)
+            self._stop.set()
+        self._poke.set()
+
+    def on_file_event(self) -> None:
+        if self._file_hint_at is None:
+            self._file_hint_at = time.monotonic()
+        self._poke.set()
+
+    def on_webhook(self) -> None:
+        if self._hook_hint_at is None:
+            self._hook_hint_at = time.monotonic()
+        self._poke.set()
+
+    # -- start and stop --------------------------------------------------------------
+
+    async def run(self) -> int:
+        _check_paths(self.settings)
+        lock = StateLock(self.settings.state_dir)
+        lock.acquire()
+        try:
+            ledger = Ledger.open(self.settings.ledger_path)
+            try:
+                async with api_settings(self.settings) as s:
+                    self.settings = s
+                    key = s.require_key()
+                    async with MusicAPI(s.api_url, key, timeout=s.request_timeout) as api:
+                        self.rec = Reconciler(s, ledger, api)
+                        await self._serve(ledger)
+            finally:
+                ledger.close()
+        finally:
+            lock.release()
+        self.log.info("daemon.stopped")
+        return 0
+
+    async def _serve(self, ledger: Ledger) -> None:
+        s = self.settings
+        server: WebhookServer | None = None
+        self.watcher = SpecWatcher(s.specs_dir, self.on_file_event)
+        try:
+            await self.watcher.start()
+            if s.webhook is not None:
+                self.receiver = WebhookReceiver(s.webhook, on_hint=self.on_webhook)
+                server = WebhookServer(self.receiver, s.webhook.host, s.webhook.port)
+                await server.start()
+            self.notifier.ready(status="starting: first pass")
+            self.log.info(
+                "daemon.started",
+                pid=os.getpid(),
+                watchdog=self.watchdog,
+                **settings_summary(s),
+            )
+            await self._loop(ledger, server)
+        finally:
+            if server is not None:
+                await server.stop()
+            await self.watcher.stop()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _loop(self, ledger: Ledger, server: WebhookServer | None) -> None:
+        failures = 0
+        quick = 0
+        # The start-up pass is the first full rescan (law 1).
+        next_rescan = time.monotonic()
+        while not self._stop.is_set():
+            if self._reload_requested:
+                self._reload()
+            if server is not None and server.failed:
+                self.log.error("webhook.server_stopped")
+                server = None
+            self._file_hint_at = self._hook_hint_at = None
+            if self.receiver is not None:
+                hints = self.receiver.drain()
+                if hints:
+                    apply_hints(ledger, hints, time.time())
+            started = time.monotonic()
+            result = await self._run_pass()
+            if self._stop.is_set():
+                break
+            now = time.monotonic()
+            # A failed pass was a full rescan attempt too: the backoff decides the next one.
+            next_rescan = started + self.settings.rescan_interval
+            if result is None:
+                failures += 1
+                pass_at = now + min(FAILURE_BACKOFF_CAP, 2.0 ** min(failures - 1, 8))
+            else:
+                failures = 0
+                self._last_pass_at = time.time()
+                self._last_result = result
+                self._ping()
+                quick = quick + 1 if result.changed and result.in_flight else 0
+                pass_at = self._next_pass(result, now, quick <= MAX_QUICK_PASSES)
+            await self._wait(min(pass_at, next_rescan), healthy=failures == 0)
+
+    def _next_pass(self, result: PassResult, now: float, quick_ok: bool) -> float:
+        """When the next pass is due by the ledger's schedule (monotonic time)."""
+        if result.changed and result.in_flight and quick_ok:
+            # Something moved: look again at once, results often come in bunches.
+            return now
+        if result.next_due is None:
+            return math.inf
+        delay = result.next_due - time.time()
+        if not result.changed:
+            # Due now but not done by this pass: a queued generation the pass
+            # could not submit (paused, budget, in-flight cap). Waiting a poll
+            # interval keeps that from turning into a busy loop.
+            delay = max(delay, self.settings.poll_interval)
+        return now + max(0.0, delay)
+
+    async def _run_pass(self) -> PassResult | None:
+        """One pass as a task, so a stop can give it a grace period and then cancel it."""
+        assert self.rec is not None
+        task = asyncio.create_task(self.rec.run_pass())
+        self._pass_task = task
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=STOP_GRACE)
+            if not task.done():
+                self.log.warning("pass.cancelled", grace=STOP_GRACE)
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        finally:
+            stopping.cancel()
+            self._pass_task = None
+        if task.cancelled():
+            return None
+        exc = task.exception()
+        if exc is not None:
+            self.log.error(
+                "pass.failed", error=str(exc), error_type=type(exc).__name__, exc_info=exc
+            )
+            return None
+        return task.result()
+
+    async def _wait(self, pass_at: float, *, healthy: bool) -> None:
+        """Sleep until ``pass_at`` or a hint's window ends; ping the watchdog meanwhile."""
+        while True:
+            self._poke.clear()
+            if self._stop.is_set():
+                return
+            if self._reload_requested:
+                self._reload()
+            target = pass_at
+            if self._file_hint_at is not None:
+                target = min(target, self._file_hint_at + self.settings.batch_window)
+            if self._hook_hint_at is not None:
+                target = min(target, self._hook_hint_at + HOOK_WINDOW)
+            now = time.monotonic()
+            if target <= now:
+                return
+            timeout = target - now
+            # Only a loop whose last pass completed keeps the watchdog fed: a
+            # pass that hangs or keeps failing gets the service restarted.
+            if self.watchdog is not None and healthy:
+                timeout = min(timeout, max(0.0, self._last_ping + self.watchdog - now))
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), timeout)
+            if (
+                self.watchdog is not None
+                and healthy
+                and time.monotonic() - self._last_ping >= self.watchdog
+            ):
+                self._ping()
+
+    def _ping(self) -> None:
+        self._last_ping = time.monotonic()
+        if self._last_result is None or self._last_pass_at is None:
+            return
+        line = status_line(self._last_result, self._last_pass_at, time.time())
+        if self.watchdog is not None:
+            self.notifier.watchdog(status=line)
+        else:
+            self.notifier.status(line)
+
+    # -- SIGHUP ----------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self._reload_requested = False
+        if self.reload_fn is None:
+            self.log.warning("config.reload_unsupported")
+            return
+        self.notifier.reloading()
+        try:
+            new = self.reload_fn()
+        except ReconcilerError as exc:
+            self.log.error("config.reload_failed", error=str(exc))
+            self.notifier.send("READY=1")
+            return
+        restart = [f for f in RESTART_FIELDS if getattr(new, f) != getattr(self.origin, f)]
+        merged = replace(new, **{f: getattr(self.settings, f) for f in RESTART_FIELDS})
+        changed = [
+            f.name
+            for f in fields(Settings)
+            if getattr(merged, f.name) != getattr(self.settings, f.name)
+        ]
+        if merged.log_level != self.settings.log_level:
+            logs.configure(merged.log_level)
+        if merged.specs_dir != self.settings.specs_dir and self.watcher is not None:
+            self.watcher.retarget(merged.specs_dir)
+        self.settings = merged
+        if self.rec is not None:
+            self.rec.settings = merged
+        self.log.info("config.reloaded", changed=changed)
+        if restart:
+            self.log.warning("config.restart_required", fields=restart)
+        self.notifier.send("READY=1")
+
+
+class SpecWatcher:
+    """Watches the specs folder with watchfiles and calls ``on_change`` for relevant events.
+
+    Events are hints (law 1). Temp, swap, backup and hidden files are not
+    relevant (``is_spec_candidate``); folders are, since a folder moved in or
+    out carries its files without an event for each. While the specs folder is
+    missing, its nearest existing ancestor is watched (not recursively) until
+    it appears; when it is replaced wholesale (deleted and recreated, or
+    renamed over), the watch moves to the new folder. Every restart of the
+    watch is itself a hint, since something may have changed unseen.
+    """
+
+    def __init__(self, root: Path, on_change: Callable[[], None]) -> None:
+        # Absolute, because watchfiles reports absolute paths.
+        self.root = root.absolute()
+        self.on_change = on_change
+        self.log = structlog.get_logger("reconciler")
+        self._stop = asyncio.Event()
+        self._established = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._restart = False
+
+    async def start(self) -> None:
+        """Start watching; returns once the first watch is in place (or has failed)."""
+        self._task = asyncio.create_task(self._run())
+        await self._established.wait()
+
+    async def stop(self) -> None:
+        # watchfiles checks the event every WATCH_STEP_MS from its thread and returns.
+        self._stop.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            with contextlib.suppress(Exception):
+                await task
+
+    def retarget(self, root: Path) -> None:
+        """Watch another folder from now on (SIGHUP changed ``specs``)."""
+        self.root = root.absolute()
+        self._restart = True
+
+    async def _run(self) -> None:
+        retry = 1.0
+        first = True
+        while not self._stop.is_set():
+            self._restart = False
+            try:
+                if self.root.is_dir():
+                    await self._watch_root(hint=not first)
+                else:
+                    await self._watch_ancestor(hint=not first)
+                retry = 1.0
+            except (OSError, RuntimeError) as exc:
+                # e.g. the inotify watch limit: the periodic rescan still runs.
+                self.log.error("watch.failed", path=str(self.root), error=str(exc), retry=retry)
+                self._established.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), retry)
+                retry = min(retry * 2, WATCH_RETRY_CAP)
+            first = False
+
+    def _mark_started(self, mode: str, path: Path, *, hint: bool) -> None:
+        # awatch sets up its inotify watches synchronously on the first step
+        # of the loop that iterates it, before it first yields to the event
+        # loop; whoever awaits _established resumes only after that step.
+        self._established.set()
+        self.log.info("watch.started", mode=mode, path=str(path))
+        if hint:
+            self.on_change()
+
+    async def _watch_root(self, *, hint: bool) -> None:
+        root = self.root
+        identity = _identity(root)
+        dirs = _subdirs(root)
+        events = self._events(root, timeout_ms=WATCH_TIMEOUT_MS, recursive=True)
+        self._mark_started("folder", root, hint=hint)
+        async with contextlib.aclosing(events):
+            async for changes in events:
+                if self._restart or _identity(root) != identity:
+                    return
+                if self._relevant(root, changes, dirs):
+                    self.on_change()
+
+    async def _watch_ancestor(self, *, hint: bool) -> None:
+        root = self.root
+        ancestor = _nearest_dir(root)
+        self.log.warning("watch.folder_missing", path=str(root), watching=str(ancestor))
+        events = self._events(ancestor, timeout_ms=ANCESTOR_TIMEOUT_MS, recursive=False)
+        self._mark_started("ancestor", ancestor, hint=hint)
+        async with contextlib.aclosing(events):
+            async for _ in events:
+                if self._restart or root.is_dir() or _nearest_dir(root) != ancestor:
+                    return
+
+    def _events(
+        self, path: Path, *, timeout_ms: int, recursive: bool
+    ) -> AsyncGenerator[set[tuple[Change, str]], None]:
+        # yield_on_timeout: an empty set every timeout_ms, to re-check the folder.
+        return awatch(
+            path,
+            watch_filter=None,
+            debounce=WATCH_DEBOUNCE_MS,
+            step=WATCH_STEP_MS,
+            stop_event=self._stop,
+            rust_timeout=timeout_ms,
+            yield_on_timeout=True,
+            recursive=recursive,
+        )
+
+    @staticmethod
+    def _relevant(root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+        relevant = False
+        for change, name in changes:
+            path = Path(name)
+            if path == root:
+                relevant = True
+                continue
+            try:
+                rel = path.relative_to(root)
+            except ValueError:
+                continue
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if change != Change.deleted and path.is_dir():
+                dirs.add(rel)
+                relevant = True
+            elif change == Change.deleted and rel in dirs:
+                dirs.discard(rel)
+                relevant = True
+            elif is_spec_candidate(rel):
+                relevant = True
+        return relevant
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _subdirs(root: Path) -> set[Path]:
+    """Visible folders under ``root``, relative: a deleted one is a relevant event."""
+    found: set[Path] = set()
+    for top, names, _ in os.walk(root):
+        names[:] = [n for n in names if not n.startswith(".")]
+        found.update(Path(top, n).relative_to(root) for n in names)
+    return found
+
+
+def _nearest_dir(path: Path) -> Path:
+    for candidate in path.absolute().parents:
+        if candidate.is_dir():
+            return candidate
+    return Path("/")
