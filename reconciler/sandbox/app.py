@@ -350,6 +350,7 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.bind_events()
         sender = WebhookSender(state)
         sender.start()
         ticker = asyncio.create_task(_tick(state))

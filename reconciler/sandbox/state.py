@@ -220,13 +220,17 @@ class SandboxState:
         self.clock = clock
         self.public_base = ""
         self.outbox: Callable[[Delivery], None] | None = None
+        self.bind_events()
+        self.epoch = 0
+        self.audio = AudioCache()
+        self._clear()
+
+    def bind_events(self) -> None:
+        """Fresh asyncio events for a server run (an event belongs to the loop that waits on it)."""
         # Set when the server stops, so slow-response faults stop sleeping.
         self.stopping = asyncio.Event()
         # Set whenever the event heap changes, to wake the ticker early.
         self.scheduled = asyncio.Event()
-        self.epoch = 0
-        self.audio = AudioCache()
-        self._clear()
 
     def _clear(self) -> None:
         self.config = self.initial_config
@@ -306,7 +310,7 @@ class SandboxState:
     ) -> Task | Rejection:
         """Validate, fault-check and charge one item; create its task if it is accepted."""
         self.advance()
-        problem = validate_item(item)
+        problem = validate_item(item, "body" if endpoint == "create" else "item")
         if problem is not None:
             return Rejection("bad_request", problem)
         assert isinstance(item, Mapping)  # validate_item checked it

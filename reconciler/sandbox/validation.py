@@ -16,7 +16,7 @@ from typing import Any
 MODELS: tuple[str, ...] = ("sonic-v3-5", "sonic-v4", "sonic-v4-5", "sonic-v4-5-plus", "sonic-v5")
 # Models before v4-5 have the tighter limits and no vocal_gender.
 _OLD_MODELS = frozenset({"sonic-v3-5", "sonic-v4"})
-TASK_TYPES = frozenset({"create_music"})
+TASK_TYPES = ("create_music",)
 WEBHOOK_FIELDS = ("webhook_url", "webhook_secret")
 
 _DESCRIPTION_MAX = 400
@@ -52,10 +52,13 @@ def validate_webhook(fields: Mapping[str, Any]) -> str | None:
     return None
 
 
-def validate_item(item: object) -> str | None:
-    """Return the first problem with one generation request, or None if it is valid."""
+def validate_item(item: object, name: str = "body") -> str | None:
+    """Return the first problem with one generation request, or None if it is valid.
+
+    ``name`` is what a request that is not a JSON object is called in the message.
+    """
     if not isinstance(item, Mapping):
-        return "body: expected a JSON object"
+        return f"{name}: expected a JSON object"
     custom = item.get("custom_mode")
     if custom is None:
         return "custom_mode: required"

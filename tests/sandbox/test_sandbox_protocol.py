@@ -183,6 +183,7 @@ def test_batch_rejects_items_by_index_and_charges_only_accepted(
         description("three"),
         {"custom_mode": True, "mv": "sonic-v4"},
         description("five"),
+        "six",
     ]
     response = api.post("/sonic/batch", json={"items": items})
     assert response.status_code == 200
@@ -190,10 +191,11 @@ def test_batch_rejects_items_by_index_and_charges_only_accepted(
     assert body["message"] == "success"
     assert body["submitted"] == 3
     tasks = body["tasks"]
-    assert [entry["index"] for entry in tasks] == [0, 1, 2, 3, 4]
+    assert [entry["index"] for entry in tasks] == [0, 1, 2, 3, 4, 5]
     assert tasks[1] == {"index": 1, "type": "bad_request", "error": "mv: unknown model 'sonic-v9'"}
     assert tasks[3]["type"] == "bad_request"
     assert tasks[3]["error"].startswith("prompt:")
+    assert tasks[5] == {"index": 5, "type": "bad_request", "error": "item: expected a JSON object"}
     accepted = {entry["index"]: entry["task_id"] for entry in tasks if "task_id" in entry}
     assert sorted(accepted) == [0, 2, 4]
     stats = sandbox.stats()
@@ -258,10 +260,12 @@ V5 = {"custom_mode": True, "mv": "sonic-v5", "prompt": "la la la"}
         (description(weirdness_constraint="0.5"), "weirdness_constraint: expected a number"),
         (description(style_weight=True), "style_weight: expected a number"),
         (description(task_type="extend"), "task_type: unsupported task type 'extend'"),
+        (description(task_type=["create_music"]), "task_type: unsupported task type"),
+        ("lofi", "body: expected a JSON object"),
         (description(webhook_url="not a url"), "webhook_url: expected an http"),
     ],
 )
-def test_validation_rules(item: dict[str, Any], problem: str | None) -> None:
+def test_validation_rules(item: Any, problem: str | None) -> None:
     found = validate_item(item)
     if problem is None:
         assert found is None
