@@ -493,7 +493,7 @@ def _read_yaml(label: str, text: str) -> _Doc:
             problem = "the file holds more than one YAML document (---); use one file each"
         elif exc.context:
             problem = f"{problem} ({exc.context})"
-        raise _syntax_error(label, "YAML", line, problem) from None
+        raise _syntax_error(label, "YAML", line, problem + _yaml_hint(text, line)) from None
     except yaml.YAMLError as exc:  # reader errors (control characters) carry an offset
         position = getattr(exc, "position", None)
         line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
@@ -507,6 +507,22 @@ def _read_yaml(label: str, text: str) -> _Doc:
     if builder.problems:
         raise SpecError(builder.problems)
     return _Doc(data, builder.lines)
+
+
+_YAML_FLOW_VALUE = re.compile(r"(?:^|:\s|-\s)\s*[\[{]")
+
+
+def _yaml_hint(text: str, line: int | None) -> str:
+    """A fix for the two syntax errors people make most in spec files."""
+    lines = text.split("\n")
+    if line is None or line > len(lines):
+        return ""
+    source = lines[line - 1]
+    if "\t" in source[: len(source) - len(source.lstrip())]:
+        return "; YAML indents with spaces, not tabs"
+    if _YAML_FLOW_VALUE.search(source):
+        return "; text starting with [ or { must be quoted or written as a | block"
+    return ""
 
 
 class _YamlBuilder:

@@ -671,6 +671,22 @@ FORMAT_ERRORS = [
     ),
     (
         "s.yaml",
+        "tracks:\n  - name: a\n    prompt: [Verse] la la\n",
+        [
+            "specs/s.yaml:3: invalid YAML: did not find expected key (while parsing a block "
+            "mapping); text starting with [ or { must be quoted or written as a | block"
+        ],
+    ),
+    (
+        "s.yaml",
+        "tracks:\n\t- name: a\n",
+        [
+            "specs/s.yaml:2: invalid YAML: found character that cannot start any token (while "
+            "scanning for the next token); YAML indents with spaces, not tabs"
+        ],
+    ),
+    (
+        "s.yaml",
         "tracks: []\n---\ntracks: []\n",
         [
             "specs/s.yaml:2: invalid YAML: the file holds more than one YAML document (---); "
