@@ -188,9 +188,13 @@ class FaultLayer:
         elif rule.kind == "connection_reset":
             await self._hang_up(scope, receive, reset=True)
             return True
+        elif rule.kind == "audio_truncated":
+            truncate = _Truncate(send, rule.fraction, hang_up=rule.mode == "hang_up")
+            await self.app(scope, receive, truncate)
+            if truncate.cut_off:
+                await self._hang_up(scope, receive, reset=False)
+            return True
         else:
-            if rule.kind == "audio_truncated":
-                scope["sandbox.truncate"] = rule.fraction
             return False
         await response(scope, receive, send)
         return True
@@ -214,6 +218,39 @@ def _with_header(send: Send, name: bytes, value: bytes) -> Send:
         await send(message)
 
     return wrapped
+
+
+class _Truncate:
+    """An ASGI send that passes on only the first ``fraction`` of a 200 response's body.
+
+    ``hang_up``: the headers keep the full Content-Length and the connection is
+    to be closed after the partial body (what a dropped download looks like).
+    Otherwise the Content-Length is cut to match: a shorter file, valid HTTP,
+    that only decoding it can tell from the whole one.
+    """
+
+    def __init__(self, send: Send, fraction: float, *, hang_up: bool) -> None:
+        self.send = send
+        self.fraction = fraction
+        self.hang_up = hang_up
+        self.keep: int | None = None
+        self.cut_off = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 200:
+            headers = list(message.get("headers", []))
+            length = next(int(value) for name, value in headers if name == b"content-length")
+            self.keep = int(length * self.fraction)
+            if not self.hang_up:
+                headers = [(n, v) for n, v in headers if n != b"content-length"]
+                headers.append((b"content-length", str(self.keep).encode()))
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and self.keep is not None:
+            # Starlette sends a Response body in one message.
+            body = message.get("body", b"")[: self.keep]
+            message = {"type": "http.response.body", "body": body, "more_body": self.hang_up}
+            self.cut_off = self.hang_up
+        await self.send(message)
 
 
 def _delayed(send: Send, delay: float, stopping: asyncio.Event) -> Send:
@@ -318,9 +355,6 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
         )
         if isinstance(data, str):
             return _cdn_error(status)
-        fraction = request.scope.get("sandbox.truncate")
-        if fraction is not None:
-            data = data[: int(len(data) * fraction)]
         return Response(data, media_type="audio/mpeg", headers={"Cache-Control": "max-age=3600"})
 
     async def stats(request: Request) -> Response:

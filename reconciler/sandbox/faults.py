@@ -80,7 +80,7 @@ KINDS: dict[str, _KindSpec] = {
         Category.REQUEST, AUDIO_ENDPOINTS, AUDIO_ENDPOINTS, frozenset({"status"})
     ),
     "audio_truncated": _KindSpec(
-        Category.REQUEST, AUDIO_ENDPOINTS, AUDIO_ENDPOINTS, frozenset({"fraction"})
+        Category.REQUEST, AUDIO_ENDPOINTS, AUDIO_ENDPOINTS, frozenset({"fraction", "mode"})
     ),
     # Decided per submitted item: the item is rejected by index (or the create answers 4xx).
     "reject": _KindSpec(
@@ -104,6 +104,7 @@ KINDS: dict[str, _KindSpec] = {
 _SCHEDULE_KEYS = ("rate", "at", "every", "after")
 _REJECT_TYPES = ("forbidden", "bad_request")
 _FAILURE_TYPES = ("failed", "timeout", "forbidden", "api_error")
+_TRUNCATIONS = ("hang_up", "short")
 
 
 def _number(where: str, value: object, low: float, high: float | None = None) -> float:
@@ -153,6 +154,9 @@ class FaultRule:
     type: str | None = None  # reject: forbidden|bad_request; task_failed: the failure type
     error: str | None = None  # reject, task_failed: the message
     fraction: float = 0.5  # audio_truncated: share of the file that is sent
+    mode: str | None = (
+        None  # audio_truncated: "hang_up" (full Content-Length, then close) or "short"
+    )
 
     @property
     def category(self) -> Category:
@@ -220,6 +224,8 @@ class FaultRule:
             values["delay"] = _number(f"{where}.delay", data["delay"], 0.0)
         if "fraction" in data:
             values["fraction"] = _number(f"{where}.fraction", data["fraction"], 0.0, 1.0)
+        if kind == "audio_truncated":
+            values["mode"] = _choice(f"{where}.mode", data.get("mode", "hang_up"), _TRUNCATIONS)
         if kind == "reject":
             values["type"] = _choice(f"{where}.type", data.get("type", "forbidden"), _REJECT_TYPES)
         if kind == "task_failed":

@@ -45,6 +45,10 @@ endpoints = ["batch_submit"]
 [[faults]]
 kind = "unauthorized"
 after = 100
+
+[[faults]]
+kind = "audio_truncated"
+rate = 0.05
 """
 
 
@@ -55,13 +59,14 @@ def test_toml_profile_reads_and_round_trips(tmp_path: Path) -> None:
     assert profile.batch_disabled == 405
     assert profile.audio_url_ttl == 30
     kinds = [rule.kind for rule in profile.faults]
-    assert kinds == ["rate_limited", "drop_response", "reject", "unauthorized"]
-    rate_limited, dropped, reject, unauthorized = profile.faults
+    assert kinds == ["rate_limited", "drop_response", "reject", "unauthorized", "audio_truncated"]
+    rate_limited, dropped, reject, unauthorized, truncated = profile.faults
     assert (rate_limited.rate, rate_limited.retry_after) == (0.1, 2)
     assert dropped.at == {2, 5}
     assert dropped.endpoints == {"create", "batch_submit"}  # the kind's default
     assert (reject.every, reject.endpoints, reject.error) == (4, {"batch_submit"}, "copyrighted")
     assert unauthorized.after == 100
+    assert (truncated.mode, truncated.fraction, truncated.endpoints) == ("hang_up", 0.5, {"audio"})
     assert FaultProfile.from_mapping(profile.to_mapping()) == profile
 
 
@@ -86,6 +91,7 @@ def test_toml_profile_reads_and_round_trips(tmp_path: Path) -> None:
         ({"faults": [{"kind": "server_error", "rate": 1, "status": 200}]}, "faults[0].status"),
         ({"faults": [{"kind": "server_error", "rate": 1, "body": "xml"}]}, "faults[0].body"),
         ({"faults": [{"kind": "reject", "rate": 1, "type": "nope"}]}, "faults[0].type"),
+        ({"faults": [{"kind": "audio_truncated", "rate": 1, "mode": "x"}]}, "faults[0].mode"),
         ({"faults": [{"kind": "task_failed", "rate": 1, "error": 3}]}, "faults[0].error"),
         ({"faults": {"kind": "stuck"}}, "faults: expected a list"),
         ({"batch_disabled": 403}, "batch_disabled: 403 is not one of"),
@@ -371,10 +377,22 @@ def test_audio_urls_expire_after_their_ttl(stepped: Stepped) -> None:
     assert httpx.get(fresh).status_code == 200
 
 
-def test_truncated_audio(sandbox: SandboxControl, api: httpx.Client) -> None:
-    sandbox.configure(faults=[{"kind": "audio_truncated", "at": [1], "fraction": 0.5}])
+def test_truncated_audio_hangs_up_mid_body(sandbox: SandboxControl, api: httpx.Client) -> None:
+    sandbox.configure(faults=[{"kind": "audio_truncated", "at": [1]}])
     url = _audio_url(api)
-    cut = httpx.get(url).content
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(url)
+    assert httpx.get(url).status_code == 200
+    assert sandbox.stats()["faults_fired"] == {"audio_truncated": 1}
+
+
+def test_truncated_audio_as_a_short_file(sandbox: SandboxControl, api: httpx.Client) -> None:
+    sandbox.configure(
+        faults=[{"kind": "audio_truncated", "at": [1], "fraction": 0.5, "mode": "short"}]
+    )
+    url = _audio_url(api)
+    cut = httpx.get(url)
     whole = httpx.get(url).content
-    assert len(cut) == len(whole) // 2
-    assert whole.startswith(cut)
+    assert cut.status_code == 200
+    assert len(cut.content) == len(whole) // 2
+    assert whole.startswith(cut.content)
