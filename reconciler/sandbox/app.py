@@ -170,7 +170,10 @@ class FaultLayer:
     async def _answer_fault(
         self, rule: FaultRule, scope: Scope, receive: Receive, send: Send
     ) -> bool:
-        """Answer in place of the handler; False for faults that need the handler to run."""
+        """Carry out a fault that decides the answer; False leaves the request to the handler.
+
+        (``drop_response`` also answers False: it runs the handler, after the key check.)
+        """
         response: Response
         if rule.kind == "rate_limited":
             headers = {}

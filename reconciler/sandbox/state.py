@@ -120,7 +120,6 @@ class Task:
     """One generation: what was asked, when, and what the faults decided about it."""
 
     task_id: str
-    endpoint: str
     item: dict[str, Any]
     created: float
     created_at: str
@@ -346,7 +345,6 @@ class SandboxState:
         secret = item.get("webhook_secret") or batch_webhook.get("webhook_secret")
         task = Task(
             task_id=task_id,
-            endpoint=endpoint,
             item=item,
             created=now,
             created_at=_iso(time.time()),
