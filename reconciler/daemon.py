@@ -63,7 +63,7 @@ RESTART_FIELDS = ("state_dir", "api_url", "api_key", "sandbox", "webhook")
 
 # The watcher. watchfiles hands over changes once they have been quiet for
 # STEP ms (at most DEBOUNCE ms after the first); the batching window is ours.
-WATCH_STEP_MS = 50
+WATCH_STEP_MS = 100
 WATCH_DEBOUNCE_MS = 300
 #: Without events, the watcher still checks every so often that the folder it
 #: watches is the one at the path (it may have been replaced wholesale).
