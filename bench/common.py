@@ -1,0 +1,202 @@
+"""Shared pieces of the benchmarks: a sandbox in its own process, spec folders,
+running the ``reconciler`` CLI as a child process, and writing a script's own
+section of ``bench/RESULTS.md`` in place.
+
+The sandbox and the CLI run as separate processes, as a user would run them,
+so the benchmark process measures them from outside and never competes with
+them for the GIL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+KEY = "bench-key"
+RESULTS = Path(__file__).with_name("RESULTS.md")
+#: Counters of ``GET /_sandbox/stats`` that are requests a client sent.
+REQUEST_COUNTERS = (
+    "batch_submit_calls",
+    "create_calls",
+    "batch_polls",
+    "task_polls",
+    "credit_calls",
+    "downloads",
+)
+
+
+def machine() -> str:
+    """One line: cores, CPU model, Python, OS; the machine may be shared, so the load too."""
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs (`nproc`), {cpu_model}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; load average at the start {load}"
+    )
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command_line(script: str) -> str:
+    return " ".join(["uv run python", script, *sys.argv[1:]])
+
+
+@dataclass
+class Sandbox:
+    """A sandbox process and how to reach it."""
+
+    process: subprocess.Popen[str]
+    base_url: str  # ends in /api/v1
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/api/v1")
+
+    def stats(self) -> dict[str, Any]:
+        answer = httpx.get(
+            f"{self.root}/_sandbox/stats", headers={"Authorization": f"Bearer {KEY}"}
+        )
+        answer.raise_for_status()
+        stats: dict[str, Any] = answer.json()
+        return stats
+
+
+@contextmanager
+def sandbox(latency: float, credits: int = 100_000) -> Iterator[Sandbox]:
+    """A fresh sandbox in its own process; its counters start at zero."""
+    command = [
+        sys.executable,
+        "-m",
+        "reconciler.sandbox",
+        "--port",
+        "0",
+        "--key",
+        KEY,
+        "--latency",
+        str(latency),
+        "--credits",
+        str(credits),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        base_url = process.stdout.readline().strip()
+        if not base_url.startswith("http://"):
+            raise RuntimeError(f"sandbox did not start (exit code {process.wait(10)})")
+        yield Sandbox(process, base_url)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def requests_of(stats: Mapping[str, Any]) -> dict[str, int]:
+    """The request counters of a stats answer, plus their total."""
+    counts = {name: int(stats[name]) for name in REQUEST_COUNTERS}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def write_specs(root: Path, tracks: int, files: int) -> None:
+    """``tracks`` description-mode tracks spread evenly over ``files`` YAML files.
+
+    Every prompt differs, so every track is its own fingerprint (one generation each).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    per_file, extra = divmod(tracks, files)
+    n = 0
+    for f in range(files):
+        lines = [f"soundtrack: bench-{f:05d}\n", "defaults:\n  mv: sonic-v5\n", "tracks:\n"]
+        for _ in range(per_file + (f < extra)):
+            lines.append(f"  - name: t{n:06d}\n    gpt_description_prompt: bench track {n}\n")
+            n += 1
+        (root / f"bench-{f:05d}.yaml").write_text("".join(lines))
+
+
+def write_config(path: Path, *, poll_interval: float, max_in_flight: int) -> None:
+    path.write_text(
+        f"[submit]\nmax_in_flight = {max_in_flight}\n\n[poll]\ninterval = {poll_interval}\n"
+    )
+
+
+@dataclass
+class CliRun:
+    """One finished ``reconciler`` command: exit code, wall time, peak RSS, stdout."""
+
+    exit_code: int
+    wall: float
+    max_rss_mb: float
+    stdout: str
+
+
+def run_cli(
+    args: Sequence[str], workdir: Path, *, api_url: str | None = None, log: Path | None = None
+) -> CliRun:
+    """Run ``python -m reconciler ARGS`` in ``workdir`` and measure it from outside.
+
+    ``os.wait4`` gives this one child's resource use (``getrusage(RUSAGE_CHILDREN)``
+    would mix in every earlier child, the sandbox included).
+    """
+    env = dict(os.environ, MUSICAPI_KEY=KEY)
+    if api_url:
+        env["MUSICAPI_BASE_URL"] = api_url
+    with (log or Path(os.devnull)).open("w") as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", *args],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        assert process.stdout is not None
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        # Reaped by hand; tell Popen so it does not try again.
+        process.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss is in KiB on Linux.
+    return CliRun(process.returncode, wall, usage.ru_maxrss / 1024, stdout)
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def write_section(name: str, text: str, results: Path = RESULTS) -> None:
+    """Put ``text`` between this section's markers in ``results``, in place or appended.
+
+    Other sections of the file are left as they are: several scripts share it.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}\n"
+    current = results.read_text() if results.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(current):
+        updated = pattern.sub(lambda _: block, current, count=1)
+    else:
+        updated = current.rstrip("\n") + "\n\n" + block
+    results.write_text(updated)
