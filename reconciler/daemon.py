@@ -40,7 +40,7 @@ from watchfiles import Change, awatch
 
 from reconciler import logs
 from reconciler.config import Settings, settings_summary
-from reconciler.errors import ConfigError, ReconcilerError
+from reconciler.errors import ConfigError, LedgerError, ReconcilerError
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.reconciling import PassResult, Reconciler
@@ -229,9 +229,7 @@ class Daemon:
                 server = None
             self._file_hint_at = self._hook_hint_at = None
             if self.receiver is not None:
-                hints = self.receiver.drain()
-                if hints:
-                    apply_hints(ledger, hints, time.time())
+                self._apply_hints(ledger)
             started = time.monotonic()
             result = await self._run_pass()
             if self._stop.is_set():
@@ -250,6 +248,17 @@ class Daemon:
                 quick = quick + 1 if result.changed and result.in_flight else 0
                 pass_at = self._next_pass(result, now, quick <= MAX_QUICK_PASSES)
             await self._wait(min(pass_at, next_rescan), healthy=failures == 0)
+
+    def _apply_hints(self, ledger: Ledger) -> None:
+        assert self.receiver is not None
+        hints = self.receiver.drain()
+        if not hints:
+            return
+        try:
+            apply_hints(ledger, hints, time.time())
+        except LedgerError as exc:
+            # Hints only save time: the scheduled polls still find the truth.
+            self.log.error("webhook.apply_failed", error=str(exc), hints=len(hints))
 
     def _next_pass(self, result: PassResult, now: float, quick_ok: bool) -> float:
         """When the next pass is due by the ledger's schedule (monotonic time)."""
@@ -420,8 +429,9 @@ class SpecWatcher:
                 else:
                     await self._watch_ancestor(hint=not first)
                 retry = 1.0
-            except (OSError, RuntimeError) as exc:
-                # e.g. the inotify watch limit: the periodic rescan still runs.
+            except Exception as exc:
+                # Any failure (the inotify watch limit, a vanished folder, a bug):
+                # log, back off, watch again; the periodic rescan runs meanwhile.
                 self.log.error("watch.failed", path=str(self.root), error=str(exc), retry=retry)
                 self._established.set()
                 with contextlib.suppress(TimeoutError):
