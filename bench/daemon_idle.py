@@ -65,6 +65,7 @@ def state_bytes(state: Path) -> dict[str, tuple[int, int]]:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    load = "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
     sandbox = subprocess.Popen(
         [sys.executable, "-m", "reconciler.sandbox", "--port", "0", "--key", KEY,
          "--latency", "1"],
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sandbox.terminate()
         sandbox.wait(10)
     return {
+        "load_before": load,
         "converge_seconds": converge_seconds,
         "cpu": (after[0] - before[0]) / elapsed,
         "cpu_seconds": after[0] - before[0],
@@ -160,7 +162,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
 - Command: `{command}`
 - Machine: {os.cpu_count()} CPUs (`nproc`), Python {platform.python_version()},
   {platform.system()} {platform.release()}; sandbox and daemon in processes of their own.
-- Date: {today}. Default intervals (poll 15 s, rescan 300 s, window 2 s), no webhooks.
+- Date: {today}; load average before the run {results["load_before"]} (the machine is shared).
+  Default intervals (poll 15 s, rescan 300 s, window 2 s), no webhooks.
   Figures from /proc/<pid>/stat and /proc/<pid>/task/*/status of the daemon.
 
 | measure | figure |

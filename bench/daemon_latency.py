@@ -93,6 +93,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    load = "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
     sandbox = subprocess.Popen(
         [sys.executable, "-m", "reconciler.sandbox", "--port", "0", "--key", KEY,
          "--latency", str(args.latency)],
@@ -159,6 +160,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sandbox.terminate()
         sandbox.wait(10)
     return {
+        "load_before": load,
         "to_submit": to_submit,
         "to_output": to_output,
         "burst_calls": stats_after["batch_submit_calls"] - stats_before["batch_submit_calls"],
@@ -189,7 +191,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, command: str) -> s
 - Command: `{command}`
 - Machine: {os.cpu_count()} CPUs (`nproc`), Python {platform.python_version()},
   {platform.system()} {platform.release()}; sandbox and daemon in processes of their own.
-- Date: {today}. Batching window {args.window:g} s, sandbox generation time {args.latency:g} s.
+- Date: {today}; load average before the run {results["load_before"]} (the machine is shared).
+  Batching window {args.window:g} s, sandbox generation time {args.latency:g} s.
   The submit waits out the window by design (a burst of saves shares batches); the output
   adds the generation time, {"the webhook's" if args.webhook else "up to one poll interval of"}
   wake-up, the download and the atomic write.
