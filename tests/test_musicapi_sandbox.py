@@ -179,11 +179,6 @@ def test_expired_audio_url(sandbox: SandboxControl, tmp_path: Path) -> None:
     assert sandbox.stats()["downloads"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sandbox sends the cut body with a matching Content-Length, which no client "
-    "can tell from a whole one; a truncation should keep the full length and hang up",
-)
 def test_truncated_audio_body(sandbox: SandboxControl, tmp_path: Path) -> None:
     url = finished_clip(sandbox).audio_url or ""
     sandbox.configure(faults=[{"kind": "audio_truncated", "rate": 1.0}])
