@@ -121,12 +121,17 @@ def main() -> None:
 @click.option(
     "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
 )
+@click.option("-v", "--verbose", is_flag=True, help="On a terminal, log every event too.")
 @_exits_on_errors(1)
-def sync(prune: bool | None, **opts: Any) -> None:
+def sync(prune: bool | None, verbose: bool, **opts: Any) -> None:
     """Reconcile until converged or stuck. Exit 0 when every track is ready."""
     from reconciler.running import run_sync
 
     settings = _settings(prune=prune, **opts)
+    if sys.stderr.isatty() and not verbose and settings.log_level == "info":
+        # On a terminal the progress bar is the display; per-track lines
+        # would scroll it away. Warnings and errors still show.
+        logs.configure("warning")
     ok = asyncio.run(run_sync(settings, console=Console(stderr=True)))
     sys.exit(0 if ok else 1)
 
