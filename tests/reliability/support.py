@@ -1,0 +1,228 @@
+"""What the reliability tests share: checks on the result, the sandbox's accounting, figures.
+
+The tests drive real ``reconciler`` processes (``tests/project.py``,
+``tests/daemonproc.py``) against the session's sandbox; the functions here
+judge what those processes left behind, from the outside: the output folder,
+the ledger file and the sandbox's own books.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler.outputs import TEMP_PREFIX, probe_audio
+from reconciler.sandbox import SandboxServer, fingerprint
+from reconciler.sandbox.state import TASK_COST
+
+#: The sandbox counters that are API requests the reconciler made.
+API_COUNTERS = (
+    "create_calls",
+    "batch_submit_calls",
+    "task_polls",
+    "batch_polls",
+    "credit_calls",
+    "downloads",
+)
+
+
+def api_calls(stats: Mapping[str, Any]) -> int:
+    """Every request the reconciler sent the sandbox (downloads included)."""
+    return sum(int(stats[name]) for name in API_COUNTERS)
+
+
+def ledger_path(state: Path) -> Path:
+    return state / "ledger.sqlite3"
+
+
+def integrity(state: Path) -> str:
+    """``PRAGMA integrity_check`` of the ledger, read-only (a killed writer's WAL included)."""
+    db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
+    try:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        db.close()
+
+
+def assert_outputs_whole(out: Path) -> int:
+    """Every file under an output name is whole: each MP3 decodes, each list parses.
+
+    Temp files are hidden (``TEMP_PREFIX``), so a crash may leave one behind
+    but never a partial file under a name a player would pick up. Returns the
+    number of MP3 files.
+    """
+    mp3s = 0
+    if not out.is_dir():
+        return mp3s
+    for path in sorted(out.rglob("*")):
+        if path.name.startswith(TEMP_PREFIX) or not path.is_file():
+            continue
+        if path.suffix == ".mp3":
+            assert probe_audio(path) > 0, path
+            mp3s += 1
+        elif path.name == "tracks.json":
+            json.loads(path.read_text())
+        elif path.name == "playlist.m3u8":
+            assert path.read_text().startswith("#EXTM3U\n"), path
+    return mp3s
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Spend:
+    """What the sandbox charged, per reconciler fingerprint, against what ``status`` admits.
+
+    ``tasks``: tasks created for the fingerprint; ``refunded``: those that
+    failed upstream (the service refunds them, and a retry after one is a
+    legitimate second task); ``possible_double``: the ledger's count of
+    resubmits after a lost submit answer, which ``status`` reports as
+    possible double spend.
+    """
+
+    tasks: int
+    refunded: int
+    possible_double: int
+
+    @property
+    def paid(self) -> int:
+        return self.tasks - self.refunded
+
+    @property
+    def extra(self) -> int:
+        """Tasks paid beyond the one the fingerprint needs."""
+        return max(0, self.paid - 1)
+
+
+@dataclass
+class Accounting:
+    """The sandbox's books after a run, checked against the ledger."""
+
+    by_fingerprint: dict[str, Spend]
+    tasks_created: int
+    credits_charged: int
+    credits_refunded: int
+    failed_tasks: int
+    stuck_tasks: int
+    faults: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def paid_twice(self) -> int:
+        """Fingerprints with more than one task that was not refunded."""
+        return sum(1 for s in self.by_fingerprint.values() if s.extra)
+
+    @property
+    def extra_tasks(self) -> int:
+        return sum(s.extra for s in self.by_fingerprint.values())
+
+    @property
+    def unexplained(self) -> dict[str, Spend]:
+        """Fingerprints paid more often than the ledger admits as possible double spend."""
+        return {fp: s for fp, s in self.by_fingerprint.items() if s.extra > s.possible_double}
+
+    @property
+    def retried_after_failure(self) -> int:
+        """Second (or later) tasks that followed a refunded upstream failure."""
+        return sum(min(s.refunded, s.tasks - 1) for s in self.by_fingerprint.values())
+
+    def check_credits(self) -> None:
+        """Only accepted tasks are charged, and exactly the failed ones are refunded.
+
+        ``credits_charged`` counts 15 per created task (rejected items create
+        none); ``credits_refunded`` 15 per task that failed upstream and whose
+        failure time has passed. Net spend is then 15 per task that was not
+        refunded: the successes, the stuck ones and the lost-answer duplicates.
+        """
+        assert self.credits_charged == TASK_COST * self.tasks_created, self
+        assert self.credits_refunded == TASK_COST * self.failed_tasks, self
+        paid = sum(s.paid for s in self.by_fingerprint.values())
+        assert self.credits_charged - self.credits_refunded == TASK_COST * paid, self
+
+
+def accounting(server: SandboxServer, state: Path) -> Accounting:
+    """Join the sandbox's tasks (in process) with the ledger's generations.
+
+    A task is keyed by the sandbox's fingerprint of the submitted item
+    (webhook fields left out), which is the ledger's stored request for a
+    generation, so each task is attributed to the reconciler fingerprint that
+    paid for it. Call it once the run is over: it reads the server's state
+    from this thread.
+    """
+    sandbox = server.state
+    sandbox.advance()  # refunds that are due
+    now = sandbox.clock()
+    tasks = list(sandbox.tasks.values())
+    db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT fingerprint, request, possible_double FROM generations"
+        ).fetchall()
+    finally:
+        db.close()
+    ours = {fingerprint(json.loads(request)): (fp, int(double)) for fp, request, double in rows}
+    spends = {fp: Spend(0, 0, double) for fp, double in ours.values()}
+    failed = stuck = 0
+    for task in tasks:
+        key = fingerprint(task.item)
+        assert key in ours, f"task {task.task_id} was not asked for by this ledger: {task.item}"
+        spend = spends[ours[key][0]]
+        spend.tasks += 1
+        if "task_failed" in task.faults and now >= task.done_at:
+            spend.refunded += 1
+            failed += 1
+        stuck += "stuck" in task.faults
+    stats = sandbox.stats()
+    return Accounting(
+        by_fingerprint={fp: s for fp, s in spends.items() if s.tasks},
+        tasks_created=int(stats["tasks_created"]),
+        credits_charged=int(stats["credits_charged"]),
+        credits_refunded=int(stats["credits_refunded"]),
+        failed_tasks=failed,
+        stuck_tasks=stuck,
+        faults=Counter(stats["faults_fired"]),
+    )
+
+
+# -- figures for bench/RESULTS.md ----------------------------------------------------------
+
+FIGURES_ENV = "RELIABILITY_FIGURES"
+
+
+class Figures:
+    """Appends measured figures as JSON lines to ``$RELIABILITY_FIGURES``, when it is set.
+
+    ``python -m tests.reliability.figures`` turns the file into the results
+    table; without the variable the tests only check, they record nothing.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def record(self, section: str, name: str, **values: Any) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"section": section, "name": name, "at": time.time(), **values})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    @classmethod
+    def from_env(cls) -> Figures:
+        value = os.environ.get(FIGURES_ENV)
+        return cls(Path(value).absolute() if value else None)
+
+
+def count_events(events: Iterable[Mapping[str, Any]]) -> Counter[str]:
+    return Counter(str(e.get("event")) for e in events)
