@@ -1,0 +1,248 @@
+"""Overhead: what reconciler costs once the music is made, at 1,000 to 50,000 tracks.
+
+For each size, writes the tracks as spec files of 10 tracks each (10,000
+tracks are 1,000 files), converges them once with ``reconciler sync`` against
+a fast sandbox in its own process (recording how long that takes and what it
+sends), then measures, each in a fresh process as a person or a timer unit
+would run it:
+
+- ``reconciler plan`` on the converged folder (exit code 0: nothing to do);
+- a no-op ``reconciler sync``: its wall time, its peak RSS and every request
+  it sends (the sandbox's counters before and after; a converged pass should
+  send none);
+- ``reconciler status --json``;
+- interpreter start-up plus imports (``reconciler --version``), the floor
+  under every command.
+
+"Cold" here means a new process with a warm page cache: dropping the cache
+needs root. Peak RSS is ``ru_maxrss`` of that one child (``os.wait4``). The
+daemon's idle CPU and RSS come from ``bench/daemon_idle.py``, not from here.
+
+``--profile DIR`` also runs plan and the no-op sync under cProfile at each
+size and prints the top functions (the ``.prof`` files stay in DIR).
+
+Usage::
+
+    uv run python bench/overhead.py                     # 1,000, 10,000 and 50,000 tracks
+    uv run python bench/overhead.py --sizes 1000,10000 --profile /tmp/prof
+    uv run python bench/overhead.py --quick             # 1,000 tracks, no write
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pstats
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import (
+    CliRun,
+    Sandbox,
+    command_line,
+    machine,
+    median,
+    requests_of,
+    run_cli,
+    sandbox,
+    today,
+    write_config,
+    write_section,
+    write_specs,
+)
+
+TRACKS_PER_FILE = 10
+CREDITS_PER_TASK = 15
+
+
+@dataclass
+class Size:
+    """The figures for one number of tracks."""
+
+    tracks: int
+    files: int
+    converge: CliRun
+    converge_requests: dict[str, int]
+    startup: list[float]
+    plan: list[CliRun]
+    noop: list[CliRun]
+    noop_requests: list[dict[str, int]]
+    status: list[float]
+    ledger_mb: float
+
+
+def ok(run: CliRun, expected: int, what: str, log: Path | None = None) -> CliRun:
+    if run.exit_code != expected:
+        where = f"; see {log}" if log else ""
+        raise RuntimeError(f"{what}: exit code {run.exit_code}, expected {expected}{where}")
+    return run
+
+
+def repeated(args: list[str], work: Path, repeat: int) -> list[CliRun]:
+    """``repeat`` measured runs of a command that must exit 0, after one warm-up run."""
+    runs = [ok(run_cli(args, work), 0, " ".join(args)) for _ in range(repeat + 1)]
+    return runs[1:]
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after}
+
+
+def measure(tracks: int, repeat: int, latency: float, profile: Path | None) -> Size:
+    files = max(1, tracks // TRACKS_PER_FILE)
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        work = Path(tmp)
+        write_specs(work / "specs", tracks, files)
+        config = work / "reconciler.toml"
+        # Everything in flight at once, polled often: converging is set-up here.
+        write_config(config, poll_interval=latency, max_in_flight=tracks)
+        common = ["--config", str(config)]
+        credits = 2 * CREDITS_PER_TASK * tracks
+        with sandbox(latency, credits=credits) as sbx:
+            print(f"{tracks:,} tracks in {files:,} files: converging", flush=True)
+            log = work / "converge.log"
+            converge = ok(
+                run_cli(["sync", *common], work, api_url=sbx.base_url, log=log), 0, "sync", log
+            )
+            converge_requests = requests_of(sbx.stats())
+            print(f"  converged in {converge.wall:.1f} s", flush=True)
+            # One unmeasured run of each command first: it fills the bytecode cache.
+            startup = [r.wall for r in repeated(["--version"], work, repeat)]
+            plan = repeated(["plan", *common], work, repeat)
+            noop, noop_requests = [], []
+            for _ in range(repeat):
+                before = requests_of(sbx.stats())
+                run = run_cli(["sync", *common], work, api_url=sbx.base_url)
+                noop.append(ok(run, 0, "no-op sync"))
+                noop_requests.append(delta(before, requests_of(sbx.stats())))
+            status = [r.wall for r in repeated(["status", "--json"], work, repeat)]
+            if profile:
+                profile_commands(tracks, work, common, sbx, profile)
+        ledger_mb = (work / ".reconciler" / "ledger.sqlite3").stat().st_size / 2**20
+    print(f"  plan {median([r.wall for r in plan]):.2f} s", flush=True)
+    return Size(
+        tracks,
+        files,
+        converge,
+        converge_requests,
+        startup,
+        plan,
+        noop,
+        noop_requests,
+        status,
+        ledger_mb,
+    )
+
+
+def profile_commands(
+    tracks: int, work: Path, common: Sequence[str], sbx: Sandbox, out: Path
+) -> None:
+    """Run plan and a no-op sync under cProfile and print where the time goes."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("plan", "sync"):
+        prof = out / f"{name}-{tracks}.prof"
+        cprofile = ["-m", "cProfile", "-o", str(prof)]
+        run_cli([name, *common], work, api_url=sbx.base_url, python_args=cprofile)
+        text = io.StringIO()
+        pstats.Stats(str(prof), stream=text).sort_stats("cumulative").print_stats(25)
+        print(f"--- cProfile: {name}, {tracks:,} tracks ({prof}) ---\n{text.getvalue()}")
+
+
+def seconds(values: Sequence[float]) -> str:
+    return f"{median(values):.2f} s"
+
+
+def report(sizes: Sequence[Size], args: argparse.Namespace, started: str) -> str:
+    def row(label: str, cells: Sequence[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def noop_requests(size: Size) -> str:
+        worst = max(size.noop_requests, key=lambda d: d["total"])
+        sent = {k: v for k, v in worst.items() if v and k != "total"}
+        if not sent:
+            return "0"
+        return f"{worst['total']} (" + ", ".join(f"{k} {v}" for k, v in sent.items()) + ")"
+
+    header = "| measure | " + " | ".join(f"{s.tracks:,} tracks" for s in sizes) + " |"
+    rule = "|---|" + "---:|" * len(sizes)
+    rows = [
+        row("spec files", [f"{s.files:,}" for s in sizes]),
+        row("start-up floor: `reconciler --version`", [seconds(s.startup) for s in sizes]),
+        row(
+            "cold `reconciler plan` (target < 1 s at 10,000)",
+            [seconds([r.wall for r in s.plan]) for s in sizes],
+        ),
+        row("`plan` peak RSS", [f"{median([r.max_rss_mb for r in s.plan]):.0f} MB" for s in sizes]),
+        row("no-op `reconciler sync`, wall", [seconds([r.wall for r in s.noop]) for s in sizes]),
+        row("no-op `sync`, requests sent (worst run)", [noop_requests(s) for s in sizes]),
+        row(
+            "no-op `sync`, peak RSS",
+            [f"{median([r.max_rss_mb for r in s.noop]):.0f} MB" for s in sizes],
+        ),
+        row("`reconciler status --json`", [seconds(s.status) for s in sizes]),
+        row("first converge: `sync` wall", [f"{s.converge.wall:,.1f} s" for s in sizes]),
+        row("first converge: requests (submits, polls)", [converge_requests(s) for s in sizes]),
+        row("first converge: peak RSS", [f"{s.converge.max_rss_mb:.0f} MB" for s in sizes]),
+        row("ledger size after converging", [f"{s.ledger_mb:.1f} MB" for s in sizes]),
+    ]
+    return f"""
+## Overhead: plan, no-op sync and memory from 1,000 to 50,000 tracks
+
+- Command: `{args.command}`
+- Machine: {machine()}
+- Date: {started}; medians of {args.repeat} fresh processes per figure (the
+  first converge runs once).
+- Spec files of {TRACKS_PER_FILE} description-mode tracks each, every track its own
+  fingerprint. Converged once against a sandbox in its own process with a
+  {args.latency:g} s generation time, `poll.interval = {args.latency:g}` and
+  `max_in_flight` = N. State, output and specs on ext4 (the repo's disk).
+- "Cold" is a new process with a warm page cache. Peak RSS is the child's
+  `ru_maxrss`. Daemon idle CPU and RSS: see the daemon sections
+  (`bench/daemon_idle.py`).
+
+{header}
+{rule}
+{chr(10).join(rows)}
+"""
+
+
+def converge_requests(size: Size) -> str:
+    r = size.converge_requests
+    submits = r["batch_submit_calls"] + r["create_calls"]
+    polls = r["batch_polls"] + r["task_polls"]
+    return f"{r['total']:,} ({submits:,}, {polls:,})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[1_000, 10_000, 50_000],
+        help="numbers of tracks, comma-separated",
+    )
+    parser.add_argument("--repeat", type=int, default=5, help="fresh processes per figure")
+    parser.add_argument("--latency", type=float, default=0.5, help="sandbox generation time, s")
+    parser.add_argument("--profile", type=Path, help="also profile plan and sync into this folder")
+    parser.add_argument("--quick", action="store_true", help="1,000 tracks, 2 repeats; no write")
+    args = parser.parse_args()
+    args.command = command_line("bench/overhead.py")
+    if args.quick:
+        args.sizes, args.repeat = [1_000], 2
+    started = today()
+    sizes = []
+    for tracks in args.sizes:
+        t = time.perf_counter()
+        sizes.append(measure(tracks, args.repeat, args.latency, args.profile))
+        print(f"  {tracks:,} tracks measured in {time.perf_counter() - t:.0f} s", flush=True)
+    text = report(sizes, args, started)
+    print(text)
+    if not args.quick:
+        write_section("overhead", text)
+
+
+if __name__ == "__main__":
+    main()
