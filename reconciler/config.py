@@ -44,6 +44,7 @@ class _Submit(_Section):
 class _Poll(_Section):
     interval: float | None = Field(None, gt=0, le=3600)
     rescan_interval: float = Field(300.0, gt=0)
+    task_timeout: float = Field(1800.0, gt=0)
 
 
 class _Retry(_Section):
@@ -111,6 +112,7 @@ class Settings:
     ambiguous_grace: float = 900.0
     poll_interval: float = 15.0
     rescan_interval: float = 300.0
+    task_timeout: float = 1800.0
     backoff_initial: float = 5.0
     backoff_cap: float = 600.0
     request_timeout: float = 30.0
@@ -253,6 +255,7 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
         ambiguous_grace=conf.submit.ambiguous_grace,
         poll_interval=poll,
         rescan_interval=conf.poll.rescan_interval,
+        task_timeout=conf.poll.task_timeout,
         backoff_initial=conf.retry.backoff_initial,
         backoff_cap=conf.retry.backoff_cap,
         request_timeout=conf.retry.request_timeout,

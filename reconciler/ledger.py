@@ -82,6 +82,7 @@ class TaskRef:
     task_id: str
     fingerprint: str
     batch_id: str | None
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -640,9 +641,9 @@ class Ledger:
         clears it, and an expired audio URL or a webhook sets it again.
         """
         return [
-            TaskRef(r["task_id"], r["fingerprint"], r["batch_id"])
+            TaskRef(r["task_id"], r["fingerprint"], r["batch_id"], r["at"])
             for r in self.db.query(
-                "SELECT task_id, fingerprint, batch_id FROM tasks "
+                "SELECT task_id, fingerprint, batch_id, at FROM tasks "
                 "WHERE next_poll IS NOT NULL AND next_poll <= ? AND (batch_id IS NULL OR "
                 "batch_id NOT IN (SELECT batch_id FROM batches WHERE open = 1))",
                 [now],
@@ -678,7 +679,7 @@ class Ledger:
 
     def task_ref(self, task_id: str) -> TaskRef | None:
         row = self.db.execute(
-            "SELECT task_id, fingerprint, batch_id FROM tasks WHERE task_id = ?", [task_id]
+            "SELECT task_id, fingerprint, batch_id, at FROM tasks WHERE task_id = ?", [task_id]
         ).fetchone()
         return TaskRef(*row) if row else None
 
@@ -784,6 +785,34 @@ class Ledger:
                 "UPDATE tasks SET state = 'lost', next_poll = NULL WHERE task_id = ?", [task_id]
             )
             self._requeue(ref.fingerprint, requeue_at, reason, now)
+
+    def abandon_task(self, task_id: str, *, requeue_at: float | None, reason: str) -> None:
+        """Give up on a task that never finishes: requeue (flagged) or park its generation."""
+        now = self.clock()
+        ref = self.task_ref(task_id)
+        if ref is None:
+            return
+        with self.transaction():
+            self.db.execute(
+                "UPDATE tasks SET state = 'abandoned', next_poll = NULL, error = ? "
+                "WHERE task_id = ?",
+                [reason, task_id],
+            )
+            current = self.db.execute(
+                "SELECT task_id FROM generations WHERE fingerprint = ? AND state = 'running'",
+                [ref.fingerprint],
+            ).fetchone()
+            if current is None or current[0] != task_id:
+                return
+            if requeue_at is None:
+                self._park(ref.fingerprint, f"task {task_id} {reason}", now)
+                return
+            self._requeue(ref.fingerprint, requeue_at, reason, now)
+            self.db.execute(
+                "UPDATE generations SET possible_double = possible_double + 1 "
+                "WHERE fingerprint = ?",
+                [ref.fingerprint],
+            )
 
     def park(self, fingerprint: str, reason: str) -> None:
         with self.transaction():

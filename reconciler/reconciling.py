@@ -133,7 +133,6 @@ class Reconciler:
         self._batch_unsupported = bool(ledger.get("batch_unsupported"))
         self._submit_pause_until = 0.0
         self._block_reason: str | None = None
-        self._auth_failed = False
         self._started = False
         self._reported: dict[str, str] = {}
         self.desired: Desired | None = None
@@ -224,9 +223,6 @@ class Reconciler:
         return n
 
     async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
-        if self._auth_failed:
-            result.blocked = self._block_reason
-            return
         gens = self.ledger.generations()
         order = desired.fingerprints()
         queued = [fp for fp in order if gens[fp].state == "queued"]
@@ -357,10 +353,8 @@ class Reconciler:
             self.log.error("submit.ambiguous", items=len(group), error=exc.message)
             return False
         if isinstance(exc, AuthError):
-            self._auth_failed = True
-            self._block_reason = f"API key rejected (401): {exc.message}"
-            self.ledger.submit_not_sent(submit_id, 0.0, self._block_reason)
-            self.ledger.put("submit_block", self._block_reason)
+            self._pause_submissions(f"API key rejected (401): {exc.message}")
+            self.ledger.submit_not_sent(submit_id, 0.0, exc.message)
             result.blocked = self._block_reason
             return False
         if isinstance(exc, InsufficientCreditsError):
@@ -375,6 +369,8 @@ class Reconciler:
         return False
 
     def _pause_submissions(self, reason: str) -> None:
+        """Stop submitting for ``backoff_cap``: a 401 or an empty account needs a
+        person, or time; ``sync`` stops here, the daemon tries again after."""
         self._submit_pause_until = self.clock() + self.settings.backoff_cap
         self._block_reason = reason
         self.ledger.put("submit_block", reason)
@@ -428,14 +424,13 @@ class Reconciler:
         self._api_health(None)
         tasks = self.ledger.batch_tasks(batch_id)
         seen: set[str] = set()
+        waiting = False
         for status in statuses:
             if status.task_id in tasks:
                 seen.add(status.task_id)
-                self._record(status)
+                waiting = self._record(status) or waiting
         # A task missing from the answer is not finished as far as we know.
-        still_open = any(s.status in ("pending", "running") for s in statuses) or bool(
-            set(tasks) - seen
-        )
+        still_open = waiting or bool(set(tasks) - seen)
         self.ledger.batch_polled(
             batch_id, self.clock() + self.settings.poll_interval, still_open=still_open
         )
@@ -461,12 +456,11 @@ class Reconciler:
     def _poll_failed(self, exc: APIError) -> None:
         self._api_health(exc)
         if isinstance(exc, AuthError):
-            self._auth_failed = True
-            self._block_reason = f"API key rejected (401): {exc.message}"
-            self.ledger.put("submit_block", self._block_reason)
+            self._pause_submissions(f"API key rejected (401): {exc.message}")
         self.log.warning("poll.failed", error=exc.message, status=exc.status)
 
-    def _record(self, status: TaskStatus) -> None:
+    def _record(self, status: TaskStatus) -> bool:
+        """Store a task's status; True while it is worth polling again."""
         clips = [
             ClipRecord(
                 clip_id=c.clip_id,
@@ -490,11 +484,30 @@ class Reconciler:
             error=status.error,
             failure_type=status.failure_type,
         )
-        if status.status != "failed":
-            self.ledger.record_task(update)
-            return
         ref = self.ledger.task_ref(status.task_id)
-        attempts = self.ledger.generations()[ref.fingerprint].attempts if ref else 0
+        if ref is None:
+            return False
+        if status.status == "succeeded":
+            self.ledger.record_task(update)
+            return False
+        attempts = self.ledger.generations()[ref.fingerprint].attempts
+        if status.status != "failed":
+            if self.clock() - ref.created_at <= self.settings.task_timeout:
+                self.ledger.record_task(update)
+                return True
+            # The service normally times a task out itself (a refunded
+            # "timeout" failure); one that never ends is given up on, and
+            # sending it again counts as possible double spend: it was charged.
+            reason = f"did not finish within {self.settings.task_timeout:.0f} s"
+            self.ledger.abandon_task(
+                status.task_id,
+                requeue_at=self._retry_at(attempts)
+                if attempts + 1 < MAX_UPSTREAM_ATTEMPTS
+                else None,
+                reason=reason,
+            )
+            self.log.warning("task.abandoned", task_id=status.task_id, reason=reason)
+            return False
         reason = status.error or status.failure_type or "failed upstream"
         if status.failure_type in _PERMANENT_FAILURES:
             self.ledger.record_task(update, park_reason=f"{status.failure_type}: {reason}")
@@ -505,6 +518,7 @@ class Reconciler:
         else:
             self.ledger.record_task(update, requeue_at=self._retry_at(attempts))
         self.log.warning("task.failed", task_id=status.task_id, reason=reason)
+        return False
 
     # -- download -----------------------------------------------------------------------
 
