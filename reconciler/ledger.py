@@ -197,6 +197,25 @@ def spec_from_json(path: str, body: str) -> SpecFile:
     )
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open for ``status``, which must work for operators who cannot write the state folder.
+
+    A WAL reader normally creates the ``-shm`` file; a user without write
+    access cannot, and gets "attempt to write a readonly database". With no
+    ``-wal`` file (the daemon stopped cleanly) the database is whole and
+    unchanging, so it can be read as immutable instead.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.OperationalError:
+        conn.close()
+        if Path(f"{path}-wal").exists():
+            raise
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    return conn
+
+
 class Ledger:
     """Typed transitions over the SQLite ledger. Time comes from ``clock``."""
 
@@ -210,7 +229,7 @@ class Ledger:
             if readonly:
                 if not path.exists():
                     raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+                conn = _connect_readonly(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, timeout=30.0)

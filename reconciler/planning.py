@@ -235,10 +235,10 @@ def due_submissions(
 
     Only queued ones whose backoff has passed; never more than the in-flight
     cap allows, nor more tasks than the budget and balance pay for (law 8).
-    When the in-flight cap is what holds fingerprints back, room frees up a
-    task at a time: waiting for a full batch keeps G fingerprints at
-    ceil(G/10) submit calls (law 3). A budget limit does not free up, so it
-    does not wait.
+    When the in-flight cap holds fingerprints back while tasks are in flight,
+    room frees up a task at a time: waiting for a full batch keeps G
+    fingerprints at ceil(G/10) submit calls (law 3). A budget limit, or a cap
+    below ten with nothing in flight, does not free up, so it does not wait.
     """
     eligible = [
         fp
@@ -248,7 +248,10 @@ def due_submissions(
     ]
     room = max(0, max_in_flight - in_flight)
     n = min(len(eligible), room)
-    if n < len(eligible) and n == room:
+    if n < len(eligible) and (in_flight > 0 or n >= batch_size):
+        # Send whole batches and keep the rest for when room frees up; only
+        # a cap below ten with nothing in flight sends a part batch, since
+        # waiting would never end.
         n -= n % batch_size
     if affordable is not None:
         n = min(n, max(0, affordable))

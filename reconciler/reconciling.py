@@ -211,10 +211,15 @@ class Reconciler:
         balance: int | None = None
         try:
             balance = (await self.api.get_credits()).total
-        except TemporaryAPIError as exc:
+        except AuthError as exc:
+            self._api_health(exc)
+            self._pause_submissions(f"API key rejected (401): {exc.message}")
+            return 0
+        except APIError as exc:
             # Without a balance the daily budget still holds; the service
             # refuses what the account cannot pay for, per item.
-            self.log.warning("credits.unavailable", error=str(exc))
+            self._api_health(exc)
+            self.log.warning("credits.unavailable", error=exc.message)
         spent = CREDITS_PER_TASK * self.ledger.spent_since(utc_day_start(now))
         n, reason = affordable_tasks(
             spent_today=spent, daily_budget=self.settings.daily_budget, balance=balance
@@ -233,21 +238,27 @@ class Reconciler:
         if not any(gens[fp].next_attempt <= now for fp in queued):
             return
         in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
-        affordable = await self._affordable(now)
-        due = due_submissions(
-            order,
-            gens,
-            now,
-            in_flight=in_flight,
-            max_in_flight=self.settings.max_in_flight,
-            affordable=affordable,
-        )
-        if self._block_reason and not due:
+
+        def due(affordable: int | None) -> tuple[str, ...]:
+            return due_submissions(
+                order,
+                gens,
+                now,
+                in_flight=in_flight,
+                max_in_flight=self.settings.max_in_flight,
+                affordable=affordable,
+            )
+
+        # The balance is asked only when there is something to pay for.
+        if not due(None):
+            return
+        to_send = due(await self._affordable(now))
+        if self._block_reason and not to_send:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
             return
         self.ledger.put("submit_block", None)
-        for group in batches(due):
+        for group in batches(to_send):
             if self._batch_unsupported:
                 for fp in group:
                     if not await self._submit_single(fp, result):
@@ -645,8 +656,7 @@ class Reconciler:
                 if rec is None:
                     # Not ours: keep the person's file in the trash, never overwrite it silently.
                     self.trash.move(dest, root, self.clock())
-                event = "output.restored" if rec is not None else event
-            elif rec is not None and rec.sha256 == clip.sha256:
+            if rec is not None and rec.sha256 == clip.sha256:
                 event = "output.restored"
             src = self.cache.path(clip.sha256)
             if not src.exists():

@@ -300,6 +300,14 @@ SUBMIT_CASES = {
         None,
         tuple(f"f{i}" for i in range(20)),
     ),
+    "a cap below ten with nothing in flight does not wait": (
+        [f"f{i}" for i in range(5)],
+        {},
+        0,
+        2,
+        None,
+        ("f0", "f1"),
+    ),
     "the rest fits: no waiting": (
         [f"f{i}" for i in range(7)],
         {},
