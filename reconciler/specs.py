@@ -212,6 +212,8 @@ def scan_specs(
     A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
     earlier object is returned, which keeps a pass over an unchanged folder
     cheap. Pass ``reuse`` only from scans made with the same ``models``.
+    ``reuse`` also settles two files naming one soundtrack: the file whose
+    earlier version named it keeps it; otherwise the first by path does.
     Symlinked folders are not followed (they could leave the root or loop);
     symlinked files are read when they resolve inside the root.
     """
@@ -228,9 +230,8 @@ def scan_specs(
         return SpecScan("empty" if complete else "unreadable", {}, {})
 
     prefix = root.name
-    files: dict[str, SpecFile] = {}
+    parsed: list[tuple[str, bytes, SpecFile]] = []
     errors: dict[str, SpecError] = {}
-    owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
     for rel in rels:
         label = _label(prefix, rel)
         try:
@@ -243,6 +244,20 @@ def scan_specs(
         except SpecError as exc:
             errors[rel] = exc
             continue
+        parsed.append((rel, data, spec))
+
+    def incumbent_first(entry: tuple[str, bytes, SpecFile]) -> tuple[bool, str]:
+        # A soundtrack stays with the file whose last good version defined it:
+        # a file dropped in later that names it (even one sorting first) is
+        # the duplicate, so it can never take over another file's outputs.
+        rel, _, spec = entry
+        previous = reuse.get(rel) if reuse else None
+        return (previous is None or previous.soundtrack != spec.soundtrack, rel)
+
+    files: dict[str, SpecFile] = {}
+    owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
+    for rel, data, spec in sorted(parsed, key=incumbent_first):
+        label = _label(prefix, rel)
         owner = owners.get(spec.soundtrack)
         if owner is not None:
             # Only now is the line needed; parsing again is cheaper than
@@ -256,6 +271,8 @@ def scan_specs(
             continue
         owners[spec.soundtrack] = label
         files[rel] = spec
+    files = {rel: files[rel] for rel in sorted(files)}
+    errors = {rel: errors[rel] for rel in sorted(errors)}
     return SpecScan("ok" if complete else "unreadable", files, errors)
 
 
