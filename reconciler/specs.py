@@ -311,7 +311,9 @@ def _relative(root: Path, path: Path) -> str:
 
 
 def _label(prefix: str, rel: str) -> str:
-    return f"{prefix}/{rel}" if prefix else rel
+    label = f"{prefix}/{rel}" if prefix else rel
+    # A file name may hold a newline: escaped, the report stays one line per problem.
+    return label if label.isprintable() else repr(label)
 
 
 def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
@@ -582,7 +584,7 @@ class _YamlBuilder:
             key = str(key_node.value)
             if key in result:
                 first = self.lines[(*loc, key)]
-                self.problem((*loc, key), line, f"duplicate field '{key}' (first at line {first})")
+                self.problem((*loc, key), line, f"duplicate field {key!r} (first at line {first})")
                 continue
             self.lines[(*loc, key)] = line
             result[key] = self.build(value_node, (*loc, key), depth + 1)
@@ -775,7 +777,7 @@ def _read_json(label: str, text: str) -> _Doc:
                     label,
                     line,
                     _field(loc),
-                    f"duplicate field '{loc[-1]}' (first at line {lines[loc]})",
+                    f"duplicate field {loc[-1]!r} (first at line {lines[loc]})",
                 )
                 for loc, line in duplicates
             ]
@@ -849,7 +851,13 @@ _READERS: dict[str, Callable[[str, str], _Doc]] = {
 def _field(loc: _Loc) -> str | None:
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        # A key is the file's text: escaped (repr) when it holds a newline or
+        # other control character, so that a report stays one line per problem.
+        name = part if part.isprintable() else repr(part)
+        text += f".{name}" if text else name
     return text or None
 
 
@@ -874,7 +882,7 @@ def _show(value: Any) -> str:
 def _unknown(key: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
-    return f"unknown field '{key}'{hint}"
+    return f"unknown field {key!r}{hint}"  # repr: escapes what could break the line
 
 
 def _name_problem(value: Any, what: str) -> str | None:
