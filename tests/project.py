@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -36,8 +36,11 @@ request_timeout = 5.0
 """
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it is truthy; fail with ``what`` after ``timeout``."""
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -45,7 +48,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def track(name: str, prompt: str, **fields: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import mutagen.mp3
 import pytest
-from sandbox_helpers import Stepped, description, wait_until
+from sandbox_helpers import Stepped, description
 
 from reconciler.sandbox import (
     FaultProfile,
@@ -19,6 +19,7 @@ from reconciler.sandbox import (
     SandboxServer,
 )
 from reconciler.sandbox.faults import FaultInjector
+from tests.project import wait_until
 
 # -- the profile format --------------------------------------------------------------------
 

@@ -12,10 +12,11 @@ import httpx
 import mutagen.mp3
 import pytest
 from musicapi import MusicAPI, PollOptions, SonicCreateParams
-from sandbox_helpers import Stepped, description, wait_until
+from sandbox_helpers import Stepped, description
 
 from reconciler.sandbox import SandboxConfig, SandboxServer
 from reconciler.sandbox.validation import validate_item
+from tests.project import wait_until
 
 
 def _create(client: httpx.Client, body: dict[str, Any]) -> str:

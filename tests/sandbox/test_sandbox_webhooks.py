@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import httpx
-from sandbox_helpers import Received, WebhookReceiver, description, wait_until
+from sandbox_helpers import Received, WebhookReceiver, description
 
 from reconciler.sandbox import SandboxControl
+from tests.project import wait_until
 
 SECRET = "whsec-test"
 
