@@ -214,7 +214,8 @@ class Figures:
     def record(self, section: str, name: str, **values: Any) -> None:
         if self.path is None:
             return
-        line = json.dumps({"section": section, "name": name, "at": time.time(), **values})
+        record = {"section": section, "name": name, "at": time.time(), "loadavg": os.getloadavg()}
+        line = json.dumps({**record, **values})
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 

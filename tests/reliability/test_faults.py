@@ -238,11 +238,6 @@ def test_insufficient_credits_pause_the_daemon_and_it_converges(
     audit(p, sandbox_server, figures, "insufficient_credits-daemon", "insufficient_credits", {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconciling.py sets _auth_failed on any 401 and never clears it: a daemon that "
-    "met one 401 never submits again until restarted (see the suite's report)",
-)
 def test_a_401_mid_run_does_not_stop_the_daemon_for_good(
     tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, figures: Figures
 ) -> None:
@@ -258,25 +253,39 @@ def test_a_401_mid_run_does_not_stop_the_daemon_for_good(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="nothing bounds how long a task may stay running: a stuck task keeps sync and "
-    "its track waiting forever ([poll] task_timeout does not exist; see the suite's report)",
+    reason="ledger.next_due() leaves out when an unknown item's grace ends, so with nothing "
+    "else in flight the daemon sends it again only at the next rescan (see the suite's report)",
 )
+def test_a_lost_answer_goes_out_again_soon_after_the_grace(
+    tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, figures: Figures
+) -> None:
+    # No webhooks: nothing can claim the lost answer, the grace (1 s) must run out.
+    p = daemon_project(tmp_path, sandbox, grace=1.0, rescan=600)
+    p.write_spec("faults.yaml", [track("only", "a lost answer")])
+    sandbox.configure(faults=[{"kind": "drop_response", "at": [1]}])
+    with DaemonProc(p) as d:
+        d.wait_event("submit.ambiguous")
+        d.converged(timeout=15)
+        d.stop()
+    audit_one = accounting(sandbox_server, p.state)
+    assert audit_one.tasks_created == 2
+    assert not audit_one.unexplained
+
+
 def test_a_stuck_task_is_given_up_on_after_a_deadline(
     project: Project, sandbox: SandboxControl, sandbox_server: SandboxServer, figures: Figures
 ) -> None:
     project.config.write_text(SYNC_CONFIG.replace("[submit]", "task_timeout = 3\n\n[submit]"))
     sandbox.configure(faults=[{"kind": "stuck", "at": [6]}])
-    started = time.monotonic()
-    proc = project.cli("sync", timeout=30)
-    assert time.monotonic() - started < 30
-    # Either outcome is honest: sent again (and reported as possible double
-    # spend, since a stuck task is charged) or parked with a reason.
+    project.sync()
+    # The stuck task was charged and is never refunded: sending t05 again is
+    # a second payment, which status owns up to as possible double spend.
     report = project.status()
-    t05 = next(t for t in report["tracks"] if t["track"] == "t05")
-    assert t05["state"] in ("ready", "failed"), t05
-    assert proc.returncode == (0 if t05["state"] == "ready" else 1)
-    parked = {"t05": ""} if t05["state"] == "failed" else {}
-    audit(project, sandbox_server, figures, "stuck", "stuck", parked)
+    assert report["possible_double_spend"] == 1
+    audit(project, sandbox_server, figures, "stuck", "stuck", {})
+    books = accounting(sandbox_server, project.state)
+    assert books.paid_twice == 1
+    assert books.stuck_tasks == 1
 
 
 # -- webhook delivery faults: the daemon with its receiver ---------------------------------
@@ -334,7 +343,12 @@ def test_webhook_faults_alone_converge(
 
 MIXED_TRACKS = 100
 #: Reasons a track may end parked with under the mix: the API's own words.
-PERMANENT_REASONS = ("copyrighted", "prompt: rejected upstream", "failed upstream 3 times")
+PERMANENT_REASONS = (
+    "copyrighted",
+    "prompt: rejected upstream",
+    "failed upstream 3 times",
+    "did not finish within",
+)
 
 
 def mixed_faults() -> list[dict[str, Any]]:
@@ -342,9 +356,7 @@ def mixed_faults() -> list[dict[str, Any]]:
 
     The kinds whose events are few (submits) or that cost a timeout each
     (``slow``) fire on an ``every`` schedule, so that each kind surely fires.
-
-    Not in the mix, each for the bug its own test above is marked for:
-    ``stuck`` and ``unauthorized``. Which items ``reject`` refuses depends
+    Which items ``reject`` refuses depends
     on the order in which the other faults let batches through, so the
     parked tracks are found from ``status`` and matched with the count.
     """
@@ -356,6 +368,7 @@ def mixed_faults() -> list[dict[str, Any]]:
         {"kind": "connection_reset", "every": 29},
         {"kind": "slow", "every": 41, "delay": SLOW_DELAY},
         {"kind": "drop_response", "every": 4},
+        {"kind": "unauthorized", "every": 37},
         {"kind": "reject", "at": [7], "type": "forbidden", "error": "copyrighted"},
         {"kind": "reject", "at": [33], "type": "bad_request", "error": "prompt: rejected upstream"},
         {"kind": "insufficient_credits", "rate": 0.05},
@@ -363,6 +376,7 @@ def mixed_faults() -> list[dict[str, Any]]:
         {"kind": "clip_failed", "rate": 0.05},
         {"kind": "unfinished_clips", "rate": 0.2},
         {"kind": "duration_string", "rate": 0.2},
+        {"kind": "stuck", "rate": 0.03},
         {"kind": "audio_expired", "rate": 0.1},
         {"kind": "audio_truncated", "rate": 0.05},
         {"kind": "audio_truncated", "rate": 0.05, "mode": "short"},
@@ -378,6 +392,8 @@ def test_all_faults_mixed_converge_and_spend_once(
     tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, figures: Figures
 ) -> None:
     p = hooked_project(tmp_path, sandbox, poll=0.5, grace=2)
+    # Stuck tasks are given up on after 4 s (the sandbox generates in 0.5 s).
+    p.config.write_text(p.config.read_text().replace("[submit]", "task_timeout = 4\n\n[submit]"))
     # Single-clip tracks only: with clip_failed at a rate, which two-clip
     # track would lose its second clip is not known in advance.
     p.write_spec(
