@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,19 @@ def accounting(server: SandboxServer, state: Path) -> Accounting:
         stuck_tasks=stuck,
         faults=Counter(stats["faults_fired"]),
     )
+
+
+def log_time(event: Mapping[str, Any]) -> float:
+    """When the daemon logged an event (its ISO timestamp), as Unix seconds."""
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def big_spec(n: int) -> str:
+    """One valid YAML spec file of ``n`` description-mode tracks, each its own fingerprint."""
+    lines = ["defaults:", "  mv: sonic-v5", "tracks:"]
+    for i in range(n):
+        lines += [f"  - name: t{i:05d}", f"    gpt_description_prompt: ten thousand {i}"]
+    return "\n".join(lines) + "\n"
 
 
 # -- figures for bench/RESULTS.md ----------------------------------------------------------

@@ -253,7 +253,8 @@ def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: 
     project.out.mkdir()
     (project.out / "linked").symlink_to(outside)
     project.write_spec("linked.yaml", [track("a", "into the void")], soundtrack="linked")
-    proc = project.cli("sync", timeout=20)
+    # Fixed, it stops after a pass or two; as it is, it never does.
+    proc = project.cli("sync", timeout=8)
     assert proc.returncode == 1
     assert "linked/a.mp3" in proc.stderr
     assert list(outside.iterdir()) == []
