@@ -401,16 +401,35 @@ def output_path(out_root: Path, soundtrack: str, filename: str) -> Path:
     point anywhere inside out_root but not outside it. The file itself may be
     a symlink: writes replace the link, they never follow it.
     """
-    for what, name in (("soundtrack", soundtrack), ("file name", filename)):
-        if not name or "/" in name or "\0" in name or name.startswith("."):
-            raise OutputError(
-                f"{what} {name!r} is not a plain name: output paths must stay inside {out_root}"
-            )
-    root = Path(os.path.abspath(out_root))
-    parent = root / soundtrack
-    if not parent.resolve().is_relative_to(root.resolve()):
-        raise OutputError(f"{parent} resolves to {parent.resolve()}, outside {root}")
-    return parent / filename
+    return OutputFolder(out_root).path(soundtrack, filename)
+
+
+class OutputFolder:
+    """``output_path`` for many files at once: each soundtrack folder is resolved once.
+
+    Resolving costs two ``realpath`` walks; a pass over 10,000 tracks would
+    spend most of its time there. Make a new one per pass, so a symlink
+    planted between passes is still caught.
+    """
+
+    def __init__(self, out_root: Path) -> None:
+        self.root = Path(os.path.abspath(out_root))
+        self._resolved_root = self.root.resolve()
+        self._checked: set[str] = set()
+
+    def path(self, soundtrack: str, filename: str) -> Path:
+        for what, name in (("soundtrack", soundtrack), ("file name", filename)):
+            if not name or "/" in name or "\0" in name or name.startswith("."):
+                raise OutputError(
+                    f"{what} {name!r} is not a plain name: output paths must stay inside "
+                    f"{self.root}"
+                )
+        parent = self.root / soundtrack
+        if soundtrack not in self._checked:
+            if not parent.resolve().is_relative_to(self._resolved_root):
+                raise OutputError(f"{parent} resolves to {parent.resolve()}, outside {self.root}")
+            self._checked.add(soundtrack)
+        return parent / filename
 
 
 def materialise(src: Path, dest: Path) -> tuple[int, int]:

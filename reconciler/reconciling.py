@@ -135,6 +135,11 @@ class Reconciler:
         self._block_reason: str | None = None
         self._started = False
         self._reported: dict[str, str] = {}
+        self._outdir = out.OutputFolder(settings.out_dir)
+        #: soundtrack → the list entries and file states last written, to skip re-rendering.
+        self._lists: dict[
+            str, tuple[tuple[out.TrackOutput, ...], list[tuple[int, int] | None]]
+        ] = {}
         self.desired: Desired | None = None
         self.scan: SpecScan | None = None
 
@@ -584,6 +589,7 @@ class Reconciler:
     # -- outputs ------------------------------------------------------------------------
 
     def _materialise(self, desired: Desired, result: PassResult) -> None:
+        self._outdir = out.OutputFolder(self.settings.out_dir)
         usable = self.ledger.usable_clips(self._needed(desired))
         records = self.ledger.outputs()
         gens = self.ledger.generations()
@@ -644,7 +650,7 @@ class Reconciler:
         root = self.settings.out_dir
         soundtrack, filename = rel.split("/", 1)
         try:
-            dest = out.output_path(root, soundtrack, filename)
+            dest = self._outdir.path(soundtrack, filename)
             state = out.file_state(dest)
             if rec is not None and rec.sha256 == clip.sha256 and state == (rec.size, rec.mtime_ns):
                 return True
@@ -695,11 +701,19 @@ class Reconciler:
     ) -> None:
         if not entries:
             return
-        root = self.settings.out_dir
+        try:
+            dests = [self._outdir.path(soundtrack, name) for name in LIST_FILES]
+        except OutputError as exc:
+            self.log.error("output.failed", path=soundtrack, error=str(exc))
+            return
+        key = tuple(entries)
+        states = [out.file_state(d) for d in dests]
+        if self._lists.get(soundtrack) == (key, states):
+            # Same tracks, files untouched since we wrote them: nothing to render.
+            return
         texts = (out.render_playlist(entries), out.render_tracks_json(soundtrack, entries))
-        for name, text in zip(LIST_FILES, texts, strict=True):
+        for name, dest, text in zip(LIST_FILES, dests, texts, strict=True):
             try:
-                dest = out.output_path(root, soundtrack, name)
                 if not out.write_text_if_changed(dest, text):
                     continue
                 state = out.file_state(dest)
@@ -722,6 +736,7 @@ class Reconciler:
                 event=None,
             )
             result.written += 1
+        self._lists[soundtrack] = (key, [out.file_state(d) for d in dests])
 
     # -- prune (law 5) ------------------------------------------------------------------
 
@@ -737,7 +752,7 @@ class Reconciler:
                 if rel in wanted:
                     continue
                 try:
-                    path = out.output_path(root, rec.soundtrack, rel.split("/", 1)[1])
+                    path = self._outdir.path(rec.soundtrack, rel.split("/", 1)[1])
                     moved = self.trash.move(path, root, now) if path.exists() else None
                 except OutputError as exc:
                     self.log.error("prune.failed", path=rel, error=str(exc))

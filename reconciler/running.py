@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -100,9 +99,11 @@ def summary_line(r: PassResult) -> str:
     return ("converged: " if r.converged else "not converged: ") + ", ".join(parts)
 
 
-def _disk_state(root: Path, path: str, size: int, mtime_ns: int, sha: str) -> DiskState:
+def _disk_state(
+    folder: out.OutputFolder, path: str, size: int, mtime_ns: int, sha: str
+) -> DiskState:
     soundtrack, name = path.split("/", 1)
-    dest = out.output_path(root, soundtrack, name)
+    dest = folder.path(soundtrack, name)
     state = out.file_state(dest)
     if state is None:
         return "missing"
@@ -126,11 +127,12 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         if ledger:
             ledger.close()
     cache = out.AudioCache(settings.state_dir / "cache")
+    folder = out.OutputFolder(settings.out_dir)
     facts = {
         p: OutputFact(
             p,
             r.fingerprint or "",
-            _disk_state(settings.out_dir, p, r.size, r.mtime_ns, r.sha256),
+            _disk_state(folder, p, r.size, r.mtime_ns, r.sha256),
             cached=cache.has(r.sha256),
         )
         for p, r in records.items()
