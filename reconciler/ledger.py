@@ -439,6 +439,18 @@ class Ledger:
             )
         }
 
+    def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
+        """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
+        return {
+            fp: int(row[0]) if row else 0
+            for fp in fingerprints
+            for row in [
+                self.db.execute(
+                    "SELECT attempts FROM generations WHERE fingerprint = ?", [fp]
+                ).fetchone()
+            ]
+        }
+
     def request(self, fingerprint: str) -> dict[str, Any]:
         row = self.db.execute(
             "SELECT request FROM generations WHERE fingerprint = ?", [fingerprint]
@@ -747,6 +759,9 @@ class Ledger:
             "SELECT state, task_id FROM generations WHERE fingerprint = ?", [ref.fingerprint]
         ).fetchone()
         is_current = current is not None and current[1] == update.task_id
+        if self._task_unchanged(update):
+            # Most polls of a running task say what the last one said (law 12).
+            return
         with self.transaction():
             terminal = update.status in ("succeeded", "failed")
             self.db.execute(
@@ -792,6 +807,20 @@ class Ledger:
                     self._park(ref.fingerprint, park_reason, now)
                 elif requeue_at is not None:
                     self._requeue(ref.fingerprint, requeue_at, reason, now)
+
+    def _task_unchanged(self, update: TaskUpdate) -> bool:
+        row = self.db.execute(
+            "SELECT state, error FROM tasks WHERE task_id = ?", [update.task_id]
+        ).fetchone()
+        if row is None or tuple(row) != (update.status, update.error):
+            return False
+        stored = {
+            r[0]: (r[1], r[2])
+            for r in self.db.execute(
+                "SELECT clip_id, state, audio_url FROM clips WHERE task_id = ?", [update.task_id]
+            ).fetchall()
+        }
+        return all(stored.get(c.clip_id) == (c.state, c.audio_url) for c in update.clips)
 
     def task_lost(self, task_id: str, requeue_at: float, reason: str) -> None:
         """The service no longer knows a task (404): its generation goes out again."""

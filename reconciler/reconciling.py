@@ -303,7 +303,7 @@ class Reconciler:
         requeue: dict[str, tuple[float, str]] = {}
         parked: dict[str, str] = {}
         unconfirmed: dict[str, str] = {}
-        attempts = self.ledger.generations()
+        attempts = self.ledger.attempts(group)
         for fp, res in zip(group, answer.results, strict=True):
             if isinstance(res, Accepted):
                 accepted[fp] = (res.task_id, res.index)
@@ -314,7 +314,7 @@ class Reconciler:
             else:
                 if res.type == "insufficient_credits":
                     self._pause_submissions("insufficient credits on the account")
-                requeue[fp] = (self._retry_at(attempts[fp].attempts), f"{res.type}: {res.error}")
+                requeue[fp] = (self._retry_at(attempts[fp]), f"{res.type}: {res.error}")
         self.ledger.submit_answered(
             submit_id,
             answer.batch_id,
@@ -379,7 +379,7 @@ class Reconciler:
             result.blocked = self._block_reason
             return False
         retry_after = exc.retry_after if isinstance(exc, TemporaryAPIError) else None
-        attempts = max(self.ledger.generations()[fp].attempts for fp in group)
+        attempts = max(self.ledger.attempts(group).values())
         self.ledger.submit_not_sent(submit_id, self._retry_at(attempts, retry_after), exc.message)
         self.log.warning("submit.retrying", items=len(group), error=exc.message, status=exc.status)
         return False
@@ -457,7 +457,7 @@ class Reconciler:
             status = await self.api.poll_task(task_id)
         except NotFoundError as exc:
             ref = self.ledger.task_ref(task_id)
-            attempts = self.ledger.generations()[ref.fingerprint].attempts if ref else 0
+            attempts = self.ledger.attempts([ref.fingerprint])[ref.fingerprint] if ref else 0
             self.ledger.task_lost(task_id, self._retry_at(attempts), exc.message)
             self.log.warning("task.unknown", task_id=task_id)
             return
@@ -506,7 +506,7 @@ class Reconciler:
         if status.status == "succeeded":
             self.ledger.record_task(update)
             return False
-        attempts = self.ledger.generations()[ref.fingerprint].attempts
+        attempts = self.ledger.attempts([ref.fingerprint])[ref.fingerprint]
         if status.status != "failed":
             if self.clock() - ref.created_at <= self.settings.task_timeout:
                 self.ledger.record_task(update)

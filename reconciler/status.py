@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from reconciler.config import Settings
 from reconciler.ledger import Ledger
@@ -160,18 +160,21 @@ _STYLE = {
 
 
 def render(report: dict[str, Any], console: Console) -> None:
-    table = Table(box=None, pad_edge=False)
-    for col in ("SOUNDTRACK", "TRACK", "STATE", "AGE", "REASON"):
-        table.add_column(col, overflow="fold")
-    for t in report["tracks"]:
-        table.add_row(
-            t["soundtrack"],
-            t["track"],
-            f"[{_STYLE[t['state']]}]{t['state']}[/]",
-            _age(t["age_seconds"]),
-            t["reason"] or "",
-        )
-    console.print(table)
+    # One Text with padded columns rather than a rich Table: a table measures
+    # and wraps every cell, which takes seconds at 10,000 rows.
+    header = ("SOUNDTRACK", "TRACK", "STATE", "AGE", "REASON")
+    rows = [
+        (t["soundtrack"], t["track"], t["state"], _age(t["age_seconds"]), t["reason"] or "")
+        for t in report["tracks"]
+    ]
+    widths = [max([len(header[i]), *(len(r[i]) for r in rows)]) for i in range(4)]
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  REASON\n")
+    for row in rows:
+        text.append(row[0].ljust(widths[0]) + "  " + row[1].ljust(widths[1]) + "  ")
+        text.append(row[2].ljust(widths[2]), style=_STYLE[row[2]])
+        text.append("  " + row[3].ljust(widths[3]) + "  " + row[4] + "\n")
+    console.print(text, end="", soft_wrap=True)
     s = report["summary"]
     counts = ", ".join(f"{s[k]} {k}" for k in TRACK_STATES if s[k])
     console.print(f"\n{s['tracks']} tracks: {counts or 'none'}")
@@ -199,6 +202,6 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     if api["last_error"]:
         line += f"; last error {api['last_error']}: {api['last_error_message']}"
-    console.print(line)
+    console.print(line, soft_wrap=True)
     if api["batch_endpoint"] == "unsupported":
         console.print("[yellow]batch endpoint unavailable: submitting one create per track[/]")
