@@ -681,13 +681,16 @@ class Ledger:
             )
         ]
 
-    def next_due(self) -> float | None:
-        """The earliest time something is scheduled: a poll or a retry."""
+    def next_due(self, ambiguous_grace: float) -> float | None:
+        """The earliest time something is scheduled: a poll, a retry, or the end
+        of an ambiguous submit's grace period."""
         rows = self.db.execute(
             "SELECT min(next_poll) FROM batches WHERE open = 1 "
             "UNION ALL SELECT min(next_poll) FROM tasks WHERE next_poll IS NOT NULL AND "
             "(batch_id IS NULL OR batch_id NOT IN (SELECT batch_id FROM batches WHERE open = 1)) "
-            "UNION ALL SELECT min(next_attempt) FROM generations WHERE state = 'queued'"
+            "UNION ALL SELECT min(next_attempt) FROM generations WHERE state = 'queued' "
+            "UNION ALL SELECT min(updated_at) + ? FROM generations WHERE state = 'unknown'",
+            [ambiguous_grace],
         ).fetchall()
         times = [r[0] for r in rows if r[0] is not None]
         return min(times) if times else None

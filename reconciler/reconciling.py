@@ -82,6 +82,7 @@ class PassResult:
     queued: int = 0
     parked: int = 0
     invalid_files: int = 0
+    output_failures: int = 0
     blocked: str | None = None
     next_due: float | None = None
     states: Counter[str] = field(default_factory=Counter)
@@ -134,7 +135,10 @@ class Reconciler:
         self._submit_pause_until = 0.0
         self._block_reason: str | None = None
         self._started = False
+        #: Problems logged last pass (spec files, outputs), so each is logged once.
         self._reported: dict[str, str] = {}
+        self._failed_outputs: dict[str, str] = {}
+        self._logged_outputs: dict[str, str] = {}
         self._outdir = out.OutputFolder(settings.out_dir)
         #: soundtrack → the list entries and file states last written, to skip re-rendering.
         self._lists: dict[
@@ -590,6 +594,7 @@ class Reconciler:
 
     def _materialise(self, desired: Desired, result: PassResult) -> None:
         self._outdir = out.OutputFolder(self.settings.out_dir)
+        self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
         usable = self.ledger.usable_clips(self._needed(desired))
         records = self.ledger.outputs()
         gens = self.ledger.generations()
@@ -670,7 +675,12 @@ class Reconciler:
                 return False
             new_state = out.materialise(src, dest)
         except OutputError as exc:
-            self.log.error("output.failed", path=rel, error=str(exc))
+            # A person has to fix this (a symlink out of the folder, a full
+            # disk): it is not work in flight, and it is reported once.
+            result.output_failures += 1
+            if self._logged_outputs.get(rel) != str(exc):
+                self.log.error("output.failed", path=rel, error=str(exc))
+            self._failed_outputs[rel] = str(exc)
             return False
         self.ledger.output_written(self._record_for(t, n, rel, clip, new_state), event=event)
         if event == "output.restored":
@@ -775,9 +785,12 @@ class Reconciler:
         result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
         result.queued = states.get("queued", 0)
         result.parked = states.get("parked", 0)
-        # Succeeded generations whose files are not there yet are still work.
-        result.in_flight += max(0, states.get("succeeded", 0) - result.ready)
-        result.next_due = self.ledger.next_due()
+        # Succeeded generations whose files are not there yet are still work,
+        # unless writing them failed for a reason only a person can fix.
+        result.in_flight += max(
+            0, states.get("succeeded", 0) - result.ready - result.output_failures
+        )
+        result.next_due = self.ledger.next_due(self.settings.ambiguous_grace)
         if result.blocked is None and self._block_reason and result.queued:
             result.blocked = self._block_reason
         summary = {

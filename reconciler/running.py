@@ -94,6 +94,8 @@ def summary_line(r: PassResult) -> str:
         parts.append(f"{r.parked} failed (see `reconciler status`)")
     if r.invalid_files:
         parts.append(f"{r.invalid_files} invalid spec file(s)")
+    if r.output_failures:
+        parts.append(f"{r.output_failures} output file(s) could not be written (see the log)")
     if r.blocked:
         parts.append(f"submissions paused: {r.blocked}")
     return ("converged: " if r.converged else "not converged: ") + ", ".join(parts)

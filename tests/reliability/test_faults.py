@@ -251,11 +251,6 @@ def test_a_401_mid_run_does_not_stop_the_daemon_for_good(
     audit(p, sandbox_server, figures, "unauthorized-daemon", "unauthorized", {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger.next_due() leaves out when an unknown item's grace ends, so with nothing "
-    "else in flight the daemon sends it again only at the next rescan (see the suite's report)",
-)
 def test_a_lost_answer_goes_out_again_soon_after_the_grace(
     tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, figures: Figures
 ) -> None:

@@ -242,11 +242,6 @@ def test_a_soundtrack_folder_linked_outside_is_refused(
     assert states == {"a": "generating", "b": "ready"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconciling.py counts a succeeded track whose output cannot be written as in "
-    "flight, so sync never ends and the daemon logs output.failed every poll interval",
-)
 def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
