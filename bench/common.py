@@ -66,6 +66,19 @@ def machine() -> str:
     )
 
 
+def revision() -> str:
+    """The commit measured, marked when the package has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "reconciler")
+    return git("rev-parse", "--short", "HEAD") + (" with local changes" if dirty else "")
+
+
 def today() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 

@@ -47,6 +47,7 @@ from common import (
     machine,
     median,
     requests_of,
+    revision,
     run_cli,
     sandbox,
     today,
@@ -288,7 +289,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run], started: str) -> str:
     return f"""
 ## API efficiency and wall time: N = {n:,} tracks, {args.latency:g} s generation
 
-- Command: `{args.command}`
+- Command: `{args.command}` at commit {args.revision}
 - Machine: {machine()}
 - Date: {started}; {len(runs)} run(s), medians shown.{pool_note}
 - Each approach runs against a fresh sandbox process. `reconciler sync` runs as
@@ -343,6 +344,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.command = command_line("bench/compare_naive.py")
+    args.revision = revision()  # at the start: the tree may move during a long run
     if args.quick:
         args.latency, args.runs, args.sample = 1.0, 1, min(args.sample, 5)
     pool_runs = args.runs if args.pool_runs is None else args.pool_runs

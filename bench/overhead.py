@@ -46,6 +46,7 @@ from common import (
     machine,
     median,
     requests_of,
+    revision,
     run_cli,
     sandbox,
     today,
@@ -191,7 +192,7 @@ def report(sizes: Sequence[Size], args: argparse.Namespace, started: str) -> str
     return f"""
 ## Overhead: plan, no-op sync and memory from 1,000 to 50,000 tracks
 
-- Command: `{args.command}`
+- Command: `{args.command}` at commit {args.revision}
 - Machine: {machine()}
 - Date: {started}; medians of {args.repeat} fresh processes per figure (the
   first converge runs once).
@@ -230,6 +231,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 tracks, 2 repeats; no write")
     args = parser.parse_args()
     args.command = command_line("bench/overhead.py")
+    args.revision = revision()  # at the start: the tree may move during a long run
     if args.quick:
         args.sizes, args.repeat = [1_000], 2
     started = today()
