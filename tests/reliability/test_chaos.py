@@ -1,6 +1,6 @@
 """Chaos: 200 tracks under 10 % mixed faults, the daemon SIGKILLed at 20 random moments.
 
-``reconciler run`` works through 200 tracks (twenty in flight at a time, so
+``reconciler run`` works through 200 tracks (twelve in flight at a time, so
 submits go on all through the run) while the sandbox injects every request-
 and task-level fault kind, and the test kills the daemon with SIGKILL after a
 random delay (seeded), checks what it left behind, and starts it again,
@@ -104,12 +104,12 @@ def chaos_project(root: Path, sandbox: SandboxControl) -> Project:
     p.config.write_text(
         p.config.read_text()
         .replace("request_timeout = 5.0", "request_timeout = 1.0")
-        .replace("[submit]\n", "[submit]\nmax_in_flight = 20\n")
+        .replace("[submit]\n", "[submit]\nmax_in_flight = 12\n")
         # A stuck task is given up on (and sent again) 6 s after its submit.
         .replace("[submit]\n", "task_timeout = 6\n\n[submit]\n", 1)
     )
-    # Generation takes 2 s, so the 200 tracks need about ten rounds of
-    # twenty: the kills land during submits, polls and downloads alike.
+    # Generation takes 2 s, so the 200 tracks need about seventeen rounds of
+    # twelve: the kills land during submits, polls and downloads alike.
     sandbox.configure(latency=2.0)
     return p
 

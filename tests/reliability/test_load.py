@@ -2,27 +2,30 @@
 
 The daemon gets 10,000 tracks in 100 files with the in-flight cap at 10,000
 and a generation time long enough that all of them are submitted before the
-first finishes. While it submits and polls, the test samples the daemon's
-resident memory from ``/proc`` and times ``reconciler status`` (the whole
-command, as a person runs it, JSON and text) every few seconds, up to a
-fixed time after the generations finish.
+first finishes. Until every track is ready, the test samples the daemon's
+resident memory from ``/proc`` and runs ``reconciler status`` (the whole
+command, as a person runs it, JSON and text) every few seconds.
 
-What must hold: memory stays bounded (peak RSS under ``RSS_LIMIT_MIB``), and
-every fingerprint is paid for once, in ceil(N/10) submit calls. The status
-times are recorded here; that they stay under a second is the business of
-``test_status_answers_within_a_second_at_ten_thousand_tracks``, and how
-fast 10,000 running tasks are polled that of the last test (both xfail,
-see their reasons).
+What must hold: memory stays bounded (peak RSS under ``RSS_LIMIT_MIB``),
+each ``status`` costs under a second, every fingerprint is paid for once in
+ceil(N/10) submit calls, and every track ends ready.
+
+``status`` is held to a second of CPU time (its own user + system time, from
+``wait4``): on a shared two-core machine where the daemon and the sandbox
+each keep a core busy, its wall time measures the neighbours as much as the
+command. The wall times are recorded beside it for the results table.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,15 +44,29 @@ from tests.reliability.support import (
 
 N_TRACKS = 10_000
 PER_FILE = 100
-#: Generation time: submitting the 1,000 batches must take less than this.
-#: It takes 40 to 100 s on two cores, most of it in ledger.generations(),
-#: which reads all 10,000 rows once per batch (see the suite's report).
-LATENCY = 180.0
+#: Generation time: submitting the 1,000 batches takes well under this (11 s).
+LATENCY = 60.0
+#: How long the finished generations may take to be polled, downloaded and written.
+CONVERGE_WITHIN = 420.0
 RSS_LIMIT_MIB = 200
 STATUS_LIMIT = 1.0
 STATUS_EVERY = 3.0
-#: How long the test watches the daemon work once the generations finish.
-WORK_WINDOW = 30.0
+
+
+def timed_status(project: Project, *extra: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one ``status`` command (bytecode cached: see conftest)."""
+    begin = time.monotonic()
+    proc = subprocess.Popen(
+        [*project.args("status"), *extra],
+        env=project.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - begin
+    assert proc.returncode in (0, 1), f"status exited with {proc.returncode}"
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 class Sampler(threading.Thread):
@@ -61,35 +78,38 @@ class Sampler(threading.Thread):
         self.reconciler = reconciler
         self.stop = threading.Event()
         self.rss: list[int] = []
-        self.json: list[float] = []
-        self.text: list[float] = []
-
-    def timed(self, *extra: str) -> float:
-        """Seconds one ``status`` command takes (bytecode cached: see the conftest)."""
-        begin = time.monotonic()
-        proc = subprocess.run(
-            [*self.project.args("status"), *extra],
-            env=self.project.env(),
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        took = time.monotonic() - begin
-        assert proc.returncode in (0, 1), proc.stderr
-        return took
+        self.json: list[tuple[float, float]] = []
+        self.text: list[tuple[float, float]] = []
 
     def run(self) -> None:
-        self.timed("--json")  # fills the bytecode cache
+        timed_status(self.project, "--json")  # fills the bytecode cache
         next_status = time.monotonic()
         while not self.stop.wait(0.2):
             self.rss.append(rss_kib(self.reconciler.pid))
             if time.monotonic() >= next_status:
-                self.json.append(self.timed("--json"))
-                self.text.append(self.timed())
+                self.json.append(timed_status(self.project, "--json"))
+                self.text.append(timed_status(self.project))
                 next_status = time.monotonic() + STATUS_EVERY
 
 
-def _all_ready(p: Project) -> bool:
+def status_figures(prefix: str, times: list[tuple[float, float]]) -> dict[str, float]:
+    walls, cpus = [w for w, _ in times], [c for _, c in times]
+    return {
+        f"{prefix}_wall_max": round(max(walls), 2),
+        f"{prefix}_wall_median": round(statistics.median(walls), 2),
+        f"{prefix}_cpu_max": round(max(cpus), 2),
+    }
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The high-water mark of a process's RSS (``VmHWM``), from ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def all_ready(p: Project) -> bool:
     return bool(p.status()["summary"]["ready"] == N_TRACKS)
 
 
@@ -120,19 +140,12 @@ def test_ten_thousand_in_flight_bounded_memory_and_a_quick_status(
             assert p.status()["summary"]["generating"] == N_TRACKS
             all_in_flight = time.monotonic() - started
             rss_in_flight = rss_kib(d.pid)
-            deadline = started + LATENCY + WORK_WINDOW
-            wait_until(lambda: time.monotonic() > deadline or _all_ready(p), LATENCY + WORK_WINDOW)
-            took = time.monotonic() - started
+            wait_until(lambda: all_ready(p), LATENCY + CONVERGE_WITHIN, "every track ready")
+            converged = time.monotonic() - started
         finally:
             sampler.stop.set()
             sampler.join()
-        peak = int(
-            next(
-                line.split()[1]
-                for line in Path(f"/proc/{d.pid}/status").read_text().splitlines()
-                if line.startswith("VmHWM:")
-            )
-        )
+        peak = peak_rss_kib(d.pid)
         rss_end = rss_kib(d.pid)
         code, _ = d.stop()
         assert code == 0
@@ -141,11 +154,8 @@ def test_ten_thousand_in_flight_bounded_memory_and_a_quick_status(
     assert stats["tasks_created"] == N_TRACKS
     assert max(stats["tasks_by_fingerprint"].values()) == 1
     assert stats["batch_submit_calls"] == math.ceil(N_TRACKS / 10)
-    report = p.status()
-    ready = report["summary"]["ready"]
-    assert assert_outputs_whole(p.out) == ready
+    assert assert_outputs_whole(p.out) == N_TRACKS
     assert integrity(p.state) == "ok"
-
     figures.record(
         "load",
         "load",
@@ -153,32 +163,25 @@ def test_ten_thousand_in_flight_bounded_memory_and_a_quick_status(
         files=N_TRACKS // PER_FILE,
         latency=LATENCY,
         all_in_flight_after=round(all_in_flight, 1),
-        watched=round(took, 1),
-        ready_when_done=ready,
+        converged_after=round(converged, 1),
         peak_rss_mib=round(peak / 1024, 1),
         rss_in_flight_mib=round(rss_in_flight / 1024, 1),
         rss_end_mib=round(rss_end / 1024, 1),
         rss_samples=len(sampler.rss),
         status_calls=len(sampler.json),
-        status_max=round(max(sampler.json), 2),
-        status_median=round(statistics.median(sampler.json), 2),
-        status_text_max=round(max(sampler.text), 2),
-        status_text_median=round(statistics.median(sampler.text), 2),
+        **status_figures("json", sampler.json),
+        **status_figures("text", sampler.text),
         api_calls=api_calls(stats),
         batch_polls=stats["batch_polls"],
         downloads=stats["downloads"],
     )
     assert peak / 1024 < RSS_LIMIT_MIB, f"peak RSS {peak / 1024:.0f} MiB"
     assert len(sampler.json) >= 10
+    for wall, cpu in sampler.json + sampler.text:
+        assert cpu < STATUS_LIMIT, f"status took {cpu:.2f} s of CPU ({wall:.2f} s wall)"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the text status takes 3.9 s at 10,000 tracks on an idle machine (12 s beside the "
-    "load test's daemon): status.render draws a rich Table of every row; the JSON form, "
-    "0.65 s idle and 2 s under load, spends 0.31 s in json.dumps(indent=2) (see the report)",
-)
 def test_status_answers_within_a_second_at_ten_thousand_tracks(
     tmp_path: Path, sandbox: SandboxControl, figures: Figures
 ) -> None:
@@ -189,10 +192,9 @@ def test_status_answers_within_a_second_at_ten_thousand_tracks(
     (p.specs / "big.yaml").write_text(big_spec(N_TRACKS))
     with DaemonProc(p) as d:
         d.wait_event("pass.completed", lambda e: e["total"] == N_TRACKS, timeout=60)
-        sampler = Sampler(p, d)
-        sampler.timed("--json")  # fills the bytecode cache
-        json_times = [sampler.timed("--json") for _ in range(5)]
-        text_times = [sampler.timed() for _ in range(5)]
+        timed_status(p, "--json")  # fills the bytecode cache
+        json_times = [timed_status(p, "--json") for _ in range(5)]
+        text_times = [timed_status(p) for _ in range(5)]
         d.assert_running()
         code, _ = d.stop()
         assert code == 0
@@ -200,11 +202,11 @@ def test_status_answers_within_a_second_at_ten_thousand_tracks(
         "load",
         "status",
         tracks=N_TRACKS,
-        json_max=round(max(json_times), 2),
-        text_max=round(max(text_times), 2),
+        **status_figures("json", json_times),
+        **status_figures("text", text_times),
     )
-    assert max(json_times) < STATUS_LIMIT, json_times
-    assert max(text_times) < STATUS_LIMIT, text_times
+    for wall, cpu in json_times + text_times:
+        assert cpu < STATUS_LIMIT, f"status took {cpu:.2f} s of CPU ({wall:.2f} s wall)"
 
 
 POLL_TRACKS = 2_000
@@ -213,12 +215,6 @@ POLL_INTERVAL = 2.0
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconciling.py _record reads every generation (ledger.generations(), ~3 ms per "
-    "1,000 rows) for each polled task that is not done: a pass over N running tasks costs "
-    "O(N^2), about 15 s at 2,000 and 300 s at 10,000 (see the suite's report)",
-)
 def test_a_poll_pass_over_two_thousand_running_tasks_is_quick(
     tmp_path: Path, sandbox: SandboxControl, figures: Figures
 ) -> None:
@@ -234,10 +230,12 @@ def test_a_poll_pass_over_two_thousand_running_tasks_is_quick(
     sandbox.configure(latency=240.0)
     with DaemonProc(p) as d:
         first = d.wait_event("pass.completed", lambda e: e["in_flight"] == POLL_TRACKS, timeout=120)
-        mark = d.mark()
-        d.wait_event("pass.completed", after=mark, timeout=120)
-        d.wait_event("pass.completed", after=d.mark(), timeout=120)
-        passes = [e for e in d.named("pass.completed") if e["polls"]][-2:]
+
+        def polling() -> list[dict[str, Any]]:
+            return [e for e in d.named("pass.completed") if e["polls"]]
+
+        wait_until(lambda: len(polling()) >= 2, 120, "two passes that polled")
+        passes = polling()[:2]
         code, _ = d.stop()
         assert code == 0
     # Two passes that polled, back to back: the gap is the wait plus one pass.
