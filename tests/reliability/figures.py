@@ -32,13 +32,9 @@ UNIT = ROOT / "systemd" / "reconciler.service"
 
 #: Findings the suite holds as ``xfail(strict=True)`` until the lead's files change.
 OPEN_FINDINGS = (
-    "An unclaimed lost submit answer goes out again only at the next rescan, not when its grace "
-    "ends (`ledger.next_due()` leaves the grace out): "
-    "`test_faults.py::test_a_lost_answer_goes_out_again_soon_after_the_grace`.",
-    "An output that cannot be written (its soundtrack folder is a symlink out of the output "
-    "folder) keeps `sync` looping and the daemon logging `output.failed` every poll interval; "
-    "`status` says only `generating`: "
-    "`test_security.py::test_sync_ends_when_an_output_cannot_be_written`.",
+    "A track whose file cannot be written (its soundtrack folder is a symlink out of the "
+    "output folder) shows in `status` as `generating` with no reason; the error is only "
+    "logged: `test_security.py::test_status_says_why_an_output_cannot_be_written`.",
 )
 #: What the suite found that has been fixed since, with the commit that fixed it.
 FIXED_FINDINGS = (
@@ -48,6 +44,9 @@ FIXED_FINDINGS = (
     "`sync` waiting forever: 7f476f5.",
     "A poll pass cost O(tasks²) (about 300 s at 10,000 running tasks) and the text `status` "
     "took 3.9 s at 10,000 tracks: 9df80fc.",
+    "A lost submit answer went out again only at the next rescan, not when its grace ended; "
+    "an output that could not be written kept `sync` looping and the daemon logging it every "
+    "poll interval: 4cd3afd.",
 )
 
 

@@ -260,7 +260,7 @@ def test_a_lost_answer_goes_out_again_soon_after_the_grace(
     sandbox.configure(faults=[{"kind": "drop_response", "at": [1]}])
     with DaemonProc(p) as d:
         d.wait_event("submit.ambiguous")
-        # Fixed: the grace (1 s) and a poll; as it is: the rescan, 600 s away.
+        # The grace (1 s) and a poll; not the rescan, 600 s away.
         d.converged(timeout=8)
         d.stop()
     audit_one = accounting(sandbox_server, p.state)

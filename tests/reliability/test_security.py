@@ -220,8 +220,8 @@ def test_symlinks_in_the_output_folder_are_never_written_through(
 def test_a_soundtrack_folder_linked_outside_is_refused(
     tmp_path: Path, sandbox: SandboxControl, figures: Figures
 ) -> None:
-    # The daemon, since sync does not end on this (see the xfail below). The
-    # track stays "generating" in status, with no word of why: part of that bug.
+    # The daemon: it must log the refusal once, keep running and serve the
+    # other soundtrack.
     p = daemon_project(tmp_path, sandbox)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -233,13 +233,15 @@ def test_a_soundtrack_folder_linked_outside_is_refused(
         failed = d.wait_event("output.failed", lambda e: e["path"] == "linked/a.mp3", timeout=30)
         assert "outside" in failed["error"]
         wait_until((p.out / "fine" / "b.mp3").is_file, 30, "the other soundtrack")
+        d.wait_event("pass.completed", after=d.mark())
+        assert len(d.named("output.failed")) == 1, "logged once, not every pass"
         d.assert_running()
         code, _ = d.stop()
         assert code == 0
     assert list(outside.iterdir()) == []
-    report = p.status()
-    states = {t["track"]: t["state"] for t in report["tracks"]}
-    assert states == {"a": "generating", "b": "ready"}
+    states = {t["track"]: t["state"] for t in p.status()["tracks"]}
+    assert states["b"] == "ready"
+    assert states["a"] != "ready"
 
 
 def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
@@ -248,8 +250,26 @@ def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: 
     project.out.mkdir()
     (project.out / "linked").symlink_to(outside)
     project.write_spec("linked.yaml", [track("a", "into the void")], soundtrack="linked")
-    # Fixed, it stops after a pass or two; as it is, it never does.
+    # It stops after a pass or two (it used to loop for ever).
     proc = project.cli("sync", timeout=8)
     assert proc.returncode == 1
     assert "linked/a.mp3" in proc.stderr
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="status shows a track whose file cannot be written as 'generating' with no reason: "
+    "the output error is only logged (reconciling.py keeps it in memory, status.py never "
+    "sees it); see the suite's report",
+)
+def test_status_says_why_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    project.out.mkdir()
+    (project.out / "linked").symlink_to(outside)
+    project.write_spec("linked.yaml", [track("a", "into the void")], soundtrack="linked")
+    project.sync(expect=1)
+    (a,) = project.status()["tracks"]
+    assert a["state"] in ("failed", "retrying"), a
+    assert "outside" in (a["reason"] or ""), a
