@@ -246,6 +246,7 @@ def summary_table(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
 def render(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
     loads = [r["loadavg"][0] for r in records.values() if "loadavg" in r]
     when = datetime.fromtimestamp(max(r["at"] for r in records.values()), UTC)
+    commits = ", ".join(sorted({r.get("commit") or "unknown" for r in records.values()}))
     hardware = machine().split(";")[0]
     findings = "\n".join(f"- {text}" for text in OPEN_FINDINGS)
     fixed = "\n".join(f"- {text}" for text in FIXED_FINDINGS)
@@ -259,6 +260,7 @@ def render(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
   `uv run python -m tests.reliability.figures <file>` writes this section.
 - Machine: {hardware}; 1-minute load average when the figures were taken
   {min(loads):.2f} to {max(loads):.2f} (the machine is shared).
+- Commit measured: {commits}.
 - Date: {when:%Y-%m-%d %H:%M} UTC. Every part runs real `reconciler`
   processes against the sandbox over loopback; the sandbox's own books (in
   process) are the judge of what was paid for.

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.common import revision
 from reconciler.outputs import TEMP_PREFIX, probe_audio
 from reconciler.sandbox import SandboxServer, fingerprint
 from reconciler.sandbox.state import TASK_COST
@@ -224,11 +225,18 @@ class Figures:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.commit = revision() if path is not None else ""
 
     def record(self, section: str, name: str, **values: Any) -> None:
         if self.path is None:
             return
-        record = {"section": section, "name": name, "at": time.time(), "loadavg": os.getloadavg()}
+        record = {
+            "section": section,
+            "name": name,
+            "at": time.time(),
+            "loadavg": os.getloadavg(),
+            "commit": self.commit,
+        }
         line = json.dumps({**record, **values})
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
