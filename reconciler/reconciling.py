@@ -632,6 +632,8 @@ class Reconciler:
                 entries.setdefault(t.soundtrack, []).extend(track_entries)
         for soundtrack in desired.soundtracks:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
+        # For status, which runs in another process; put() writes only changes.
+        self.ledger.put("output_errors", self._failed_outputs)
 
     def _short_of_clips(self, t: DesiredTrack, have: int) -> None:
         reason = (

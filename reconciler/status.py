@@ -29,12 +29,14 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _track_state(
-    row: dict[str, Any], files_ok: bool, spec_error: str | None
+    row: dict[str, Any], files_ok: bool, spec_error: str | None, output_error: str | None
 ) -> tuple[str, str | None]:
     if spec_error is not None:
         return "invalid", spec_error.splitlines()[0]
     if files_ok:
         return "ready", None
+    if output_error is not None:
+        return "failed", f"cannot write the output: {output_error}"
     state = row["gstate"]
     if state == "parked":
         return "failed", row["reason"]
@@ -52,6 +54,7 @@ def build_report(
 ) -> dict[str, Any]:
     """Everything ``status`` shows, as plain JSON-ready data."""
     spec_errors = ledger.spec_errors()
+    output_errors: dict[str, str] = ledger.get("output_errors") or {}
     outputs = ledger.outputs()
     rows = ledger.query(
         "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, t.position, "
@@ -69,7 +72,8 @@ def build_report(
         files = [f"{r['soundtrack']}/{n}" for n in output_names(r["name"], r["clips"])]
         recs = [outputs.get(f) for f in files]
         files_ok = all(rec is not None and rec.fingerprint == r["fingerprint"] for rec in recs)
-        state, reason = _track_state(r, files_ok, spec_errors.get(r["source"]))
+        output_error = next((output_errors[f] for f in files if f in output_errors), None)
+        state, reason = _track_state(r, files_ok, spec_errors.get(r["source"]), output_error)
         changed = max(
             [r["t_at"] or 0.0, r["g_at"] or 0.0],
         )

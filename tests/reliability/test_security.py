@@ -257,12 +257,6 @@ def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: 
     assert list(outside.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="status shows a track whose file cannot be written as 'generating' with no reason: "
-    "the output error is only logged (reconciling.py keeps it in memory, status.py never "
-    "sees it); see the suite's report",
-)
 def test_status_says_why_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
