@@ -228,3 +228,11 @@ def write_section(name: str, text: str, results: Path = RESULTS) -> None:
     else:
         updated = current.rstrip("\n") + "\n\n" + block
     results.write_text(updated)
+
+
+def append_results(results: Path, text: str) -> None:
+    """Append a run's figures to the results file, creating it with its heading."""
+    if not results.exists():
+        results.write_text("# Benchmark results\n")
+    with results.open("a") as out:
+        out.write(text)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import append_results
 
 KEY = "bench-key"
 COUNTERS = ("batch_submit_calls", "batch_polls", "task_polls", "credit_calls", "downloads")
@@ -184,10 +185,7 @@ def main() -> None:
     text = report(results, args, command)
     print(text)
     if args.results:
-        if not args.results.exists():
-            args.results.write_text("# Benchmark results\n")
-        with args.results.open("a") as out:
-            out.write(text)
+        append_results(args.results, text)
 
 
 if __name__ == "__main__":

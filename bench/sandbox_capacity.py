@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from common import append_results
+
 IN_FLIGHT = 1_000
 BATCH = 10
 CONNECTIONS = 16
@@ -327,10 +329,7 @@ def main() -> None:
     text = report(results, args.rate, args.seconds, invocation)
     print(text)
     if args.results:
-        if not args.results.exists():
-            args.results.write_text("# Benchmark results\n")
-        with args.results.open("a") as out:
-            out.write(text)
+        append_results(args.results, text)
 
 
 if __name__ == "__main__":
