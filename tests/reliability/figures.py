@@ -31,11 +31,7 @@ SECTION = "reliability"
 UNIT = ROOT / "systemd" / "reconciler.service"
 
 #: Findings the suite holds as ``xfail(strict=True)`` until the lead's files change.
-OPEN_FINDINGS = (
-    "A track whose file cannot be written (its soundtrack folder is a symlink out of the "
-    "output folder) shows in `status` as `generating` with no reason; the error is only "
-    "logged: `test_security.py::test_status_says_why_an_output_cannot_be_written`.",
-)
+OPEN_FINDINGS: tuple[str, ...] = ()
 #: What the suite found that has been fixed since, with the commit that fixed it.
 FIXED_FINDINGS = (
     "A new file naming an existing soundtrack (and sorting first) took it over: 7254264.",
@@ -46,7 +42,7 @@ FIXED_FINDINGS = (
     "took 3.9 s at 10,000 tracks: 9df80fc.",
     "A lost submit answer went out again only at the next rescan, not when its grace ended; "
     "an output that could not be written kept `sync` looping and the daemon logging it every "
-    "poll interval: 4cd3afd.",
+    "poll interval: 4cd3afd; `status` gave no reason for it: c4286b3.",
 )
 
 
@@ -248,7 +244,7 @@ def render(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
     when = datetime.fromtimestamp(max(r["at"] for r in records.values()), UTC)
     commits = ", ".join(sorted({r.get("commit") or "unknown" for r in records.values()}))
     hardware = machine().split(";")[0]
-    findings = "\n".join(f"- {text}" for text in OPEN_FINDINGS)
+    findings = "\n".join(f"- {text}" for text in OPEN_FINDINGS) or "None at the time of the run."
     fixed = "\n".join(f"- {text}" for text in FIXED_FINDINGS)
     return f"""
 ## Reliability suite (`tests/reliability/`)

@@ -60,9 +60,7 @@ def test_key_and_secret_never_leak_through_a_faulty_run(
         f'\n[webhook]\nlisten = "127.0.0.1:{port}"\npublic_url = "http://127.0.0.1:{port}"\n'
         f'secret = "{SECRET}"\n'
     )
-    # A 5 s rescan: an unclaimed lost answer is otherwise sent again only at
-    # the next rescan (test_faults.py holds that bug as xfail).
-    p = daemon_project(tmp_path, sandbox, grace=2.0, rescan=5, extra=hook)
+    p = daemon_project(tmp_path, sandbox, grace=2.0, extra=hook)
     p.write_spec("sec.yaml", [track(f"s{i}", f"secret keeper {i}") for i in range(12)])
     sandbox.configure(faults=faults())
     with DaemonProc(p) as d:
@@ -233,7 +231,9 @@ def test_a_soundtrack_folder_linked_outside_is_refused(
         failed = d.wait_event("output.failed", lambda e: e["path"] == "linked/a.mp3", timeout=30)
         assert "outside" in failed["error"]
         wait_until((p.out / "fine" / "b.mp3").is_file, 30, "the other soundtrack")
-        d.wait_event("pass.completed", after=d.mark())
+        # More passes, for another soundtrack: the refusal is not logged again.
+        p.write_spec("more.yaml", [track("c", "and here")], soundtrack="more")
+        wait_until((p.out / "more" / "c.mp3").is_file, 30, "a third soundtrack")
         assert len(d.named("output.failed")) == 1, "logged once, not every pass"
         d.assert_running()
         code, _ = d.stop()
