@@ -130,16 +130,14 @@ def make_plan(settings: Settings) -> dict[str, Any]:
             ledger.close()
     cache = out.AudioCache(settings.state_dir / "cache")
     folder = out.OutputFolder(settings.out_dir)
-    facts = {
-        p: OutputFact(
-            p,
-            r.fingerprint or "",
-            _disk_state(folder, p, r.size, r.mtime_ns, r.sha256),
-            cached=cache.has(r.sha256),
-        )
-        for p, r in records.items()
-        if r.track is not None
-    }
+    facts: dict[str, OutputFact] = {}
+    for p, r in records.items():
+        if r.track is None:
+            continue
+        disk = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
+        # The cache only matters for a file to restore: no stat for the rest.
+        cached = disk != "ok" and cache.has(r.sha256)
+        facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
     d = diff(desired, gens, facts, prune=settings.prune)
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks:
