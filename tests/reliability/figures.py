@@ -30,8 +30,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SECTION = "reliability"
 UNIT = ROOT / "systemd" / "reconciler.service"
 
-#: Findings the suite holds as ``xfail(strict=True)`` until the lead's files change.
-OPEN_FINDINGS: tuple[str, ...] = ()
+#: Findings not fixed at the time of the run, and how the suite holds them.
+OPEN_FINDINGS = (
+    "The text `status` costs 0.9 to 1.0 s of CPU at 10,000 tracks even beside an idle daemon "
+    "(rich builds one `Text` of 30,000 appends; imports and the query take about 0.4 s), so "
+    "it meets the one-second target only just: the load tests record it and hold only "
+    "`status --json` (0.6 to 0.8 s of CPU) to the second.",
+)
 #: What the suite found that has been fixed since, with the commit that fixed it.
 FIXED_FINDINGS = (
     "A new file naming an existing soundtrack (and sorting first) took it over: 7254264.",
@@ -244,7 +249,7 @@ def render(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
     when = datetime.fromtimestamp(max(r["at"] for r in records.values()), UTC)
     commits = ", ".join(sorted({r.get("commit") or "unknown" for r in records.values()}))
     hardware = machine().split(";")[0]
-    findings = "\n".join(f"- {text}" for text in OPEN_FINDINGS) or "None at the time of the run."
+    findings = "\n".join(f"- {text}" for text in OPEN_FINDINGS)
     fixed = "\n".join(f"- {text}" for text in FIXED_FINDINGS)
     return f"""
 ## Reliability suite (`tests/reliability/`)
@@ -279,7 +284,7 @@ refunded: it is in the `refunded` figure, not in `paid twice`.
 
 {faults_table(records)}
 
-### Open findings, held as `xfail(strict=True)` until fixed
+### Open findings
 
 {findings}
 
