@@ -55,7 +55,7 @@ async def run_sync(settings: Settings, console: Console) -> bool:
             ledger.close()
     finally:
         lock.release()
-    console.print(summary_line(result))
+    console.print(summary_line(result), soft_wrap=True)
     return result.converged
 
 
