@@ -178,5 +178,6 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         f"{len(report['submit'])} generation(s) to submit in {report['submit_calls']} call(s), "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
         f"{len(report['restore'])} restored, {len(report['prune'])} pruned; "
-        f"{report['in_flight']} in flight"
+        f"{report['in_flight']} in flight",
+        soft_wrap=True,
     )
