@@ -19,7 +19,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -175,8 +175,10 @@ class Reconciler:
             self.log.warning("submit.resubmitting_ambiguous", items=len(expired))
         await self._submit(desired, result, now)
         await self._poll(result)
-        await self._download(desired, result)
-        self._materialise(desired, result)
+        # Read once: the downloads fill in checksums, materialising uses them.
+        usable = self.ledger.usable_clips(self._needed(desired))
+        usable = await self._download(usable, desired, result)
+        self._materialise(desired, usable, result)
         self._prune(desired, result)
         self._summarise(desired, result)
         return result
@@ -549,26 +551,29 @@ class Reconciler:
             need[t.fingerprint] = max(need.get(t.fingerprint, 0), t.clips)
         return need
 
-    async def _download(self, desired: Desired, result: PassResult) -> None:
+    async def _download(
+        self, usable: dict[str, list[ClipRecord]], desired: Desired, result: PassResult
+    ) -> dict[str, list[ClipRecord]]:
+        """Fetch the kept clips not yet in the cache; returns ``usable`` with their checksums.
+
+        A clip whose cached file went missing is found by ``_ensure_output``
+        (``clip_lost``) when it is needed, so no pass stats the cache here.
+        """
         need = self._needed(desired)
-        usable = self.ledger.usable_clips(need)
-        todo: list[ClipRecord] = []
-        for fp, clips in usable.items():
-            for clip in clips[: need[fp]]:
-                if clip.sha256 and self.cache.has(clip.sha256):
-                    continue
-                todo.append(clip)
+        todo = [c for fp, clips in usable.items() for c in clips[: need[fp]] if not c.sha256]
         if not todo:
-            return
+            return usable
         sem = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
 
-        async def fetch(clip: ClipRecord) -> None:
+        async def fetch(clip: ClipRecord) -> ClipRecord | None:
             async with sem:
-                await self._fetch(clip, result)
+                return await self._fetch(clip, result)
 
-        await asyncio.gather(*(fetch(c) for c in todo))
+        fetched = {c.clip_id: c for c in await asyncio.gather(*(fetch(c) for c in todo)) if c}
+        return {fp: [fetched.get(c.clip_id, c) for c in clips] for fp, clips in usable.items()}
 
-    async def _fetch(self, clip: ClipRecord, result: PassResult) -> None:
+    async def _fetch(self, clip: ClipRecord, result: PassResult) -> ClipRecord | None:
+        """Download one clip into the cache; the clip with its checksum, or None."""
         tmp = self.cache.new_temp()
         try:
             await self.api.download(clip.audio_url or "", tmp)
@@ -578,24 +583,28 @@ class Reconciler:
             ref = self.ledger.task_ref(clip.task_id)
             self.ledger.wake(ref.batch_id if ref else None, clip.task_id)
             self.log.info("audio.expired", clip_id=clip.clip_id)
-            return
+            return None
         except (APIError, OutputError) as exc:
             self.log.warning("audio.download_failed", clip_id=clip.clip_id, error=str(exc))
             ref = self.ledger.task_ref(clip.task_id)
             self.ledger.wake(ref.batch_id if ref else None, clip.task_id)
-            return
+            return None
         finally:
             tmp.unlink(missing_ok=True)
         self.ledger.clip_downloaded(clip.clip_id, sha, duration)
         result.downloads += 1
         self.log.info("clip.downloaded", clip_id=clip.clip_id, fingerprint=clip.fingerprint)
+        return replace(
+            clip, sha256=sha, duration=clip.duration if clip.duration is not None else duration
+        )
 
     # -- outputs ------------------------------------------------------------------------
 
-    def _materialise(self, desired: Desired, result: PassResult) -> None:
+    def _materialise(
+        self, desired: Desired, usable: dict[str, list[ClipRecord]], result: PassResult
+    ) -> None:
         self._outdir = out.OutputFolder(self.settings.out_dir)
         self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
-        usable = self.ledger.usable_clips(self._needed(desired))
         records = self.ledger.outputs()
         gens = self.ledger.generations()
         entries: dict[str, list[out.TrackOutput]] = {}

@@ -322,3 +322,17 @@ def test_status_answers_while_sync_writes(project: Project) -> None:
         assert report["batches_in_flight"] == 2
     finally:
         assert proc.wait(timeout=60) == 0
+
+
+def test_lost_cache_is_fetched_again_without_a_new_generation(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    paid, downloads = submits(project), project.stats()["downloads"]
+    audio = project.files()["study/focus-1.mp3"][0]
+    for cached in (project.state / "cache").rglob("*.mp3"):
+        cached.unlink()
+    (project.out / "study" / "focus-1.mp3").unlink()
+    project.sync()
+    assert submits(project) == paid
+    assert project.stats()["downloads"] == downloads + 1
+    assert project.files()["study/focus-1.mp3"][0] == audio
