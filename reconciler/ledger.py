@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import sqlite_utils
 
 from reconciler.errors import LedgerError, LockedError
-from reconciler.planning import Desired, Generation, GenState
+from reconciler.planning import Desired, Generation, GenState, OpenBatch
 from reconciler.specs import SpecFile, TrackSpec
 
 Clock = Callable[[], float]
@@ -656,14 +656,24 @@ class Ledger:
 
     # -- tracking -----------------------------------------------------------------
 
-    def due_batches(self, now: float) -> list[str]:
+    def batches_due_by(self, until: float) -> list[OpenBatch]:
+        """Open batches whose next poll comes at ``until`` or before."""
         return [
-            r["batch_id"]
-            for r in self.db.query(
-                "SELECT batch_id FROM batches WHERE open = 1 AND next_poll <= ? ORDER BY next_poll",
-                [now],
+            OpenBatch(*r)
+            for r in self.db.execute(
+                "SELECT batch_id, at, last_poll, next_poll FROM batches "
+                "WHERE open = 1 AND next_poll <= ?",
+                [until],
             )
         ]
+
+    def defer_batches(self, batch_ids: Sequence[str], next_poll: float) -> None:
+        """Put off polls that would tell nothing new (a cohort's probe is still running)."""
+        with self.transaction():
+            self.db.conn.executemany(
+                "UPDATE batches SET next_poll = ? WHERE batch_id = ?",
+                [(next_poll, b) for b in batch_ids],
+            )
 
     def due_single_tasks(self, now: float) -> list[TaskRef]:
         """Tasks to poll one by one: fallback mode, claimed items, forgotten batches.

@@ -263,6 +263,40 @@ def batches(fingerprints: Sequence[str], size: int = BATCH_SIZE) -> list[tuple[s
     return [tuple(fingerprints[i : i + size]) for i in range(0, len(fingerprints), size)]
 
 
+@dataclass(frozen=True)
+class OpenBatch:
+    """An open batch and when it is to be polled."""
+
+    batch_id: str
+    submitted_at: float
+    last_poll: float | None
+    next_poll: float
+
+
+def poll_cohorts(batches: Sequence[OpenBatch], window: float, now: float) -> list[list[OpenBatch]]:
+    """Group open batches into cohorts of batches submitted within ``window``
+    of the cohort's first one, keeping the cohorts with a poll due at ``now``.
+
+    Batches sent together finish together, so while no batch of a cohort has
+    shown a finished task, polling one of them tells as much as polling all.
+    Each cohort comes probe first: of its due batches, the one polled least
+    recently (never polled before all), so a probe stuck on one slow batch
+    moves to a sibling at the next poll.
+    """
+    cohorts: list[list[OpenBatch]] = []
+    for batch in sorted(batches, key=lambda b: (b.submitted_at, b.batch_id)):
+        if cohorts and batch.submitted_at - cohorts[-1][0].submitted_at < window:
+            cohorts[-1].append(batch)
+        else:
+            cohorts.append([batch])
+    never = float("-inf")
+
+    def probe_order(b: OpenBatch) -> tuple[bool, float, float]:
+        return (b.next_poll > now, never if b.last_poll is None else b.last_poll, b.submitted_at)
+
+    return [sorted(c, key=probe_order) for c in cohorts if any(b.next_poll <= now for b in c)]
+
+
 def backoff(
     attempts: int,
     *,

@@ -46,11 +46,13 @@ from reconciler.planning import (
     IN_FLIGHT,
     Desired,
     DesiredTrack,
+    OpenBatch,
     affordable_tasks,
     backoff,
     batches,
     desired_state,
     due_submissions,
+    poll_cohorts,
 )
 from reconciler.specs import SpecFile, SpecScan, scan_specs
 
@@ -139,6 +141,8 @@ class Reconciler:
         self._reported: dict[str, str] = {}
         self._failed_outputs: dict[str, str] = {}
         self._logged_outputs: dict[str, str] = {}
+        #: Open batches that have shown a finished task: their cohort is polled whole.
+        self._progressed: set[str] = set()
         self._outdir = out.OutputFolder(settings.out_dir)
         #: soundtrack → the list entries and file states last written, to skip re-rendering.
         self._lists: dict[
@@ -416,19 +420,35 @@ class Reconciler:
         now = self.clock()
         sem = asyncio.Semaphore(POLL_CONCURRENCY)
 
-        async def one_batch(batch_id: str) -> None:
+        async def one_batch(batch_id: str) -> bool:
             async with sem:
-                await self._poll_batch(batch_id, result)
+                return await self._poll_batch(batch_id, result)
 
         async def one_task(task_id: str) -> None:
             async with sem:
                 await self._poll_task(task_id, result)
 
-        jobs = [one_batch(b) for b in self.ledger.due_batches(now)]
+        async def cohort(batches: list[OpenBatch]) -> None:
+            due = [b.batch_id for b in batches if b.next_poll <= now]
+            if not any(b.batch_id in self._progressed for b in batches):
+                probe, *due = due
+                if not await one_batch(probe):
+                    # Its siblings were sent with it, so they are not done either:
+                    # they wait for the next probe, due ones and soon due alike.
+                    siblings = [b.batch_id for b in batches if b.batch_id != probe]
+                    self.ledger.defer_batches(siblings, now + interval)
+                    return
+            await asyncio.gather(*(one_batch(b) for b in due))
+
+        interval = self.settings.poll_interval
+        soon = self.ledger.batches_due_by(now + interval)
+        jobs = [cohort(c) for c in poll_cohorts(soon, interval, now)]
         jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
         await asyncio.gather(*jobs)
 
-    async def _poll_batch(self, batch_id: str, result: PassResult) -> None:
+    async def _poll_batch(self, batch_id: str, result: PassResult) -> bool:
+        """Poll one batch; True when the answer says the rest of its cohort is
+        worth polling (a task in it has finished, or the batch is gone)."""
         result.polls += 1
         try:
             statuses = await self.api.poll_batch(batch_id)
@@ -436,26 +456,34 @@ class Reconciler:
             # The service forgot the batch; its tasks can still be polled one by one.
             self.ledger.batch_polled(batch_id, 0.0, still_open=False)
             self.log.warning("batch.unknown", batch_id=batch_id)
-            return
+            self._progressed.discard(batch_id)
+            return True
         except APIError as exc:
             self._poll_failed(exc)
             self.ledger.batch_polled(
                 batch_id, self._retry_at(1, _retry_after(exc)), still_open=True
             )
-            return
+            return False
         self._api_health(None)
         tasks = self.ledger.batch_tasks(batch_id)
         seen: set[str] = set()
         waiting = False
+        progressed = False
         for status in statuses:
             if status.task_id in tasks:
                 seen.add(status.task_id)
                 waiting = self._record(status) or waiting
+                progressed = progressed or _has_progress(status)
         # A task missing from the answer is not finished as far as we know.
         still_open = waiting or bool(set(tasks) - seen)
         self.ledger.batch_polled(
             batch_id, self.clock() + self.settings.poll_interval, still_open=still_open
         )
+        if progressed and still_open:
+            self._progressed.add(batch_id)
+        else:
+            self._progressed.discard(batch_id)
+        return progressed
 
     async def _poll_task(self, task_id: str, result: PassResult) -> None:
         result.polls += 1
@@ -826,6 +854,11 @@ class Reconciler:
             pruned=result.pruned,
             **summary,
         )
+
+
+def _has_progress(status: TaskStatus) -> bool:
+    """Whether a task has got anywhere: finished, failed, or one clip ready."""
+    return status.status in ("succeeded", "failed") or any(c.audio_url for c in status.clips)
 
 
 def _retry_after(exc: APIError) -> float | None:

@@ -11,6 +11,7 @@ import pytest
 from reconciler.planning import (
     CREDITS_PER_TASK,
     Generation,
+    OpenBatch,
     OutputFact,
     affordable_tasks,
     backoff,
@@ -19,6 +20,7 @@ from reconciler.planning import (
     diff,
     due_submissions,
     fingerprint,
+    poll_cohorts,
 )
 from reconciler.specs import SpecFile, TrackSpec
 
@@ -386,3 +388,44 @@ def test_affordable_tasks(
     else:
         assert reason is not None
         assert why in reason
+
+
+def batch(
+    batch_id: str, submitted_at: float, last_poll: float | None = None, next_poll: float = 10.0
+) -> OpenBatch:
+    return OpenBatch(batch_id, submitted_at, last_poll, next_poll)
+
+
+NOW = 10.0
+
+
+@pytest.mark.parametrize(
+    ("open_batches", "expected"),
+    [
+        ([], []),
+        ([batch("a", 0.0)], [["a"]]),
+        # One burst of submits is one cohort; a later burst is its own.
+        (
+            [batch("c", 0.4), batch("a", 0.0), batch("b", 0.2), batch("d", 7.0)],
+            [["a", "b", "c"], ["d"]],
+        ),
+        # The window runs from a cohort's first batch, so a slow trickle splits.
+        ([batch("a", 0.0), batch("b", 4.0), batch("c", 8.0)], [["a", "b"], ["c"]]),
+        # Probe first: a due batch never polled, then the least recently polled.
+        (
+            [batch("a", 0.0, 3.0), batch("b", 0.1, 2.0), batch("c", 0.2)],
+            [["c", "b", "a"]],
+        ),
+        ([batch("a", 0.0, 3.0), batch("b", 0.1, 3.0)], [["a", "b"]]),
+        # A batch due soon joins its cohort but is never the probe.
+        (
+            [batch("a", 0.0, next_poll=10.2), batch("b", 0.1, 3.0)],
+            [["b", "a"]],
+        ),
+        # A cohort with nothing due yet is left alone.
+        ([batch("a", 0.0, next_poll=10.2), batch("b", 8.0)], [["b"]]),
+    ],
+)
+def test_poll_cohorts(open_batches: list[OpenBatch], expected: list[list[str]]) -> None:
+    cohorts = poll_cohorts(open_batches, 5.0, NOW)
+    assert [[b.batch_id for b in c] for c in cohorts] == expected

@@ -336,3 +336,22 @@ def test_lost_cache_is_fetched_again_without_a_new_generation(project: Project) 
     assert submits(project) == paid
     assert project.stats()["downloads"] == downloads + 1
     assert project.files()["study/focus-1.mp3"][0] == audio
+
+
+def test_batches_sent_together_are_probed_until_one_shows_progress(project: Project) -> None:
+    # 50 tracks in one pass are 5 batches sent within a poll interval; generation
+    # takes 1.5 s and reconciler polls every 0.3 s. Polling every batch each time
+    # would cost 5 x 5 = 25 polls; probing one batch per interval until a task in
+    # it finishes costs the probe's ~5 polls plus one for each sibling.
+    config = project.config.read_text()
+    project.config.write_text(config.replace("interval = 0.1", "interval = 0.3"))
+    project.sandbox.configure(latency=1.5)
+    for f in range(5):
+        project.write_spec(
+            f"set-{f}.yaml", [track(f"t{f}-{i}", f"probe {f} {i}") for i in range(10)]
+        )
+    project.sync()
+    stats = project.stats()
+    assert stats["batch_submit_calls"] == 5
+    assert project.status()["summary"]["ready"] == 50
+    assert 5 <= stats["batch_polls"] <= math.ceil(1.5 / 0.3) + 1 + 4, stats["batch_polls"]

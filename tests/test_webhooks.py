@@ -279,7 +279,7 @@ def test_apply_hints_claims_lost_answers_and_wakes_known_batches(ledger: Ledger)
     ledger.submit_ambiguous(sid, "connection reset after sending")
     sid = ledger.begin_submit([known], "batch")
     ledger.submit_answered(sid, "batch-1", {known: ("task-k", 0)}, {}, {}, poll_at=NOW + 600)
-    assert ledger.due_batches(NOW) == []
+    assert ledger.batches_due_by(NOW) == []
 
     hints = [
         Hint(known, "task-k"),
@@ -289,7 +289,7 @@ def test_apply_hints_claims_lost_answers_and_wakes_known_batches(ledger: Ledger)
     ]
     with capture_logs() as logs:
         assert apply_hints(ledger, hints, NOW) == 2
-    assert ledger.due_batches(NOW) == ["batch-1"]
+    assert [b.batch_id for b in ledger.batches_due_by(NOW)] == ["batch-1"]
     assert ledger.generations()[lost].state == "running"
     ref = ledger.task_ref("task-l")
     assert ref is not None
