@@ -155,6 +155,12 @@ def run(prune: bool | None, **opts: Any) -> None:
     sys.exit(asyncio.run(run_daemon(settings, reload=reload)))
 
 
+def _echo_json(report: dict[str, Any]) -> None:
+    # Indented for a person at a terminal; compact into a pipe, where the C
+    # encoder writes 10,000 tracks in a tenth of the time the indenting one takes.
+    click.echo(json.dumps(report, indent=2 if sys.stdout.isatty() else None))
+
+
 @main.command()
 @common_options
 @click.option("--prune/--no-prune", default=None, help="Show what pruning would move.")
@@ -167,7 +173,7 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
     settings = _settings(prune=prune, **opts)
     report = make_plan(settings)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _echo_json(report)
     else:
         render_plan(report, Console())
     if report["invalid_files"]:
@@ -192,7 +198,7 @@ def status(as_json: bool, selector: str | None, **opts: Any) -> None:
     finally:
         ledger.close()
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _echo_json(report)
     else:
         render(report, Console())
     sys.exit(1 if failed(report) else 0)

@@ -958,6 +958,10 @@ class Ledger:
 
     # -- outputs -----------------------------------------------------------------------
 
+    def output_fingerprints(self) -> dict[str, str]:
+        """Output path → the fingerprint its file holds (all ``status`` needs)."""
+        return dict(self.db.execute("SELECT path, fingerprint FROM outputs").fetchall())
+
     def outputs(self) -> dict[str, OutputRecord]:
         return {
             r["path"]: OutputRecord(
