@@ -236,3 +236,19 @@ def append_results(results: Path, text: str) -> None:
         results.write_text("# Benchmark results\n")
     with results.open("a") as out:
         out.write(text)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Peak and current RSS (``VmHWM``, ``VmRSS``, KiB) and thread count of a live process."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "Threads"):
+            found[key] = int(value.split()[0])
+    return found

@@ -30,15 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import append_results
+from common import append_results, cpu_seconds, memory_kb
 
 KEY = "bench-key"
 COUNTERS = ("batch_submit_calls", "batch_polls", "task_polls", "credit_calls", "downloads")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def switches(pid: int) -> int:
@@ -48,15 +43,6 @@ def switches(pid: int) -> int:
             if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                 total += int(line.split()[1])
     return total
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "Threads"):
-            found[key] = int(value.split()[0])
-    return found
 
 
 def state_bytes(state: Path) -> dict[str, tuple[int, int]]:

@@ -12,11 +12,16 @@ would run it:
   send none);
 - ``reconciler status --json``;
 - interpreter start-up plus imports (``reconciler --version``), the floor
-  under every command.
+  under every command;
+- the daemon (``reconciler run``) on the converged folder: its start-up pass
+  (a full rescan that finds nothing to do), its CPU while idle for
+  ``--idle`` seconds and the requests it sends meanwhile, a warm no-op pass
+  after one spec file is saved again unchanged, and its peak RSS (``VmHWM``)
+  at the end.
 
 "Cold" here means a new process with a warm page cache: dropping the cache
-needs root. Peak RSS is ``ru_maxrss`` of that one child (``os.wait4``). The
-daemon's idle CPU and RSS come from ``bench/daemon_idle.py``, not from here.
+needs root. Peak RSS is ``ru_maxrss`` of that one child (``os.wait4``); the
+daemon's comes from ``/proc/<pid>/status`` while it runs.
 
 ``--profile DIR`` also runs plan and the no-op sync under cProfile at each
 size and prints the top functions (the ``.prof`` files stay in DIR).
@@ -32,7 +37,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import pstats
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -40,11 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
+    KEY,
     CliRun,
     Sandbox,
+    child_env,
     command_line,
+    cpu_seconds,
     machine,
     median,
+    memory_kb,
     requests_of,
     revision,
     run_cli,
@@ -60,6 +73,19 @@ CREDITS_PER_TASK = 15
 
 
 @dataclass
+class Daemon:
+    """The figures of one ``reconciler run`` on a converged folder."""
+
+    startup_pass: float
+    warm_pass: float
+    idle_seconds: float
+    idle_cpu: float
+    idle_requests: int
+    peak_rss_mb: float
+    rss_mb: float
+
+
+@dataclass
 class Size:
     """The figures for one number of tracks."""
 
@@ -72,6 +98,7 @@ class Size:
     noop: list[CliRun]
     noop_requests: list[dict[str, int]]
     status: list[float]
+    daemon: Daemon
     ledger_mb: float
 
 
@@ -92,7 +119,7 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after}
 
 
-def measure(tracks: int, repeat: int, latency: float, profile: Path | None) -> Size:
+def measure(tracks: int, repeat: int, latency: float, idle: float, profile: Path | None) -> Size:
     files = max(1, tracks // TRACKS_PER_FILE)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         work = Path(tmp)
@@ -120,6 +147,12 @@ def measure(tracks: int, repeat: int, latency: float, profile: Path | None) -> S
                 noop.append(ok(run, 0, "no-op sync"))
                 noop_requests.append(delta(before, requests_of(sbx.stats())))
             status = [r.wall for r in repeated(["status", "--json"], work, repeat)]
+            daemon = measure_daemon(work, common, sbx, idle)
+            print(
+                f"  daemon: start-up pass {daemon.startup_pass:.2f} s, "
+                f"idle CPU {daemon.idle_cpu:.2%}, peak RSS {daemon.peak_rss_mb:.0f} MiB",
+                flush=True,
+            )
             if profile:
                 profile_commands(tracks, work, common, sbx, profile)
         ledger_mb = (work / ".reconciler" / "ledger.sqlite3").stat().st_size / 2**20
@@ -134,7 +167,68 @@ def measure(tracks: int, repeat: int, latency: float, profile: Path | None) -> S
         noop,
         noop_requests,
         status,
+        daemon,
         ledger_mb,
+    )
+
+
+def passes(log: Path) -> list[dict[str, object]]:
+    """The daemon's ``pass.completed`` log lines so far."""
+    return [
+        json.loads(line)
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and '"pass.completed"' in line
+    ]
+
+
+def wait_for_pass(log: Path, count: int, daemon: subprocess.Popen[bytes]) -> dict[str, object]:
+    """Block until the daemon has logged ``count`` passes; the last of them."""
+    deadline = time.monotonic() + 900
+    while len(done := passes(log)) < count:
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"daemon: no pass {count}; see {log}")
+        time.sleep(0.1)
+    return done[count - 1]
+
+
+def measure_daemon(work: Path, common: Sequence[str], sbx: Sandbox, idle: float) -> Daemon:
+    """Start ``reconciler run`` on the converged folder and watch it from outside."""
+    log = work / "daemon.log"
+    env = child_env(MUSICAPI_KEY=KEY, MUSICAPI_BASE_URL=sbx.base_url)
+    with log.open("w") as stderr:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "run", *common],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        first = wait_for_pass(log, 1, daemon)
+        if first["ready"] != first["total"] or first["written"]:
+            raise RuntimeError(f"daemon: the start-up pass was not a no-op: {first}")
+        time.sleep(1.0)  # the pass's last ledger write and log line
+        cpu, requests, started = cpu_seconds(daemon.pid), requests_of(sbx.stats()), time.monotonic()
+        time.sleep(idle)
+        idle_cpu = (cpu_seconds(daemon.pid) - cpu) / (time.monotonic() - started)
+        idle_requests = requests_of(sbx.stats())["total"] - requests["total"]
+        # Saved again unchanged: the watcher wakes the daemon for a pass over a
+        # converged folder, in a process that is warm.
+        spec = min((work / "specs").glob("*.yaml"))
+        spec.write_bytes(spec.read_bytes())
+        warm = wait_for_pass(log, 2, daemon)
+        memory = memory_kb(daemon.pid)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    return Daemon(
+        startup_pass=float(str(first["seconds"])),
+        warm_pass=float(str(warm["seconds"])),
+        idle_seconds=idle,
+        idle_cpu=idle_cpu,
+        idle_requests=idle_requests,
+        peak_rss_mb=memory["VmHWM"] / 1024,
+        rss_mb=memory["VmRSS"] / 1024,
     )
 
 
@@ -184,13 +278,30 @@ def report(sizes: Sequence[Size], args: argparse.Namespace, started: str) -> str
             [f"{median([r.max_rss_mb for r in s.noop]):.0f} MB" for s in sizes],
         ),
         row("`reconciler status --json`", [seconds(s.status) for s in sizes]),
+        row(
+            "daemon: start-up pass (full rescan, nothing to do)",
+            [f"{s.daemon.startup_pass:.2f} s" for s in sizes],
+        ),
+        row(
+            "daemon: warm no-op pass (one file saved unchanged)",
+            [f"{s.daemon.warm_pass:.2f} s" for s in sizes],
+        ),
+        row(
+            f"daemon: CPU while idle, {args.idle:g} s (target < 1 %)",
+            [f"{s.daemon.idle_cpu:.2%} of one core" for s in sizes],
+        ),
+        row("daemon: requests while idle", [str(s.daemon.idle_requests) for s in sizes]),
+        row(
+            "daemon: peak RSS (target < 150 MB at 10,000)",
+            [f"{s.daemon.peak_rss_mb:.0f} MiB" for s in sizes],
+        ),
         row("first converge: `sync` wall", [f"{s.converge.wall:,.1f} s" for s in sizes]),
         row("first converge: requests (submits, polls)", [converge_requests(s) for s in sizes]),
         row("first converge: peak RSS", [f"{s.converge.max_rss_mb:.0f} MB" for s in sizes]),
         row("ledger size after converging", [f"{s.ledger_mb:.1f} MB" for s in sizes]),
     ]
     return f"""
-## Overhead: plan, no-op sync and memory from 1,000 to 50,000 tracks
+## Overhead: plan, no-op sync, the daemon and memory from 1,000 to 50,000 tracks
 
 - Command: `{args.command}` at commit {args.revision}
 - Machine: {machine()}
@@ -201,8 +312,10 @@ def report(sizes: Sequence[Size], args: argparse.Namespace, started: str) -> str
   {args.latency:g} s generation time, `poll.interval = {args.latency:g}` and
   `max_in_flight` = N. State, output and specs on ext4 (the repo's disk).
 - "Cold" is a new process with a warm page cache. Peak RSS is the child's
-  `ru_maxrss`. Daemon idle CPU and RSS: see the daemon sections
-  (`bench/daemon_idle.py`).
+  `ru_maxrss`; the daemon's is `VmHWM` from `/proc`, read after its idle
+  window and its warm pass. The daemon runs with the same config (polls every
+  {args.latency:g} s, rescan every 300 s, 2 s batching window); its pass times
+  are the `seconds` of its `pass.completed` log lines.
 
 {header}
 {rule}
@@ -227,18 +340,19 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=5, help="fresh processes per figure")
     parser.add_argument("--latency", type=float, default=0.5, help="sandbox generation time, s")
+    parser.add_argument("--idle", type=float, default=60.0, help="daemon idle window, s")
     parser.add_argument("--profile", type=Path, help="also profile plan and sync into this folder")
     parser.add_argument("--quick", action="store_true", help="1,000 tracks, 2 repeats; no write")
     args = parser.parse_args()
     args.command = command_line("bench/overhead.py")
     args.revision = revision()  # at the start: the tree may move during a long run
     if args.quick:
-        args.sizes, args.repeat = [1_000], 2
+        args.sizes, args.repeat, args.idle = [1_000], 2, 5.0
     started = today()
     sizes = []
     for tracks in args.sizes:
         t = time.perf_counter()
-        sizes.append(measure(tracks, args.repeat, args.latency, args.profile))
+        sizes.append(measure(tracks, args.repeat, args.latency, args.idle, args.profile))
         print(f"  {tracks:,} tracks measured in {time.perf_counter() - t:.0f} s", flush=True)
     text = report(sizes, args, started)
     print(text)

@@ -88,6 +88,8 @@ class PassResult:
     blocked: str | None = None
     next_due: float | None = None
     states: Counter[str] = field(default_factory=Counter)
+    #: How long the pass took (a monotonic measurement, for the log).
+    seconds: float = 0.0
 
     @property
     def converged(self) -> bool:
@@ -166,6 +168,7 @@ class Reconciler:
     async def run_pass(self) -> PassResult:
         if not self._started:
             self.startup()
+        started = time.perf_counter()
         result = PassResult()
         now = self.clock()
         # Reading and parsing files is the slow part; SQLite stays on this thread.
@@ -184,6 +187,7 @@ class Reconciler:
         usable = await self._download(usable, desired, result)
         self._materialise(desired, usable, result)
         self._prune(desired, result)
+        result.seconds = time.perf_counter() - started
         self._summarise(desired, result)
         return result
 
@@ -852,6 +856,7 @@ class Reconciler:
             written=result.written,
             restored=result.restored,
             pruned=result.pruned,
+            seconds=round(result.seconds, 3),
             **summary,
         )
 
