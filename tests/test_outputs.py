@@ -438,31 +438,16 @@ def test_render_tracks_json_exact_text() -> None:
         "{\n"
         '  "soundtrack": "study-session ☕",\n'
         '  "tracks": [\n'
-        "    {\n"
-        '      "clip": 1,\n'
-        '      "clip_id": "clip-a",\n'
-        '      "duration": 61.6,\n'
-        '      "file": "morning-focus.mp3",\n'
-        '      "fingerprint": "fp-1",\n'
-        '      "lyrics": null,\n'
-        '      "tags": "lofi",\n'
-        '      "title": "Café del Mar ☕",\n'
-        '      "track": "morning-focus"\n'
-        "    },\n"
-        "    {\n"
-        '      "clip": 1,\n'
-        '      "clip_id": "clip-b",\n'
-        '      "duration": 200.4,\n'
-        '      "file": "night-drive.mp3",\n'
-        '      "fingerprint": "fp-2",\n'
-        '      "lyrics": "[Verse]\\nCity lights",\n'
-        '      "tags": null,\n'
-        '      "title": null,\n'
-        '      "track": "night-drive"\n'
-        "    }\n"
+        '    {"clip": 1, "clip_id": "clip-a", "duration": 61.6, "file": "morning-focus.mp3", '
+        '"fingerprint": "fp-1", "lyrics": null, "tags": "lofi", "title": "Café del Mar ☕", '
+        '"track": "morning-focus"},\n'
+        '    {"clip": 1, "clip_id": "clip-b", "duration": 200.4, "file": "night-drive.mp3", '
+        '"fingerprint": "fp-2", "lyrics": "[Verse]\\nCity lights", "tags": null, "title": null, '
+        '"track": "night-drive"}\n'
         "  ]\n"
         "}\n"
     )
+    assert render_tracks_json("empty", []) == '{\n  "soundtrack": "empty",\n  "tracks": []\n}\n'
     assert json.loads(text)["tracks"][1]["lyrics"] == "[Verse]\nCity lights"
 
 
