@@ -595,13 +595,19 @@ class Reconciler:
         todo = [c for fp, clips in usable.items() for c in clips[: need[fp]] if not c.sha256]
         if not todo:
             return usable
-        sem = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
+        # A few workers share one iterator rather than one task per clip: the
+        # memory stays flat however many clips a pass finds (50,000 at once
+        # after a restore).
+        queue = iter(todo)
+        fetched: dict[str, ClipRecord] = {}
 
-        async def fetch(clip: ClipRecord) -> ClipRecord | None:
-            async with sem:
-                return await self._fetch(clip, result)
+        async def worker() -> None:
+            for clip in queue:
+                got = await self._fetch(clip, result)
+                if got is not None:
+                    fetched[got.clip_id] = got
 
-        fetched = {c.clip_id: c for c in await asyncio.gather(*(fetch(c) for c in todo)) if c}
+        await asyncio.gather(*(worker() for _ in range(min(DOWNLOAD_CONCURRENCY, len(todo)))))
         return {fp: [fetched.get(c.clip_id, c) for c in clips] for fp, clips in usable.items()}
 
     async def _fetch(self, clip: ClipRecord, result: PassResult) -> ClipRecord | None:
