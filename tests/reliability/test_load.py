@@ -7,16 +7,14 @@ resident memory from ``/proc`` and runs ``reconciler status`` (the whole
 command, as a person runs it, JSON and text) every few seconds.
 
 What must hold: memory stays bounded (peak RSS under ``RSS_LIMIT_MIB``),
-each ``status --json`` costs under a second, every fingerprint is paid for
+each ``status`` costs under a second, every fingerprint is paid for
 once in ceil(N/10) submit calls, and every track ends ready.
 
 ``status`` is held to a second of CPU time (its own user + system time, from
 ``wait4``): on a shared two-core machine where the daemon and the sandbox
 each keep a core busy, its wall time measures the neighbours as much as the
-command. The wall times are recorded beside it for the results table. The
-text form is recorded but not held to the second: at 10,000 tracks it costs
-0.9 to 1.0 s of CPU even beside an idle daemon (reported as an open finding),
-and a test that fails on every other run would say nothing.
+command. The wall times are recorded beside it for the results table. Both
+forms, JSON and text, are held to the second.
 """
 
 from __future__ import annotations
@@ -51,7 +49,8 @@ PER_FILE = 100
 LATENCY = 60.0
 #: How long the finished generations may take to be polled, downloaded and written.
 CONVERGE_WITHIN = 420.0
-RSS_LIMIT_MIB = 200
+#: Issue 5's target for the daemon at 10,000 tracks.
+RSS_LIMIT_MIB = 150
 STATUS_LIMIT = 1.0
 STATUS_EVERY = 3.0
 
@@ -180,7 +179,7 @@ def test_ten_thousand_in_flight_bounded_memory_and_a_quick_status(
     )
     assert peak / 1024 < RSS_LIMIT_MIB, f"peak RSS {peak / 1024:.0f} MiB"
     assert len(sampler.json) >= 10
-    for wall, cpu in sampler.json:
+    for wall, cpu in sampler.json + sampler.text:
         assert cpu < STATUS_LIMIT, f"status took {cpu:.2f} s of CPU ({wall:.2f} s wall)"
 
 
@@ -208,7 +207,7 @@ def test_status_answers_within_a_second_at_ten_thousand_tracks(
         **status_figures("json", json_times),
         **status_figures("text", text_times),
     )
-    for wall, cpu in json_times:
+    for wall, cpu in json_times + text_times:
         assert cpu < STATUS_LIMIT, f"status took {cpu:.2f} s of CPU ({wall:.2f} s wall)"
 
 
