@@ -313,10 +313,11 @@ and no API batches downloads. A client that submits {batches:,} full batches and
 polls each exactly once still sends {n:,} + 2 x {batches:,} = {least:,} requests,
 {naive_total / least:.1f}x fewer than the naive loops' {fmt(naive_total)}: a 10x
 ratio of total requests cannot be reached by any client once downloads count.
-Without downloads the ratio is what batching buys, and it depends on the poll
-interval: reconciler polls each batch once per interval until it is done,
-about ceil({args.latency:g} s / interval) times, against two polls per task for the
-SDK (one at once, one after its 5 s sleep).
+Without downloads the ratio is what batching and probing buy: until a task
+of batches sent together has finished, reconciler polls one of them per
+interval (about ceil({args.latency:g} s / interval) probes for a burst), then each
+batch once more, against two polls per task for the SDK (one at once, one
+after its 5 s sleep).
 """
 
 
