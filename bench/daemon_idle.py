@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import append_results, cpu_seconds, memory_kb
+from common import append_results, command_line, cpu_seconds, memory_kb
 
 KEY = "bench-key"
 COUNTERS = ("batch_submit_calls", "batch_polls", "task_polls", "credit_calls", "downloads")
@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="daemon-idle-") as tmp:
         results = run(args, Path(tmp))
-    command = " ".join(["uv run python bench/daemon_idle.py", *sys.argv[1:]])
+    command = command_line("bench/daemon_idle.py")
     text = report(results, args, command)
     print(text)
     if args.results:

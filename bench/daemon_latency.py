@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import append_results
+from common import append_results, command_line
 
 KEY = "bench-key"
 BURST = 50
@@ -215,7 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="daemon-latency-") as tmp:
         results = run(args, Path(tmp))
-    command = " ".join(["uv run python bench/daemon_latency.py", *sys.argv[1:]])
+    command = command_line("bench/daemon_latency.py")
     text = report(results, args, command)
     print(text)
     if args.results:

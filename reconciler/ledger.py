@@ -426,18 +426,12 @@ class Ledger:
                 self._event("track.removed", soundtrack=st, track=name)
 
     def generations(self) -> dict[str, Generation]:
-        return {
-            r["fingerprint"]: Generation(
-                fingerprint=r["fingerprint"],
-                state=r["state"],
-                attempts=r["attempts"],
-                next_attempt=r["next_attempt"],
-                reason=r["reason"],
-            )
-            for r in self.db.query(
-                "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
-            )
-        }
+        # Plain tuples in the dataclass's field order: building a dict per row
+        # first costs as much again at 10,000 rows, and a pass reads this thrice.
+        rows = self.db.execute(
+            "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+        )
+        return {r[0]: Generation(*r) for r in rows}
 
     def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
         """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
@@ -963,19 +957,10 @@ class Ledger:
         return dict(self.db.execute("SELECT path, fingerprint FROM outputs").fetchall())
 
     def outputs(self) -> dict[str, OutputRecord]:
-        return {
-            r["path"]: OutputRecord(
-                path=r["path"],
-                soundtrack=r["soundtrack"],
-                track=r["track"],
-                clip=r["clip"],
-                fingerprint=r["fingerprint"],
-                sha256=r["sha256"],
-                size=r["size"],
-                mtime_ns=r["mtime_ns"],
-            )
-            for r in self.db.query("SELECT * FROM outputs")
-        }
+        rows = self.db.execute(
+            "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
+        )
+        return {r[0]: OutputRecord(*r) for r in rows}
 
     def output_written(self, rec: OutputRecord, *, event: str | None) -> None:
         with self.transaction():
