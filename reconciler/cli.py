@@ -8,7 +8,6 @@ contract in the README.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import click
-from rich.console import Console
 
 from reconciler import logs
 from reconciler.config import Flags, Settings, load_settings
@@ -125,6 +123,10 @@ def main() -> None:
 @_exits_on_errors(1)
 def sync(prune: bool | None, verbose: bool, **opts: Any) -> None:
     """Reconcile until converged or stuck. Exit 0 when every track is ready."""
+    import asyncio
+
+    from rich.console import Console
+
     from reconciler.running import run_sync
 
     settings = _settings(prune=prune, **opts)
@@ -144,6 +146,8 @@ def sync(prune: bool | None, verbose: bool, **opts: Any) -> None:
 @_exits_on_errors(1)
 def run(prune: bool | None, **opts: Any) -> None:
     """The daemon: watch the specs folder and reconcile until SIGTERM."""
+    import asyncio
+
     from reconciler.daemon import run_daemon
 
     settings = _settings(prune=prune, **opts)
@@ -168,6 +172,8 @@ def _echo_json(report: dict[str, Any]) -> None:
 @_exits_on_errors(1)
 def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
     """Dry run: what would be submitted, reused, restored, pruned. Exit 0 none, 2 changes."""
+    from rich.console import Console
+
     from reconciler.running import make_plan, render_plan
 
     settings = _settings(prune=prune, **opts)
@@ -188,6 +194,8 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
 @_exits_on_errors(1)
 def status(as_json: bool, selector: str | None, **opts: Any) -> None:
     """Where every track stands. Exit 1 when something failed or is invalid."""
+    from rich.console import Console
+
     from reconciler.ledger import Ledger
     from reconciler.status import build_report, failed, render
 

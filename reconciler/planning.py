@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from reconciler.specs import SpecFile
@@ -316,6 +317,12 @@ def backoff(
     if retry_after is not None:
         delay = max(delay, retry_after)
     return min(delay, cap)
+
+
+def utc_day_start(now: float) -> float:
+    """The start of ``now``'s day in UTC: the daily budget resets there."""
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp()
 
 
 def affordable_tasks(

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -53,6 +52,7 @@ from reconciler.planning import (
     desired_state,
     due_submissions,
     poll_cohorts,
+    utc_day_start,
 )
 from reconciler.specs import SpecFile, SpecScan, scan_specs
 
@@ -107,11 +107,6 @@ class PassResult:
         if self.converged or self.in_flight:
             return False
         return not (self.queued and not self.blocked)
-
-
-def utc_day_start(now: float) -> float:
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return day.timestamp()
 
 
 class Reconciler:

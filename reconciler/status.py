@@ -17,8 +17,7 @@ from rich.text import Text
 
 from reconciler.config import Settings
 from reconciler.ledger import Ledger
-from reconciler.planning import CREDITS_PER_TASK, output_names
-from reconciler.reconciling import utc_day_start
+from reconciler.planning import CREDITS_PER_TASK, output_names, utc_day_start
 
 SCHEMA_VERSION = 1
 TRACK_STATES = ("ready", "generating", "queued", "retrying", "failed", "invalid")
