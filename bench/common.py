@@ -10,6 +10,7 @@ them for the GIL.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -252,3 +253,12 @@ def memory_kb(pid: int) -> dict[str, int]:
         if key in ("VmHWM", "VmRSS", "Threads"):
             found[key] = int(value.split()[0])
     return found
+
+
+def passes(log: Path) -> list[dict[str, Any]]:
+    """The daemon's ``pass.completed`` log lines so far."""
+    return [
+        json.loads(line)
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and '"pass.completed"' in line
+    ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import append_results, command_line, cpu_seconds, memory_kb
+from common import append_results, command_line, cpu_seconds, memory_kb, passes
 
 KEY = "bench-key"
 COUNTERS = ("batch_submit_calls", "batch_polls", "task_polls", "credit_calls", "downloads")
@@ -88,11 +87,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         started = time.monotonic()
         while True:
-            events = [
-                json.loads(line)
-                for line in log_path.read_text().splitlines()
-                if line.startswith("{") and '"pass.completed"' in line
-            ]
+            events = passes(log_path)
             if events and events[-1]["ready"] == args.tracks and events[-1]["in_flight"] == 0:
                 break
             if time.monotonic() - started > 300 or daemon.poll() is not None:

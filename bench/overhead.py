@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import pstats
 import signal
 import subprocess
@@ -47,6 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import (
     KEY,
@@ -58,6 +58,7 @@ from common import (
     machine,
     median,
     memory_kb,
+    passes,
     requests_of,
     revision,
     run_cli,
@@ -172,16 +173,7 @@ def measure(tracks: int, repeat: int, latency: float, idle: float, profile: Path
     )
 
 
-def passes(log: Path) -> list[dict[str, object]]:
-    """The daemon's ``pass.completed`` log lines so far."""
-    return [
-        json.loads(line)
-        for line in log.read_text().splitlines()
-        if line.startswith("{") and '"pass.completed"' in line
-    ]
-
-
-def wait_for_pass(log: Path, count: int, daemon: subprocess.Popen[bytes]) -> dict[str, object]:
+def wait_for_pass(log: Path, count: int, daemon: subprocess.Popen[bytes]) -> dict[str, Any]:
     """Block until the daemon has logged ``count`` passes; the last of them."""
     deadline = time.monotonic() + 900
     while len(done := passes(log)) < count:
@@ -222,8 +214,8 @@ def measure_daemon(work: Path, common: Sequence[str], sbx: Sandbox, idle: float)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
     return Daemon(
-        startup_pass=float(str(first["seconds"])),
-        warm_pass=float(str(warm["seconds"])),
+        startup_pass=float(first["seconds"]),
+        warm_pass=float(warm["seconds"]),
         idle_seconds=idle,
         idle_cpu=idle_cpu,
         idle_requests=idle_requests,

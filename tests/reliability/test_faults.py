@@ -22,7 +22,7 @@ import pytest
 
 from reconciler.sandbox import SandboxControl, SandboxServer
 from tests.daemonproc import DaemonProc, daemon_project, free_port
-from tests.project import Project, track, wait_until
+from tests.project import FAST_CONFIG, Project, track, wait_until
 from tests.reliability.support import (
     Figures,
     accounting,
@@ -36,20 +36,7 @@ N_TRACKS = 20
 TWO_CLIPS = ("t18", "t19")
 #: Short everything; the client gives up on an answer after 1 s so that the
 #: ``slow`` fault (1.5 s) is a timeout, as the protocol doc means it.
-SYNC_CONFIG = """
-[poll]
-interval = 0.1
-rescan_interval = 5
-
-[submit]
-batch_window = 0.2
-ambiguous_grace = 1.0
-
-[retry]
-backoff_initial = 0.1
-backoff_cap = 1.0
-request_timeout = 1.0
-"""
+SYNC_CONFIG = FAST_CONFIG.replace("request_timeout = 5.0", "request_timeout = 1.0")
 SLOW_DELAY = 1.5
 
 

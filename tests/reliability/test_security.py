@@ -244,12 +244,19 @@ def test_a_soundtrack_folder_linked_outside_is_refused(
     assert states["a"] != "ready"
 
 
-def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
+def linked_soundtrack(project: Project, tmp_path: Path) -> Path:
+    """A spec for soundtrack ``linked``, whose output folder is a symlink out of
+    the output folder; returns the folder it points to."""
     outside = tmp_path / "outside"
     outside.mkdir()
     project.out.mkdir()
     (project.out / "linked").symlink_to(outside)
     project.write_spec("linked.yaml", [track("a", "into the void")], soundtrack="linked")
+    return outside
+
+
+def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
+    outside = linked_soundtrack(project, tmp_path)
     # It stops after a pass or two (it used to loop for ever).
     proc = project.cli("sync", timeout=8)
     assert proc.returncode == 1
@@ -258,11 +265,7 @@ def test_sync_ends_when_an_output_cannot_be_written(project: Project, tmp_path: 
 
 
 def test_status_says_why_an_output_cannot_be_written(project: Project, tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    project.out.mkdir()
-    (project.out / "linked").symlink_to(outside)
-    project.write_spec("linked.yaml", [track("a", "into the void")], soundtrack="linked")
+    linked_soundtrack(project, tmp_path)
     project.sync(expect=1)
     (a,) = project.status()["tracks"]
     assert a["state"] in ("failed", "retrying"), a
