@@ -75,6 +75,7 @@ def _settings(
     api_url: str | None,
     use_sandbox: bool,
     prune: bool | None = None,
+    max_credits: int | None = None,
 ) -> Settings:
     settings = load_settings(
         Flags(
@@ -85,6 +86,7 @@ def _settings(
             api_url=api_url,
             sandbox=use_sandbox,
             prune=prune,
+            max_credits=max_credits,
         )
     )
     logs.configure(settings.log_level)
@@ -119,9 +121,15 @@ def main() -> None:
 @click.option(
     "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
 )
+@click.option(
+    "--max-credits",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Spend at most N credits in this run (possibly spent ones count).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="On a terminal, log every event too.")
 @_exits_on_errors(1)
-def sync(prune: bool | None, verbose: bool, **opts: Any) -> None:
+def sync(prune: bool | None, verbose: bool, max_credits: int | None, **opts: Any) -> None:
     """Reconcile until converged or stuck. Exit 0 when every track is ready."""
     import asyncio
 
@@ -129,7 +137,7 @@ def sync(prune: bool | None, verbose: bool, **opts: Any) -> None:
 
     from reconciler.running import run_sync
 
-    settings = _settings(prune=prune, **opts)
+    settings = _settings(prune=prune, max_credits=max_credits, **opts)
     if sys.stderr.isatty() and not verbose and settings.log_level == "info":
         # On a terminal the progress bar is the display; per-track lines
         # would scroll it away. Warnings and errors still show.
@@ -143,18 +151,24 @@ def sync(prune: bool | None, verbose: bool, **opts: Any) -> None:
 @click.option(
     "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
 )
+@click.option(
+    "--max-credits",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Spend at most N credits in this run (possibly spent ones count).",
+)
 @_exits_on_errors(1)
-def run(prune: bool | None, **opts: Any) -> None:
+def run(prune: bool | None, max_credits: int | None, **opts: Any) -> None:
     """The daemon: watch the specs folder and reconcile until SIGTERM."""
     import asyncio
 
     from reconciler.daemon import run_daemon
 
-    settings = _settings(prune=prune, **opts)
+    settings = _settings(prune=prune, max_credits=max_credits, **opts)
 
     def reload() -> Settings:
         """SIGHUP: the config file and environment again, under the same flags."""
-        return _settings(prune=prune, **opts)
+        return _settings(prune=prune, max_credits=max_credits, **opts)
 
     sys.exit(asyncio.run(run_daemon(settings, reload=reload)))
 

@@ -39,6 +39,11 @@ class _Submit(_Section):
     max_in_flight: int = Field(200, ge=1, le=100_000)
     daily_budget: int | None = Field(None, ge=0)
     ambiguous_grace: float = Field(900.0, ge=0)
+    max_resubmits_per_fingerprint: int = Field(1, ge=0, le=100)
+
+
+class _Api(_Section):
+    max_requests_per_second: float = Field(4.0, gt=0, le=1000)
 
 
 class _Poll(_Section):
@@ -50,7 +55,9 @@ class _Poll(_Section):
 class _Retry(_Section):
     backoff_initial: float = Field(5.0, gt=0)
     backoff_cap: float = Field(600.0, gt=0)
-    request_timeout: float = Field(30.0, gt=0)
+    # The official SDK waits 60 s; a shorter timeout only manufactures
+    # ambiguous submits, which may cost a second generation.
+    request_timeout: float = Field(60.0, gt=0)
 
 
 class _Prune(_Section):
@@ -76,6 +83,7 @@ class _File(_Section):
     models: tuple[str, ...] | None = None
     log_level: str = "info"
     submit: _Submit = _Submit()
+    api: _Api = _Api()
     poll: _Poll = _Poll()
     retry: _Retry = _Retry()
     prune: _Prune = _Prune()
@@ -110,12 +118,18 @@ class Settings:
     max_in_flight: int = 200
     daily_budget: int | None = None
     ambiguous_grace: float = 900.0
+    #: Resubmits allowed per fingerprint after ambiguous submits (0: park for a person).
+    max_resubmits: int = 1
+    #: This run's spending ceiling in credits (``--max-credits``); None: no ceiling.
+    max_credits: int | None = None
+    #: Token bucket rate for every request to the API.
+    max_requests_per_second: float = 4.0
     poll_interval: float = 15.0
     rescan_interval: float = 300.0
     task_timeout: float = 1800.0
     backoff_initial: float = 5.0
     backoff_cap: float = 600.0
-    request_timeout: float = 30.0
+    request_timeout: float = 60.0
     prune: bool = False
     prune_grace: float = 7 * 86400.0
     webhook: WebhookSettings | None = None
@@ -147,6 +161,7 @@ class Flags:
     api_url: str | None = None
     sandbox: bool = False
     prune: bool | None = None
+    max_credits: int | None = None
 
 
 def _read_file(path: Path) -> _File:
@@ -253,6 +268,9 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
         max_in_flight=conf.submit.max_in_flight,
         daily_budget=conf.submit.daily_budget,
         ambiguous_grace=conf.submit.ambiguous_grace,
+        max_resubmits=conf.submit.max_resubmits_per_fingerprint,
+        max_credits=flags.max_credits,
+        max_requests_per_second=conf.api.max_requests_per_second,
         poll_interval=poll,
         rescan_interval=conf.poll.rescan_interval,
         task_timeout=conf.poll.task_timeout,
