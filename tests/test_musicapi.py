@@ -514,7 +514,10 @@ def test_batch_results_in_item_order() -> None:
 def test_batch_answer_the_client_cannot_attribute_holds_items_and_keeps_task_ids() -> None:
     # Indexes that fit both bases, rejected items left out: nobody can say
     # whose t1 and t2 are, so no item gets a task and both ids are kept.
-    body = {"batch_id": "b", "tasks": [{"index": 1, "task_id": "t1"}, {"index": 2, "task_id": "t2"}]}
+    body = {
+        "batch_id": "b",
+        "tasks": [{"index": 1, "task_id": "t1"}, {"index": 2, "task_id": "t2"}],
+    }
     with capture_logs() as logs:
         got = submit(body)
     assert got.batch_id == "b"
