@@ -1,4 +1,4 @@
-"""The MusicAPI emulator: the protocol of ``musicapi-protocol.md`` served on loopback.
+"""The MusicAPI emulator: the live service's protocol, served on loopback.
 
 Stands in for the live service in tests, benchmarks, demos and ``--sandbox``:
 real tasks with a configurable generation time, real MP3 files, credits,

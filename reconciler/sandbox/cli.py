@@ -143,7 +143,7 @@ def sandbox(
     try:
         shapes = parse_shapes(shape_names, "--shapes")
     except FaultProfileError as exc:
-        raise click.BadParameter(str(exc), param_hint="--shapes") from exc
+        raise click.UsageError(str(exc)) from exc  # the message already names --shapes
     config = SandboxConfig(
         host=host,
         port=port,
