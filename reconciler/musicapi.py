@@ -209,6 +209,8 @@ class BatchSubmission:
     orphans: tuple[str, ...] = ()
     """Task ids the answer names but that could not be matched to an item:
     created and charged, owner unknown (see :class:`Unconfirmed`)."""
+    submitted: int | None = None
+    """How many items the service says it accepted (charged), when it says so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,7 +513,17 @@ def read_batch_results(
     orphans = tuple(t for t in ids if t and t not in attributed)
     accepted = sum(isinstance(r, Accepted) for r in results)
     claimed = _an_id(submitted)
-    if claimed is not None and claimed.isdigit() and int(claimed) > accepted + len(orphans):
+    if claimed is not None and claimed.isdigit() and int(claimed) == accepted and not orphans:
+        # The service counts exactly the tasks we placed: an item it left out
+        # was not created (a refusal without its words), so it costs nothing
+        # to send it again.
+        results = [
+            Rejected(r.index, "left out", "left out of the answer, which counts it as not created")
+            if isinstance(r, Unconfirmed)
+            else r
+            for r in results
+        ]
+    elif claimed is not None and claimed.isdigit() and int(claimed) > accepted + len(orphans):
         # More were charged than we can see: a "rejected" item may be one of them.
         odd.add("fewer task ids than submitted")
         results = [
@@ -914,7 +926,10 @@ class MusicAPI:
                     orphans=[self._scrub(t) for t in orphans],
                     path="/sonic/batch",
                 )
-            return BatchSubmission(batch_id, results, orphans)
+            count = _an_id(body.get("submitted"))
+            return BatchSubmission(
+                batch_id, results, orphans, int(count) if count and count.isdigit() else None
+            )
 
         return await self._call(
             "POST", "/sonic/batch", "batch", "batch_submit", parse, json_body=payload

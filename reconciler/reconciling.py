@@ -411,6 +411,7 @@ class Reconciler:
             parked,
             unconfirmed=unconfirmed,
             orphans=answer.orphans,
+            submitted=answer.submitted,
             poll_at=self.clock() + self.settings.poll_interval,
         )
         for what in collisions:
