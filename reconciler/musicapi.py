@@ -5,8 +5,8 @@ Where it sits in the flow: plan → **submit** → **track (poll/webhook)** →
 requests ten at a time (:meth:`MusicAPI.submit_batch`, or :meth:`MusicAPI.create`
 when the deployment has no batch endpoint), follows them with
 :meth:`MusicAPI.poll_batch` / :meth:`MusicAPI.poll_task`, and fetches finished
-clips with :meth:`MusicAPI.download`. The wire format is described in
-``shared/musicapi-protocol.md``.
+clips with :meth:`MusicAPI.download`. The wire format, and which parts of it
+the public documentation leaves open, is described in ``docs/protocol.md``.
 
 What this module promises its callers:
 
@@ -22,9 +22,13 @@ What this module promises its callers:
   exponential backoff and jitter, honouring ``Retry-After`` (via stamina).
 * The API key goes into the Authorization header of API calls and nowhere else:
   not into ``repr``, messages, logs, or requests to other hosts (law 10).
-* Answers are read leniently (the protocol's tolerance rules); a 2xx body that
-  cannot be read at all is a temporary error for a GET and an ambiguous one for
-  a submit.
+* Answers are read leniently: every plausible shape of the partly documented
+  batch answers is understood (:func:`read_batch_results`,
+  :func:`read_batch_poll`), an item is only matched to a task when that is
+  certain, and what stays uncertain is returned as such (:class:`Unconfirmed`,
+  orphan task ids, unread tasks) for the caller to hold, never to pay again.
+  A 2xx body that cannot be read at all is a temporary error for a GET and an
+  ambiguous one for a submit.
 """
 
 from __future__ import annotations
