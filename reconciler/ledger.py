@@ -1076,8 +1076,16 @@ class Ledger:
         }
         return all(stored.get(c.clip_id) == (c.state, c.audio_url) for c in update.clips)
 
-    def task_lost(self, task_id: str, requeue_at: float, reason: str) -> None:
-        """The service no longer knows a task (404): its generation goes out again."""
+    def task_lost(
+        self, task_id: str, requeue_at: float, reason: str, *, max_resubmits: int
+    ) -> None:
+        """The service says it does not know a task it handed out (404).
+
+        The task was charged and may still exist (a 404 can be wrong), so
+        sending the generation again is possible double spend: it is counted,
+        and held to the same allowance as a lost submit answer; past it the
+        generation waits for a person.
+        """
         now = self.clock()
         ref = self.task_ref(task_id)
         if ref is None:
@@ -1086,7 +1094,25 @@ class Ledger:
             self.db.execute(
                 "UPDATE tasks SET state = 'lost', next_poll = NULL WHERE task_id = ?", [task_id]
             )
+            row = self.db.execute(
+                "SELECT resubmits, task_id FROM generations WHERE fingerprint = ?",
+                [ref.fingerprint],
+            ).fetchone()
+            if row is None or row[1] != task_id:
+                return  # an older task of a generation that has moved on
+            if row[0] >= max_resubmits:
+                self._park(
+                    ref.fingerprint,
+                    f"task {task_id} unknown to the service; {LOST_ANSWER_PARK}",
+                    now,
+                )
+                return
             self._requeue(ref.fingerprint, requeue_at, reason, now)
+            self.db.execute(
+                "UPDATE generations SET possible_double = possible_double + 1, "
+                "resubmits = resubmits + 1 WHERE fingerprint = ?",
+                [ref.fingerprint],
+            )
 
     def abandon_task(self, task_id: str, *, requeue_at: float | None, reason: str) -> None:
         """Give up on a task that never finishes: requeue (flagged) or park its generation."""
@@ -1141,7 +1167,8 @@ class Ledger:
                 cur = self.db.execute(
                     # Sending a lost-answer item again may pay twice: counted.
                     "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
-                    "possible_double = possible_double + (reason = ?), resubmits = 0, "
+                    "possible_double = possible_double + (instr(coalesce(reason, ''), ?) > 0), "
+                    "resubmits = 0, "
                     "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
                     [LOST_ANSWER_PARK, now, fp],
                 )

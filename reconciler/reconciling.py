@@ -620,7 +620,12 @@ class Reconciler:
         except NotFoundError as exc:
             ref = self.ledger.task_ref(task_id)
             attempts = self.ledger.attempts([ref.fingerprint])[ref.fingerprint] if ref else 0
-            self.ledger.task_lost(task_id, self._retry_at(attempts), exc.message)
+            self.ledger.task_lost(
+                task_id,
+                self._retry_at(attempts),
+                exc.message,
+                max_resubmits=self.settings.max_resubmits,
+            )
             self.log.warning("task.unknown", task_id=task_id)
             return False
         except APIError as exc:

@@ -179,3 +179,16 @@ def test_a_paused_pass_is_not_due_again_until_submitting_may_resume(ledger: Ledg
     assert ledger.next_due(900, submit_from=NOW) == NOW
     assert ledger.next_due(900, submit_from=NOW + 600) == NOW + 600
     assert ledger.next_due(900, submit_from=None) is None
+
+
+def test_a_task_the_service_forgets_is_resent_once_and_counted(ledger: Ledger) -> None:
+    a, *_ = fps(ledger)
+    for _ in range(2):
+        sid = ledger.begin_submit([a], "batch")
+        task = f"task-{sid}"
+        ledger.submit_answered(sid, None, {a: (task, 0)}, {}, {}, poll_at=NOW)
+        ledger.task_lost(task, NOW, "task not found.", max_resubmits=1)
+    # Once sent again (counted), then held: a 404 may be wrong and the task charged.
+    assert state(ledger, a) == "parked"
+    doubles = ledger.query("SELECT possible_double FROM generations WHERE fingerprint = ?", [a])
+    assert doubles[0]["possible_double"] == 1
