@@ -105,8 +105,16 @@ UPDATE submits SET unsettled = json_array_length(fingerprints)
     WHERE state IN ('intent', 'ambiguous');
 """
 
+# Version 3: a clip's cover image for the output's ID3 tags. ``cover`` is the
+# sha256 of the image in the cache, '' when the clip has none to fetch, NULL
+# until it was tried.
+_SCHEMA_V3 = """
+ALTER TABLE clips ADD COLUMN image_url TEXT;
+ALTER TABLE clips ADD COLUMN cover TEXT;
+"""
+
 #: Versioned migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,9 @@ class ClipRecord:
     lyrics: str | None
     tags: str | None
     sha256: str | None
+    image_url: str | None = None
+    #: The cover's sha256 in the cache; '' none to be had; None not fetched yet.
+    cover: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +214,8 @@ def spec_to_json(spec: SpecFile) -> str:
                     "variant": t.variant,
                     "clips": t.clips,
                     "line": t.line,
+                    "album": t.album,
+                    "artist": t.artist,
                 }
                 for t in spec.tracks
             ],
@@ -223,6 +236,8 @@ def spec_from_json(path: str, body: str) -> SpecFile:
                 variant=t["variant"],
                 clips=t["clips"],
                 line=t["line"],
+                album=t.get("album"),
+                artist=t.get("artist"),
             )
             for t in data["tracks"]
         ),
@@ -1026,12 +1041,15 @@ class Ledger:
             for c in update.clips:
                 self.db.execute(
                     "INSERT INTO clips (clip_id, task_id, fingerprint, position, state, audio_url, "
-                    "duration, title, lyrics, tags, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                    "duration, title, lyrics, tags, image_url, updated_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT(clip_id) DO UPDATE SET state = excluded.state, "
                     "audio_url = excluded.audio_url, duration = coalesce(excluded.duration, "
                     "clips.duration), title = coalesce(excluded.title, clips.title), "
                     "lyrics = coalesce(excluded.lyrics, clips.lyrics), "
-                    "tags = coalesce(excluded.tags, clips.tags), updated_at = excluded.updated_at",
+                    "tags = coalesce(excluded.tags, clips.tags), "
+                    "image_url = coalesce(excluded.image_url, clips.image_url), "
+                    "updated_at = excluded.updated_at",
                     [
                         c.clip_id,
                         update.task_id,
@@ -1043,6 +1061,7 @@ class Ledger:
                         c.title,
                         c.lyrics,
                         c.tags,
+                        c.image_url,
                         now,
                     ],
                 )
@@ -1222,6 +1241,8 @@ class Ledger:
                     lyrics=r["lyrics"],
                     tags=r["tags"],
                     sha256=r["sha256"],
+                    image_url=r["image_url"],
+                    cover=r["cover"],
                 )
             )
         return out
@@ -1234,6 +1255,11 @@ class Ledger:
                 [sha256, duration, self.clock(), clip_id],
             )
             self._event("clip.downloaded", clip_id=clip_id, sha256=sha256)
+
+    def clip_cover(self, clip_id: str, sha256: str | None) -> None:
+        """The clip's cover is in the cache under ``sha256``: '' it has none, None fetch again."""
+        with self.transaction():
+            self.db.execute("UPDATE clips SET cover = ? WHERE clip_id = ?", [sha256, clip_id])
 
     def clip_lost(self, clip_id: str) -> None:
         """A cached file vanished or went bad: fetch the clip again."""

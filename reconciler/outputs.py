@@ -2,8 +2,9 @@
 
 Where this sits in the flow: download → **materialise outputs** → ledger. A
 download lands in a temp file of the :class:`AudioCache` (state directory), is
-verified as MPEG audio and adopted under its sha256; :func:`materialise` then
-copies it to ``<out>/<soundtrack>/<track>.mp3`` and the playlist and
+verified as MPEG audio and adopted under its sha256; :func:`prepare` then
+copies it beside ``<out>/<soundtrack>/<track>.mp3`` (tagged by the caller, see
+``tags.py``), :func:`commit` renames it into place, and the playlist and
 ``tracks.json`` are rendered and written with :func:`write_text_if_changed`.
 The ledger records what was written (sha256, size, mtime_ns) so a later pass
 checks drift with :func:`file_state` (a stat) and re-hashes only on mismatch.
@@ -338,6 +339,23 @@ class AudioCache:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
+    def image_path(self, sha256: str) -> Path:
+        """Where a cover image with this checksum is kept (beside the audio)."""
+        return self.path(sha256).with_suffix(".img")
+
+    def adopt_image(self, tmp: Path) -> str:
+        """Move a downloaded cover image into the cache; return its sha256."""
+        data = _read(tmp, "cache it")
+        sha = hashlib.sha256(data).hexdigest()
+        dest = self.image_path(sha)
+        try:
+            _make_dirs(dest.parent)
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except OSError as e:
+            raise OutputError(f"cannot adopt {tmp} into {self.root}: {e.strerror or e}") from e
+        return sha
+
     def new_temp(self) -> Path:
         """A fresh path in ``root`` for a download in progress (same filesystem as the cache)."""
         try:
@@ -433,15 +451,47 @@ class OutputFolder:
         return parent / filename
 
 
-def materialise(src: Path, dest: Path) -> tuple[int, int]:
-    """Copy ``src`` onto ``dest`` atomically; return dest's (size, mtime_ns)."""
+def prepare(src: Path, dest: Path, finish: Callable[[Path], None]) -> Path:
+    """A copy of ``src`` beside ``dest``, changed by ``finish`` and verified, not yet in place.
+
+    The caller commits it (:func:`commit`) or unlinks it. ``finish`` (tagging) must
+    leave audio that still decodes with a positive duration: that is checked
+    here, so a bad edit never reaches the output folder.
+    """
     dest = Path(os.path.abspath(dest))
     try:
-        with open(src, "rb") as source:
-            _atomic_write(dest, lambda out: shutil.copyfileobj(source, out, 1 << 20))
+        _make_dirs(dest.parent)
+    except OSError as e:
+        raise OutputError(f"cannot create {dest.parent}: {e.strerror or e}") from e
+    tmp = _temp_in(dest.parent)
+    try:
+        shutil.copyfile(src, tmp)
+        finish(tmp)
+        probe_audio(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {dest} from {src}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def commit(tmp: Path, dest: Path) -> tuple[int, int]:
+    """Rename a file from :func:`prepare` onto ``dest``; return dest's (size, mtime_ns)."""
+    dest = Path(os.path.abspath(dest))
+    try:
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
         stat = dest.stat()
     except OSError as e:
-        raise OutputError(f"cannot write {dest} from {src}: {e.strerror or e}") from e
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {dest}: {e.strerror or e}") from e
     return stat.st_size, stat.st_mtime_ns
 
 

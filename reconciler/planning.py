@@ -58,6 +58,11 @@ class DesiredTrack:
     clips: int
     source: str
     position: int
+    #: What only the output's tags carry (``reconciler.tags``): not in the fingerprint.
+    album: str | None = None
+    artist: str | None = None
+    #: Tracks in the soundtrack, for the "track n of m" tag.
+    of: int = 1
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -121,7 +126,19 @@ def desired_state(
         for pos, t in enumerate(spec.tracks):
             fp = fingerprint(t.request, t.variant)
             requests.setdefault(fp, t.request)
-            tracks.append(DesiredTrack(spec.soundtrack, t.name, fp, t.clips, path, pos))
+            tracks.append(
+                DesiredTrack(
+                    spec.soundtrack,
+                    t.name,
+                    fp,
+                    t.clips,
+                    path,
+                    pos,
+                    album=t.album,
+                    artist=t.artist,
+                    of=len(spec.tracks),
+                )
+            )
     return Desired(
         tracks=tuple(tracks),
         requests=requests,

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from reconciler import outputs as out
+from reconciler import tags as tagging
 from reconciler.config import Settings
 from reconciler.errors import (
     AmbiguousSubmitError,
@@ -170,6 +171,8 @@ class Reconciler:
         ] = {}
         self.desired: Desired | None = None
         self.scan: SpecScan | None = None
+        #: Output path → ``TrackTags.key`` of the file written there (tags.py).
+        self._tagged: dict[str, str] = ledger.get("output_tags") or {}
 
     # -- the pass -------------------------------------------------------------------
 
@@ -703,6 +706,7 @@ class Reconciler:
                 lyrics=c.lyrics,
                 tags=c.tags,
                 sha256=None,
+                image_url=c.image_url,
             )
             for i, c in enumerate(status.clips, start=1)
         ]
@@ -767,7 +771,12 @@ class Reconciler:
         (``clip_lost``) when it is needed, so no pass stats the cache here.
         """
         need = self._needed(desired)
-        todo = [c for fp, clips in usable.items() for c in clips[: need[fp]] if not c.sha256]
+        todo = [
+            c
+            for fp, clips in usable.items()
+            for c in clips[: need[fp]]
+            if not c.sha256 or (c.image_url and c.cover is None)
+        ]
         if not todo:
             return usable
         # A few workers share one iterator rather than one task per clip: the
@@ -786,7 +795,9 @@ class Reconciler:
         return {fp: [fetched.get(c.clip_id, c) for c in clips] for fp, clips in usable.items()}
 
     async def _fetch(self, clip: ClipRecord, result: PassResult) -> ClipRecord | None:
-        """Download one clip into the cache; the clip with its checksum, or None."""
+        """Download one clip (and its cover) into the cache; the clip with its checksum, or None."""
+        if clip.sha256:
+            return await self._with_cover(clip)
         tmp = self.cache.new_temp()
         try:
             await self.api.download(clip.audio_url or "", tmp)
@@ -807,9 +818,21 @@ class Reconciler:
         self.ledger.clip_downloaded(clip.clip_id, sha, duration)
         result.downloads += 1
         self.log.info("clip.downloaded", clip_id=clip.clip_id, fingerprint=clip.fingerprint)
-        return replace(
-            clip, sha256=sha, duration=clip.duration if clip.duration is not None else duration
+        return await self._with_cover(
+            replace(
+                clip, sha256=sha, duration=clip.duration if clip.duration is not None else duration
+            )
         )
+
+    async def _with_cover(self, clip: ClipRecord) -> ClipRecord:
+        """Fetch the clip's cover image once; a missing one is recorded as none."""
+        if not clip.image_url or clip.cover is not None:
+            return clip
+        cover = await tagging.fetch_cover(self.api, self.cache, clip.image_url)
+        if not cover:
+            self.log.info("cover.unavailable", clip_id=clip.clip_id)
+        self.ledger.clip_cover(clip.clip_id, cover)
+        return replace(clip, cover=cover)
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -860,6 +883,9 @@ class Reconciler:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
         # For status, which runs in another process; put() writes only changes.
         self.ledger.put("output_errors", self._failed_outputs)
+        wanted = {p for t in desired.tracks for p in t.outputs}
+        self._tagged = {p: k for p, k in self._tagged.items() if p in wanted}
+        self.ledger.put("output_tags", self._tagged)
         self.ledger.put("short_generations", short)
 
     def _short_of_clips(self, t: DesiredTrack, have: int) -> str:
@@ -882,30 +908,50 @@ class Reconciler:
         rec: OutputRecord | None,
         result: PassResult,
     ) -> bool:
-        """Make ``<out>/<rel>`` hold the clip's audio; True when it does."""
+        """Make ``<out>/<rel>`` hold the clip's audio with its tags; True when it does.
+
+        The ledger holds the checksum of the tagged file and ``_tagged`` the
+        key it was built from (audio checksum plus tag values): an untouched
+        file with the same key needs nothing; a touched one whose bytes are
+        still right is only re-recorded; anything else (a new clip, changed
+        tags, a deleted or edited file) is rebuilt from the cached raw audio.
+        """
         assert clip.sha256 is not None
         root = self.settings.out_dir
         soundtrack, filename = rel.split("/", 1)
+        tags = tagging.tags_for(t, clip)
         try:
             dest = self._outdir.path(soundtrack, filename)
             state = out.file_state(dest)
-            if rec is not None and rec.sha256 == clip.sha256 and state == (rec.size, rec.mtime_ns):
-                return True
-            event = "output.written"
-            if state is not None:
-                if out.sha256_file(dest) == clip.sha256:
-                    self.ledger.output_written(self._record_for(t, n, rel, clip, state), event=None)
+            if rec is not None and self._tagged.get(rel) == tags.key(clip.sha256):
+                if state == (rec.size, rec.mtime_ns):
                     return True
-                if rec is None:
-                    # Not ours: keep the person's file in the trash, never overwrite it silently.
-                    self.trash.move(dest, root, self.clock())
-            if rec is not None and rec.sha256 == clip.sha256:
-                event = "output.restored"
+                if state is not None and out.sha256_file(dest) == rec.sha256:
+                    self.ledger.output_written(
+                        self._record_for(t, n, rel, rec.sha256, state), event=None
+                    )
+                    return True
             src = self.cache.path(clip.sha256)
             if not src.exists():
                 self.ledger.clip_lost(clip.clip_id)
                 return False
-            new_state = out.materialise(src, dest)
+            cover = self._cover_bytes(clip)
+            if cover is None:
+                tags = replace(tags, cover=None)
+            tmp = out.prepare(src, dest, lambda path: tagging.write_tags(path, tags, cover))
+            try:
+                sha = out.sha256_file(tmp)
+                if state is not None and out.sha256_file(dest) == sha:
+                    # Already what we would write (a crash after the rename): keep it.
+                    self.ledger.output_written(self._record_for(t, n, rel, sha, state), event=None)
+                    self._tagged[rel] = tags.key(clip.sha256)
+                    return True
+                if state is not None and rec is None:
+                    # Not ours: keep the person's file in the trash, never overwrite it silently.
+                    self.trash.move(dest, root, self.clock())
+                new_state = out.commit(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
         except OutputError as exc:
             # A person has to fix this (a symlink out of the folder, a full
             # disk): it is not work in flight, and it is reported once.
@@ -914,26 +960,42 @@ class Reconciler:
                 self.log.error("output.failed", path=rel, error=str(exc))
             self._failed_outputs[rel] = str(exc)
             return False
-        self.ledger.output_written(self._record_for(t, n, rel, clip, new_state), event=event)
+        self._tagged[rel] = tags.key(clip.sha256)
+        event = "output.written"
+        if rec is not None and rec.sha256 == sha:
+            event = "output.restored"
+        self.ledger.output_written(self._record_for(t, n, rel, sha, new_state), event=event)
         if event == "output.restored":
             result.restored += 1
+            self.log.info(event, path=rel)
         else:
             result.written += 1
-        self.log.info("track.ready" if event == "output.written" else event, path=rel)
+            # Same generation, other bytes: only what goes into the tags changed.
+            retagged = rec is not None and rec.fingerprint == t.fingerprint
+            self.log.info("output.retagged" if retagged else "track.ready", path=rel)
         return True
+
+    def _cover_bytes(self, clip: ClipRecord) -> bytes | None:
+        """The clip's cached cover; a lost one is fetched again on the next pass."""
+        if not clip.cover:
+            return None
+        try:
+            return self.cache.image_path(clip.cover).read_bytes()
+        except OSError:
+            self.ledger.clip_cover(clip.clip_id, None)
+            return None
 
     @staticmethod
     def _record_for(
-        t: DesiredTrack, n: int, rel: str, clip: ClipRecord, state: tuple[int, int]
+        t: DesiredTrack, n: int, rel: str, sha256: str, state: tuple[int, int]
     ) -> OutputRecord:
-        assert clip.sha256 is not None
         return OutputRecord(
             path=rel,
             soundtrack=t.soundtrack,
             track=t.name,
             clip=n,
             fingerprint=t.fingerprint,
-            sha256=clip.sha256,
+            sha256=sha256,
             size=state[0],
             mtime_ns=state[1],
         )

@@ -130,6 +130,7 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
+        clips = ledger.usable_clips() if ledger else {}
     finally:
         if ledger:
             ledger.close()
@@ -140,8 +141,11 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         if r.track is None:
             continue
         disk = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
-        # The cache only matters for a file to restore: no stat for the rest.
-        cached = disk != "ok" and cache.has(r.sha256)
+        # The cache only matters for a file to restore: no stat for the rest. It
+        # holds the raw audio; the output is that plus its tags (tags.py).
+        kept = clips.get(r.fingerprint or "", [])
+        raw = kept[r.clip - 1].sha256 if r.clip is not None and len(kept) >= r.clip else None
+        cached = disk != "ok" and raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
     d = diff(desired, gens, facts, prune=settings.prune)
     by_fp: dict[str, list[str]] = {}

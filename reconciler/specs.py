@@ -89,7 +89,10 @@ _API_FIELDS = (
     "style_weight",
     "weirdness_constraint",
 )
-_TRACK_FIELDS = ("name", *_API_FIELDS, "variant", "clips")
+# Tag-only fields: written into the output's ID3 tags, never sent, so they
+# leave the fingerprint alone (like ``name`` and ``clips``).
+_TAG_FIELDS = ("album", "artist")
+_TRACK_FIELDS = ("name", *_API_FIELDS, "variant", "clips", *_TAG_FIELDS)
 _DEFAULTS_FIELDS = tuple(f for f in _TRACK_FIELDS if f != "name")
 _TOP_FIELDS = ("soundtrack", "defaults", "tracks")
 
@@ -101,6 +104,8 @@ _TEXT_LIMITS = {
     "title": 79,  # the API says "< 80"
     "tags": 1000,
     "negative_tags": 1000,
+    "album": 200,
+    "artist": 200,
 }
 _OLD_TEXT_LIMITS = {"prompt": 3000, "tags": 199, "negative_tags": 199}
 
@@ -130,6 +135,9 @@ class TrackSpec:
     variant: int = 1
     clips: int = 1
     line: int = 1
+    #: ID3 tags only (see ``_TAG_FIELDS``): None means the soundtrack / no artist.
+    album: str | None = None
+    artist: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1085,6 +1093,8 @@ class _Validator:
             variant=merged.get("variant") or 1,
             clips=merged.get("clips") or 1,
             line=self.doc.line(loc),
+            album=merged.get("album"),
+            artist=merged.get("artist"),
         )
 
     def names(self) -> None:

@@ -133,5 +133,19 @@ class Project:
             if p.is_file()
         }
 
+    def audio_sha256(self, rel: str) -> str:
+        """sha256 of an output's audio without its ID3v2 tag: what the cache holds."""
+        return hashlib.sha256(strip_id3v2((self.out / rel).read_bytes())).hexdigest()
+
     def stats(self) -> dict[str, Any]:
         return self.sandbox.stats()
+
+
+def strip_id3v2(data: bytes) -> bytes:
+    """The MPEG stream after a leading ID3v2 tag (size: four 7-bit bytes)."""
+    if data[:3] != b"ID3":
+        return data
+    size = 0
+    for byte in data[6:10]:
+        size = (size << 7) | (byte & 0x7F)
+    return data[10 + size :]

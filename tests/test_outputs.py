@@ -19,9 +19,10 @@ from reconciler.outputs import (
     AudioCache,
     TrackOutput,
     Trash,
+    commit,
     file_state,
-    materialise,
     output_path,
+    prepare,
     probe_audio,
     render_playlist,
     render_tracks_json,
@@ -29,6 +30,12 @@ from reconciler.outputs import (
     sweep_output_temps,
     write_text_if_changed,
 )
+
+
+def materialise(src: Path, dest: Path) -> tuple[int, int]:
+    """An untagged copy put in place, as reconciling does with its tagged ones."""
+    return commit(prepare(src, dest, lambda path: None), dest)
+
 
 RATE = 24_000
 # MPEG-2 layer III at 64 kbps and 24 kHz: 72 * 64000 / 24000 = 192 bytes per
@@ -309,7 +316,8 @@ import os, sys
 from pathlib import Path
 from reconciler import outputs
 os.replace = lambda a, b: os._exit(3)  # die like SIGKILL: no cleanup runs
-outputs.materialise(Path(sys.argv[1]), Path(sys.argv[2]))
+dest = Path(sys.argv[2])
+outputs.commit(outputs.prepare(Path(sys.argv[1]), dest, lambda p: None), dest)
 """
 
 

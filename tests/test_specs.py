@@ -372,7 +372,7 @@ RULES = [
         [
             "specs/s.yaml:2 tracks[0].zzz: unknown field 'zzz' (known: name, custom_mode, mv, "
             "prompt, gpt_description_prompt, title, tags, negative_tags, make_instrumental, "
-            "vocal_gender, style_weight, weirdness_constraint, variant, clips)"
+            "vocal_gender, style_weight, weirdness_constraint, variant, clips, album, artist)"
         ],
     ),
     ("tracks:\n  - {mv: sonic-v5, prompt: x}\n", ["specs/s.yaml:2 tracks[0]: missing 'name'"]),

@@ -126,7 +126,11 @@ def test_renames_moves_and_copies_reuse_audio(project: Project) -> None:
     assert submits(project) == paid
     files = project.files()
     assert files["study/opening.mp3"][0] == audio
-    assert files["copies/same-as-focus-1.mp3"][0] == files["study/focus-1.mp3"][0]
+    # The same audio, tagged for its own soundtrack.
+    assert files["copies/same-as-focus-1.mp3"][0] != files["study/focus-1.mp3"][0]
+    assert project.audio_sha256("copies/same-as-focus-1.mp3") == project.audio_sha256(
+        "study/focus-1.mp3"
+    )
 
 
 def test_deleted_and_corrupted_outputs_are_restored_from_the_cache(project: Project) -> None:

@@ -14,6 +14,7 @@ Routes (all under the base URL ``/api/v1`` except the sandbox's own)::
     POST /api/v1/sonic/create            GET  /api/v1/sonic/task/{task_id}
     POST /api/v1/sonic/batch             GET  /api/v1/sonic/batch?batch_id=
     GET  /api/v1/get-credits             GET  /_sandbox/audio/{clip_id}.mp3  (no key)
+    GET  /_sandbox/image/{clip_id}.png   (no key)
     GET  /_sandbox/stats                 POST /_sandbox/reset
     GET  /_sandbox/config                POST /_sandbox/config
 """
@@ -143,7 +144,9 @@ class FaultLayer:
             return
         endpoint = classify(scope["method"], scope["path"])
         if endpoint is None:
-            if scope["path"].startswith("/_sandbox/") and not self._authorized(scope):
+            path = scope["path"]
+            public = path.startswith("/_sandbox/image/")
+            if path.startswith("/_sandbox/") and not public and not self._authorized(scope):
                 await self._unauthorized(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -364,6 +367,12 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
             return _cdn_error(status)
         return Response(data, media_type="audio/mpeg", headers={"Cache-Control": "max-age=3600"})
 
+    async def image(request: Request) -> Response:
+        data = state.image_file(request.path_params["name"])
+        if data is None:
+            return _cdn_error(404)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
     async def stats(request: Request) -> Response:
         return JSONResponse(state.stats())
 
@@ -409,6 +418,7 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
         Route(f"{API}/sonic/batch", batch_poll, methods=["GET"]),
         Route(f"{API}/get-credits", credits, methods=["GET"]),
         Route("/_sandbox/audio/{name}", audio, methods=["GET"]),
+        Route("/_sandbox/image/{name}", image, methods=["GET"]),
         Route("/_sandbox/stats", stats, methods=["GET"]),
         Route("/_sandbox/reset", reset, methods=["POST"]),
         Route("/_sandbox/config", config, methods=["GET", "POST"]),

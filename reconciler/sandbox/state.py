@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from reconciler.sandbox.audio import AudioCache, ClipPlan, plan_clip
+from reconciler.sandbox.audio import AudioCache, ClipPlan, cover_png, plan_clip
 from reconciler.sandbox.config import PROFILE_KEYS, SandboxConfig, apply_changes
 from reconciler.sandbox.faults import FaultInjector, FaultRule
 from reconciler.sandbox.shapes import webhook_payload
@@ -467,7 +467,7 @@ class SandboxState:
             "title": item.get("title") or description[:60].title() or "Untitled",
             "tags": item.get("tags") or "",
             "lyrics": lyrics,
-            "image_url": "",
+            "image_url": f"{self.public_base}/_sandbox/image/{clip_id}.png" if finished else "",
             "audio_url": audio_url,
             "video_url": None,
             "created_at": task.created_at,
@@ -498,6 +498,13 @@ class SandboxState:
             if expired:
                 return 403, "Access Denied: the URL has expired"
         return 200, self.audio.get(clip_id, task.clips[index])
+
+    def image_file(self, name: str) -> bytes | None:
+        """PNG bytes for ``/_sandbox/image/{name}``; None when no such clip exists."""
+        clip_id = name.removesuffix(".png")
+        if not name.endswith(".png") or clip_id not in self._clip_index:
+            return None
+        return cover_png(clip_id)
 
     # -- time ---------------------------------------------------------------------
 
