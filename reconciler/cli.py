@@ -76,6 +76,7 @@ def _settings(
     use_sandbox: bool,
     prune: bool | None = None,
     max_credits: int | None = None,
+    ops_listen: str | None = None,
 ) -> Settings:
     settings = load_settings(
         Flags(
@@ -87,6 +88,7 @@ def _settings(
             sandbox=use_sandbox,
             prune=prune,
             max_credits=max_credits,
+            ops_listen=ops_listen,
         )
     )
     logs.configure(settings.log_level)
@@ -157,18 +159,24 @@ def sync(prune: bool | None, verbose: bool, max_credits: int | None, **opts: Any
     default=None,
     help="Spend at most N credits in this run (possibly spent ones count).",
 )
+@click.option(
+    "--ops-listen",
+    metavar="[HOST:]PORT",
+    default=None,
+    help="Serve /metrics, /healthz, /readyz and the dashboard here (a bare port: 127.0.0.1).",
+)
 @_exits_on_errors(1)
-def run(prune: bool | None, max_credits: int | None, **opts: Any) -> None:
+def run(prune: bool | None, max_credits: int | None, ops_listen: str | None, **opts: Any) -> None:
     """The daemon: watch the specs folder and reconcile until SIGTERM."""
     import asyncio
 
     from reconciler.daemon import run_daemon
 
-    settings = _settings(prune=prune, max_credits=max_credits, **opts)
+    settings = _settings(prune=prune, max_credits=max_credits, ops_listen=ops_listen, **opts)
 
     def reload() -> Settings:
         """SIGHUP: the config file and environment again, under the same flags."""
-        return _settings(prune=prune, max_credits=max_credits, **opts)
+        return _settings(prune=prune, max_credits=max_credits, ops_listen=ops_listen, **opts)
 
     sys.exit(asyncio.run(run_daemon(settings, reload=reload)))
 

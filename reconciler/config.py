@@ -74,6 +74,10 @@ class _Webhook(_Section):
     tolerance: float = Field(300.0, gt=0)
 
 
+class _Ops(_Section):
+    listen: str | None = None
+
+
 class _File(_Section):
     specs: Path | None = None
     out: Path | None = None
@@ -88,6 +92,7 @@ class _File(_Section):
     retry: _Retry = _Retry()
     prune: _Prune = _Prune()
     webhook: _Webhook = _Webhook()
+    ops: _Ops = _Ops()
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class Settings:
     prune: bool = False
     prune_grace: float = 7 * 86400.0
     webhook: WebhookSettings | None = None
+    #: The ops listener (metrics, health, dashboard): (host, port), None when off.
+    ops_listen: tuple[str, int] | None = None
     log_level: str = "info"
     config_file: Path | None = None
 
@@ -162,6 +169,7 @@ class Flags:
     sandbox: bool = False
     prune: bool | None = None
     max_credits: int | None = None
+    ops_listen: str | None = None
 
 
 def _read_file(path: Path) -> _File:
@@ -231,6 +239,19 @@ def _webhook(hook: _Webhook, base: Path | None, source: str) -> WebhookSettings 
     )
 
 
+def parse_listen(value: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (loopback: 127.0.0.1) as (host, port).
+
+    Nothing is exposed by accident: only an explicit host listens elsewhere.
+    """
+    host, sep, port = value.strip().rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    if not port.isdigit() or not host or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT or PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
 def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Settings:
     """Resolve flag > environment > config file > default into one ``Settings``."""
     env = os.environ if env is None else env
@@ -280,6 +301,13 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
         prune=conf.prune.enabled if flags.prune is None else flags.prune,
         prune_grace=conf.prune.grace,
         webhook=_webhook(conf.webhook, base, source),
+        ops_listen=(
+            parse_listen(flags.ops_listen, "--ops-listen")
+            if flags.ops_listen
+            else parse_listen(conf.ops.listen, f"{source}: ops.listen")
+            if conf.ops.listen
+            else None
+        ),
         log_level=conf.log_level,
         config_file=config_path,
     )

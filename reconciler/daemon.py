@@ -43,8 +43,10 @@ from reconciler.config import Settings, settings_summary
 from reconciler.errors import ConfigError, LedgerError, ReconcilerError
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
+from reconciler.ops import Metrics, OpsApp
 from reconciler.reconciling import PassResult, Reconciler
 from reconciler.running import api_settings
+from reconciler.serving import AppServer
 from reconciler.specs import is_spec_candidate
 from reconciler.systemd import Notifier, watchdog_interval
 from reconciler.webhooks import WebhookReceiver, WebhookServer, apply_hints
@@ -59,7 +61,7 @@ MAX_QUICK_PASSES = 3
 FAILURE_BACKOFF_CAP = 60.0
 #: Settings a running daemon cannot take over on SIGHUP: they name the state it
 #: holds open (lock, ledger, API client, listening socket). Restart for these.
-RESTART_FIELDS = ("state_dir", "api_url", "api_key", "sandbox", "webhook")
+RESTART_FIELDS = ("state_dir", "api_url", "api_key", "sandbox", "webhook", "ops_listen")
 
 # The watcher. watchfiles hands over changes once they have been quiet for
 # STEP ms (at most DEBOUNCE ms after the first); the batching window is ours.
@@ -143,6 +145,8 @@ class Daemon:
         self._last_ping = time.monotonic()
         self._last_pass_at: float | None = None
         self._last_result: PassResult | None = None
+        #: Fed whether or not the ops listener serves them (cheap counters).
+        self.metrics = Metrics()
 
     # -- wake-up sources (called on the event loop) ------------------------------------
 
@@ -186,6 +190,7 @@ class Daemon:
                         key,
                         timeout=s.request_timeout,
                         max_requests_per_second=s.max_requests_per_second,
+                        on_request=self.metrics.api_request,
                     ) as api:
                         self.rec = Reconciler(s, ledger, api)
                         await self._serve(ledger)
@@ -199,13 +204,20 @@ class Daemon:
     async def _serve(self, ledger: Ledger) -> None:
         s = self.settings
         server: WebhookServer | None = None
+        ops: AppServer | None = None
         self.watcher = SpecWatcher(s.specs_dir, self.on_file_event)
         try:
             await self.watcher.start()
             if s.webhook is not None:
-                self.receiver = WebhookReceiver(s.webhook, on_hint=self.on_webhook)
+                self.receiver = WebhookReceiver(
+                    s.webhook, on_hint=self.on_webhook, on_outcome=self.metrics.webhook
+                )
                 server = WebhookServer(self.receiver, s.webhook.host, s.webhook.port)
                 await server.start()
+            if s.ops_listen is not None:
+                app = OpsApp(self.metrics, ledger, lambda: self.settings).app
+                ops = AppServer(app, *s.ops_listen, name="ops")
+                await ops.start()
             self.notifier.ready(status="starting: first pass")
             self.log.info(
                 "daemon.started",
@@ -215,6 +227,8 @@ class Daemon:
             )
             await self._loop(ledger, server)
         finally:
+            if ops is not None:
+                await ops.stop()
             if server is not None:
                 await server.stop()
             await self.watcher.stop()
@@ -249,10 +263,13 @@ class Daemon:
                 failures = 0
                 self._last_pass_at = time.time()
                 self._last_result = result
+                self.metrics.pass_completed(result)
                 self._ping()
                 quick = quick + 1 if result.changed and result.in_flight else 0
                 pass_at = self._next_pass(result, now, quick <= MAX_QUICK_PASSES)
-            await self._wait(min(pass_at, next_rescan), healthy=failures == 0)
+            wake = min(pass_at, next_rescan)
+            self.metrics.next_pass_at = time.time() + max(0.0, wake - time.monotonic())
+            await self._wait(wake, healthy=failures == 0)
 
     def _apply_hints(self, ledger: Ledger) -> None:
         assert self.receiver is not None

@@ -811,6 +811,8 @@ class MusicAPI:
     ``max_requests_per_second``). ``observer`` sees how every answer was read
     (:class:`Reading`); answers in an unexpected shape are also counted in
     ``unexpected`` and logged once per shape with their raw body, key removed.
+    ``on_request`` hears every API request as it ends: endpoint, outcome
+    (``ok`` or the error's class name) and seconds, for the metrics.
     """
 
     def __init__(
@@ -827,6 +829,7 @@ class MusicAPI:
         max_requests_per_second: float = 4.0,
         bucket: TokenBucket | None = None,
         observer: Callable[[Reading], None] | None = None,
+        on_request: Callable[[str, str, float], None] | None = None,
         log: FilteringBoundLogger | None = None,
     ) -> None:
         try:
@@ -851,6 +854,7 @@ class MusicAPI:
         self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger(__name__)
         self._bucket = bucket or TokenBucket(max_requests_per_second)
         self._observer = observer
+        self._on_request = on_request
         #: "endpoint: shape" → answers read in a shape other than the documented one.
         self.unexpected: Counter[str] = Counter()
         self._logged_shapes: set[str] = set()
@@ -1105,15 +1109,22 @@ class MusicAPI:
         )
         error: APIError
         await self._bucket.take()
+        started = time.monotonic()
         try:
             response = await self._http.send(request)
         except httpx.RequestError as exc:
             error = self._transport_error(exc, kind)
         else:
             try:
-                return self._read(response, kind, endpoint, parse)
+                result = self._read(response, kind, endpoint, parse)
             except APIError as exc:
                 error = exc
+            else:
+                if self._on_request is not None:
+                    self._on_request(endpoint, "ok", time.monotonic() - started)
+                return result
+        if self._on_request is not None:
+            self._on_request(endpoint, type(error).__name__, time.monotonic() - started)
         self._log_error(error, method, path, attempt)
         raise error
 

@@ -42,29 +42,25 @@ now. The poll is the truth.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import re
-import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reconciler.config import WebhookSettings
-from reconciler.errors import ConfigError
 from reconciler.ledger import Ledger
+from reconciler.serving import AppServer
 
 Clock = Callable[[], float]
 
@@ -76,9 +72,6 @@ _TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 SEEN_CAPACITY = 8192
 #: Hints waiting for the next pass; one per task at most, so this bounds a flood.
 MAX_PENDING = 50_000
-START_TIMEOUT = 10.0
-#: uvicorn's wait for open requests at shutdown.
-GRACEFUL_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -113,7 +106,9 @@ class WebhookReceiver:
     """Verifies callbacks and queues them as hints; ``app`` is the ASGI app to serve.
 
     ``on_hint`` is called (on the event loop) whenever a hint was queued, so
-    the daemon can wake. ``clock`` gives Unix seconds for the timestamp check.
+    the daemon can wake. ``on_outcome`` hears how every request ended
+    (``accepted``, ``duplicate``, ``dropped`` or the rejection's reason), for
+    the metrics. ``clock`` gives Unix seconds for the timestamp check.
     """
 
     def __init__(
@@ -121,10 +116,12 @@ class WebhookReceiver:
         settings: WebhookSettings,
         *,
         on_hint: Callable[[], None],
+        on_outcome: Callable[[str], None] | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.settings = settings
         self.on_hint = on_hint
+        self.on_outcome = on_outcome
         self.clock = clock
         self.log = structlog.get_logger("reconciler")
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -143,6 +140,12 @@ class WebhookReceiver:
         return hints
 
     async def _handle(self, request: Request) -> Response:
+        response, outcome = await self._answer(request)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return response
+
+    async def _answer(self, request: Request) -> tuple[Response, str]:
         fingerprint: str | None = request.path_params.get("fingerprint")
         webhook_id = request.headers.get("x-webhook-id", "")
         try:
@@ -159,13 +162,15 @@ class WebhookReceiver:
                 webhook_id=webhook_id[:64],
                 peer=request.client.host if request.client else None,
             )
-            return JSONResponse({"error": rej.reason}, status_code=rej.status)
+            return JSONResponse({"error": rej.reason}, status_code=rej.status), rej.reason
         keys = [f"sig:{sig}"] + ([f"id:{webhook_id}"] if webhook_id else [])
         if any(k in self._seen for k in keys):
             self.log.info("webhook.duplicate", fingerprint=fingerprint, webhook_id=webhook_id[:64])
-            return JSONResponse({"status": "duplicate"})
+            return JSONResponse({"status": "duplicate"}), "duplicate"
         task_id, clip_ids = _named(body)
+        outcome = "accepted"
         if len(self._pending) >= MAX_PENDING:
+            outcome = "dropped"
             self.log.warning("webhook.dropped", fingerprint=fingerprint, task_id=task_id)
         else:
             # Even a body that names nothing is worth a hint: it says that
@@ -184,7 +189,7 @@ class WebhookReceiver:
             self._seen[key] = None
         while len(self._seen) > SEEN_CAPACITY:
             self._seen.popitem(last=False)
-        return JSONResponse({"status": "accepted"})
+        return JSONResponse({"status": "accepted"}), outcome
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body
@@ -314,81 +319,9 @@ def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
     return changed
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The daemon owns SIGTERM/SIGINT/SIGHUP; uvicorn must not install its own.
-        yield
-
-
-class WebhookServer:
-    """uvicorn serving a receiver on ``host:port`` in the running event loop."""
+class WebhookServer(AppServer):
+    """The receiver's own listener (it may face the internet; ops has another)."""
 
     def __init__(self, receiver: WebhookReceiver, host: str, port: int) -> None:
+        super().__init__(receiver.app, host, port, name="webhook")
         self.receiver = receiver
-        self.host = host
-        self.port = port
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._sock: socket.socket | None = None
-
-    def _bind(self) -> socket.socket:
-        try:
-            family, kind, proto, _, addr = socket.getaddrinfo(
-                self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            raise ConfigError(f"webhook.listen {self.host}:{self.port}: {exc.strerror}") from exc
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(
-                f"webhook.listen {self.host}:{self.port}: cannot listen: {exc.strerror}"
-            ) from exc
-        return sock
-
-    async def start(self) -> None:
-        """Bind (a ``ConfigError`` names the address when that fails) and serve."""
-        self._sock = self._bind()
-        config = uvicorn.Config(
-            self.receiver.app,
-            lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-            limit_concurrency=64,
-            timeout_keep_alive=5,
-            timeout_graceful_shutdown=GRACEFUL_SECONDS,
-        )
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-        deadline = time.monotonic() + START_TIMEOUT
-        # uvicorn reports readiness only as a flag.
-        while not self._server.started:
-            if self._task.done() or time.monotonic() > deadline:
-                await self.stop()
-                raise ConfigError(f"webhook.listen {self.host}:{self.port}: server did not start")
-            await asyncio.sleep(0.01)
-        self.receiver.log.info("webhook.listening", host=self.host, port=self.port)
-
-    @property
-    def failed(self) -> bool:
-        """The server task ended on its own (it only should when told to)."""
-        return self._task is not None and self._task.done()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            task, self._task = self._task, None
-            with contextlib.suppress(Exception):
-                await task
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
