@@ -7,21 +7,27 @@ what the sandbox counted (tasks it created, batch submits it received).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.config import Flags, load_settings, parse_listen
+from reconciler.config import Flags, Settings, load_settings, parse_listen
 from reconciler.errors import ConfigError
-from reconciler.ops import DASHBOARD, Metrics, outcome_label, pause_reason
+from reconciler.ledger import Ledger
+from reconciler.ops import DASHBOARD, Metrics, OpsApp, outcome_label, pause_reason
 from reconciler.planning import CREDITS_PER_TASK
 from reconciler.reconciling import PassResult
 from reconciler.sandbox import SandboxControl
 from tests.daemonproc import DaemonProc, daemon_project, free_port
 from tests.project import Project, track, wait_until
+
+ALERTS = Path(__file__).parent.parent / "ops" / "alerts.yml"
 
 
 def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -242,3 +248,32 @@ def test_metrics_use_their_own_registry() -> None:
     Metrics()
     Metrics()  # a second instance would clash on the global registry
     assert "reconciler_tracks" not in {m.name for m in REGISTRY.collect()}
+
+
+def test_alert_rules_use_only_metrics_the_listener_serves(tmp_path: Path) -> None:
+    rules = yaml.safe_load(ALERTS.read_text())
+    alerts = [r for group in rules["groups"] for r in group["rules"]]
+    assert {r["alert"] for r in alerts} >= {
+        "ReconcilerCreditsExhausted",
+        "ReconcilerPassesStalled",
+        "ReconcilerPossibleDoubleSpend",
+        "ReconcilerTracksParked",
+    }
+    for rule in alerts:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert rule["annotations"]["summary"], rule
+    ledger = Ledger.open(tmp_path / "ledger.sqlite3")
+    try:
+        settings = Settings(tmp_path, tmp_path / "out", tmp_path, "http://x", None)
+        metrics = Metrics()
+        OpsApp(metrics, ledger, lambda: settings)
+        served = {
+            s.name
+            for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+            for s in family.samples
+        }
+    finally:
+        ledger.close()
+    used = {name for r in alerts for name in re.findall(r"reconciler_[a-z_]+", r["expr"])}
+    assert used, "the rules watch reconciler's metrics"
+    assert used <= served, used - served
