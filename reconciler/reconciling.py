@@ -173,6 +173,9 @@ class Reconciler:
         self.scan: SpecScan | None = None
         #: Output path → ``TrackTags.key`` of the file written there (tags.py).
         self._tagged: dict[str, str] = ledger.get("output_tags") or {}
+        #: Output path → the track and clip its tags were last computed from, and
+        #: those tags and key: comparing is cheaper than recomputing every pass.
+        self._tag_memo: dict[str, tuple[DesiredTrack, ClipRecord, tagging.TrackTags, str]] = {}
 
     # -- the pass -------------------------------------------------------------------
 
@@ -885,6 +888,7 @@ class Reconciler:
         self.ledger.put("output_errors", self._failed_outputs)
         wanted = {p for t in desired.tracks for p in t.outputs}
         self._tagged = {p: k for p, k in self._tagged.items() if p in wanted}
+        self._tag_memo = {p: m for p, m in self._tag_memo.items() if p in wanted}
         self.ledger.put("output_tags", self._tagged)
         self.ledger.put("short_generations", short)
 
@@ -919,11 +923,16 @@ class Reconciler:
         assert clip.sha256 is not None
         root = self.settings.out_dir
         soundtrack, filename = rel.split("/", 1)
-        tags = tagging.tags_for(t, clip)
+        memo = self._tag_memo.get(rel)
+        if memo is None or memo[0] != t or memo[1] != clip:
+            tags = tagging.tags_for(t, clip)
+            memo = (t, clip, tags, tags.key(clip.sha256))
+            self._tag_memo[rel] = memo
+        tags, key = memo[2], memo[3]
         try:
             dest = self._outdir.path(soundtrack, filename)
             state = out.file_state(dest)
-            if rec is not None and self._tagged.get(rel) == tags.key(clip.sha256):
+            if rec is not None and self._tagged.get(rel) == key:
                 if state == (rec.size, rec.mtime_ns):
                     return True
                 if state is not None and out.sha256_file(dest) == rec.sha256:

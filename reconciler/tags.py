@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mutagen
@@ -70,13 +70,15 @@ class TrackTags:
 
     def key(self, audio_sha256: str) -> str:
         """The identity of the tagged file built from ``audio_sha256`` with these tags."""
+        # Every pass computes this for every output: a flat list, not asdict().
         body = json.dumps(
-            {"format": TAG_FORMAT, "audio": audio_sha256, "tags": asdict(self)},
-            sort_keys=True,
+            [TAG_FORMAT, audio_sha256, *(getattr(self, name) for name in _KEY_FIELDS)],
             separators=(",", ":"),
-            ensure_ascii=False,
         )
         return hashlib.sha256(body.encode()).hexdigest()
+
+
+_KEY_FIELDS = tuple(f.name for f in fields(TrackTags))
 
 
 def tags_for(track: DesiredTrack, clip: ClipRecord) -> TrackTags:
