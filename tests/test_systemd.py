@@ -297,7 +297,9 @@ def test_example_config_loads_with_the_units_paths(tmp_path: Path) -> None:
     # With the receiver section switched on (and its secret file present), it loads too.
     secret = tmp_path / "webhook-secret"
     secret.write_text("s3cret\n")
-    text = re.sub(r"^# (\[webhook\]|\w+ = .*)$", r"\1", EXAMPLE_CONFIG.read_text(), flags=re.M)
+    text = re.sub(
+        r"^# (\[webhook\]|\[ops\]|\w+ = .*)$", r"\1", EXAMPLE_CONFIG.read_text(), flags=re.M
+    )
     text = text.replace("/run/credentials/reconciler.service/webhook-secret", str(secret))
     text = re.sub(r"^(api_key_file|daily_budget|models) = .*$", "", text, flags=re.M)
     config = tmp_path / "reconciler.toml"
@@ -306,6 +308,8 @@ def test_example_config_loads_with_the_units_paths(tmp_path: Path) -> None:
     assert hooked.webhook is not None
     assert hooked.webhook.port == 8787
     assert hooked.webhook.secret.get_secret_value() == "s3cret"
+    assert settings.ops_listen is None
+    assert hooked.ops_listen == ("127.0.0.1", 9464)
 
 
 def _systemd_analyze() -> str:
