@@ -164,6 +164,8 @@ class Diff:
     prune: tuple[str, ...]
     parked: tuple[str, ...]
     waiting: tuple[str, ...] = field(default=())
+    #: Would be submitted, but ``reconciler suspend`` holds them back.
+    suspended: tuple[str, ...] = field(default=())
 
     @property
     def cost(self) -> int:
@@ -180,15 +182,17 @@ def diff(
     outputs: Mapping[str, OutputFact],
     *,
     prune: bool,
+    held: frozenset[str] = frozenset(),
 ) -> Diff:
-    """What a pass would do, for ``reconciler plan``."""
+    """What a pass would do, for ``reconciler plan``; ``held`` are suspended fingerprints."""
     submit: list[str] = []
+    suspended: list[str] = []
     parked: list[str] = []
     waiting: list[str] = []
     for fp in desired.fingerprints():
         gen = generations.get(fp)
         if gen is None or gen.state == "queued":
-            submit.append(fp)
+            (suspended if fp in held else submit).append(fp)
         elif gen.state == "parked":
             parked.append(fp)
         elif gen.state in IN_FLIGHT:
@@ -219,6 +223,7 @@ def diff(
         prune=pruned,
         parked=tuple(parked),
         waiting=tuple(waiting),
+        suspended=tuple(suspended),
     )
 
 
@@ -344,3 +349,52 @@ def affordable_tasks(
         return None, None
     n, reason = min(limits, key=lambda x: x[0])
     return n, reason
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """What ``reconciler suspend`` holds back: everything, or named soundtracks.
+
+    Only new submissions wait; polls, downloads and outputs go on. Stored in
+    the ledger as :meth:`to_json`, so it survives restarts.
+    """
+
+    all: bool = False
+    soundtracks: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_json(cls, value: Any) -> Suspension:
+        """Read the stored form; nothing stored means nothing is suspended."""
+        if not isinstance(value, Mapping):
+            return cls()
+        return cls(bool(value.get("all")), frozenset(value.get("soundtracks") or ()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"all": self.all, "soundtracks": sorted(self.soundtracks)}
+
+    def suspend(self, soundtrack: str | None) -> Suspension:
+        if soundtrack is None:
+            return Suspension(True, self.soundtracks)
+        return Suspension(self.all, self.soundtracks | {soundtrack})
+
+    def resume(self, soundtrack: str | None) -> Suspension:
+        """No name resumes everything, also soundtracks suspended one by one."""
+        if soundtrack is None:
+            return Suspension()
+        return Suspension(self.all, self.soundtracks - {soundtrack})
+
+    def covers(self, soundtrack: str) -> bool:
+        return self.all or soundtrack in self.soundtracks
+
+
+def held_by_suspension(desired: Desired, suspension: Suspension) -> frozenset[str]:
+    """Fingerprints no active soundtrack asks for: these are not submitted.
+
+    A fingerprint shared by a suspended and an active soundtrack is still
+    submitted: the active one needs it, and the suspended one then reuses
+    the audio at no cost.
+    """
+    if not (suspension.all or suspension.soundtracks):
+        return frozenset()
+    active = {t.fingerprint for t in desired.tracks if not suspension.covers(t.soundtrack)}
+    return frozenset(t.fingerprint for t in desired.tracks if t.fingerprint not in active)

@@ -51,6 +51,7 @@ from reconciler.planning import (
     batches,
     desired_state,
     due_submissions,
+    held_by_suspension,
     poll_cohorts,
     utc_day_start,
 )
@@ -243,9 +244,13 @@ class Reconciler:
 
     async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
         gens = self.ledger.generations()
-        order = desired.fingerprints()
+        held = held_by_suspension(desired, self.ledger.suspension())
+        order = tuple(fp for fp in desired.fingerprints() if fp not in held)
         queued = [fp for fp in order if gens[fp].state == "queued"]
         result.queued = len(queued)
+        if not queued and any(gens[fp].state == "queued" for fp in held):
+            # Only held work is left: ``sync`` stops here rather than wait for a resume.
+            result.blocked = "suspended (`reconciler resume` lifts it)"
         if now < self._submit_pause_until:
             result.blocked = self._block_reason
             return

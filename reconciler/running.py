@@ -20,7 +20,14 @@ from reconciler import outputs as out
 from reconciler.config import Settings
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
-from reconciler.planning import DiskState, OutputFact, desired_state, diff
+from reconciler.planning import (
+    DiskState,
+    OutputFact,
+    Suspension,
+    desired_state,
+    diff,
+    held_by_suspension,
+)
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import scan_specs
 
@@ -125,6 +132,7 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
+        suspension = ledger.suspension() if ledger else Suspension()
     finally:
         if ledger:
             ledger.close()
@@ -138,7 +146,9 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         # The cache only matters for a file to restore: no stat for the rest.
         cached = disk != "ok" and cache.has(r.sha256)
         facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
-    d = diff(desired, gens, facts, prune=settings.prune)
+    d = diff(
+        desired, gens, facts, prune=settings.prune, held=held_by_suspension(desired, suspension)
+    )
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks:
         by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
@@ -149,6 +159,10 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         "prune": list(d.prune),
         "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.parked],
         "in_flight": len(d.waiting),
+        "suspended": {
+            **suspension.to_json(),
+            "held": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.suspended],
+        },
         "credits": d.cost,
         "submit_calls": -(-len(d.submit) // 10),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
@@ -170,10 +184,16 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         console.print(f"[red]- prune[/]   {path}  (to the trash)")
     for item in report["failed"]:
         console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
+    for item in report["suspended"]["held"]:
+        console.print(f"[yellow]# held[/]    {', '.join(item['tracks'])}  (suspended)")
     for path, err in report["invalid_files"].items():
         console.print(f"[red]invalid[/]   {path}: {err}")
     if report["specs_folder"] != "ok":
         console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
+    suspended = report["suspended"]
+    if suspended["all"] or suspended["soundtracks"]:
+        what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
+        console.print(f"[yellow]suspended: {what} (`reconciler resume` lifts it)[/]")
     console.print(
         f"{len(report['submit'])} generation(s) to submit in {report['submit_calls']} call(s), "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "

@@ -102,6 +102,10 @@ def build_report(
                     "source": p,
                 }
             )
+    suspension = ledger.suspension()
+    for t in tracks:
+        if t["state"] in ("queued", "retrying") and suspension.covers(t["soundtrack"]):
+            t["reason"] = "suspended"
     counts = Counter(t["state"] for t in tracks)
     spent = CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now))
     budget = settings.daily_budget
@@ -122,6 +126,7 @@ def build_report(
             "budget_left": None if budget is None else max(0, budget - spent),
         },
         "submit_block": ledger.get("submit_block"),
+        "suspended": suspension.to_json(),
         "ambiguous_submits": ambiguous,
         "possible_double_spend": doubles,
         "last_pass": _iso(ledger.get("last_pass_at")),
@@ -199,6 +204,10 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     if report["submit_block"]:
         console.print(f"[yellow]submissions paused: {report['submit_block']}[/]")
+    suspended = report["suspended"]
+    if suspended["all"] or suspended["soundtracks"]:
+        what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
+        console.print(f"[yellow]submissions suspended: {what} (`reconciler resume`)[/]")
     if report["ambiguous_submits"] or report["possible_double_spend"]:
         console.print(
             f"[yellow]ambiguous submits: {report['ambiguous_submits']}; "
