@@ -97,7 +97,13 @@ class _LazyGroup(click.Group):
     """Loads the sandbox command only when asked for: it pulls in numpy, lameenc
     and the HTTP server, which would add most of a second to every command."""
 
-    _lazy: ClassVar[dict[str, tuple[str, str]]] = {"sandbox": ("reconciler.sandbox.cli", "sandbox")}
+    _lazy: ClassVar[dict[str, tuple[str, str]]] = {
+        "sandbox": ("reconciler.sandbox.cli", "sandbox"),
+        **{
+            name: ("reconciler.cli_tools", name)
+            for name in ("describe", "events", "suspend", "resume", "trash")
+        },
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self._lazy])
@@ -204,9 +210,17 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
 @main.command()
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="The stable JSON schema (see README).")
+@click.option("-w", "--watch", is_flag=True, help="Refresh until Ctrl-C (exit 0).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
 @click.argument("selector", required=False, metavar="[SOUNDTRACK[/TRACK]]")
 @_exits_on_errors(1)
-def status(as_json: bool, selector: str | None, **opts: Any) -> None:
+def status(as_json: bool, watch: bool, interval: float, selector: str | None, **opts: Any) -> None:
     """Where every track stands. Exit 1 when something failed or is invalid."""
     from rich.console import Console
 
@@ -214,6 +228,11 @@ def status(as_json: bool, selector: str | None, **opts: Any) -> None:
     from reconciler.status import build_report, failed, render
 
     settings = _settings(**opts)
+    if watch:
+        from reconciler.cli_tools import watch_status
+
+        watch_status(settings, selector, as_json=as_json, interval=interval)
+        return
     ledger = Ledger.open(settings.ledger_path, readonly=True)
     try:
         report = build_report(ledger, settings, time.time(), selector)

@@ -47,11 +47,13 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+def unknown_name(
+    kind: str, name: str, known: Iterable[str], where: str = "the ledger"
+) -> UnknownNameError:
     """The error for a name that is not there, with the closest known one."""
     close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UnknownNameError(f"no {kind} {name!r} in the ledger{hint}")
+    return UnknownNameError(f"no {kind} {name!r} in {where}{hint}")
 
 
 def known_soundtracks(ledger: Ledger) -> set[str]:
@@ -81,7 +83,7 @@ def check_selector(ledger: Ledger, selector: str) -> tuple[str, str | None]:
 # -- describe ---------------------------------------------------------------------------
 
 
-def describe(ledger: Ledger, settings: Settings, selector: str) -> dict[str, Any]:
+def describe_report(ledger: Ledger, settings: Settings, selector: str) -> dict[str, Any]:
     """Everything the ledger and the output folder know about one track."""
     soundtrack, name = check_selector(ledger, selector)
     if name is None:
@@ -105,7 +107,7 @@ def describe(ledger: Ledger, settings: Settings, selector: str) -> dict[str, Any
     return {
         "soundtrack": soundtrack,
         "track": name,
-        "spec": _spec_location(ledger, t["source"], soundtrack, name),
+        "spec": _spec_location(ledger, settings.specs_dir, t["source"], name),
         "fingerprint": fp,
         "clips_wanted": t["clips"],
         "generation": None
@@ -137,7 +139,7 @@ def describe(ledger: Ledger, settings: Settings, selector: str) -> dict[str, Any
     }
 
 
-def _spec_location(ledger: Ledger, source: str, soundtrack: str, name: str) -> dict[str, Any]:
+def _spec_location(ledger: Ledger, specs_dir: Path, source: str, name: str) -> dict[str, Any]:
     rows = ledger.query("SELECT body, error FROM spec_files WHERE path = ?", [source])
     line = None
     error = None
@@ -146,7 +148,8 @@ def _spec_location(ledger: Ledger, source: str, soundtrack: str, name: str) -> d
         if rows[0]["body"]:
             body = json.loads(rows[0]["body"])
             line = next((x["line"] for x in body["tracks"] if x["name"] == name), None)
-    return {"file": source, "line": line, "error": error.splitlines()[0] if error else None}
+    first_error = error.splitlines()[0] if error else None
+    return {"file": str(specs_dir / source), "line": line, "error": first_error}
 
 
 def _attempts(ledger: Ledger, fp: str, tasks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,8 +208,11 @@ def _attempt(
         credits, outcome = 0, f"not sent: {submit['error']}"
     else:
         said = next((o for o in outcomes if o["at"] >= submit["at"]), None)
-        reason = json.loads(said["data"] or "{}").get("reason") if said else None
-        credits, outcome = 0, f"rejected: {reason}" if reason else "rejected"
+        if said is None:
+            credits, outcome = None, "answered, but no task recorded for it"
+        else:
+            reason = json.loads(said["data"] or "{}").get("reason")
+            credits, outcome = 0, f"rejected: {reason}"
     return {
         "submit_id": submit["id"] if submit else None,
         "kind": submit["kind"] if submit else "claimed by a webhook",
@@ -275,7 +281,7 @@ def _track_events(
 
 def render_describe(report: dict[str, Any], console: Console) -> None:
     def line(label: str, value: object) -> None:
-        console.print(f"[bold]{label + ':':<13}[/]{value}", soft_wrap=True, highlight=False)
+        console.print(f"[bold]{label + ':':<14}[/]{value}", soft_wrap=True, highlight=False)
 
     spec = report["spec"]
     where = f"{spec['file']}:{spec['line']}" if spec["line"] else spec["file"]
@@ -312,7 +318,7 @@ def render_describe(report: dict[str, Any], console: Console) -> None:
         duration = "-" if c["duration"] is None else f"{c['duration']:.1f}s"
         mark = "" if c["current"] else "  (earlier task)"
         console.print(
-            f"  {c['clip_id']}  #{c['position'] + 1}  {c['state']}  {duration}  "
+            f"  {c['clip_id']}  #{c['position']}  {c['state']}  {duration}  "
             f"sha256 {(c['sha256'] or '-')[:16]}{mark}",
             soft_wrap=True,
             highlight=False,
@@ -445,9 +451,13 @@ def watch(
     console: Console,
     *,
     interval: float,
+    emit_json: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """``status --watch``: a live table on a terminal; into a pipe, a new table per change."""
-    if console.is_terminal:
+    """``status --watch``: a live table on a terminal; into a pipe, a new table per change.
+
+    With ``emit_json``, each changed report goes to it instead, terminal or not.
+    """
+    if console.is_terminal and emit_json is None:
         with Live(console=console, auto_refresh=False) as live:
             for report in reports(ledger, settings, selector, interval):
                 live.update(_rendered(report, console), refresh=True)
@@ -458,6 +468,9 @@ def watch(
         if key == last:
             continue
         last = key
+        if emit_json is not None:
+            emit_json(report)
+            continue
         console.print(f"--- {iso(time.time())}", highlight=False)
         render(report, console)
         console.file.flush()
