@@ -140,16 +140,21 @@ def describe_report(ledger: Ledger, settings: Settings, selector: str) -> dict[s
 
 
 def _spec_location(ledger: Ledger, specs_dir: Path, source: str, name: str) -> dict[str, Any]:
+    """The file and line of the track's entry, and its ``variant`` (part of the fingerprint)."""
     rows = ledger.query("SELECT body, error FROM spec_files WHERE path = ?", [source])
-    line = None
+    entry: dict[str, Any] = {}
     error = None
     if rows:
         error = rows[0]["error"]
         if rows[0]["body"]:
             body = json.loads(rows[0]["body"])
-            line = next((x["line"] for x in body["tracks"] if x["name"] == name), None)
-    first_error = error.splitlines()[0] if error else None
-    return {"file": str(specs_dir / source), "line": line, "error": first_error}
+            entry = next((x for x in body["tracks"] if x["name"] == name), {})
+    return {
+        "file": str(specs_dir / source),
+        "line": entry.get("line"),
+        "variant": entry.get("variant"),
+        "error": error.splitlines()[0] if error else None,
+    }
 
 
 def _attempts(ledger: Ledger, fp: str, tasks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -290,7 +295,7 @@ def render_describe(report: dict[str, Any], console: Console) -> None:
         # The line is from the last good version, which stays in force.
         where += f"  (the file is invalid now, its last good version is in force: {spec['error']})"
     line("Spec", where)
-    line("Fingerprint", report["fingerprint"])
+    line("Fingerprint", f"{report['fingerprint']}  (the request below, variant {spec['variant']})")
     gen = report["generation"]
     if gen is not None:
         state = gen["state"] + (f" ({gen['reason']})" if gen["reason"] else "")

@@ -313,3 +313,19 @@ def test_trash_list_and_restore_after_a_prune(project: Project) -> None:
     left = [e["path"] for e in json.loads(tool(project, "trash list", "--json").stdout)["trash"]]
     assert two_path in left
     assert one_path not in left
+
+
+def test_describe_counts_no_credits_for_a_rejected_attempt(project: Project) -> None:
+    project.sandbox.configure(
+        faults=[{"kind": "reject", "every": 1, "type": "forbidden", "error": "copyrighted"}]
+    )
+    project.write_spec("study.yaml", [track("focus", "lofi beats")])
+    project.sync(expect=1)
+    d = json.loads(tool(project, "describe", "study/focus", "--json").stdout)
+    [attempt] = d["attempts"]
+    assert attempt["credits"] == 0
+    assert attempt["task_id"] is None
+    assert attempt["outcome"].startswith("rejected: ")
+    assert "copyrighted" in attempt["outcome"]
+    assert d["generation"]["state"] == "parked"
+    assert d["outputs"][0]["verdict"] == "not written yet"
