@@ -95,7 +95,9 @@ def _settings(
 
 class _LazyGroup(click.Group):
     """Loads the sandbox command only when asked for: it pulls in numpy, lameenc
-    and the HTTP server, which would add most of a second to every command."""
+    and the HTTP server, which would add most of a second to every command.
+    The operator commands (cli_tools.py) load the same way, so each command
+    imports only what it uses."""
 
     _lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "sandbox": ("reconciler.sandbox.cli", "sandbox"),
