@@ -408,7 +408,6 @@ def follow(
     *,
     interval: float,
     forever: bool,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Emit what is there; with ``forever``, keep emitting new events until interrupted."""
     while True:
@@ -416,7 +415,7 @@ def follow(
             emit(e)
         if not forever:
             return
-        sleep(interval)
+        time.sleep(interval)
 
 
 # -- status --watch ----------------------------------------------------------------------
