@@ -162,13 +162,14 @@ def _suspension_target(ledger: Ledger, settings: Settings, soundtrack: str | Non
         return
     from reconciler.specs import scan_specs
 
-    # Soundtracks not synced yet count too: a new one can be held back before its first pass.
-    known = known_soundtracks(ledger)
+    # Soundtracks not synced yet count too: a new one can be held back before
+    # its first pass. So do suspended ones whose spec has gone, to resume them.
+    known = known_soundtracks(ledger) | ledger.suspension().soundtracks
     known |= {
         f.soundtrack for f in scan_specs(settings.specs_dir, models=settings.models).files.values()
     }
     if soundtrack not in known:
-        raise unknown_name("soundtrack", soundtrack, known)
+        raise unknown_name("soundtrack", soundtrack, known, where="the ledger or the specs folder")
 
 
 @click.command()
