@@ -277,7 +277,8 @@ def _track_events(
 ) -> list[dict[str, Any]]:
     rows = ledger.query(
         "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
-        "WHERE (soundtrack = ? AND track = ?) OR fingerprint = ? OR (event = 'clip.downloaded' "
+        "WHERE (soundtrack = ? AND track = ?) OR (fingerprint = ? AND track IS NULL) "
+        "OR (event = 'clip.downloaded' "
         "AND json_extract(data, '$.clip_id') IN (SELECT value FROM json_each(?))) ORDER BY id",
         [soundtrack, name, fp, json.dumps(list(clip_ids))],
     )
@@ -384,12 +385,13 @@ class EventReader:
 
     def new(self) -> list[dict[str, Any]]:
         # Events of a generation name its fingerprint, not its tracks: those of
-        # the selected tracks' fingerprints belong to them too.
+        # the selected tracks' fingerprints belong to them too (but not another
+        # soundtrack's track events for a shared fingerprint).
         rows = self.ledger.query(
             "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
             "WHERE id > ? AND (? IS NULL OR at >= ?) AND (? IS NULL "
-            "OR (soundtrack = ? AND (? IS NULL OR track = ?)) OR fingerprint IN "
-            "(SELECT fingerprint FROM tracks WHERE soundtrack = ? AND (? IS NULL OR name = ?))) "
+            "OR (soundtrack = ? AND (? IS NULL OR track = ?)) OR (track IS NULL AND fingerprint IN "
+            "(SELECT fingerprint FROM tracks WHERE soundtrack = ? AND (? IS NULL OR name = ?)))) "
             "ORDER BY id",
             [self.last_id, self.since, self.since]
             + [self.soundtrack] * 2

@@ -329,3 +329,21 @@ def test_describe_counts_no_credits_for_a_rejected_attempt(project: Project) -> 
     assert "copyrighted" in attempt["outcome"]
     assert d["generation"]["state"] == "parked"
     assert d["outputs"][0]["verdict"] == "not written yet"
+
+
+def test_a_shared_generation_shows_under_both_tracks_but_not_their_files(project: Project) -> None:
+    project.write_spec("a.yaml", [track("x", "same prompt")])
+    project.write_spec("b.yaml", [track("y", "same prompt")])
+    project.sync()
+    assert project.stats()["tasks_created"] == 1
+    for mine, other in (("a/x", "b/y"), ("b/y", "a/x")):
+        lines = tool(project, "events", mine).stdout.splitlines()
+        assert any("task.accepted" in line for line in lines)
+        assert any(f"output.written  {mine}" in line for line in lines)
+        assert not any(other in line for line in lines)
+        d = json.loads(tool(project, "describe", mine, "--json").stdout)
+        assert len(d["attempts"]) == 1
+        assert {(e["soundtrack"], e["track"]) for e in d["events"]} <= {
+            (None, None),
+            tuple(mine.split("/")),
+        }
