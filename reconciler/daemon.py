@@ -8,6 +8,8 @@ next reason to run another. The reasons:
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
 - a file in the specs folder changed, plus the batching window, so a burst
   of saves shares batches (law 3);
+- a spec file that was still changing has been unchanged for the batching
+  window (``PassResult.settle_at``): it is read then, with no new file event;
 - a verified webhook arrived (webhooks.py), plus a short window, so the ten
   callbacks of one batch cost one poll;
 - the periodic full rescan (``rescan_interval``), and SIGHUP.
@@ -265,15 +267,20 @@ class Daemon:
         if result.changed and result.in_flight and quick_ok:
             # Something moved: look again at once, results often come in bunches.
             return now
+        settled = math.inf
+        if result.settle_at is not None:
+            # Not held back by the floor below: the file is read the moment
+            # its window ends, and it cannot fall due twice.
+            settled = now + max(0.0, result.settle_at - time.time())
         if result.next_due is None:
-            return math.inf
+            return settled
         delay = result.next_due - time.time()
         if not result.changed:
             # Due now but not done by this pass: a queued generation the pass
             # could not submit (paused, budget, in-flight cap). Waiting a poll
             # interval keeps that from turning into a busy loop.
             delay = max(delay, self.settings.poll_interval)
-        return now + max(0.0, delay)
+        return min(settled, now + max(0.0, delay))
 
     async def _run_pass(self) -> PassResult | None:
         """One pass as a task, so a stop can give it a grace period and then cancel it."""

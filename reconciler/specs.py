@@ -31,7 +31,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -48,11 +48,14 @@ __all__ = [
     "DEFAULT_MODELS",
     "MAX_SPEC_BYTES",
     "SPEC_SUFFIXES",
+    "Observation",
+    "Settling",
     "SpecFile",
     "SpecScan",
     "TrackSpec",
     "is_spec_candidate",
     "load_spec_file",
+    "observe",
     "parse_spec",
     "scan_specs",
 ]
@@ -155,6 +158,67 @@ class SpecScan:
     root_state: Literal["ok", "missing", "unreadable", "empty"]
     files: Mapping[str, SpecFile]
     errors: Mapping[str, SpecError]
+    #: Files still changing (see :class:`Settling`), with the note to show for each.
+    settling: Mapping[str, str] = field(default_factory=dict)
+    #: When the first of them may be read: the end of its window, on the scan's clock.
+    settled_by: float | None = None
+    #: How every file read looked, to pass as ``Settling.previous`` next time.
+    observed: Mapping[str, Observation] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Waiting for a file to stop changing
+
+
+@dataclass(frozen=True)
+class Observation:
+    """How a spec file looked (size, mtime, content) and since when it has looked so."""
+
+    size: int
+    mtime_ns: int
+    digest: str
+    #: Since when the file has looked like this, on the clock of the scans.
+    since: float
+
+    def same_look(self, other: Observation) -> bool:
+        return (self.size, self.mtime_ns, self.digest) == (other.size, other.mtime_ns, other.digest)
+
+
+def observe(previous: Observation | None, current: Observation, window: float) -> Observation:
+    """The file's observation after this look; stable once ``since + window <= now``.
+
+    ``current.since`` is the time of this look. A file that looks as it did
+    keeps its ``since``; a changed one starts its window again. A file seen
+    for the first time whose mtime is already ``window`` old counts as
+    unchanged since then: a folder nobody is writing to is read at once (the
+    tools that set an old mtime, ``cp -p``, ``tar``, ``rsync -t``, set it
+    after the last byte is written). A younger or future mtime proves
+    nothing, so that file is watched for a whole window from now.
+    """
+    now = current.since
+    if previous is not None:
+        return previous if previous.same_look(current) else current
+    modified = current.mtime_ns / 1e9
+    if now - modified >= window:
+        return replace(current, since=modified)
+    return current
+
+
+@dataclass(frozen=True)
+class Settling:
+    """Read a file only once it has stopped changing (paying for a half-written
+    prompt is paying twice): ``scan_specs`` holds back a file until it has
+    looked the same (size, mtime, content digest) for ``window`` seconds.
+
+    ``previous`` is the last scan's ``observed``; ``now`` the scan's time.
+    With ``hold`` False the settling files are read all the same and only
+    reported (``plan`` shows what the folder says now).
+    """
+
+    previous: Mapping[str, Observation]
+    now: float
+    window: float
+    hold: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +261,7 @@ def load_spec_file(
     """
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
-    data = _read_spec_bytes(root, rel, label)
+    data, _ = _read_spec_bytes(root, rel, label)
     return _parse(label, data, rel, models)[0]
 
 
@@ -206,8 +270,13 @@ def scan_specs(
     *,
     models: Sequence[str] = DEFAULT_MODELS,
     reuse: Mapping[str, SpecFile] | None = None,
+    settle: Settling | None = None,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
+
+    With ``settle``, a file that has not yet looked the same for the settle
+    window is held back (neither in ``files`` nor in ``errors``, but in
+    ``settling``): the caller keeps its last good version in force.
 
     A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
     earlier object is returned, which keeps a pass over an unchanged folder
@@ -232,12 +301,28 @@ def scan_specs(
     prefix = root.name
     parsed: list[tuple[str, bytes, SpecFile]] = []
     errors: dict[str, SpecError] = {}
+    settling: dict[str, str] = {}
+    settled_by: float | None = None
+    observed: dict[str, Observation] = {}
     for rel in rels:
         label = _label(prefix, rel)
         try:
-            data = _read_spec_bytes(root, rel, label)
+            data, mtime_ns = _read_spec_bytes(root, rel, label)
+            digest = hashlib.sha256(data).hexdigest()
+            if settle is not None:
+                seen = Observation(len(data), mtime_ns, digest, settle.now)
+                seen = observed[rel] = observe(settle.previous.get(rel), seen, settle.window)
+                ready_at = seen.since + settle.window
+                if ready_at > settle.now:
+                    settling[rel] = (
+                        f"{label}: is still changing; it is read once it has been "
+                        f"unchanged for {settle.window:g} s"
+                    )
+                    settled_by = ready_at if settled_by is None else min(settled_by, ready_at)
+                    if settle.hold:
+                        continue
             previous = reuse.get(rel) if reuse else None
-            if previous is not None and previous.digest == hashlib.sha256(data).hexdigest():
+            if previous is not None and previous.digest == digest:
                 spec = previous
             else:
                 spec = _parse(label, data, rel, models)[0]
@@ -273,7 +358,8 @@ def scan_specs(
         files[rel] = spec
     files = {rel: files[rel] for rel in sorted(files)}
     errors = {rel: errors[rel] for rel in sorted(errors)}
-    return SpecScan("ok" if complete else "unreadable", files, errors)
+    root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
+    return SpecScan(root_state, files, errors, settling, settled_by, observed)
 
 
 def _walk(root: Path) -> tuple[list[str], bool]:
@@ -316,8 +402,8 @@ def _label(prefix: str, rel: str) -> str:
     return label if label.isprintable() else repr(label)
 
 
-def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
-    """The file's bytes, read only if it is a regular file inside ``root``."""
+def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
+    """The file's bytes and mtime_ns, read only if it is a regular file inside ``root``."""
 
     def refuse(message: str) -> SpecError:
         return SpecError([SpecProblem(label, None, None, message)])
@@ -356,7 +442,7 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
         size != after.st_size
     ):
         raise refuse(_CHANGING)
-    return b"".join(chunks)
+    return b"".join(chunks), after.st_mtime_ns
 
 
 _CHANGING = "is changing while being read; it will be read again on the next pass"
