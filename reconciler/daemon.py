@@ -117,6 +117,8 @@ def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
     ]
     if result.invalid_files:
         parts.append(f"{result.invalid_files} invalid file(s)")
+    if result.settling:
+        parts.append(f"{result.settling} file(s) still changing")
     if result.blocked:
         parts.append(f"paused: {result.blocked}")
     parts.append(f"last pass {max(0, round(now - last_pass_at))}s ago")
@@ -270,7 +272,7 @@ class Daemon:
         settled = math.inf
         if result.settle_at is not None:
             # Not held back by the floor below: the file is read the moment
-            # its window ends, and it cannot fall due twice.
+            # its window ends. No busy loop: each window ends once.
             settled = now + max(0.0, result.settle_at - time.time())
         if result.next_due is None:
             return settled
