@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "MAX_SPEC_BYTES",
     "SPEC_SUFFIXES",
+    "Look",
     "Observation",
     "Settling",
     "SpecFile",
@@ -171,37 +172,46 @@ class SpecScan:
 
 
 @dataclass(frozen=True)
-class Observation:
-    """How a spec file looked (size, mtime, content) and since when it has looked so."""
+class Look:
+    """What one read of a spec file shows: enough to tell that it changed."""
 
     size: int
     mtime_ns: int
     digest: str
-    #: Since when the file has looked like this, on the clock of the scans.
-    since: float
-
-    def same_look(self, other: Observation) -> bool:
-        return (self.size, self.mtime_ns, self.digest) == (other.size, other.mtime_ns, other.digest)
 
 
-def observe(previous: Observation | None, current: Observation, window: float) -> Observation:
-    """The file's observation after this look; stable once ``since + window <= now``.
+@dataclass(frozen=True)
+class Observation:
+    """A spec file's look, since when it has looked so, and when it was last read.
 
-    ``current.since`` is the time of this look. A file that looks as it did
-    keeps its ``since``; a changed one starts its window again. A file seen
-    for the first time whose mtime is already ``window`` old counts as
-    unchanged since then: a folder nobody is writing to is read at once (the
-    tools that set an old mtime, ``cp -p``, ``tar``, ``rsync -t``, set it
-    after the last byte is written). A younger or future mtime proves
-    nothing, so that file is watched for a whole window from now.
+    Times are on the clock of the scans; the file is stable once
+    ``since + window <= now``.
     """
-    now = current.since
-    if previous is not None:
-        return previous if previous.same_look(current) else current
-    modified = current.mtime_ns / 1e9
-    if now - modified >= window:
-        return replace(current, since=modified)
-    return current
+
+    look: Look
+    since: float
+    seen: float
+
+
+def observe(previous: Observation | None, look: Look, now: float, window: float) -> Observation:
+    """The file's observation after reading ``look`` at ``now``.
+
+    A file that looks as it did keeps its ``since``. Otherwise its mtime is
+    believed when it is already ``window`` old and later than the last read
+    (or there was none): the file has not changed since, so a folder nobody
+    is writing to is read at once, and so is a file saved once, found by the
+    pass its save scheduled. The tools that set an old mtime on purpose
+    (``cp -p``, ``tar``, ``rsync -t``) set it after the last byte, so at
+    worst they make a changed file look older than our last read: then, as
+    for a young or future mtime, the window starts now.
+    """
+    if previous is not None and previous.look == look:
+        return replace(previous, seen=now)
+    modified = look.mtime_ns / 1e9
+    after_last_read = previous is None or modified > previous.seen
+    if after_last_read and now - modified >= window:
+        return Observation(look, modified, now)
+    return Observation(look, now, now)
 
 
 @dataclass(frozen=True)
@@ -310,8 +320,9 @@ def scan_specs(
             data, mtime_ns = _read_spec_bytes(root, rel, label)
             digest = hashlib.sha256(data).hexdigest()
             if settle is not None:
-                seen = Observation(len(data), mtime_ns, digest, settle.now)
-                seen = observed[rel] = observe(settle.previous.get(rel), seen, settle.window)
+                look = Look(len(data), mtime_ns, digest)
+                seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
+                observed[rel] = seen
                 ready_at = seen.since + settle.window
                 if ready_at > settle.now:
                     settling[rel] = (

@@ -16,6 +16,7 @@ from reconciler.errors import SpecError
 from reconciler.specs import (
     DEFAULT_MODELS,
     MAX_SPEC_BYTES,
+    Look,
     Observation,
     SpecFile,
     TrackSpec,
@@ -1133,28 +1134,45 @@ T = 1_800_000_000.0
 WINDOW = 2.0
 
 
-def seen(size: int = 10, age: float = 0.0, digest: str = "d1", *, since: float = T) -> Observation:
-    """A file of ``size`` bytes last modified ``age`` seconds before T, looked at ``since``."""
-    return Observation(size, int((T - age) * 1e9), digest, since)
+def look(size: int = 10, age: float = 0.0, digest: str = "d1") -> Look:
+    """A file of ``size`` bytes last modified ``age`` seconds before T."""
+    return Look(size, int((T - age) * 1e9), digest)
 
 
-# previous observation, this look (its since is the time of the look, T), stable now, ready at
+def seen(look: Look, since: float, last_read: float = T - 0.5) -> Observation:
+    return Observation(look, since, last_read)
+
+
+# previous observation, this look (read at T), stable at T, ready at
 STABILITY = [
-    ("first sight, written long ago: read at once", None, seen(age=60), True, T - 58),
-    ("first sight, written exactly a window ago", None, seen(age=WINDOW), True, T),
-    ("first sight, written a second ago: a whole window", None, seen(age=1), False, T + 2),
-    ("first sight, written just now", None, seen(age=0), False, T + 2),
-    ("first sight, mtime in the future", None, seen(age=-30), False, T + 2),
-    ("unchanged for a window", seen(since=T - 2), seen(), True, T),
-    ("unchanged for less than a window", seen(since=T - 1.5), seen(), False, T + 0.5),
-    ("unchanged since an old first sight", seen(age=60, since=T - 60), seen(age=60), True, T - 58),
-    ("grew (the second chunk)", seen(10, since=T - 9), seen(25), False, T + 2),
-    ("touched: same bytes, new mtime", seen(since=T - 9), seen(age=-1), False, T + 2),
-    ("rewritten in the same size and tick", seen(since=T - 9), seen(digest="d2"), False, T + 2),
+    ("first sight, written long ago: read at once", None, look(age=60), True, T - 58),
+    ("first sight, written exactly a window ago", None, look(age=WINDOW), True, T),
+    ("first sight, written a second ago: a whole window", None, look(age=1), False, T + 2),
+    ("first sight, written just now", None, look(age=0), False, T + 2),
+    ("first sight, mtime in the future", None, look(age=-30), False, T + 2),
+    ("unchanged for a window", seen(look(age=9), T - 2), look(age=9), True, T),
+    ("unchanged for less than a window", seen(look(age=9), T - 1.5), look(age=9), False, T + 0.5),
+    ("unchanged since an old first sight", seen(look(age=60), T - 60), look(age=60), True, T - 58),
+    ("grew (the second chunk)", seen(look(10, age=1), T - 1), look(25, age=0.5), False, T + 2),
+    ("touched: same bytes, new mtime", seen(look(age=9), T - 9), look(age=0), False, T + 2),
     (
-        "changed, then given an old mtime (cp -p finishing)",
-        seen(10, age=1, since=T - 1),
-        seen(25, age=600),
+        "rewritten in the same size and tick",
+        seen(look(age=0.2), T - 0.2, T - 0.1),
+        look(age=0.2, digest="d2"),
+        False,
+        T + 2,
+    ),
+    (
+        "saved once, a window before this read, after the last one",
+        seen(look(age=90), T - 90, T - 5),
+        look(25, age=3),
+        True,
+        T - 1,
+    ),
+    (
+        "changed and given an mtime older than the last read (cp -p)",
+        seen(look(10, age=1), T - 1, T - 0.5),
+        look(25, age=600),
         False,
         T + 2,
     ),
@@ -1162,20 +1180,22 @@ STABILITY = [
 
 
 @pytest.mark.parametrize(
-    ("case", "previous", "look", "stable", "ready_at"), STABILITY, ids=[c[0] for c in STABILITY]
+    ("case", "previous", "now_look", "stable", "ready_at"),
+    STABILITY,
+    ids=[c[0] for c in STABILITY],
 )
 def test_a_file_is_stable_once_unchanged_for_the_window(
-    case: str, previous: Observation | None, look: Observation, stable: bool, ready_at: float
+    case: str, previous: Observation | None, now_look: Look, stable: bool, ready_at: float
 ) -> None:
-    after = observe(previous, look, WINDOW)
-    assert (after.size, after.mtime_ns, after.digest) == (look.size, look.mtime_ns, look.digest)
+    after = observe(previous, now_look, T, WINDOW)
+    assert (after.look, after.seen) == (now_look, T)
     assert after.since + WINDOW == pytest.approx(ready_at)
     assert (after.since + WINDOW <= T) is stable
 
 
 def test_without_a_window_every_file_is_stable() -> None:
-    assert observe(None, seen(age=0), 0.0).since == T
-    assert observe(seen(10), seen(25), 0.0).since == T
+    assert observe(None, look(age=0), T, 0.0).since == T
+    assert observe(seen(look(10), T - 1), look(25), T, 0.0).since == T
 
 
 def write_at(path: Path, data: bytes, age: float) -> None:
