@@ -7,7 +7,8 @@ Data flows one way::
 
 This module owns the first arrow. It finds the candidate files under the specs
 folder, reads each one defensively (no symlinks out of the folder, no special
-or oversized files, no half-written files), parses YAML, TOML or JSON into
+or oversized files, no half-written files, and for a pass none that is still
+changing: see ``observe``), parses YAML, TOML or JSON into
 plain data with the line of every field, and validates that data with the
 MusicAPI's own rules. The result per file is a :class:`SpecFile` whose tracks
 carry the canonical create request that ``planning`` fingerprints. Every
