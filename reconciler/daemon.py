@@ -185,7 +185,12 @@ class Daemon:
                 async with api_settings(self.settings) as s:
                     self.settings = s
                     key = s.require_key()
-                    async with MusicAPI(s.api_url, key, timeout=s.request_timeout) as api:
+                    async with MusicAPI(
+                        s.api_url,
+                        key,
+                        timeout=s.request_timeout,
+                        max_requests_per_second=s.max_requests_per_second,
+                    ) as api:
                         self.rec = Reconciler(s, ledger, api)
                         await self._serve(ledger)
             finally:

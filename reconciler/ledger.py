@@ -32,6 +32,18 @@ from reconciler.specs import SpecFile, TrackSpec
 
 Clock = Callable[[], float]
 
+#: An unknown generation none of whose submit's orphan tasks is still being read.
+_NOT_MATCHING = (
+    "(submit_id IS NULL OR submit_id NOT IN (SELECT submit_id FROM orphans WHERE state = 'open'))"
+)
+
+#: Why a generation whose submit answers were lost waits for a person.
+LOST_ANSWER_PARK = (
+    "submit answer lost; the service may already have created (and charged) this "
+    "generation, so it is not sent again on its own: `reconciler retry` sends it "
+    "again at the risk of paying twice"
+)
+
 _SCHEMA_V1 = """
 CREATE TABLE spec_files (
     path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, digest TEXT NOT NULL,
@@ -73,8 +85,28 @@ CREATE TABLE events (
 CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Money safety against answers the client cannot attribute:
+# - submits.unsettled: items of that submit that may have been charged but
+#   belong to no recorded task (in flight, answer lost, left out of the answer);
+#   the budget counts them until a claim settles them.
+# - generations.resubmits: resubmits after lost answers, held to the allowance.
+# - generations.paid_hint: a signed callback proved a lost submit created a
+#   task, so it is never sent again on its own.
+# - orphans: task ids an answer named without saying whose; polled through the
+#   task endpoint until their clips say which item they are.
+_SCHEMA_V2 = """
+ALTER TABLE submits ADD COLUMN unsettled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE generations ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE generations ADD COLUMN paid_hint INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE orphans (
+    task_id TEXT PRIMARY KEY, submit_id INTEGER NOT NULL, batch_id TEXT,
+    at REAL NOT NULL, next_poll REAL, state TEXT NOT NULL);
+UPDATE submits SET unsettled = json_array_length(fingerprints)
+    WHERE state IN ('intent', 'ambiguous');
+"""
+
 #: Versioned migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 
 @dataclass(frozen=True)
@@ -467,9 +499,11 @@ class Ledger:
         """Record the intent before a submit: the fingerprints become ``submitting``."""
         now = self.clock()
         with self.transaction():
+            # Every item counts as possibly charged until the answer says otherwise.
             cur = self.db.execute(
-                "INSERT INTO submits (at, kind, state, fingerprints) VALUES (?, ?, 'intent', ?)",
-                [now, kind, _dumps(list(fingerprints))],
+                "INSERT INTO submits (at, kind, state, fingerprints, unsettled) "
+                "VALUES (?, ?, 'intent', ?, ?)",
+                [now, kind, _dumps(list(fingerprints)), len(fingerprints)],
             )
             submit_id = int(cur.lastrowid or 0)
             for fp in fingerprints:
@@ -490,35 +524,82 @@ class Ledger:
         *,
         poll_at: float,
         unconfirmed: Mapping[str, str] | None = None,
-    ) -> None:
+        orphans: Sequence[str] = (),
+        submitted: int | None = None,
+    ) -> list[str]:
         """Record a submit's answer at once: task ids, parked and requeued items.
 
         ``accepted`` maps fingerprint → (task id, index in the batch);
         ``requeue`` fingerprint → (next attempt time, reason);
         ``parked`` fingerprint → the API's reason; ``unconfirmed`` items the
-        answer did not account for are treated like an ambiguous submit.
+        answer did not account for are treated like an ambiguous submit, and
+        ``orphans`` are task ids it named without saying whose; ``submitted``
+        is how many items the service says it accepted, which bounds how many
+        of the unknown items can have been charged.
+
+        Ids are not trusted blindly: a task id the ledger already holds for
+        another generation, or a batch id it already knows, is never attached
+        to this submit's items (a restarted service may hand out old ids).
+        Returns the collisions found, for the log; an item whose task id
+        collided is held as unknown.
         """
         now = self.clock()
+        collisions: list[str] = []
+        unknown = dict(unconfirmed or {})
         with self.transaction():
-            self.db.execute(
-                "UPDATE submits SET state = 'answered', batch_id = ? WHERE id = ?",
-                [batch_id, submit_id],
-            )
-            if batch_id is not None and accepted:
+            if batch_id is not None and self._known_batch(batch_id):
+                collisions.append(f"batch {batch_id}")
+                self._event("ledger.id_collision", batch_id=batch_id, submit_id=submit_id)
+                batch_id = None  # its tasks are polled one by one instead
+            if batch_id is not None and (accepted or unknown or orphans):
                 self.db.execute(
-                    "INSERT OR IGNORE INTO batches (batch_id, submit_id, at, open, next_poll) "
+                    "INSERT INTO batches (batch_id, submit_id, at, open, next_poll) "
                     "VALUES (?, ?, ?, 1, ?)",
                     [batch_id, submit_id, now, poll_at],
                 )
             for fp, (task_id, idx) in accepted.items():
+                owner = self._task_owner(task_id)
+                if owner is not None and owner != fp:
+                    collisions.append(f"task {task_id}")
+                    self._event("ledger.id_collision", fingerprint=fp, task_id=task_id, owner=owner)
+                    unknown[fp] = f"the service answered with task {task_id}, already known"
+                    continue
                 self._task_started(fp, task_id, batch_id, idx, now, poll_at)
                 self._event("task.accepted", fingerprint=fp, task_id=task_id, batch_id=batch_id)
             for fp, (when, reason) in requeue.items():
                 self._requeue(fp, when, reason, now)
             for fp, reason in parked.items():
                 self._park(fp, reason, now)
-            for fp, reason in (unconfirmed or {}).items():
+            for fp, reason in unknown.items():
                 self._unknown(fp, reason, now)
+            for task_id in orphans:
+                if self._task_owner(task_id) is None:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO orphans "
+                        "(task_id, submit_id, batch_id, at, next_poll, state) "
+                        "VALUES (?, ?, ?, ?, ?, 'open')",
+                        [task_id, submit_id, batch_id, now, poll_at],
+                    )
+                    self._event("task.orphan", task_id=task_id, submit_id=submit_id)
+            attributed = len(accepted) - sum(fp in unknown for fp in accepted)
+            unsettled = len(unknown)
+            if submitted is not None:
+                unsettled = min(unsettled, max(0, submitted - attributed))
+            self.db.execute(
+                "UPDATE submits SET state = 'answered', batch_id = ?, unsettled = ? WHERE id = ?",
+                [batch_id, unsettled, submit_id],
+            )
+        return collisions
+
+    def _known_batch(self, batch_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM batches WHERE batch_id = ?", [batch_id]).fetchone()
+        return row is not None
+
+    def _task_owner(self, task_id: str) -> str | None:
+        row = self.db.execute(
+            "SELECT fingerprint FROM tasks WHERE task_id = ?", [task_id]
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def _unknown(self, fp: str, reason: str, now: float) -> None:
         self.db.execute(
@@ -569,10 +650,29 @@ class Ledger:
         now = self.clock()
         with self.transaction():
             self.db.execute(
-                "UPDATE submits SET state = 'not_sent', error = ? WHERE id = ?", [reason, submit_id]
+                "UPDATE submits SET state = 'not_sent', error = ?, unsettled = 0 WHERE id = ?",
+                [reason, submit_id],
             )
             for fp in self._submit_fingerprints(submit_id):
                 self._requeue(fp, when, reason, now)
+
+    def submit_refused(self, submit_id: int, reason: str) -> list[str]:
+        """The service refused the whole submit (nothing created): its items are
+        queued again at once, without an attempt counted, to go out in smaller groups."""
+        now = self.clock()
+        fps = self._submit_fingerprints(submit_id)
+        with self.transaction():
+            self.db.execute(
+                "UPDATE submits SET state = 'refused', error = ?, unsettled = 0 WHERE id = ?",
+                [reason, submit_id],
+            )
+            for fp in fps:
+                self.db.execute(
+                    "UPDATE generations SET state = 'queued', updated_at = ? "
+                    "WHERE fingerprint = ? AND state = 'submitting'",
+                    [now, fp],
+                )
+        return fps
 
     def submit_ambiguous(self, submit_id: int, reason: str) -> list[str]:
         """The answer was lost: the items may be paid for. Keep them ``unknown``."""
@@ -601,7 +701,9 @@ class Ledger:
             self.submit_ambiguous(submit_id, "interrupted while submitting (process stopped)")
         return len(ids)
 
-    def claim(self, fingerprint: str, task_id: str, poll_at: float) -> bool:
+    def claim(
+        self, fingerprint: str, task_id: str, poll_at: float, batch_id: str | None = None
+    ) -> bool:
         """A verified webhook named the task of an ``unknown`` item: it is paid for, track it."""
         now = self.clock()
         row = self.db.execute(
@@ -609,44 +711,151 @@ class Ledger:
         ).fetchone()
         if row is None or row[0] not in ("unknown", "submitting"):
             return False
+        if self._task_owner(task_id) is not None:
+            return False
         with self.transaction():
-            self._task_started(fingerprint, task_id, None, None, now, poll_at)
+            self._settle(fingerprint, now)
+            self._task_started(fingerprint, task_id, batch_id, None, now, poll_at)
+            self.db.execute("DELETE FROM orphans WHERE task_id = ?", [task_id])
             self._event("submit.claimed", fingerprint=fingerprint, task_id=task_id)
         return True
 
-    def expire_unknown(self, grace: float) -> list[str]:
-        """Unclaimed ``unknown`` items past the grace period go out again, flagged."""
-        now = self.clock()
-        fps = [
-            r["fingerprint"]
-            for r in self.db.query(
-                "SELECT fingerprint FROM generations WHERE state = 'unknown' AND updated_at <= ?",
-                [now - grace],
-            )
-        ]
-        if not fps:
-            return fps
+    def _settle(self, fingerprint: str, now: float) -> None:
+        """A possibly charged item of the generation's last submit is now a known task.
+
+        When that leaves nothing of the submit unaccounted for, its other
+        unknown items cannot have been created: they go out again at no risk.
+        """
+        row = self.db.execute(
+            "SELECT submit_id FROM generations WHERE fingerprint = ?", [fingerprint]
+        ).fetchone()
+        if row is None or row[0] is None:
+            return
+        self.db.execute(
+            "UPDATE submits SET unsettled = unsettled - 1 WHERE unsettled > 0 AND id = ?", [row[0]]
+        )
+        left = self.db.execute(
+            "SELECT unsettled FROM submits WHERE id = ? AND state = 'answered'", [row[0]]
+        ).fetchone()
+        if left is not None and left[0] == 0:
+            for (other,) in self.db.execute(
+                "SELECT fingerprint FROM generations WHERE submit_id = ? AND state = 'unknown' "
+                "AND fingerprint != ?",
+                [row[0], fingerprint],
+            ).fetchall():
+                self._requeue(
+                    other, now, "not created: every task of its submit is accounted for", now
+                )
+
+    def paid_hint(self, fingerprint: str) -> bool:
+        """A signed callback proves a lost submit of ``fingerprint`` created a task
+        whose id it does not name: never send it again on its own."""
         with self.transaction():
-            for fp in fps:
+            cur = self.db.execute(
+                "UPDATE generations SET paid_hint = 1, updated_at = ? "
+                "WHERE fingerprint = ? AND state = 'unknown' AND paid_hint = 0",
+                [self.clock(), fingerprint],
+            )
+            if cur.rowcount:
+                self._event("submit.paid_hint", fingerprint=fingerprint)
+        return bool(cur.rowcount)
+
+    def expire_unknown(self, grace: float, max_resubmits: int) -> tuple[list[str], list[str]]:
+        """Unclaimed ``unknown`` items past the grace period: (sent again, parked).
+
+        Each goes out again, counted as possible double spend, while its
+        resubmits stay within ``max_resubmits``; past that (or with 0) it is
+        parked for a person. One a signed callback proved paid for stays.
+        """
+        now = self.clock()
+        # While tasks of its submit are still being matched, an item may be one
+        # of them: its grace period has not begun to matter.
+        rows = self.db.execute(
+            "SELECT fingerprint, resubmits FROM generations WHERE state = 'unknown' "  # noqa: S608
+            f"AND paid_hint = 0 AND updated_at <= ? AND {_NOT_MATCHING}",
+            [now - grace],
+        ).fetchall()
+        again = [fp for fp, n in rows if n < max_resubmits]
+        parked = [fp for fp, n in rows if n >= max_resubmits]
+        if not rows:
+            return again, parked
+        with self.transaction():
+            for fp in again:
                 self.db.execute(
                     "UPDATE generations SET state = 'queued', next_attempt = 0, "
-                    "possible_double = possible_double + 1, "
+                    "possible_double = possible_double + 1, resubmits = resubmits + 1, "
                     "reason = 'resubmitted after an ambiguous submit', updated_at = ? "
                     "WHERE fingerprint = ?",
                     [now, fp],
                 )
                 self._event("submit.resubmit_after_ambiguous", fingerprint=fp)
-        return fps
+            for fp in parked:
+                self._park(fp, LOST_ANSWER_PARK, now)
+        return again, parked
 
     def spent_since(self, since: float) -> int:
-        """Tasks created since ``since`` (accepted or possibly accepted), for the budget."""
+        """Tasks that may have been charged since ``since``, for the budget: tasks
+        created, and items of submits not settled (in flight, answer lost or
+        unaccounted for), whatever became of their generations since."""
         tasks = self.db.execute("SELECT count(*) FROM tasks WHERE at >= ?", [since]).fetchone()[0]
-        unknown = self.db.execute(
-            "SELECT count(*) FROM generations WHERE state IN ('unknown', 'submitting') "
-            "AND updated_at >= ?",
-            [since],
+        unsettled = self.db.execute(
+            "SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?", [since]
         ).fetchone()[0]
-        return int(tasks) + int(unknown)
+        return int(tasks) + int(unsettled)
+
+    # -- orphans: tasks whose owner an answer did not say ----------------------------
+
+    def due_orphans(self, now: float) -> list[tuple[str, int, str | None]]:
+        """(task id, submit id, batch id) of orphan tasks to read through the task endpoint."""
+        return [
+            (r[0], int(r[1]), r[2])
+            for r in self.db.execute(
+                "SELECT task_id, submit_id, batch_id FROM orphans "
+                "WHERE state = 'open' AND next_poll <= ?",
+                [now],
+            )
+        ]
+
+    def add_orphans(self, submit_id: int, batch_id: str | None, task_ids: Iterable[str]) -> None:
+        """Task ids a batch poll named that belong to no recorded task."""
+        now = self.clock()
+        with self.transaction():
+            for task_id in task_ids:
+                if self._task_owner(task_id) is None:
+                    cur = self.db.execute(
+                        "INSERT OR IGNORE INTO orphans "
+                        "(task_id, submit_id, batch_id, at, next_poll, state) "
+                        "VALUES (?, ?, ?, ?, ?, 'open')",
+                        [task_id, submit_id, batch_id, now, now],
+                    )
+                    if cur.rowcount:
+                        self._event("task.orphan", task_id=task_id, submit_id=submit_id)
+
+    def orphan_polled(self, task_id: str, next_poll: float | None, state: str = "open") -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE orphans SET next_poll = ?, state = ? WHERE task_id = ?",
+                [next_poll, state, task_id],
+            )
+            if state != "open":
+                self._event(f"task.orphan_{state}", task_id=task_id)
+
+    def unknown_requests(self, submit_id: int) -> dict[str, dict[str, Any]]:
+        """fingerprint → request of the items of ``submit_id`` still waiting to be claimed."""
+        return {
+            r[0]: dict(json.loads(r[1]))
+            for r in self.db.execute(
+                "SELECT fingerprint, request FROM generations "
+                "WHERE submit_id = ? AND state IN ('unknown', 'submitting') ORDER BY fingerprint",
+                [submit_id],
+            )
+        }
+
+    def batch_submit(self, batch_id: str) -> int | None:
+        row = self.db.execute(
+            "SELECT submit_id FROM batches WHERE batch_id = ?", [batch_id]
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     # -- tracking -----------------------------------------------------------------
 
@@ -685,18 +894,29 @@ class Ledger:
             )
         ]
 
-    def next_due(self, ambiguous_grace: float) -> float | None:
+    def next_due(self, ambiguous_grace: float, submit_from: float | None) -> float | None:
         """The earliest time something is scheduled: a poll, a retry, or the end
-        of an ambiguous submit's grace period."""
+        of an ambiguous submit's grace period.
+
+        ``submit_from`` is when submitting may resume (None: not in this
+        process), so a paused or spent-out pass is not due again at once.
+        """
         rows = self.db.execute(
-            "SELECT min(next_poll) FROM batches WHERE open = 1 "
+            "SELECT min(next_poll) FROM batches WHERE open = 1 "  # noqa: S608 (a constant)
             "UNION ALL SELECT min(next_poll) FROM tasks WHERE next_poll IS NOT NULL AND "
             "(batch_id IS NULL OR batch_id NOT IN (SELECT batch_id FROM batches WHERE open = 1)) "
-            "UNION ALL SELECT min(next_attempt) FROM generations WHERE state = 'queued' "
-            "UNION ALL SELECT min(updated_at) + ? FROM generations WHERE state = 'unknown'",
+            "UNION ALL SELECT min(next_poll) FROM orphans WHERE state = 'open' "
+            "UNION ALL SELECT min(updated_at) + ? FROM generations "
+            f"WHERE state = 'unknown' AND paid_hint = 0 AND {_NOT_MATCHING}",
             [ambiguous_grace],
         ).fetchall()
         times = [r[0] for r in rows if r[0] is not None]
+        if submit_from is not None:
+            queued = self.db.execute(
+                "SELECT min(next_attempt) FROM generations WHERE state = 'queued'"
+            ).fetchone()[0]
+            if queued is not None:
+                times.append(max(queued, submit_from))
         return min(times) if times else None
 
     def wake(self, batch_id: str | None, task_id: str | None) -> None:
@@ -715,11 +935,38 @@ class Ledger:
             elif task_id:
                 self.db.execute("UPDATE tasks SET next_poll = ? WHERE task_id = ?", [now, task_id])
 
+    def wake_open(self) -> int:
+        """Poll every open batch and orphan now (a callback named nothing known)."""
+        now = self.clock()
+        with self.transaction():
+            n = self.db.execute(
+                "UPDATE batches SET next_poll = ? WHERE open = 1 AND next_poll > ?", [now, now]
+            ).rowcount
+            n += self.db.execute(
+                "UPDATE orphans SET next_poll = ? WHERE state = 'open' AND next_poll > ?",
+                [now, now],
+            ).rowcount
+        return int(n)
+
+    def task_of_clip(self, clip_id: str) -> str | None:
+        row = self.db.execute("SELECT task_id FROM clips WHERE clip_id = ?", [clip_id]).fetchone()
+        return None if row is None else str(row[0])
+
     def task_ref(self, task_id: str) -> TaskRef | None:
         row = self.db.execute(
             "SELECT task_id, fingerprint, batch_id, at FROM tasks WHERE task_id = ?", [task_id]
         ).fetchone()
         return TaskRef(*row) if row else None
+
+    def batch_task_indexes(self, batch_id: str) -> dict[int, str]:
+        """0-based item index → task id, for the tasks of a batch whose index is known."""
+        return {
+            int(r[0]): r[1]
+            for r in self.db.execute(
+                "SELECT idx, task_id FROM tasks WHERE batch_id = ? AND idx IS NOT NULL",
+                [batch_id],
+            )
+        }
 
     def batch_tasks(self, batch_id: str) -> dict[str, str]:
         """task id → fingerprint for the tasks of a batch."""
@@ -874,15 +1121,29 @@ class Ledger:
             self._park(fingerprint, reason, self.clock())
 
     def retry(self, fingerprints: Iterable[str]) -> int:
-        """Re-arm parked generations (``reconciler retry``)."""
+        """Re-arm parked generations (``reconciler retry``), and generate again
+        those whose task returned fewer clips than a track keeps."""
         now = self.clock()
         n = 0
+        short = set(self.get("short_generations") or {})
         with self.transaction():
             for fp in fingerprints:
+                if fp in short:
+                    self.db.execute(
+                        "UPDATE generations SET state = 'queued', attempts = 0, "
+                        "next_attempt = 0, reason = NULL, updated_at = ? "
+                        "WHERE fingerprint = ? AND state = 'succeeded'",
+                        [now, fp],
+                    )
+                    self._event("generation.rearmed", fingerprint=fp, short=True)
+                    n += 1
+                    continue
                 cur = self.db.execute(
+                    # Sending a lost-answer item again may pay twice: counted.
                     "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
+                    "possible_double = possible_double + (reason = ?), resubmits = 0, "
                     "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
-                    [now, fp],
+                    [LOST_ANSWER_PARK, now, fp],
                 )
                 if cur.rowcount:
                     n += 1
@@ -890,10 +1151,12 @@ class Ledger:
         return n
 
     def parked_fingerprints(self) -> list[str]:
-        return [
+        """Generations waiting for a person: parked, or short of clips."""
+        parked = [
             r["fingerprint"]
             for r in self.db.query("SELECT fingerprint FROM generations WHERE state = 'parked'")
         ]
+        return parked + sorted(self.get("short_generations") or {})
 
     def track_fingerprints(self, soundtrack: str, track: str | None) -> list[str]:
         sql = "SELECT DISTINCT fingerprint FROM tracks WHERE soundtrack = ?"

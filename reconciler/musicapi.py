@@ -5,8 +5,8 @@ Where it sits in the flow: plan → **submit** → **track (poll/webhook)** →
 requests ten at a time (:meth:`MusicAPI.submit_batch`, or :meth:`MusicAPI.create`
 when the deployment has no batch endpoint), follows them with
 :meth:`MusicAPI.poll_batch` / :meth:`MusicAPI.poll_task`, and fetches finished
-clips with :meth:`MusicAPI.download`. The wire format is described in
-``shared/musicapi-protocol.md``.
+clips with :meth:`MusicAPI.download`. The wire format, and which parts of it
+the public documentation leaves open, is described in ``docs/protocol.md``.
 
 What this module promises its callers:
 
@@ -22,20 +22,26 @@ What this module promises its callers:
   exponential backoff and jitter, honouring ``Retry-After`` (via stamina).
 * The API key goes into the Authorization header of API calls and nowhere else:
   not into ``repr``, messages, logs, or requests to other hosts (law 10).
-* Answers are read leniently (the protocol's tolerance rules); a 2xx body that
-  cannot be read at all is a temporary error for a GET and an ambiguous one for
-  a submit.
+* Answers are read leniently: every plausible shape of the partly documented
+  batch answers is understood (:func:`read_batch_results`,
+  :func:`read_batch_poll`), an item is only matched to a task when that is
+  certain, and what stays uncertain is returned as such (:class:`Unconfirmed`,
+  orphan task ids, unread tasks) for the caller to hold, never to pay again.
+  A 2xx body that cannot be read at all is a temporary error for a GET and an
+  ambiguous one for a submit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import html
 import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -67,16 +73,22 @@ from reconciler.errors import (
 __all__ = [
     "MAX_BATCH_ITEMS",
     "Accepted",
+    "BatchPoll",
     "BatchSubmission",
     "Clip",
     "Credits",
     "MusicAPI",
+    "Reading",
     "Rejected",
     "TaskState",
     "TaskStatus",
+    "TokenBucket",
     "Unconfirmed",
     "error_message",
     "parse_retry_after",
+    "read_batch_poll",
+    "read_batch_results",
+    "rejection_kind",
 ]
 
 MAX_BATCH_ITEMS = 10
@@ -94,10 +106,6 @@ _SUBMITS: frozenset[_Kind] = frozenset({"create", "batch"})
 # transport fault during a submit may have happened after the service read it.
 _NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
-# A 403 is about money when its reason says so; anything else is moderation.
-_CREDIT_WORDS = re.compile(
-    r"credit|subscri|balance|insufficient|quota|billing|payment", re.IGNORECASE
-)
 _REQUEST_ID_HEADERS = ("x-request-id", "x-vercel-id", "cf-ray")
 _MESSAGE_LIMIT = 200
 _ERROR_BODY_LIMIT = 16_384
@@ -124,6 +132,9 @@ class Clip:
     tags: str | None
     image_url: str | None
     created_at: str | None
+    mv: str | None = None
+    gpt_description_prompt: str | None = None
+    """The request fields a clip echoes: how an orphan task is matched to its item."""
 
     @property
     def done(self) -> bool:
@@ -196,8 +207,42 @@ class Unconfirmed:
 class BatchSubmission:
     """The answer to one batch submit: one result per item, in item order."""
 
-    batch_id: str
+    batch_id: str | None
+    """None when the answer names no batch: its tasks are then polled one by one."""
     results: tuple[Accepted | Rejected | Unconfirmed, ...]
+    orphans: tuple[str, ...] = ()
+    """Task ids the answer names but that could not be matched to an item:
+    created and charged, owner unknown (see :class:`Unconfirmed`)."""
+    submitted: int | None = None
+    """How many items the service says it accepted (charged), when it says so."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPoll:
+    """What one batch poll told: statuses it could read, and the tasks it could not."""
+
+    statuses: tuple[TaskStatus, ...]
+    unread: tuple[str, ...]
+    """Known task ids the answer left out or left unreadable: ask the task endpoint."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """How the client read one answer: for ``doctor`` and the shape counters.
+
+    ``shape`` is ``"documented"`` for the shape the client expects, else the
+    ways the answer differs from it (``"task id as id, 1-based index"``).
+    ``body`` is the raw answer with the key removed, cut at 16 KiB.
+    """
+
+    endpoint: str
+    shape: str
+    status: int
+    body: str
+
+    @property
+    def expected(self) -> bool:
+        return self.shape == "documented"
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +263,10 @@ class Credits:
 
 class _MalformedError(Exception):
     """A 2xx body we cannot read; never leaves this module (translated by kind)."""
+
+
+class _NoClipsError(_MalformedError):
+    """An answer that says ``succeeded`` but carries no clip to download."""
 
 
 def _text(value: Any) -> str | None:
@@ -265,6 +314,8 @@ def _clip(value: Any) -> Clip:
         tags=_text(value.get("tags")),
         image_url=_text(value.get("image_url")),
         created_at=_text(value.get("created_at")),
+        mv=_text(value.get("mv")),
+        gpt_description_prompt=_text(value.get("gpt_description_prompt")),
     )
 
 
@@ -298,52 +349,275 @@ def _task_status(body: Mapping[str, Any], task_id: str, index: int | None) -> Ta
         if all(clip.done or clip.failed for clip in clips):
             return result("succeeded", None, None)
         return result("running", None, None)
+    if declared == "succeeded":
+        # Finished, says the entry, but nothing to download: only the task
+        # endpoint can tell what it holds.
+        raise _NoClipsError("an entry says succeeded but carries no clips")
     # No clips to judge by: nothing can be downloaded yet, whatever else it says.
     return result("pending" if declared == "pending" else "running", None, None)
 
 
-def _batch_results(
-    tasks: Any, count: int
-) -> tuple[tuple[Accepted | Rejected | Unconfirmed, ...], list[int]]:
-    """One result per submitted item, and the indexes the answer left out."""
-    if not isinstance(tasks, list):
-        raise _MalformedError("tasks is not a list")
-    found: dict[int, Accepted | Rejected] = {}
-    for position, entry in enumerate(tasks):
-        if not isinstance(entry, Mapping):
-            continue
-        index = entry.get("index", position)
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
-            raise _MalformedError(f"an entry names item {index!r} of {count}{_task_ids_in(tasks)}")
-        if index in found:
-            raise _MalformedError(f"two entries name item {index}{_task_ids_in(tasks)}")
-        task_id = entry.get("task_id")
+def _an_id(value: Any) -> str | None:
+    """An id sent as text or as a number (never a bool); None when unusable."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value if 0 < len(value) <= 200 else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+#: Where a task id may sit in an entry, the documented key first.
+_TASK_ID_KEYS = ("task_id", "id", "taskId", "taskID")
+
+
+def _entry_task_id(entry: Any) -> tuple[str | None, str | None]:
+    """(task id, the key it was under) of a submit or poll entry; a bare id string counts."""
+    if isinstance(entry, str | int) and not isinstance(entry, bool):
+        return _an_id(entry), "bare id"
+    if isinstance(entry, Mapping):
+        for key in _TASK_ID_KEYS:
+            found = _an_id(entry.get(key))
+            if found:
+                return found, key
+    return None, None
+
+
+def _entry_index(entry: Any) -> int | None:
+    index = entry.get("index") if isinstance(entry, Mapping) else None
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    return None
+
+
+#: A rejection's words, when it names no type: money pauses, the rest parks.
+#: (A 403 is about money when its reason says so too; anything else is moderation.)
+_CREDIT_WORDS = re.compile(
+    r"credit|subscri|balance|insufficient|quota|billing|payment", re.IGNORECASE
+)
+_CONTENT_WORDS = re.compile(
+    r"moderat|copyright|inappropriate|forbidden|policy|violat|invalid|must|required|too long|"
+    r"exceed|characters|unknown|not allowed|not supported|bad request|validation",
+    re.IGNORECASE,
+)
+
+
+def rejection_kind(type_: str | None, message: str) -> str:
+    """What a refused item means for the caller: ``credits``, ``content`` or ``unknown``.
+
+    The service's ``type`` decides when it names one we know; otherwise the
+    message's words do (a rejection may carry only a message).
+    """
+    if type_ in ("insufficient_credits", "payment_required"):
+        return "credits"
+    if type_ in ("bad_request", "forbidden", "moderation", "invalid_request"):
+        return "content"
+    if _CREDIT_WORDS.search(message):
+        return "credits"
+    if _CONTENT_WORDS.search(message):
+        return "content"
+    return "unknown"
+
+
+def _index_base(indexes: Sequence[int], slots: Collection[int]) -> int | None:
+    """0 or 1 when the entries' indexes fit ``slots`` under exactly one base, else None.
+
+    ``slots`` are the 0-based positions the indexes may name. A set that fits
+    both ways (some entries left out) proves nothing, so it maps nothing.
+    """
+    if len(set(indexes)) != len(indexes):
+        return None
+    fits = [base for base in (0, 1) if all(i - base in slots for i in indexes)]
+    return fits[0] if len(fits) == 1 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _SubmitEntry:
+    index: int | None
+    task_id: str | None
+    id_key: str | None
+    rejection: tuple[str | None, str] | None
+
+
+def _submit_entry(entry: Any) -> _SubmitEntry | None:
+    task_id, key = _entry_task_id(entry)
+    index = _entry_index(entry)
+    if task_id:
+        # A task id wins over a failure type: a created task must be tracked.
+        return _SubmitEntry(index, task_id, key, None)
+    if isinstance(entry, Mapping):
         kind = _text(entry.get("type"))
         reason = _text(entry.get("error")) or _text(entry.get("message"))
-        # A task id wins over a failure type: a created task must be tracked.
-        if isinstance(task_id, str) and task_id:
-            found[index] = Accepted(index, task_id)
-        elif kind or reason:
-            found[index] = Rejected(index, kind or "rejected", reason or kind or "rejected")
-    missing = [i for i in range(count) if i not in found]
-    results = tuple(
-        found.get(
-            i,
-            Unconfirmed(i, "the service's answer does not account for this item; it may exist"),
-        )
-        for i in range(count)
+        if kind or reason:
+            return _SubmitEntry(index, None, None, (kind, reason or kind or "rejected"))
+    return None
+
+
+def read_batch_results(
+    tasks: Any, count: int, submitted: Any = None
+) -> tuple[tuple[Accepted | Rejected | Unconfirmed, ...], tuple[str, ...], list[str]]:
+    """One result per submitted item, the task ids it could not attribute, and
+    the ways the answer differs from the documented shape.
+
+    An entry is mapped to an item by ``index`` only when every entry has one
+    and they fit the items under one base (0 or 1); by position only when
+    there are as many entries as items and none has an index. Anything else
+    leaves the unmatched items :class:`Unconfirmed` and their task ids as
+    orphans: they exist and are charged, but nobody can say whose they are.
+    """
+    if not isinstance(tasks, list):
+        raise _MalformedError("tasks is not a list")
+    odd: set[str] = set()
+    entries: list[_SubmitEntry] = []
+    for raw in tasks:
+        entry = _submit_entry(raw)
+        if entry is None:
+            odd.add("unreadable entry")
+            continue
+        entries.append(entry)
+        if entry.id_key and entry.id_key != "task_id":
+            odd.add(f"task id as {entry.id_key}")
+        if entry.rejection is not None and entry.rejection[0] is None:
+            odd.add("rejection without type")
+    ids = [e.task_id for e in entries if e.task_id]
+    placed: dict[int, _SubmitEntry] = {}
+    indexes = [e.index for e in entries if e.index is not None]
+    if len(set(ids)) != len(ids):
+        odd.add("one task id twice")
+    elif entries and len(indexes) == len(entries):
+        base = _index_base(indexes, range(count))
+        if base is None:
+            odd.add("indexes that fit no single base")
+        else:
+            if base == 1:
+                odd.add("1-based index")
+            placed = {e.index - base: e for e in entries if e.index is not None}
+    elif not indexes and len(entries) == count and len(tasks) == count:
+        if count > 1:
+            odd.add("no index")
+        placed = dict(enumerate(entries))
+    else:
+        odd.add("no index" if not indexes else "some entries without index")
+    if len(tasks) < count and not odd & {"unreadable entry"}:
+        odd.add("items left out")
+    results: list[Accepted | Rejected | Unconfirmed] = []
+    for i in range(count):
+        entry = placed.get(i)
+        if entry is None:
+            results.append(
+                Unconfirmed(i, "the service's answer does not account for this item; it may exist")
+            )
+        elif entry.task_id:
+            results.append(Accepted(i, entry.task_id))
+        else:
+            assert entry.rejection is not None
+            kind, reason = entry.rejection
+            results.append(Rejected(i, kind or "rejected", reason))
+    attributed = {r.task_id for r in results if isinstance(r, Accepted)}
+    orphans = tuple(t for t in ids if t and t not in attributed)
+    accepted = sum(isinstance(r, Accepted) for r in results)
+    claimed = _an_id(submitted)
+    if claimed is not None and claimed.isdigit() and int(claimed) == accepted and not orphans:
+        # The service counts exactly the tasks we placed: an item it left out
+        # was not created (a refusal without its words), so it costs nothing
+        # to send it again.
+        results = [
+            Rejected(r.index, "left out", "left out of the answer, which counts it as not created")
+            if isinstance(r, Unconfirmed)
+            else r
+            for r in results
+        ]
+    elif claimed is not None and claimed.isdigit() and int(claimed) > accepted + len(orphans):
+        # More were charged than we can see: a "rejected" item may be one of them.
+        odd.add("fewer task ids than submitted")
+        results = [
+            Unconfirmed(r.index, "the service counts more tasks than it names; it may exist")
+            if isinstance(r, Rejected)
+            else r
+            for r in results
+        ]
+    return tuple(results), orphans, sorted(odd)
+
+
+def read_batch_poll(
+    body: Any, known: Mapping[int, str]
+) -> tuple[tuple[TaskStatus, ...], tuple[str, ...], list[str]]:
+    """Statuses a batch poll gives, the known task ids it leaves unread, and its odd shapes.
+
+    ``known`` maps each accepted item's 0-based index to its task id. An entry
+    without a task id is placed by its index (learnt from the entries that
+    carry both, else from the indexes alone) or by position when the counts
+    match; an entry that says ``succeeded`` without clips, or cannot be read,
+    leaves its task unread: the caller asks the task endpoint.
+    """
+    if body is None or (
+        isinstance(body, Mapping) and body.get("type") == "not_ready" and "tasks" not in body
+    ):
+        running = tuple(TaskStatus(t, i, "running", (), None, None) for i, t in known.items())
+        return running, (), ["202 not_ready"]
+    tasks = body.get("tasks") if isinstance(body, Mapping) else None
+    if not isinstance(tasks, list):
+        raise _MalformedError("the answer has no tasks list")
+    odd: set[str] = set()
+    by_index = dict(known)
+    pairs = [(_entry_task_id(e), _entry_index(e), e) for e in tasks]
+    # The base is learnt from entries that carry both an id and an index, else
+    # from the indexes alone.
+    bases = {
+        b
+        for (tid, _), i, _ in pairs
+        if tid and i is not None
+        for b in (0, 1)
+        if by_index.get(i - b) == tid
+    }
+    base = (
+        bases.pop()
+        if len(bases) == 1
+        else _index_base([i for _, i, _ in pairs if i is not None], by_index)
     )
-    return results, missing
-
-
-def _task_ids_in(tasks: Any) -> str:
-    """The task ids in an answer we cannot trust, for the message: they may be charged."""
-    found = [
-        entry["task_id"]
-        for entry in (tasks if isinstance(tasks, list) else [])
-        if isinstance(entry, Mapping) and isinstance(entry.get("task_id"), str)
-    ]
-    return f" (task ids seen: {', '.join(found)})" if found else ""
+    indexes_absent = all(i is None for _, i, _ in pairs)
+    positional = indexes_absent and len(pairs) == len(by_index)
+    ordered = [by_index[i] for i in sorted(by_index)]
+    statuses: list[TaskStatus] = []
+    seen: set[str] = set()
+    unread: list[str] = []
+    for position, ((named, key), index, entry) in enumerate(pairs):
+        if key and key != "task_id":
+            odd.add(f"task id as {key}")
+        tid = named
+        if tid is None:
+            odd.add("entry without task id")
+            if index is not None and base is not None:
+                tid = by_index.get(index - base)
+            elif positional:
+                tid = ordered[position]
+            if tid is None:
+                continue
+        if index is None:
+            odd.add("no index")
+        elif base == 1:
+            odd.add("1-based index")
+        seen.add(tid)
+        item_index = index - base if index is not None and base is not None else None
+        if not isinstance(entry, Mapping):
+            unread.append(tid)
+            continue
+        if "status" not in entry and any(k in entry for k in ("code", "data", "type")):
+            odd.add("entries shaped like task polls")
+        try:
+            statuses.append(_task_status(entry, tid, item_index))
+        except _NoClipsError:
+            odd.add("succeeded without clips")
+            unread.append(tid)
+        except _MalformedError:
+            odd.add("unreadable entry")
+            unread.append(tid)
+    missing = [t for t in ordered if t not in seen]
+    if missing:
+        odd.add("known tasks left out")
+    mine = set(ordered)
+    unread = [t for t in unread if t in mine]
+    return tuple(statuses), tuple(dict.fromkeys([*unread, *missing])), sorted(odd)
 
 
 def _loads(content: bytes) -> tuple[bool, Any]:
@@ -481,6 +755,50 @@ def _classify(
 # ---------------------------------------------------------------------------
 
 
+class TokenBucket:
+    """At most ``rate`` requests a second on average, ``burst`` at once.
+
+    Every API request takes a token first, whatever the pass found to do, so
+    no bug upstream can turn into a flood against a service that bills and
+    bans. ``clock`` and ``sleep`` are injected for tests.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ConfigError("the API request rate must be positive")
+        self.rate = rate
+        self.burst = max(1.0, burst if burst is not None else rate)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._stamp = clock()
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        # One waiter at a time keeps the order fair and the arithmetic simple.
+        async with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens < 1:
+                await self._sleep((1 - self._tokens) / self.rate)
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+            self._tokens -= 1
+
+
+_Note = Callable[[Sequence[str]], None]
+"""Tells the client which ways an answer differed from the documented shape."""
+
+
 class MusicAPI:
     """Async client for the MusicAPI (live service or the sandbox).
 
@@ -489,6 +807,10 @@ class MusicAPI:
     ``Retry-After`` (capped at ``retry_after_cap``) replaces the backoff when
     it is at most ``backoff_cap``; a longer one is not slept inside the call
     but raised as :class:`RateLimitedError` for the caller to schedule.
+    Every API request waits for a token of ``bucket`` (by default
+    ``max_requests_per_second``). ``observer`` sees how every answer was read
+    (:class:`Reading`); answers in an unexpected shape are also counted in
+    ``unexpected`` and logged once per shape with their raw body, key removed.
     """
 
     def __init__(
@@ -502,6 +824,9 @@ class MusicAPI:
         backoff_initial: float = 0.5,
         backoff_cap: float = 30.0,
         retry_after_cap: float = 300.0,
+        max_requests_per_second: float = 4.0,
+        bucket: TokenBucket | None = None,
+        observer: Callable[[Reading], None] | None = None,
         log: FilteringBoundLogger | None = None,
     ) -> None:
         try:
@@ -524,6 +849,11 @@ class MusicAPI:
         self._backoff_cap = backoff_cap
         self._retry_after_cap = retry_after_cap
         self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger(__name__)
+        self._bucket = bucket or TokenBucket(max_requests_per_second)
+        self._observer = observer
+        #: "endpoint: shape" → answers read in a shape other than the documented one.
+        self.unexpected: Counter[str] = Counter()
+        self._logged_shapes: set[str] = set()
         self._http = httpx.AsyncClient(
             base_url=base, timeout=httpx.Timeout(timeout), transport=transport
         )
@@ -574,20 +904,40 @@ class MusicAPI:
         if webhook_secret is not None:
             payload["webhook_secret"] = webhook_secret
 
-        def parse(body: Any) -> BatchSubmission:
+        def parse(body: Any, note: _Note) -> BatchSubmission:
             if not isinstance(body, Mapping):
                 raise _MalformedError("the answer is not an object")
-            batch_id = body.get("batch_id")
-            if not isinstance(batch_id, str) or not batch_id:
-                raise _MalformedError(f"no batch_id{_task_ids_in(body.get('tasks'))}")
-            results, missing = _batch_results(body.get("tasks"), len(items))
-            if missing:
+            odd: list[str] = []
+            raw_id = body.get("batch_id", body.get("batchId"))
+            batch_id = _an_id(raw_id)
+            if batch_id is None:
+                odd.append("no batch id")
+            elif not isinstance(raw_id, str):
+                odd.append("numeric batch id")
+            tasks = body.get("tasks")
+            if tasks is None and batch_id is not None:
+                # The batch exists; its poll may name the tasks later.
+                odd.append("no tasks list")
+                tasks = []
+            results, orphans, more = read_batch_results(tasks, len(items), body.get("submitted"))
+            note(odd + more)
+            unconfirmed = [r.index for r in results if isinstance(r, Unconfirmed)]
+            if unconfirmed or orphans:
                 self._log.warning(
-                    "api.batch_unconfirmed", batch_id=batch_id, indexes=missing, path="/sonic/batch"
+                    "api.batch_unconfirmed",
+                    batch_id=batch_id,
+                    indexes=unconfirmed,
+                    orphans=[self._scrub(t) for t in orphans],
+                    path="/sonic/batch",
                 )
-            return BatchSubmission(batch_id, results)
+            count = _an_id(body.get("submitted"))
+            return BatchSubmission(
+                batch_id, results, orphans, int(count) if count and count.isdigit() else None
+            )
 
-        return await self._call("POST", "/sonic/batch", "batch", parse, json_body=payload)
+        return await self._call(
+            "POST", "/sonic/batch", "batch", "batch_submit", parse, json_body=payload
+        )
 
     async def create(self, item: Mapping[str, Any]) -> str:
         """Submit one create request (``POST /sonic/create``); returns its task id.
@@ -595,73 +945,90 @@ class MusicAPI:
         Raises as :meth:`submit_batch` does (without :class:`BatchUnsupportedError`).
         """
 
-        def parse(body: Any) -> str:
-            task_id = body.get("task_id") if isinstance(body, Mapping) else None
-            if not isinstance(task_id, str) or not task_id:
+        def parse(body: Any, note: _Note) -> str:
+            task_id, key = _entry_task_id(body) if isinstance(body, Mapping) else (None, None)
+            if task_id is None and isinstance(body, Mapping):
+                task_id, key = _entry_task_id(body.get("data"))
+                key = f"data.{key}" if key else None
+            if task_id is None:
                 raise _MalformedError("the answer has no task_id")
+            note([] if key == "task_id" else [f"task id as {key}"])
             return task_id
 
-        return await self._call("POST", "/sonic/create", "create", parse, json_body=dict(item))
+        return await self._call(
+            "POST", "/sonic/create", "create", "create", parse, json_body=dict(item)
+        )
 
     # -- idempotent reads: retried here ---------------------------------------
 
-    async def poll_batch(self, batch_id: str) -> tuple[TaskStatus, ...]:
-        """Every accepted task of a batch, in the order the service lists them.
+    async def poll_batch(self, batch_id: str, known: Mapping[int, str]) -> BatchPoll:
+        """The tasks of a batch: what the answer says of each, and what it leaves unread.
 
-        Rejected items do not appear; an entry without a usable ``task_id`` or
-        with unreadable clips is left out and logged as ``api.bad_entry``.
+        ``known`` maps the 0-based item index of each accepted item to its task
+        id. A 202 means every task is still running. Whatever the answer does
+        not say readably of a known task is listed in ``unread``, for
+        :meth:`poll_task`.
         """
 
-        def parse(body: Any) -> tuple[TaskStatus, ...]:
-            tasks = body.get("tasks") if isinstance(body, Mapping) else None
-            if not isinstance(tasks, list):
-                raise _MalformedError("the answer has no tasks list")
-            statuses = []
-            for position, entry in enumerate(tasks):
-                try:
-                    statuses.append(self._entry_status(entry))
-                except _MalformedError as exc:
-                    self._log.warning(
-                        "api.bad_entry", batch_id=batch_id, position=position, reason=str(exc)
-                    )
-            return tuple(statuses)
+        def parse(body: Any, note: _Note) -> BatchPoll:
+            statuses, unread, odd = read_batch_poll(body, known)
+            note(odd)
+            return BatchPoll(statuses, unread)
 
         return await self._retrying(
             lambda attempt: self._call(
-                "GET", "/sonic/batch", "poll", parse, params={"batch_id": batch_id}, attempt=attempt
+                "GET",
+                "/sonic/batch",
+                "poll",
+                "batch_poll",
+                parse,
+                params={"batch_id": batch_id},
+                attempt=attempt,
             )
         )
 
     async def poll_task(self, task_id: str) -> TaskStatus:
         """One task's status (``GET /sonic/task/{id}``); a 202 means ``running``."""
 
-        def parse(body: Any) -> TaskStatus:
+        def parse(body: Any, note: _Note) -> TaskStatus:
             if body is None:  # 202 not_ready
+                note([])
                 return TaskStatus(task_id, None, "running", (), None, None)
             if not isinstance(body, Mapping):
                 raise _MalformedError("the answer is not an object")
             if not any(key in body for key in ("data", "type", "code", "status")):
                 raise _MalformedError("the answer is not a task")
-            return _task_status(body, task_id, None)
+            try:
+                status = _task_status(body, task_id, None)
+            except _NoClipsError:
+                # "succeeded" with no clips, from the task endpoint itself:
+                # not finished as far as anything can be downloaded.
+                note(["succeeded without clips"])
+                return TaskStatus(task_id, None, "running", (), None, None)
+            note([])
+            return status
 
         path = f"/sonic/task/{quote(task_id, safe='')}"
         return await self._retrying(
-            lambda attempt: self._call("GET", path, "poll", parse, attempt=attempt)
+            lambda attempt: self._call("GET", path, "poll", "task_poll", parse, attempt=attempt)
         )
 
     async def get_credits(self) -> Credits:
         """The account balance (``GET /get-credits``)."""
 
-        def parse(body: Any) -> Credits:
+        def parse(body: Any, note: _Note) -> Credits:
             if not isinstance(body, Mapping) or "credits" not in body:
                 raise _MalformedError("the answer has no credits")
+            note([])
             return Credits(
                 credits=_count(body["credits"], "credits"),
                 extra_credits=_count(body.get("extra_credits", 0), "extra_credits"),
             )
 
         return await self._retrying(
-            lambda attempt: self._call("GET", "/get-credits", "credits", parse, attempt=attempt)
+            lambda attempt: self._call(
+                "GET", "/get-credits", "credits", "credits", parse, attempt=attempt
+            )
         )
 
     async def download(self, url: str, dest: Path) -> int:
@@ -685,17 +1052,6 @@ class MusicAPI:
         return await self._retrying(lambda attempt: self._download_once(target, dest, attempt))
 
     # -- machinery -------------------------------------------------------------
-
-    def _entry_status(self, entry: Any) -> TaskStatus:
-        if not isinstance(entry, Mapping):
-            raise _MalformedError("an entry is not an object")
-        task_id = entry.get("task_id")
-        if not isinstance(task_id, str) or not task_id:
-            raise _MalformedError("an entry has no task_id")
-        index = entry.get("index")
-        if not isinstance(index, int) or isinstance(index, bool):
-            index = None
-        return _task_status(entry, task_id, index)
 
     def _backoff_hint(self, exc: Exception) -> bool | float:
         """stamina's hook: retry temporary errors, with Retry-After as the backoff."""
@@ -732,7 +1088,8 @@ class MusicAPI:
         method: str,
         path: str,
         kind: _Kind,
-        parse: Callable[[Any], T],
+        endpoint: str,
+        parse: Callable[[Any, _Note], T],
         *,
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
@@ -747,27 +1104,38 @@ class MusicAPI:
             method, path, params=params, json=json_body, headers=self._auth()
         )
         error: APIError
+        await self._bucket.take()
         try:
             response = await self._http.send(request)
         except httpx.RequestError as exc:
             error = self._transport_error(exc, kind)
         else:
             try:
-                return self._read(response, kind, parse)
+                return self._read(response, kind, endpoint, parse)
             except APIError as exc:
                 error = exc
         self._log_error(error, method, path, attempt)
         raise error
 
-    def _read(self, response: httpx.Response, kind: _Kind, parse: Callable[[Any], T]) -> T:
+    def _read(
+        self,
+        response: httpx.Response,
+        kind: _Kind,
+        endpoint: str,
+        parse: Callable[[Any, _Note], T],
+    ) -> T:
         # Errors are raised after the ``except`` blocks: a chained JSONDecodeError or
         # _MalformedError would carry the raw body, unscrubbed.
         status = response.status_code
         request_id = _request_id(response.headers)
         if not response.is_success:
             raise self._status_error(response, response.content, kind)
+
+        def note(odd: Sequence[str]) -> None:
+            self._saw(endpoint, odd, status, response.content)
+
         if kind == "poll" and status == 202:
-            return parse(None)
+            return parse(None, note)
         readable, body = _loads(response.content)
         if not readable:
             raise self._malformed(kind, "the answer is not JSON", status, request_id)
@@ -782,10 +1150,27 @@ class MusicAPI:
             message = self._scrub(_one_line(_reason_from_json(body) or f"HTTP {embedded}"))
             raise _classify(embedded, message, kind, request_id, None)
         try:
-            return parse(body)
+            return parse(body, note)
         except _MalformedError as exc:
             reason = str(exc)
+        self._saw(endpoint, [f"unreadable: {reason}"], status, response.content)
         raise self._malformed(kind, reason, status, request_id)
+
+    def _saw(self, endpoint: str, odd: Sequence[str], status: int, content: bytes) -> None:
+        """Report how an answer was read; an unexpected shape is counted and logged once."""
+        shape = ", ".join(odd) if odd else "documented"
+        body = self._scrub(content[:_ERROR_BODY_LIMIT].decode("utf-8", errors="replace"))
+        if self._observer is not None:
+            self._observer(Reading(endpoint, shape, status, body))
+        if not odd:
+            return
+        key = f"{endpoint}: {shape}"
+        self.unexpected[key] += 1
+        if key not in self._logged_shapes:
+            self._logged_shapes.add(key)
+            self._log.warning(
+                "api.unexpected_shape", endpoint=endpoint, shape=shape, status=status, body=body
+            )
 
     def _malformed(self, kind: _Kind, reason: str, status: int, request_id: str | None) -> APIError:
         reason = self._scrub(reason)

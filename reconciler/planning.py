@@ -325,22 +325,94 @@ def utc_day_start(now: float) -> float:
     return day.timestamp()
 
 
+@dataclass(frozen=True)
+class Allowance:
+    """How many tasks may still be submitted (None: no limit), and why not more.
+
+    ``limit`` names the ceiling that binds: ``budget`` lifts at the next UTC
+    day, ``balance`` when the account is topped up, ``run`` never in this run.
+    """
+
+    tasks: int | None
+    reason: str | None = None
+    limit: Literal["budget", "balance", "run"] | None = None
+
+
 def affordable_tasks(
-    *, spent_today: int, daily_budget: int | None, balance: int | None
-) -> tuple[int | None, str | None]:
-    """How many tasks may still be submitted, and why not more (law 8)."""
-    limits: list[tuple[int, str]] = []
+    *,
+    spent_today: int,
+    daily_budget: int | None,
+    balance: int | None,
+    spent_in_run: int = 0,
+    max_credits: int | None = None,
+) -> Allowance:
+    """How many tasks may still be submitted without passing any ceiling (law 8).
+
+    Spent figures count every credit that *may* have been spent, so a lost
+    answer can never let a submit through that the ceiling would refuse.
+    """
+    limits: list[Allowance] = []
     if daily_budget is not None:
         left = max(0, daily_budget - spent_today)
         limits.append(
-            (
+            Allowance(
                 left // CREDITS_PER_TASK,
                 f"daily budget reached ({spent_today}/{daily_budget} credits)",
+                "budget",
+            )
+        )
+    if max_credits is not None:
+        left = max(0, max_credits - spent_in_run)
+        limits.append(
+            Allowance(
+                left // CREDITS_PER_TASK,
+                f"--max-credits reached ({spent_in_run}/{max_credits} credits this run)",
+                "run",
             )
         )
     if balance is not None:
-        limits.append((balance // CREDITS_PER_TASK, f"account balance too low ({balance} credits)"))
+        limits.append(
+            Allowance(
+                balance // CREDITS_PER_TASK,
+                f"account balance too low ({balance} credits)",
+                "balance",
+            )
+        )
     if not limits:
-        return None, None
-    n, reason = min(limits, key=lambda x: x[0])
-    return n, reason
+        return Allowance(None)
+    return min(limits, key=lambda a: a.tasks or 0)
+
+
+#: The request fields a clip echoes back verbatim, by mode: enough to tell
+#: whose task an orphan is. Titles, tags and lyrics of a description-mode
+#: clip are written by the service, so they say nothing there.
+_ECHO_KEYS: Mapping[bool, tuple[tuple[str, str], ...]] = {
+    False: (("mv", "mv"), ("gpt_description_prompt", "gpt_description_prompt")),
+    True: (("mv", "mv"), ("prompt", "lyrics")),
+}
+
+
+def match_orphan(
+    candidates: Mapping[str, Mapping[str, Any]], echo: Mapping[str, Any]
+) -> str | None:
+    """The fingerprint an orphan task belongs to, judged by what its clip echoes.
+
+    ``candidates`` are the unclaimed items of the submit that named it
+    (fingerprint → request), ``echo`` one clip's fields. Only when the echo
+    fits exactly one distinct request is the answer certain; items with an
+    equal request (variants) are interchangeable, so the first is taken.
+    """
+
+    def fits(request: Mapping[str, Any]) -> bool:
+        keys = _ECHO_KEYS[bool(request.get("custom_mode"))]
+        for req_key, echo_key in keys:
+            want, got = request.get(req_key), echo.get(echo_key)
+            if not isinstance(want, str) or not isinstance(got, str):
+                return False
+            if want.strip() != got.strip():
+                return False
+        return True
+
+    found = {fp: req for fp, req in sorted(candidates.items()) if fits(req)}
+    distinct = {json.dumps(dict(r), sort_keys=True) for r in found.values()}
+    return next(iter(found)) if len(distinct) == 1 else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections import Counter
@@ -39,10 +40,18 @@ from reconciler.errors import (
     TemporaryAPIError,
 )
 from reconciler.ledger import ClipRecord, Ledger, OutputRecord, TaskUpdate
-from reconciler.musicapi import Accepted, MusicAPI, TaskStatus, Unconfirmed
+from reconciler.musicapi import (
+    Accepted,
+    MusicAPI,
+    Rejected,
+    TaskStatus,
+    Unconfirmed,
+    rejection_kind,
+)
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
+    Allowance,
     Desired,
     DesiredTrack,
     OpenBatch,
@@ -51,6 +60,7 @@ from reconciler.planning import (
     batches,
     desired_state,
     due_submissions,
+    match_orphan,
     poll_cohorts,
     utc_day_start,
 )
@@ -89,6 +99,8 @@ class PassResult:
     #: When the first of them may be read (the clock's time); also in ``next_due``.
     settle_at: float | None = None
     output_failures: int = 0
+    #: Tracks whose task returned fewer clips than they keep (written as far as they go).
+    short: int = 0
     blocked: str | None = None
     next_due: float | None = None
     states: Counter[str] = field(default_factory=Counter)
@@ -144,9 +156,20 @@ class Reconciler:
         self._batch_unsupported = bool(ledger.get("batch_unsupported"))
         self._submit_pause_until = 0.0
         self._block_reason: str | None = None
+        #: When this process started spending: ``--max-credits`` counts from here.
+        self._run_started = clock()
+        #: The last balance read and when, and tasks submitted since: the
+        #: balance is asked at most once per poll interval.
+        self._balance: tuple[float, int] | None = None
+        self._submitted_since_balance = 0
+        #: False while queued work waits for room in flight, not for a time.
+        self._submit_waits_for_time = True
+        #: Unexpected answer shapes already added to the ledger's counts.
+        self._shapes_recorded: Counter[str] = Counter()
         self._started = False
         #: Problems logged last pass (spec files, outputs), so each is logged once.
         self._reported: dict[str, str] = {}
+        self._reported_short: dict[str, str] = {}
         self._failed_outputs: dict[str, str] = {}
         self._logged_outputs: dict[str, str] = {}
         #: Open batches that have shown a finished task: their cohort is polled whole.
@@ -189,9 +212,13 @@ class Reconciler:
         result.invalid_files = len(scan.errors)
         result.settling = len(scan.settling)
         result.settle_at = scan.settled_by
-        expired = self.ledger.expire_unknown(self.settings.ambiguous_grace)
-        if expired:
-            self.log.warning("submit.resubmitting_ambiguous", items=len(expired))
+        again, parked = self.ledger.expire_unknown(
+            self.settings.ambiguous_grace, self.settings.max_resubmits
+        )
+        if again:
+            self.log.warning("submit.resubmitting_ambiguous", items=len(again))
+        for fp in parked:
+            self.log.error("generation.parked", fingerprint=fp, reason="submit answer lost")
         await self._submit(desired, result, now)
         await self._poll(result)
         # Read once: the downloads fill in checksums, materialising uses them.
@@ -244,8 +271,22 @@ class Reconciler:
             item["webhook_secret"] = hook.secret.get_secret_value()
         return item
 
-    async def _affordable(self, now: float) -> int | None:
-        balance: int | None = None
+    def _batch_hook(self) -> dict[str, str]:
+        """The batch-level webhook the service's batch page describes; per-item
+        URLs win where the service honours them."""
+        hook = self.settings.webhook
+        if hook is None:
+            return {}
+        return {
+            "webhook_url": f"{hook.public_url}/hook",
+            "webhook_secret": hook.secret.get_secret_value(),
+        }
+
+    async def _read_balance(self, now: float) -> int | None:
+        """The account balance, asked at most once per poll interval: in between,
+        what this process submitted since is taken off the last answer."""
+        if self._balance is not None and now - self._balance[0] < self.settings.poll_interval:
+            return max(0, self._balance[1] - CREDITS_PER_TASK * self._submitted_since_balance)
         try:
             balance = (await self.api.get_credits()).total
         except AuthError as exc:
@@ -253,22 +294,49 @@ class Reconciler:
             self._pause_submissions(f"API key rejected (401): {exc.message}")
             return 0
         except APIError as exc:
-            # Without a balance the daily budget still holds; the service
-            # refuses what the account cannot pay for, per item.
+            # Without a balance the budgets still hold; the service refuses
+            # what the account cannot pay for, per item.
             self._api_health(exc)
             self.log.warning("credits.unavailable", error=exc.message)
-        spent = CREDITS_PER_TASK * self.ledger.spent_since(utc_day_start(now))
-        n, reason = affordable_tasks(
-            spent_today=spent, daily_budget=self.settings.daily_budget, balance=balance
+            return None
+        self._balance = (now, balance)
+        self._submitted_since_balance = 0
+        return balance
+
+    async def _affordable(self, now: float) -> int | None:
+        balance = await self._read_balance(now)
+        allowance = affordable_tasks(
+            spent_today=CREDITS_PER_TASK * self.ledger.spent_since(utc_day_start(now)),
+            daily_budget=self.settings.daily_budget,
+            balance=balance,
+            spent_in_run=CREDITS_PER_TASK * self.ledger.spent_since(self._run_started),
+            max_credits=self.settings.max_credits,
         )
-        self._block_reason = reason if n is not None and n <= 0 else None
-        return n
+        if allowance.tasks is not None and allowance.tasks <= 0:
+            self._spent_out(allowance, now)
+        else:
+            self._block_reason = None
+        return allowance.tasks
+
+    def _spent_out(self, allowance: Allowance, now: float) -> None:
+        """A ceiling is reached: no submit until it can have lifted (law 15: the
+        pass waits for that, or for a poll, rather than asking again at once)."""
+        self._block_reason = allowance.reason
+        if allowance.limit == "budget":
+            until = utc_day_start(now) + 86_400
+        elif allowance.limit == "run":
+            until = math.inf
+        else:
+            until = now + self.settings.backoff_cap
+        self._submit_pause_until = until
+        self.log.warning("submit.paused", reason=allowance.reason, until=until)
 
     async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
         gens = self.ledger.generations()
         order = desired.fingerprints()
         queued = [fp for fp in order if gens[fp].state == "queued"]
         result.queued = len(queued)
+        self._submit_waits_for_time = True
         if now < self._submit_pause_until:
             result.blocked = self._block_reason
             return
@@ -288,6 +356,9 @@ class Reconciler:
 
         # The balance is asked only when there is something to pay for.
         if not due(None):
+            # Held back by the in-flight cap: a finished task makes room, and
+            # finished tasks are found by polls, which are scheduled anyway.
+            self._submit_waits_for_time = False
             return
         to_send = due(await self._affordable(now))
         if self._block_reason and not to_send:
@@ -319,7 +390,7 @@ class Reconciler:
         items = [self._item(fp) for fp in group]
         result.submit_calls += 1
         try:
-            answer = await self.api.submit_batch(items)
+            answer = await self.api.submit_batch(items, **self._batch_hook())
         except BatchUnsupportedError:
             self.ledger.submit_not_sent(submit_id, 0.0, "batch endpoint unavailable")
             self._batch_unsupported = True
@@ -327,6 +398,18 @@ class Reconciler:
             self.log.warning("batch.unsupported", fallback="one create per item, per-task polls")
             for fp in group:
                 if not await self._submit_single(fp, result):
+                    return False
+            return True
+        except RejectedError as exc:
+            if len(group) == 1:
+                return self._submit_failed(submit_id, group, exc, result)
+            # One bad item can make the service refuse the whole batch: halves,
+            # then singles, so only that item is parked with the service's words.
+            self.ledger.submit_refused(submit_id, exc.message)
+            self.log.warning("batch.refused", items=len(group), error=exc.message)
+            half = len(group) // 2
+            for part in (group[:half], group[half:]):
+                if not await self._submit_batch(part, result):
                     return False
             return True
         except APIError as exc:
@@ -341,45 +424,61 @@ class Reconciler:
                 accepted[fp] = (res.task_id, res.index)
             elif isinstance(res, Unconfirmed):
                 unconfirmed[fp] = res.reason
-            elif res.type in ("bad_request", "forbidden"):
-                parked[fp] = f"rejected ({res.type}): {res.error}"
             else:
-                if res.type == "insufficient_credits":
-                    self._pause_submissions("insufficient credits on the account")
-                requeue[fp] = (self._retry_at(attempts[fp]), f"{res.type}: {res.error}")
-        self.ledger.submit_answered(
+                self._item_rejected(fp, res, attempts[fp], requeue, parked)
+        collisions = self.ledger.submit_answered(
             submit_id,
             answer.batch_id,
             accepted,
             requeue,
             parked,
             unconfirmed=unconfirmed,
+            orphans=answer.orphans,
+            submitted=answer.submitted,
             poll_at=self.clock() + self.settings.poll_interval,
         )
+        for what in collisions:
+            self.log.error("ledger.id_collision", known=what, submit_id=submit_id)
         result.submitted += len(accepted)
+        self._submitted_since_balance += len(accepted) + len(unconfirmed)
         self.log.info(
             "batch.submitted",
             batch_id=answer.batch_id,
             accepted=len(accepted),
             rejected=len(parked) + len(requeue),
+            unconfirmed=len(unconfirmed),
         )
         for fp, reason in parked.items():
             self.log.warning("generation.parked", fingerprint=fp, reason=reason)
-        return not requeue or not self._submit_pause_until
+        return not requeue or self.clock() >= self._submit_pause_until
+
+    def _item_rejected(
+        self,
+        fp: str,
+        res: Rejected,
+        attempts: int,
+        requeue: dict[str, tuple[float, str]],
+        parked: dict[str, str],
+    ) -> None:
+        """Policy for one refused item: content is parked, money pauses, and a
+        refusal nobody can classify is tried a few times, then parked."""
+        reason = f"rejected ({res.type}): {res.error}"
+        kind = rejection_kind(None if res.type == "rejected" else res.type, res.error)
+        if kind == "content" or (kind == "unknown" and attempts + 1 >= MAX_UPSTREAM_ATTEMPTS):
+            parked[fp] = reason
+            return
+        if kind == "credits":
+            self._pause_submissions("insufficient credits on the account")
+        requeue[fp] = (self._retry_at(attempts), reason)
 
     async def _submit_single(self, fp: str, result: PassResult) -> bool:
         submit_id = self.ledger.begin_submit([fp], "single")
         result.submit_calls += 1
         try:
             task_id = await self.api.create(self._item(fp))
-        except RejectedError as exc:
-            self.ledger.submit_answered(
-                submit_id, None, {}, {}, {fp: f"rejected: {exc.message}"}, poll_at=0.0
-            )
-            self.log.warning("generation.parked", fingerprint=fp, reason=exc.message)
-            return True
         except APIError as exc:
             return self._submit_failed(submit_id, [fp], exc, result)
+        self._submitted_since_balance += 1
         self.ledger.submit_answered(
             submit_id,
             None,
@@ -398,8 +497,16 @@ class Reconciler:
         self._api_health(exc)
         if isinstance(exc, AmbiguousSubmitError):
             self.ledger.submit_ambiguous(submit_id, exc.message)
+            self._submitted_since_balance += len(group)
             self.log.error("submit.ambiguous", items=len(group), error=exc.message)
             return False
+        if isinstance(exc, RejectedError) and len(group) == 1:
+            (fp,) = group
+            self.ledger.submit_answered(
+                submit_id, None, {}, {}, {fp: f"rejected: {exc.message}"}, poll_at=0.0
+            )
+            self.log.warning("generation.parked", fingerprint=fp, reason=exc.message)
+            return True
         if isinstance(exc, AuthError):
             self._pause_submissions(f"API key rejected (401): {exc.message}")
             self.ledger.submit_not_sent(submit_id, 0.0, exc.message)
@@ -462,10 +569,15 @@ class Reconciler:
                     return
             await asyncio.gather(*(one_batch(b) for b in due))
 
+        async def one_orphan(task_id: str, submit_id: int, batch_id: str | None) -> None:
+            async with sem:
+                await self._poll_orphan(task_id, submit_id, batch_id, result)
+
         interval = self.settings.poll_interval
         soon = self.ledger.batches_due_by(now + interval)
         jobs = [cohort(c) for c in poll_cohorts(soon, interval, now)]
         jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
+        jobs += [one_orphan(*o) for o in self.ledger.due_orphans(now)]
         await asyncio.gather(*jobs)
 
     async def _poll_batch(self, batch_id: str, result: PassResult) -> bool:
@@ -473,7 +585,7 @@ class Reconciler:
         worth polling (a task in it has finished, or the batch is gone)."""
         result.polls += 1
         try:
-            statuses = await self.api.poll_batch(batch_id)
+            answer = await self.api.poll_batch(batch_id, self.ledger.batch_task_indexes(batch_id))
         except NotFoundError:
             # The service forgot the batch; its tasks can still be polled one by one.
             self.ledger.batch_polled(batch_id, 0.0, still_open=False)
@@ -491,11 +603,26 @@ class Reconciler:
         seen: set[str] = set()
         waiting = False
         progressed = False
-        for status in statuses:
+        strangers: list[str] = []
+        for status in answer.statuses:
             if status.task_id in tasks:
                 seen.add(status.task_id)
                 waiting = self._record(status) or waiting
                 progressed = progressed or _has_progress(status)
+            else:
+                strangers.append(status.task_id)
+                waiting = waiting or status.status not in ("succeeded", "failed")
+        if strangers:
+            # Tasks of this batch that its submit answer did not attribute:
+            # charged, so they are read until their clips say whose they are.
+            submit_id = self.ledger.batch_submit(batch_id)
+            if submit_id is not None:
+                self.ledger.add_orphans(submit_id, batch_id, strangers)
+        for task_id in answer.unread:
+            if task_id in tasks:
+                # What the batch answer did not say readably, the task endpoint does.
+                waiting = await self._poll_task(task_id, result, schedule=False) or waiting
+                seen.add(task_id)
         # A task missing from the answer is not finished as far as we know.
         still_open = waiting or bool(set(tasks) - seen)
         self.ledger.batch_polled(
@@ -507,7 +634,9 @@ class Reconciler:
             self._progressed.discard(batch_id)
         return progressed
 
-    async def _poll_task(self, task_id: str, result: PassResult) -> None:
+    async def _poll_task(self, task_id: str, result: PassResult, *, schedule: bool = True) -> bool:
+        """Poll one task; True while it is worth polling again. ``schedule`` sets
+        its next poll (off when its batch's poll asked: the batch schedules)."""
         result.polls += 1
         try:
             status = await self.api.poll_task(task_id)
@@ -516,14 +645,60 @@ class Reconciler:
             attempts = self.ledger.attempts([ref.fingerprint])[ref.fingerprint] if ref else 0
             self.ledger.task_lost(task_id, self._retry_at(attempts), exc.message)
             self.log.warning("task.unknown", task_id=task_id)
-            return
+            return False
         except APIError as exc:
             self._poll_failed(exc)
             self.ledger.task_polled(task_id, self._retry_at(1, _retry_after(exc)))
-            return
+            return True
         self._api_health(None)
-        self._record(status)
-        self.ledger.task_polled(task_id, self.clock() + self.settings.poll_interval)
+        waiting = self._record(status)
+        if schedule:
+            self.ledger.task_polled(task_id, self.clock() + self.settings.poll_interval)
+        return waiting
+
+    async def _poll_orphan(
+        self, task_id: str, submit_id: int, batch_id: str | None, result: PassResult
+    ) -> None:
+        """Read an orphan task until its clips say which unclaimed item it is."""
+        result.polls += 1
+        next_poll = self.clock() + self.settings.poll_interval
+        try:
+            status = await self.api.poll_task(task_id)
+        except NotFoundError:
+            self.ledger.orphan_polled(task_id, None, "gone")
+            return
+        except APIError as exc:
+            self._poll_failed(exc)
+            self.ledger.orphan_polled(task_id, self._retry_at(1, _retry_after(exc)))
+            return
+        candidates = self.ledger.unknown_requests(submit_id)
+        owners = {
+            match_orphan(
+                candidates,
+                {
+                    "mv": c.mv,
+                    "gpt_description_prompt": c.gpt_description_prompt,
+                    "lyrics": c.lyrics,
+                },
+            )
+            for c in status.clips
+        }
+        owners.discard(None)
+        if len(owners) == 1:
+            (fp,) = owners
+            assert fp is not None
+            if self.ledger.claim(fp, task_id, next_poll, batch_id):
+                self.log.warning("task.orphan_claimed", task_id=task_id, fingerprint=fp)
+                self._record(status)
+                return
+        if status.status == "failed":
+            self.ledger.orphan_polled(task_id, None, "failed")
+        elif status.status == "succeeded":
+            # Finished, and still nobody's: a person must look (it is counted).
+            self.log.error("task.orphan_unmatched", task_id=task_id, submit_id=submit_id)
+            self.ledger.orphan_polled(task_id, None, "unmatched")
+        else:
+            self.ledger.orphan_polled(task_id, next_poll)
 
     def _poll_failed(self, exc: APIError) -> None:
         self._api_health(exc)
@@ -664,20 +839,23 @@ class Reconciler:
         records = self.ledger.outputs()
         gens = self.ledger.generations()
         entries: dict[str, list[out.TrackOutput]] = {}
+        short: dict[str, str] = {}
         for t in desired.tracks:
             clips = [c for c in usable.get(t.fingerprint, []) if c.sha256][: t.clips]
             gen = gens.get(t.fingerprint)
             if len(clips) < t.clips:
-                if (
-                    gen is not None
-                    and gen.state == "succeeded"
-                    and len(usable.get(t.fingerprint, [])) < t.clips
-                ):
-                    self._short_of_clips(t, len(usable.get(t.fingerprint, [])))
-                continue
+                arrived = usable.get(t.fingerprint, [])
+                if not (gen is not None and gen.state == "succeeded" and len(arrived) < t.clips):
+                    continue
+                # The task is over with fewer clips than asked: what was paid
+                # for is written all the same, and the track says what is missing.
+                short[t.fingerprint] = self._short_of_clips(t, len(arrived))
+                result.short += 1
+                if len(clips) < len(arrived) or not clips:
+                    continue
             ok = True
             track_entries = []
-            for n, (rel, clip) in enumerate(zip(t.outputs, clips, strict=True), start=1):
+            for n, (rel, clip) in enumerate(zip(t.outputs, clips, strict=False), start=1):
                 ok = self._ensure_output(t, n, rel, clip, records.get(rel), result) and ok
                 track_entries.append(
                     out.TrackOutput(
@@ -692,21 +870,26 @@ class Reconciler:
                         tags=clip.tags,
                     )
                 )
-            if ok:
+            if ok and t.fingerprint not in short:
                 result.ready += 1
+            if ok:
                 entries.setdefault(t.soundtrack, []).extend(track_entries)
         for soundtrack in desired.soundtracks:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
         # For status, which runs in another process; put() writes only changes.
         self.ledger.put("output_errors", self._failed_outputs)
+        self.ledger.put("short_generations", short)
 
-    def _short_of_clips(self, t: DesiredTrack, have: int) -> None:
+    def _short_of_clips(self, t: DesiredTrack, have: int) -> str:
         reason = (
             f"the service returned {have} of the {t.clips} clips this track keeps; "
-            "`reconciler retry` generates it again"
+            f"set clips: {have} to keep what arrived, or `reconciler retry` to "
+            f"generate it again ({CREDITS_PER_TASK} credits)"
         )
-        self.ledger.park(t.fingerprint, reason)
-        self.log.warning("generation.parked", fingerprint=t.fingerprint, reason=reason)
+        if self._reported_short.get(t.fingerprint) != reason:
+            self.log.warning("track.short", fingerprint=t.fingerprint, reason=reason)
+        self._reported_short[t.fingerprint] = reason
+        return reason
 
     def _ensure_output(
         self,
@@ -842,6 +1025,17 @@ class Reconciler:
 
     # -- summary ------------------------------------------------------------------------
 
+    def _record_shapes(self) -> None:
+        """Add the answers read in an unexpected shape since the last pass to the
+        ledger's counts, which ``status`` shows."""
+        fresh = self.api.unexpected - self._shapes_recorded
+        if not fresh:
+            return
+        counts = Counter(self.ledger.get("unexpected_shapes") or {})
+        counts.update(fresh)
+        self.ledger.put("unexpected_shapes", dict(counts))
+        self._shapes_recorded = Counter(self.api.unexpected)
+
     def _summarise(self, desired: Desired, result: PassResult) -> None:
         gens = self.ledger.generations()
         result.total = len(desired.tracks)
@@ -855,10 +1049,16 @@ class Reconciler:
         # Succeeded generations whose files are not there yet are still work,
         # unless writing them failed for a reason only a person can fix.
         result.in_flight += max(
-            0, states.get("succeeded", 0) - result.ready - result.output_failures
+            0, states.get("succeeded", 0) - result.ready - result.output_failures - result.short
         )
-        due = [self.ledger.next_due(self.settings.ambiguous_grace), result.settle_at]
+        submit_from = (
+            max(self.clock(), self._submit_pause_until)
+            if self._submit_waits_for_time and math.isfinite(self._submit_pause_until)
+            else None
+        )
+        due = [self.ledger.next_due(self.settings.ambiguous_grace, submit_from), result.settle_at]
         result.next_due = min((t for t in due if t is not None), default=None)
+        self._record_shapes()
         if result.blocked is None and self._block_reason and result.queued:
             result.blocked = self._block_reason
         summary = {

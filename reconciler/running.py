@@ -49,7 +49,12 @@ async def run_sync(settings: Settings, console: Console) -> bool:
         try:
             async with api_settings(settings) as s:
                 key = s.require_key()
-                async with MusicAPI(s.api_url, key, timeout=s.request_timeout) as api:
+                async with MusicAPI(
+                    s.api_url,
+                    key,
+                    timeout=s.request_timeout,
+                    max_requests_per_second=s.max_requests_per_second,
+                ) as api:
                     rec = Reconciler(s, ledger, api)
                     result = await _converge_with_progress(rec, console)
         finally:

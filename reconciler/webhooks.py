@@ -6,28 +6,38 @@ Where it sits: beside the daemon loop. Each submitted item carries its own
 submit's answer, and with it the task id, was lost. The receiver is a
 Starlette app served by uvicorn in the daemon's event loop.
 
+The batch-level ``webhook_url`` (``<public_url>/hook``) names no
+generation; such a callback is matched by what its body names.
+
 A request is checked in this order, cheapest first, and anything that fails
 gets 401 or 413, a ``webhook.rejected`` log line with a stable ``reason``, and
 changes nothing:
 
 1. size: ``Content-Length`` over ``max_body`` → 413 before reading; the
    stream is counted too (chunked bodies have no length) → 413;
-2. headers: ``X-Webhook-Timestamp`` and ``X-Webhook-Signature`` present;
-3. time: the timestamp within ``tolerance`` seconds of now (either way);
-4. signature: HMAC-SHA256 of ``<timestamp>.<raw body>``, compared in constant time;
+2. headers: ``X-Webhook-Timestamp`` and ``X-Webhook-Signature`` present, or
+   an older deployment's ``X-Signature`` alone;
+3. time: the timestamp within ``tolerance`` seconds of now (either way); the
+   older scheme carries no timestamp, so only the replay check guards it;
+4. signature: HMAC-SHA256 of ``<timestamp>.<raw body>`` (older scheme: of the
+   raw body), compared in constant time;
 5. replay: a delivery already taken (same ``X-Webhook-Id``, or the same
    signature under a new id) is answered 200 and ignored. The service retries
    deliveries it thinks failed and may send duplicates; 200 stops that, and
    a 4xx would only make it retry.
 
-A verified callback is queued as a :class:`Hint` (fingerprint, task id) and
-wakes the daemon; the body's clip data is never used. The daemon applies the
+A verified callback is queued as a :class:`Hint` (the fingerprint from the
+URL, the task id and clip ids found anywhere in the body: the documented body
+carries no top-level ``task_id``) and wakes the daemon; the body's clip data
+is never used as a fact. The daemon applies the
 hints to the ledger between passes (:func:`apply_hints`), never during one: a
 pass holds ledger reads across awaits (a batch poll in flight would
 overwrite a "poll now" written under it), and one writer at a time keeps that
 simple. Applying means: a known task's batch is polled now; an unknown task
-of a generation whose submit answer was lost is claimed (then polled). The
-poll is the truth.
+of a generation whose submit answer was lost is claimed (then polled); a
+callback that names no task for a lost submit marks it paid (it is never sent
+again on its own); a callback that names nothing known polls every open batch
+now. The poll is the truth.
 """
 
 from __future__ import annotations
@@ -73,10 +83,15 @@ GRACEFUL_SECONDS = 1
 
 @dataclass(frozen=True)
 class Hint:
-    """A verified callback: something happened to ``task_id`` of ``fingerprint``."""
+    """A verified callback: something happened to ``task_id`` of ``fingerprint``.
 
-    fingerprint: str
-    task_id: str
+    Either may be unknown: the batch-level URL names no fingerprint, and the
+    documented body names no task, only its clips.
+    """
+
+    fingerprint: str | None
+    task_id: str | None
+    clip_ids: tuple[str, ...] = ()
 
 
 class _Rejection(Exception):
@@ -86,9 +101,11 @@ class _Rejection(Exception):
         self.reason = reason
 
 
-def signature(secret: str, timestamp: str, body: bytes) -> str:
-    """The hex HMAC-SHA256 the service sends as ``X-Webhook-Signature: sha256=<hex>``."""
-    msg = f"{timestamp}.".encode() + body
+def signature(secret: str, timestamp: str | None, body: bytes) -> str:
+    """The hex HMAC-SHA256 the service sends as ``X-Webhook-Signature: sha256=<hex>``
+    (of ``<timestamp>.<body>``), or, with no timestamp, as the older ``X-Signature``
+    (of the body alone)."""
+    msg = body if timestamp is None else f"{timestamp}.".encode() + body
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
@@ -112,7 +129,12 @@ class WebhookReceiver:
         self.log = structlog.get_logger("reconciler")
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[Hint, None] = {}
-        self.app = Starlette(routes=[Route("/hook/{fingerprint}", self._handle, methods=["POST"])])
+        self.app = Starlette(
+            routes=[
+                Route("/hook", self._handle, methods=["POST"]),
+                Route("/hook/{fingerprint}", self._handle, methods=["POST"]),
+            ]
+        )
 
     def drain(self) -> list[Hint]:
         """The hints queued since the last call, oldest first."""
@@ -121,10 +143,10 @@ class WebhookReceiver:
         return hints
 
     async def _handle(self, request: Request) -> Response:
-        fingerprint = request.path_params["fingerprint"]
+        fingerprint: str | None = request.path_params.get("fingerprint")
         webhook_id = request.headers.get("x-webhook-id", "")
         try:
-            if not _FINGERPRINT.match(fingerprint):
+            if fingerprint is not None and not _FINGERPRINT.match(fingerprint):
                 raise _Rejection(404, "unknown_path")
             body = await self._read_body(request)
             sig = self._verify(request, body)
@@ -133,7 +155,7 @@ class WebhookReceiver:
                 "webhook.rejected",
                 reason=rej.reason,
                 status=rej.status,
-                fingerprint=fingerprint[:64],
+                fingerprint=(fingerprint or "")[:64],
                 webhook_id=webhook_id[:64],
                 peer=request.client.host if request.client else None,
             )
@@ -142,17 +164,13 @@ class WebhookReceiver:
         if any(k in self._seen for k in keys):
             self.log.info("webhook.duplicate", fingerprint=fingerprint, webhook_id=webhook_id[:64])
             return JSONResponse({"status": "duplicate"})
-        task_id = _task_id(body)
-        if task_id is None:
-            # Signed by the service but not a shape we can use: acknowledged so
-            # it is not retried, and the next scheduled poll finds the truth.
-            self.log.warning(
-                "webhook.unusable", fingerprint=fingerprint, webhook_id=webhook_id[:64]
-            )
-        elif len(self._pending) >= MAX_PENDING:
+        task_id, clip_ids = _named(body)
+        if len(self._pending) >= MAX_PENDING:
             self.log.warning("webhook.dropped", fingerprint=fingerprint, task_id=task_id)
         else:
-            self._pending[Hint(fingerprint, task_id)] = None
+            # Even a body that names nothing is worth a hint: it says that
+            # something finished, so the open batches are polled now.
+            self._pending[Hint(fingerprint, task_id, clip_ids)] = None
             self.log.info(
                 "webhook.received",
                 fingerprint=fingerprint,
@@ -184,6 +202,9 @@ class WebhookReceiver:
         """Check timestamp and signature; returns the verified signature."""
         timestamp = request.headers.get("x-webhook-timestamp")
         given = request.headers.get("x-webhook-signature")
+        older = request.headers.get("x-signature")
+        if older and not given and not timestamp:
+            return self._verify_older(older, body)
         if not timestamp or not given:
             raise _Rejection(401, "missing_headers")
         if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
@@ -199,48 +220,97 @@ class WebhookReceiver:
             raise _Rejection(401, "bad_signature")
         return expected
 
+    def _verify_older(self, given: str, body: bytes) -> str:
+        """The older deployment's ``X-Signature``: HMAC-SHA256 of the raw body, hex,
+        with or without a ``sha256=`` prefix. It has no timestamp to check."""
+        scheme, sep, digest = given.strip().rpartition("=")
+        if sep and scheme.lower() != "sha256":
+            raise _Rejection(401, "bad_signature")
+        expected = signature(self.settings.secret.get_secret_value(), None, body)
+        if not hmac.compare_digest(expected.encode(), digest.lower().encode("latin-1")):
+            raise _Rejection(401, "bad_signature")
+        return expected
 
-def _task_id(body: bytes) -> str | None:
-    """The top-level ``task_id`` of a finished-task body, read leniently."""
+
+def _an_id(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value if isinstance(value, str) and _TASK_ID.match(value) else None
+
+
+def _named(body: bytes) -> tuple[str | None, tuple[str, ...]]:
+    """The task id and clip ids a callback body names, read leniently.
+
+    The task id may sit at the top level, inside ``data`` as an object, or on
+    the clips; clip ids let a body without any task id still name its task.
+    """
     try:
         data: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None
-    task_id = data.get("task_id") if isinstance(data, dict) else None
-    if isinstance(task_id, str) and _TASK_ID.match(task_id):
-        return task_id
-    return None
+        return None, ()
+    if not isinstance(data, dict):
+        return None, ()
+    inner = data.get("data")
+    clips = inner if isinstance(inner, list) else [inner] if isinstance(inner, dict) else []
+    places = [data, *(c for c in clips if isinstance(c, dict))]
+    task_id = next(
+        (
+            found
+            for place in places
+            for key in ("task_id", "taskId")
+            if (found := _an_id(place.get(key))) is not None
+        ),
+        None,
+    )
+    clip_ids = tuple(
+        found for c in clips if isinstance(c, dict) and (found := _an_id(c.get("clip_id")))
+    )
+    return task_id, clip_ids
 
 
 def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
     """Turn hints into "poll now" in the ledger; returns how many changed something.
 
-    A task the ledger knows has its batch (or itself) polled now. A task it
-    does not know is claimed when its generation is waiting on a lost submit
-    answer (``unknown``): the callback proves the task exists and is paid
-    for. A task naming another fingerprint than its URL is refused: the
-    signature covers the body, not the URL.
+    A task the ledger knows (by id, or by a clip id an earlier poll recorded)
+    has its batch (or itself) polled now. A task it does not know is claimed
+    when its generation is waiting on a lost submit answer (``unknown``): the
+    callback proves the task exists and is paid for. A callback for such a
+    generation that names no task marks it paid, so it is never sent again on
+    its own. A task naming another fingerprint than its URL is refused: the
+    signature covers the body, not the URL. Whatever names nothing known polls
+    the open batches now.
     """
     log = structlog.get_logger("reconciler")
     changed = 0
     for hint in hints:
-        ref = ledger.task_ref(hint.task_id)
+        task_id = hint.task_id or next(
+            (t for c in hint.clip_ids if (t := ledger.task_of_clip(c)) is not None), None
+        )
+        ref = ledger.task_ref(task_id) if task_id else None
         if ref is not None:
-            if ref.fingerprint != hint.fingerprint:
+            if hint.fingerprint is not None and ref.fingerprint != hint.fingerprint:
                 log.warning(
                     "webhook.mismatch",
                     fingerprint=hint.fingerprint,
-                    task_id=hint.task_id,
+                    task_id=task_id,
                     task_fingerprint=ref.fingerprint,
                 )
                 continue
             ledger.wake(ref.batch_id, ref.task_id)
             changed += 1
-        elif ledger.claim(hint.fingerprint, hint.task_id, now):
-            log.warning("webhook.claimed", fingerprint=hint.fingerprint, task_id=hint.task_id)
+            continue
+        if hint.fingerprint is not None and task_id is not None:
+            if ledger.claim(hint.fingerprint, task_id, now):
+                log.warning("webhook.claimed", fingerprint=hint.fingerprint, task_id=task_id)
+                changed += 1
+                continue
+        elif hint.fingerprint is not None and ledger.paid_hint(hint.fingerprint):
+            log.warning("webhook.paid_unnamed", fingerprint=hint.fingerprint)
             changed += 1
-        else:
-            log.info("webhook.ignored", fingerprint=hint.fingerprint, task_id=hint.task_id)
+        # Nothing known: something finished somewhere, and the polls find it.
+        woken = ledger.wake_open()
+        log.info("webhook.unmatched", fingerprint=hint.fingerprint, task_id=task_id, woken=woken)
+        changed += bool(woken)
     return changed
 
 

@@ -20,6 +20,7 @@ from reconciler.planning import (
     diff,
     due_submissions,
     fingerprint,
+    match_orphan,
     poll_cohorts,
 )
 from reconciler.specs import SpecFile, TrackSpec
@@ -368,26 +369,73 @@ def test_backoff_is_capped_exponential_with_jitter_and_honours_retry_after(
 
 
 @pytest.mark.parametrize(
-    ("spent", "budget", "balance", "n", "why"),
+    ("spent", "budget", "balance", "run", "max_credits", "n", "limit"),
     [
-        (0, None, None, None, None),
-        (0, 150, None, 10, "daily budget"),
-        (150, 150, None, 0, "daily budget"),
-        (0, None, 44, 2, "balance"),
-        (0, 3000, 30, 2, "balance"),
-        (2990, 3000, 1000, 0, "daily budget"),
+        (0, None, None, 0, None, None, None),
+        (0, 150, None, 0, None, 10, "budget"),
+        (150, 150, None, 0, None, 0, "budget"),
+        (0, None, 44, 0, None, 2, "balance"),
+        (0, 3000, 30, 0, None, 2, "balance"),
+        (2990, 3000, 1000, 0, None, 0, "budget"),
+        # --max-credits counts this run only; the tightest ceiling binds.
+        (900, 3000, 1000, 30, 60, 2, "run"),
+        (900, 3000, 1000, 60, 60, 0, "run"),
+        (0, None, None, 0, 14, 0, "run"),
+        (0, 45, None, 0, 1000, 3, "budget"),
     ],
 )
 def test_affordable_tasks(
-    spent: int, budget: int | None, balance: int | None, n: int | None, why: str | None
+    spent: int,
+    budget: int | None,
+    balance: int | None,
+    run: int,
+    max_credits: int | None,
+    n: int | None,
+    limit: str | None,
 ) -> None:
-    got, reason = affordable_tasks(spent_today=spent, daily_budget=budget, balance=balance)
-    assert got == n
-    if why is None:
-        assert reason is None
-    else:
-        assert reason is not None
-        assert why in reason
+    got = affordable_tasks(
+        spent_today=spent,
+        daily_budget=budget,
+        balance=balance,
+        spent_in_run=run,
+        max_credits=max_credits,
+    )
+    assert got.tasks == n
+    assert got.limit == limit
+    assert (got.reason is None) == (limit is None)
+
+
+ECHO_CANDIDATES = {
+    "a": {"custom_mode": False, "mv": "sonic-v5", "gpt_description_prompt": "lofi rain"},
+    "b": {"custom_mode": False, "mv": "sonic-v5", "gpt_description_prompt": "lofi sun"},
+    # A variant of "a": the same request, so either item may take the task.
+    "c": {"custom_mode": False, "mv": "sonic-v5", "gpt_description_prompt": "lofi rain"},
+    "d": {"custom_mode": True, "mv": "sonic-v4", "prompt": "[Verse]\nla la", "title": "La"},
+}
+
+
+@pytest.mark.parametrize(
+    ("echo", "owner"),
+    [
+        ({"mv": "sonic-v5", "gpt_description_prompt": "lofi sun"}, "b"),
+        ({"mv": "sonic-v5", "gpt_description_prompt": "lofi rain "}, "a"),
+        ({"mv": "sonic-v4", "lyrics": "[Verse]\nla la", "gpt_description_prompt": ""}, "d"),
+        # Nothing echoed, a model that differs, or a prompt no item has: no owner.
+        ({}, None),
+        ({"mv": "sonic-v4", "gpt_description_prompt": "lofi sun"}, None),
+        ({"mv": "sonic-v5", "gpt_description_prompt": "jazz"}, None),
+    ],
+)
+def test_match_orphan_only_when_certain(echo: dict[str, str], owner: str | None) -> None:
+    assert match_orphan(ECHO_CANDIDATES, echo) == owner
+
+
+def test_match_orphan_refuses_two_distinct_requests() -> None:
+    twins = {
+        "x": {"custom_mode": True, "mv": "sonic-v4", "prompt": "la", "title": "One"},
+        "y": {"custom_mode": True, "mv": "sonic-v4", "prompt": "la", "title": "Two"},
+    }
+    assert match_orphan(twins, {"mv": "sonic-v4", "lyrics": "la"}) is None
 
 
 def batch(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -359,6 +360,36 @@ def test_batches_sent_together_are_probed_until_one_shows_progress(project: Proj
     assert stats["batch_submit_calls"] == 5
     assert project.status()["summary"]["ready"] == 50
     assert 5 <= stats["batch_polls"] <= math.ceil(1.5 / 0.3) + 1 + 4, stats["batch_polls"]
+
+
+def test_the_quick_start_loop_converges_after_an_edit(tmp_path: Path) -> None:
+    """`sync --sandbox`, edit a prompt, `sync --sandbox` again: each start brings up
+    a new in-process sandbox, whose ids must never be mistaken for the old ones."""
+    root = tmp_path / "quick"
+    shutil.copytree(Path(__file__).parent.parent / "specs", root / "specs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSICAPI", "RECONCILER"))}
+
+    def sync() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler", "sync", "--sandbox"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    first = sync()
+    assert first.returncode == 0, first.stderr[-2000:]
+    study = root / "specs" / "study-session.yaml"
+    study.write_text(study.read_text().replace("warm vinyl crackle", "soft rain on glass", 1))
+    second = sync()
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "converged" in second.stderr
+    report = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "reconciler", "status", "--json"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=60, check=False,
+        ).stdout
+    )  # fmt: skip
+    assert report["summary"]["ready"] == report["summary"]["tracks"]
+    assert report["possible_double_spend"] == 0
 
 
 def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def test_a_verified_callback_is_queued_as_a_hint(harness: Harness, logs: list[An
     r = harness.post(body("task-1"))
     assert r.status_code == 200
     assert r.json() == {"status": "accepted"}
-    assert harness.receiver.drain() == [Hint(FP, "task-1")]
+    assert harness.receiver.drain() == [Hint(FP, "task-1", ("c1",))]
     assert harness.receiver.drain() == []
     assert harness.woken == 1
     assert [e["event"] for e in logs] == ["webhook.received"]
@@ -207,7 +207,7 @@ def test_oversized_bodies_get_413_before_anything_else(
     assert len(at_limit) == 2048
     assert harness.post(at_limit).status_code == 200
     assert rejections(logs) == ["too_large", "too_large"]
-    assert harness.receiver.drain() == [Hint(FP, "task-1")]
+    assert harness.receiver.drain() == [Hint(FP, "task-1", ("c1",))]
 
 
 def test_replays_are_acknowledged_and_ignored(harness: Harness, logs: list[dict[str, Any]]) -> None:
@@ -219,7 +219,7 @@ def test_replays_are_acknowledged_and_ignored(harness: Harness, logs: list[dict[
     # A copy under a new id carries the same signature: still a replay.
     harness.now -= 5
     assert harness.post(raw, webhook_id="wh-other").json()["status"] == "duplicate"
-    assert harness.receiver.drain() == [Hint(FP, "task-1")]
+    assert harness.receiver.drain() == [Hint(FP, "task-1", ("c1",))]
     assert harness.woken == 1
     assert [e["event"] for e in logs].count("webhook.duplicate") == 2
 
@@ -231,15 +231,37 @@ def test_a_forged_request_cannot_burn_a_real_delivery_id(harness: Harness) -> No
 
 
 @pytest.mark.parametrize(
-    "payload",
-    [b"not json", b"[1, 2]", b'{"data": []}', b'{"task_id": 7}', b'{"task_id": "a b"}'],
+    ("payload", "task_id", "clip_ids"),
+    [
+        (b"not json", None, ()),
+        (b"[1, 2]", None, ()),
+        (b'{"data": []}', None, ()),
+        (b'{"task_id": "a b"}', None, ()),
+        (b'{"task_id": 7}', "7", ()),
+        # The documented body: no top-level task id, only clips.
+        (b'{"code": 200, "data": [{"clip_id": "c9", "state": "succeeded"}]}', None, ("c9",)),
+        (b'{"code": 200, "data": [{"clip_id": "c9", "task_id": "t9"}]}', "t9", ("c9",)),
+        (b'{"code": 200, "data": {"task_id": "t8", "clip_id": "c8"}}', "t8", ("c8",)),
+    ],
 )
-def test_verified_but_unusable_bodies_are_acknowledged_without_a_hint(
-    harness: Harness, logs: list[dict[str, Any]], payload: bytes
+def test_every_verified_body_becomes_a_hint_with_what_it_names(
+    harness: Harness, payload: bytes, task_id: str | None, clip_ids: tuple[str, ...]
 ) -> None:
+    # Even a body naming nothing says something finished: the open batches
+    # are polled now.
     assert harness.post(payload).status_code == 200
-    assert harness.receiver.drain() == []
-    assert [e["event"] for e in logs] == ["webhook.unusable"]
+    assert harness.receiver.drain() == [Hint(FP, task_id, clip_ids)]
+
+
+def test_the_batch_level_url_and_the_older_signature_are_accepted(harness: Harness) -> None:
+    raw = body("task-2")
+    older = {"X-Signature": signature(SECRET, None, raw)}
+    assert harness.request("POST", "/hook", raw, older).json()["status"] == "accepted"
+    assert harness.receiver.drain() == [Hint(None, "task-2", ("c1",))]
+    forged = {"X-Signature": signature("guessed", None, raw)}
+    assert harness.request("POST", "/hook", raw, forged).status_code == 401
+    # The older scheme has no timestamp: a replay is caught by its signature.
+    assert harness.request("POST", "/hook", raw, older).json()["status"] == "duplicate"
 
 
 def test_only_the_hook_route_answers(harness: Harness) -> None:
@@ -296,7 +318,7 @@ def test_apply_hints_claims_lost_answers_and_wakes_known_batches(ledger: Ledger)
     assert ref.fingerprint == lost
     assert [t.task_id for t in ledger.due_single_tasks(NOW)] == ["task-l"]
     events = [e["event"] for e in logs]
-    assert events == ["webhook.claimed", "webhook.mismatch", "webhook.ignored"]
+    assert events == ["webhook.claimed", "webhook.mismatch", "webhook.unmatched"]
     # A second callback for the claimed task is an ordinary wake, not a second claim.
     assert apply_hints(ledger, [Hint(lost, "task-l")], NOW) == 1
 
