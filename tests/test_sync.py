@@ -12,13 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reconciler.outputs import probe_audio
 from reconciler.sandbox import SandboxControl
-from tests.project import Project, track, wait_until
+from tests.project import FAST_CONFIG, Project, track, wait_until
 
 
 @pytest.fixture
@@ -388,3 +390,44 @@ def test_the_quick_start_loop_converges_after_an_edit(tmp_path: Path) -> None:
     )  # fmt: skip
     assert report["summary"]["ready"] == report["summary"]["tracks"]
     assert report["possible_double_spend"] == 0
+
+
+def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+
+
+def test_sync_on_an_untouched_folder_reads_every_file_at_once(project: Project) -> None:
+    # A window longer than the CLI's timeout: had sync waited for it, it would not finish.
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 600"))
+    three_soundtracks(project)
+    hour_ago = time.time() - 3600
+    for path in project.specs.iterdir():
+        os.utime(path, (hour_ago, hour_ago))
+    events = log_events(project.sync())
+    assert [e for e in events if e["event"] == "spec.settling"] == []
+    assert project.stats()["tasks_created"] == 23
+
+
+def test_sync_waits_out_the_window_of_a_file_just_written(project: Project) -> None:
+    # Longer than the CLI takes to start, so the file is young at its first pass.
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 4"))
+    project.write_spec("study.yaml", [track("focus", "lofi beats")])
+    events = [e["event"] for e in log_events(project.sync())]
+    assert events.count("spec.settling") == 1
+    # Held back on the first pass, read when the window ended: one wait, not a busy loop.
+    assert events[: events.index("batch.submitted")].count("pass.completed") <= 3
+    assert project.stats()["tasks_created"] == 1
+
+
+def test_plan_reads_settling_files_as_they_are_and_notes_them(project: Project) -> None:
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 600"))
+    project.write_spec("new.yaml", [track("a", "harp")])
+    old = project.write_spec("old.yaml", [track("b", "oboe")])
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    proc = project.cli("plan", "--json")
+    assert proc.returncode == 2, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["settling"] == ["new.yaml"]
+    assert sorted(t for item in report["submit"] for t in item["tracks"]) == ["new/a", "old/b"]
+    assert "settling  new.yaml" in project.cli("plan").stdout
