@@ -321,10 +321,13 @@ def test_status_answers_while_sync_writes(project: Project) -> None:
     project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(15)])
     proc = subprocess.Popen(project.args("sync"), env=project.env(), stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: project.stats()["batch_submit_calls"] >= 2, 30, "both batches")
-        report = project.status()
-        assert report["summary"]["generating"] == 15
-        assert report["batches_in_flight"] == 2
+        # The sandbox counts a submit when it arrives, the ledger when its
+        # answer does: wait for status itself to see both batches in flight.
+        def both_in_flight() -> bool:
+            report = project.status()
+            return report["batches_in_flight"] == 2 and report["summary"]["generating"] == 15
+
+        wait_until(both_in_flight, 30, "status to show both batches in flight")
     finally:
         assert proc.wait(timeout=60) == 0
 
