@@ -324,7 +324,10 @@ def test_status_answers_while_sync_writes(project: Project) -> None:
         # The sandbox counts a submit when it arrives, the ledger when its
         # answer does: wait for status itself to see both batches in flight.
         def both_in_flight() -> bool:
-            report = project.status()
+            proc = project.cli("status", "--json")
+            if not proc.stdout:  # no ledger yet: sync has only just started
+                return False
+            report = json.loads(proc.stdout)
             return report["batches_in_flight"] == 2 and report["summary"]["generating"] == 15
 
         wait_until(both_in_flight, 30, "status to show both batches in flight")
