@@ -114,6 +114,8 @@ class Settings:
     sandbox: bool = False
     models: tuple[str, ...] = DEFAULT_MODELS
     batch_size: int = 10
+    #: Seconds a burst of saves may share batches, and how long a spec file must
+    #: stay unchanged (size, mtime, content) before a pass reads it.
     batch_window: float = 2.0
     max_in_flight: int = 200
     daily_budget: int | None = None

@@ -8,6 +8,8 @@ next reason to run another. The reasons:
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
 - a file in the specs folder changed, plus the batching window, so a burst
   of saves shares batches (law 3);
+- a spec file that was still changing has been unchanged for the batching
+  window (``PassResult.settle_at``): it is read then, with no new file event;
 - a verified webhook arrived (webhooks.py), plus a short window, so the ten
   callbacks of one batch cost one poll;
 - the periodic full rescan (``rescan_interval``), and SIGHUP.
@@ -115,6 +117,8 @@ def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
     ]
     if result.invalid_files:
         parts.append(f"{result.invalid_files} invalid file(s)")
+    if result.settling:
+        parts.append(f"{result.settling} file(s) still changing")
     if result.blocked:
         parts.append(f"paused: {result.blocked}")
     parts.append(f"last pass {max(0, round(now - last_pass_at))}s ago")
@@ -181,7 +185,12 @@ class Daemon:
                 async with api_settings(self.settings) as s:
                     self.settings = s
                     key = s.require_key()
-                    async with MusicAPI(s.api_url, key, timeout=s.request_timeout) as api:
+                    async with MusicAPI(
+                        s.api_url,
+                        key,
+                        timeout=s.request_timeout,
+                        max_requests_per_second=s.max_requests_per_second,
+                    ) as api:
                         self.rec = Reconciler(s, ledger, api)
                         await self._serve(ledger)
             finally:
@@ -265,15 +274,20 @@ class Daemon:
         if result.changed and result.in_flight and quick_ok:
             # Something moved: look again at once, results often come in bunches.
             return now
+        settled = math.inf
+        if result.settle_at is not None:
+            # Not held back by the floor below: the file is read the moment
+            # its window ends. No busy loop: each window ends once.
+            settled = now + max(0.0, result.settle_at - time.time())
         if result.next_due is None:
-            return math.inf
+            return settled
         delay = result.next_due - time.time()
         if not result.changed:
             # Due now but not done by this pass: a queued generation the pass
             # could not submit (paused, budget, in-flight cap). Waiting a poll
             # interval keeps that from turning into a busy loop.
             delay = max(delay, self.settings.poll_interval)
-        return now + max(0.0, delay)
+        return min(settled, now + max(0.0, delay))
 
     async def _run_pass(self) -> PassResult | None:
         """One pass as a task, so a stop can give it a grace period and then cancel it."""

@@ -32,6 +32,11 @@ from reconciler.specs import SpecFile, TrackSpec
 
 Clock = Callable[[], float]
 
+#: An unknown generation none of whose submit's orphan tasks is still being read.
+_NOT_MATCHING = (
+    "(submit_id IS NULL OR submit_id NOT IN (SELECT submit_id FROM orphans WHERE state = 'open'))"
+)
+
 #: Why a generation whose submit answers were lost waits for a person.
 LOST_ANSWER_PARK = (
     "submit answer lost; the service may already have created (and charged) this "
@@ -520,6 +525,7 @@ class Ledger:
         poll_at: float,
         unconfirmed: Mapping[str, str] | None = None,
         orphans: Sequence[str] = (),
+        submitted: int | None = None,
     ) -> list[str]:
         """Record a submit's answer at once: task ids, parked and requeued items.
 
@@ -527,7 +533,9 @@ class Ledger:
         ``requeue`` fingerprint → (next attempt time, reason);
         ``parked`` fingerprint → the API's reason; ``unconfirmed`` items the
         answer did not account for are treated like an ambiguous submit, and
-        ``orphans`` are task ids it named without saying whose.
+        ``orphans`` are task ids it named without saying whose; ``submitted``
+        is how many items the service says it accepted, which bounds how many
+        of the unknown items can have been charged.
 
         Ids are not trusted blindly: a task id the ledger already holds for
         another generation, or a batch id it already knows, is never attached
@@ -573,9 +581,13 @@ class Ledger:
                         [task_id, submit_id, batch_id, now, poll_at],
                     )
                     self._event("task.orphan", task_id=task_id, submit_id=submit_id)
+            attributed = len(accepted) - sum(fp in unknown for fp in accepted)
+            unsettled = len(unknown)
+            if submitted is not None:
+                unsettled = min(unsettled, max(0, submitted - attributed))
             self.db.execute(
                 "UPDATE submits SET state = 'answered', batch_id = ?, unsettled = ? WHERE id = ?",
-                [batch_id, len(unknown), submit_id],
+                [batch_id, unsettled, submit_id],
             )
         return collisions
 
@@ -702,19 +714,38 @@ class Ledger:
         if self._task_owner(task_id) is not None:
             return False
         with self.transaction():
-            self._settle(fingerprint)
+            self._settle(fingerprint, now)
             self._task_started(fingerprint, task_id, batch_id, None, now, poll_at)
             self.db.execute("DELETE FROM orphans WHERE task_id = ?", [task_id])
             self._event("submit.claimed", fingerprint=fingerprint, task_id=task_id)
         return True
 
-    def _settle(self, fingerprint: str) -> None:
-        """A possibly charged item of the generation's last submit is now a known task."""
+    def _settle(self, fingerprint: str, now: float) -> None:
+        """A possibly charged item of the generation's last submit is now a known task.
+
+        When that leaves nothing of the submit unaccounted for, its other
+        unknown items cannot have been created: they go out again at no risk.
+        """
+        row = self.db.execute(
+            "SELECT submit_id FROM generations WHERE fingerprint = ?", [fingerprint]
+        ).fetchone()
+        if row is None or row[0] is None:
+            return
         self.db.execute(
-            "UPDATE submits SET unsettled = unsettled - 1 WHERE unsettled > 0 AND id = "
-            "(SELECT submit_id FROM generations WHERE fingerprint = ?)",
-            [fingerprint],
+            "UPDATE submits SET unsettled = unsettled - 1 WHERE unsettled > 0 AND id = ?", [row[0]]
         )
+        left = self.db.execute(
+            "SELECT unsettled FROM submits WHERE id = ? AND state = 'answered'", [row[0]]
+        ).fetchone()
+        if left is not None and left[0] == 0:
+            for (other,) in self.db.execute(
+                "SELECT fingerprint FROM generations WHERE submit_id = ? AND state = 'unknown' "
+                "AND fingerprint != ?",
+                [row[0], fingerprint],
+            ).fetchall():
+                self._requeue(
+                    other, now, "not created: every task of its submit is accounted for", now
+                )
 
     def paid_hint(self, fingerprint: str) -> bool:
         """A signed callback proves a lost submit of ``fingerprint`` created a task
@@ -737,9 +768,11 @@ class Ledger:
         parked for a person. One a signed callback proved paid for stays.
         """
         now = self.clock()
+        # While tasks of its submit are still being matched, an item may be one
+        # of them: its grace period has not begun to matter.
         rows = self.db.execute(
-            "SELECT fingerprint, resubmits FROM generations WHERE state = 'unknown' "
-            "AND paid_hint = 0 AND updated_at <= ?",
+            "SELECT fingerprint, resubmits FROM generations WHERE state = 'unknown' "  # noqa: S608
+            f"AND paid_hint = 0 AND updated_at <= ? AND {_NOT_MATCHING}",
             [now - grace],
         ).fetchall()
         again = [fp for fp, n in rows if n < max_resubmits]
@@ -869,12 +902,12 @@ class Ledger:
         process), so a paused or spent-out pass is not due again at once.
         """
         rows = self.db.execute(
-            "SELECT min(next_poll) FROM batches WHERE open = 1 "
+            "SELECT min(next_poll) FROM batches WHERE open = 1 "  # noqa: S608 (a constant)
             "UNION ALL SELECT min(next_poll) FROM tasks WHERE next_poll IS NOT NULL AND "
             "(batch_id IS NULL OR batch_id NOT IN (SELECT batch_id FROM batches WHERE open = 1)) "
             "UNION ALL SELECT min(next_poll) FROM orphans WHERE state = 'open' "
             "UNION ALL SELECT min(updated_at) + ? FROM generations "
-            "WHERE state = 'unknown' AND paid_hint = 0",
+            f"WHERE state = 'unknown' AND paid_hint = 0 AND {_NOT_MATCHING}",
             [ambiguous_grace],
         ).fetchall()
         times = [r[0] for r in rows if r[0] is not None]
@@ -1043,8 +1076,16 @@ class Ledger:
         }
         return all(stored.get(c.clip_id) == (c.state, c.audio_url) for c in update.clips)
 
-    def task_lost(self, task_id: str, requeue_at: float, reason: str) -> None:
-        """The service no longer knows a task (404): its generation goes out again."""
+    def task_lost(
+        self, task_id: str, requeue_at: float, reason: str, *, max_resubmits: int
+    ) -> None:
+        """The service says it does not know a task it handed out (404).
+
+        The task was charged and may still exist (a 404 can be wrong), so
+        sending the generation again is possible double spend: it is counted,
+        and held to the same allowance as a lost submit answer; past it the
+        generation waits for a person.
+        """
         now = self.clock()
         ref = self.task_ref(task_id)
         if ref is None:
@@ -1053,7 +1094,25 @@ class Ledger:
             self.db.execute(
                 "UPDATE tasks SET state = 'lost', next_poll = NULL WHERE task_id = ?", [task_id]
             )
+            row = self.db.execute(
+                "SELECT resubmits, task_id FROM generations WHERE fingerprint = ?",
+                [ref.fingerprint],
+            ).fetchone()
+            if row is None or row[1] != task_id:
+                return  # an older task of a generation that has moved on
+            if row[0] >= max_resubmits:
+                self._park(
+                    ref.fingerprint,
+                    f"task {task_id} unknown to the service; {LOST_ANSWER_PARK}",
+                    now,
+                )
+                return
             self._requeue(ref.fingerprint, requeue_at, reason, now)
+            self.db.execute(
+                "UPDATE generations SET possible_double = possible_double + 1, "
+                "resubmits = resubmits + 1 WHERE fingerprint = ?",
+                [ref.fingerprint],
+            )
 
     def abandon_task(self, task_id: str, *, requeue_at: float | None, reason: str) -> None:
         """Give up on a task that never finishes: requeue (flagged) or park its generation."""
@@ -1108,7 +1167,8 @@ class Ledger:
                 cur = self.db.execute(
                     # Sending a lost-answer item again may pay twice: counted.
                     "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
-                    "possible_double = possible_double + (reason = ?), resubmits = 0, "
+                    "possible_double = possible_double + (instr(coalesce(reason, ''), ?) > 0), "
+                    "resubmits = 0, "
                     "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
                     [LOST_ANSWER_PARK, now, fp],
                 )

@@ -5,8 +5,8 @@ Where it sits in the flow: plan → **submit** → **track (poll/webhook)** →
 requests ten at a time (:meth:`MusicAPI.submit_batch`, or :meth:`MusicAPI.create`
 when the deployment has no batch endpoint), follows them with
 :meth:`MusicAPI.poll_batch` / :meth:`MusicAPI.poll_task`, and fetches finished
-clips with :meth:`MusicAPI.download`. The wire format is described in
-``shared/musicapi-protocol.md``.
+clips with :meth:`MusicAPI.download`. The wire format, and which parts of it
+the public documentation leaves open, is described in ``docs/protocol.md``.
 
 What this module promises its callers:
 
@@ -22,9 +22,13 @@ What this module promises its callers:
   exponential backoff and jitter, honouring ``Retry-After`` (via stamina).
 * The API key goes into the Authorization header of API calls and nowhere else:
   not into ``repr``, messages, logs, or requests to other hosts (law 10).
-* Answers are read leniently (the protocol's tolerance rules); a 2xx body that
-  cannot be read at all is a temporary error for a GET and an ambiguous one for
-  a submit.
+* Answers are read leniently: every plausible shape of the partly documented
+  batch answers is understood (:func:`read_batch_results`,
+  :func:`read_batch_poll`), an item is only matched to a task when that is
+  certain, and what stays uncertain is returned as such (:class:`Unconfirmed`,
+  orphan task ids, unread tasks) for the caller to hold, never to pay again.
+  A 2xx body that cannot be read at all is a temporary error for a GET and an
+  ambiguous one for a submit.
 """
 
 from __future__ import annotations
@@ -209,6 +213,8 @@ class BatchSubmission:
     orphans: tuple[str, ...] = ()
     """Task ids the answer names but that could not be matched to an item:
     created and charged, owner unknown (see :class:`Unconfirmed`)."""
+    submitted: int | None = None
+    """How many items the service says it accepted (charged), when it says so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,7 +517,17 @@ def read_batch_results(
     orphans = tuple(t for t in ids if t and t not in attributed)
     accepted = sum(isinstance(r, Accepted) for r in results)
     claimed = _an_id(submitted)
-    if claimed is not None and claimed.isdigit() and int(claimed) > accepted + len(orphans):
+    if claimed is not None and claimed.isdigit() and int(claimed) == accepted and not orphans:
+        # The service counts exactly the tasks we placed: an item it left out
+        # was not created (a refusal without its words), so it costs nothing
+        # to send it again.
+        results = [
+            Rejected(r.index, "left out", "left out of the answer, which counts it as not created")
+            if isinstance(r, Unconfirmed)
+            else r
+            for r in results
+        ]
+    elif claimed is not None and claimed.isdigit() and int(claimed) > accepted + len(orphans):
         # More were charged than we can see: a "rejected" item may be one of them.
         odd.add("fewer task ids than submitted")
         results = [
@@ -914,7 +930,10 @@ class MusicAPI:
                     orphans=[self._scrub(t) for t in orphans],
                     path="/sonic/batch",
                 )
-            return BatchSubmission(batch_id, results, orphans)
+            count = _an_id(body.get("submitted"))
+            return BatchSubmission(
+                batch_id, results, orphans, int(count) if count and count.isdigit() else None
+            )
 
         return await self._call(
             "POST", "/sonic/batch", "batch", "batch_submit", parse, json_body=payload

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,7 +65,7 @@ from reconciler.planning import (
     poll_cohorts,
     utc_day_start,
 )
-from reconciler.specs import SpecFile, SpecScan, scan_specs
+from reconciler.specs import Observation, Settling, SpecFile, SpecScan, scan_specs
 
 #: How often an upstream failure is retried before the fingerprint is parked.
 MAX_UPSTREAM_ATTEMPTS = 3
@@ -95,6 +95,10 @@ class PassResult:
     queued: int = 0
     parked: int = 0
     invalid_files: int = 0
+    #: Spec files still changing: their last good version stays in force meanwhile.
+    settling: int = 0
+    #: When the first of them may be read (the clock's time); also in ``next_due``.
+    settle_at: float | None = None
     output_failures: int = 0
     #: Tracks whose task returned fewer clips than they keep (written as far as they go).
     short: int = 0
@@ -106,7 +110,12 @@ class PassResult:
 
     @property
     def converged(self) -> bool:
-        return self.total > 0 and self.ready == self.total and self.invalid_files == 0
+        return (
+            self.total > 0
+            and self.ready == self.total
+            and self.invalid_files == 0
+            and not self.settling
+        )
 
     @property
     def changed(self) -> bool:
@@ -117,7 +126,7 @@ class PassResult:
     @property
     def stuck(self) -> bool:
         """Nothing can move without a person: no work in flight or scheduled."""
-        if self.converged or self.in_flight:
+        if self.converged or self.in_flight or self.settling:
             return False
         return not (self.queued and not self.blocked)
 
@@ -143,6 +152,8 @@ class Reconciler:
         self.cache = out.AudioCache(settings.state_dir / "cache")
         self.trash = out.Trash(settings.state_dir / "trash")
         self._last_good: dict[str, SpecFile] = ledger.last_good()
+        #: How each spec file looked at the last scan, to tell when it stops changing.
+        self._observed: Mapping[str, Observation] = {}
         self._batch_unsupported = bool(ledger.get("batch_unsupported"))
         self._submit_pause_until = 0.0
         self._block_reason: str | None = None
@@ -192,10 +203,16 @@ class Reconciler:
         now = self.clock()
         # Reading and parsing files is the slow part; SQLite stays on this thread.
         scan = await asyncio.to_thread(
-            scan_specs, self.settings.specs_dir, models=self.settings.models, reuse=self._last_good
+            scan_specs,
+            self.settings.specs_dir,
+            models=self.settings.models,
+            reuse=self._last_good,
+            settle=Settling(self._observed, now, self.settings.batch_window),
         )
         desired = self._apply_scan(scan)
-        result.invalid_files = len(self.scan.errors) if self.scan else 0
+        result.invalid_files = len(scan.errors)
+        result.settling = len(scan.settling)
+        result.settle_at = scan.settled_by
         again, parked = self.ledger.expire_unknown(
             self.settings.ambiguous_grace, self.settings.max_resubmits
         )
@@ -216,21 +233,27 @@ class Reconciler:
 
     def _apply_scan(self, scan: SpecScan) -> Desired:
         self.scan = scan
+        self._observed = scan.observed
+        errors = {p: str(e) for p, e in scan.errors.items()}
+        # A settling file is held like an invalid one (its last good version
+        # stays in force, nothing is pruned), and status shows why.
         removed = self.ledger.record_specs(
-            scan.files,
-            {p: str(e) for p, e in scan.errors.items()},
-            complete=scan.root_state == "ok",
+            scan.files, {**errors, **scan.settling}, complete=scan.root_state == "ok"
         )
         for path, err in scan.errors.items():
             # Report each problem once, not on every pass (law 12).
             if self._reported.get(path) != str(err):
                 for problem in err.problems:
                     self.log.warning("spec.invalid", problem=str(problem))
-        self._reported = {p: str(e) for p, e in scan.errors.items()}
+        for path, note in scan.settling.items():
+            if self._reported.get(path) != note:
+                self.log.info("spec.settling", path=path, window=self.settings.batch_window)
+        self._reported = {**errors, **scan.settling}
         last_good = dict(self._last_good)
         for p in removed:
             last_good.pop(p, None)
-        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
+        held = [*scan.errors, *scan.settling]
+        desired = desired_state(scan.files, held, scan.root_state, last_good)
         last_good.update(scan.files)
         self._last_good = last_good
         self.ledger.apply_desired(desired)
@@ -416,6 +439,7 @@ class Reconciler:
             parked,
             unconfirmed=unconfirmed,
             orphans=answer.orphans,
+            submitted=answer.submitted,
             poll_at=self.clock() + self.settings.poll_interval,
         )
         for what in collisions:
@@ -624,7 +648,12 @@ class Reconciler:
         except NotFoundError as exc:
             ref = self.ledger.task_ref(task_id)
             attempts = self.ledger.attempts([ref.fingerprint])[ref.fingerprint] if ref else 0
-            self.ledger.task_lost(task_id, self._retry_at(attempts), exc.message)
+            self.ledger.task_lost(
+                task_id,
+                self._retry_at(attempts),
+                exc.message,
+                max_resubmits=self.settings.max_resubmits,
+            )
             self.log.warning("task.unknown", task_id=task_id)
             return False
         except APIError as exc:
@@ -1037,7 +1066,8 @@ class Reconciler:
             if self._submit_waits_for_time and math.isfinite(self._submit_pause_until)
             else None
         )
-        result.next_due = self.ledger.next_due(self.settings.ambiguous_grace, submit_from)
+        due = [self.ledger.next_due(self.settings.ambiguous_grace, submit_from), result.settle_at]
+        result.next_due = min((t for t in due if t is not None), default=None)
         self._record_shapes()
         if result.blocked is None and self._block_reason and result.queued:
             result.blocked = self._block_reason

@@ -8,6 +8,7 @@ no lock, no writes and no API calls.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,7 +30,7 @@ from reconciler.planning import (
     held_by_suspension,
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
-from reconciler.specs import scan_specs
+from reconciler.specs import Settling, scan_specs
 
 
 @asynccontextmanager
@@ -55,7 +56,12 @@ async def run_sync(settings: Settings, console: Console) -> bool:
         try:
             async with api_settings(settings) as s:
                 key = s.require_key()
-                async with MusicAPI(s.api_url, key, timeout=s.request_timeout) as api:
+                async with MusicAPI(
+                    s.api_url,
+                    key,
+                    timeout=s.request_timeout,
+                    max_requests_per_second=s.max_requests_per_second,
+                ) as api:
                     rec = Reconciler(s, ledger, api)
                     result = await _converge_with_progress(rec, console)
         finally:
@@ -128,7 +134,12 @@ def make_plan(settings: Settings) -> dict[str, Any]:
     )
     try:
         last_good = ledger.last_good() if ledger else {}
-        scan = scan_specs(settings.specs_dir, models=settings.models, reuse=last_good)
+        # Every file is read as it is now; one written in the last batching
+        # window is only noted, since a pass would wait for it to settle.
+        settle = Settling({}, time.time(), settings.batch_window, hold=False)
+        scan = scan_specs(
+            settings.specs_dir, models=settings.models, reuse=last_good, settle=settle
+        )
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
@@ -166,6 +177,7 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         "credits": d.cost,
         "submit_calls": -(-len(d.submit) // 10),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
+        "settling": sorted(scan.settling),
         "specs_folder": scan.root_state,
         "changes": d.changes,
     }
@@ -188,6 +200,10 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]# held[/]    {', '.join(item['tracks'])}  (suspended)")
     for path, err in report["invalid_files"].items():
         console.print(f"[red]invalid[/]   {path}: {err}")
+    for path in report["settling"]:
+        console.print(
+            f"[yellow]settling[/]  {path}  (still changing: a pass reads it once it stops)"
+        )
     if report["specs_folder"] != "ok":
         console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
     suspended = report["suspended"]

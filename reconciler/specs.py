@@ -7,7 +7,8 @@ Data flows one way::
 
 This module owns the first arrow. It finds the candidate files under the specs
 folder, reads each one defensively (no symlinks out of the folder, no special
-or oversized files, no half-written files), parses YAML, TOML or JSON into
+or oversized files, no half-written files, and for a pass none that is still
+changing: see ``observe``), parses YAML, TOML or JSON into
 plain data with the line of every field, and validates that data with the
 MusicAPI's own rules. The result per file is a :class:`SpecFile` whose tracks
 carry the canonical create request that ``planning`` fingerprints. Every
@@ -31,7 +32,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -48,11 +49,15 @@ __all__ = [
     "DEFAULT_MODELS",
     "MAX_SPEC_BYTES",
     "SPEC_SUFFIXES",
+    "Look",
+    "Observation",
+    "Settling",
     "SpecFile",
     "SpecScan",
     "TrackSpec",
     "is_spec_candidate",
     "load_spec_file",
+    "observe",
     "parse_spec",
     "scan_specs",
 ]
@@ -155,6 +160,76 @@ class SpecScan:
     root_state: Literal["ok", "missing", "unreadable", "empty"]
     files: Mapping[str, SpecFile]
     errors: Mapping[str, SpecError]
+    #: Files still changing (see :class:`Settling`), with the note to show for each.
+    settling: Mapping[str, str] = field(default_factory=dict)
+    #: When the first of them may be read: the end of its window, on the scan's clock.
+    settled_by: float | None = None
+    #: How every file read looked, to pass as ``Settling.previous`` next time.
+    observed: Mapping[str, Observation] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Waiting for a file to stop changing
+
+
+@dataclass(frozen=True)
+class Look:
+    """What one read of a spec file shows: enough to tell that it changed."""
+
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A spec file's look, since when it has looked so, and when it was last read.
+
+    Times are on the clock of the scans; the file is stable once
+    ``since + window <= now``.
+    """
+
+    look: Look
+    since: float
+    seen: float
+
+
+def observe(previous: Observation | None, look: Look, now: float, window: float) -> Observation:
+    """The file's observation after reading ``look`` at ``now``.
+
+    A file that looks as it did keeps its ``since``. Otherwise its mtime is
+    believed when it is already ``window`` old and later than the last read
+    (or there was none): the file has not changed since, so a folder nobody
+    is writing to is read at once, and so is a file saved once, found by the
+    pass its save scheduled. The tools that set an old mtime on purpose
+    (``cp -p``, ``tar``, ``rsync -t``) set it after the last byte, so at
+    worst they make a changed file look older than our last read: then, as
+    for a young or future mtime, the window starts now.
+    """
+    if previous is not None and previous.look == look:
+        return replace(previous, seen=now)
+    modified = look.mtime_ns / 1e9
+    after_last_read = previous is None or modified > previous.seen
+    if after_last_read and now - modified >= window:
+        return Observation(look, modified, now)
+    return Observation(look, now, now)
+
+
+@dataclass(frozen=True)
+class Settling:
+    """Read a file only once it has stopped changing (paying for a half-written
+    prompt is paying twice): ``scan_specs`` holds back a file until it has
+    looked the same (size, mtime, content digest) for ``window`` seconds.
+
+    ``previous`` is the last scan's ``observed``; ``now`` the scan's time.
+    With ``hold`` False the settling files are read all the same and only
+    reported (``plan`` shows what the folder says now).
+    """
+
+    previous: Mapping[str, Observation]
+    now: float
+    window: float
+    hold: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +272,7 @@ def load_spec_file(
     """
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
-    data = _read_spec_bytes(root, rel, label)
+    data, _ = _read_spec_bytes(root, rel, label)
     return _parse(label, data, rel, models)[0]
 
 
@@ -206,8 +281,13 @@ def scan_specs(
     *,
     models: Sequence[str] = DEFAULT_MODELS,
     reuse: Mapping[str, SpecFile] | None = None,
+    settle: Settling | None = None,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
+
+    With ``settle``, a file that has not yet looked the same for the settle
+    window is held back (neither in ``files`` nor in ``errors``, but in
+    ``settling``): the caller keeps its last good version in force.
 
     A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
     earlier object is returned, which keeps a pass over an unchanged folder
@@ -232,12 +312,29 @@ def scan_specs(
     prefix = root.name
     parsed: list[tuple[str, bytes, SpecFile]] = []
     errors: dict[str, SpecError] = {}
+    settling: dict[str, str] = {}
+    settled_by: float | None = None
+    observed: dict[str, Observation] = {}
     for rel in rels:
         label = _label(prefix, rel)
         try:
-            data = _read_spec_bytes(root, rel, label)
+            data, mtime_ns = _read_spec_bytes(root, rel, label)
+            digest = hashlib.sha256(data).hexdigest()
+            if settle is not None:
+                look = Look(len(data), mtime_ns, digest)
+                seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
+                observed[rel] = seen
+                ready_at = seen.since + settle.window
+                if ready_at > settle.now:
+                    settling[rel] = (
+                        f"{label}: is still changing; it is read once it has been "
+                        f"unchanged for {settle.window:g} s"
+                    )
+                    settled_by = ready_at if settled_by is None else min(settled_by, ready_at)
+                    if settle.hold:
+                        continue
             previous = reuse.get(rel) if reuse else None
-            if previous is not None and previous.digest == hashlib.sha256(data).hexdigest():
+            if previous is not None and previous.digest == digest:
                 spec = previous
             else:
                 spec = _parse(label, data, rel, models)[0]
@@ -273,7 +370,8 @@ def scan_specs(
         files[rel] = spec
     files = {rel: files[rel] for rel in sorted(files)}
     errors = {rel: errors[rel] for rel in sorted(errors)}
-    return SpecScan("ok" if complete else "unreadable", files, errors)
+    root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
+    return SpecScan(root_state, files, errors, settling, settled_by, observed)
 
 
 def _walk(root: Path) -> tuple[list[str], bool]:
@@ -316,8 +414,8 @@ def _label(prefix: str, rel: str) -> str:
     return label if label.isprintable() else repr(label)
 
 
-def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
-    """The file's bytes, read only if it is a regular file inside ``root``."""
+def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
+    """The file's bytes and mtime_ns, read only if it is a regular file inside ``root``."""
 
     def refuse(message: str) -> SpecError:
         return SpecError([SpecProblem(label, None, None, message)])
@@ -356,7 +454,7 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
         size != after.st_size
     ):
         raise refuse(_CHANGING)
-    return b"".join(chunks)
+    return b"".join(chunks), after.st_mtime_ns
 
 
 _CHANGING = "is changing while being read; it will be read again on the next pass"

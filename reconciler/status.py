@@ -28,7 +28,11 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _track_state(
-    row: dict[str, Any], files_ok: bool, spec_error: str | None, output_error: str | None
+    row: dict[str, Any],
+    files_ok: bool,
+    spec_error: str | None,
+    output_error: str | None,
+    short: str | None,
 ) -> tuple[str, str | None]:
     if spec_error is not None:
         return "invalid", spec_error.splitlines()[0]
@@ -36,6 +40,8 @@ def _track_state(
         return "ready", None
     if output_error is not None:
         return "failed", f"cannot write the output: {output_error}"
+    if short is not None:
+        return "failed", short
     state = row["gstate"]
     if state == "parked":
         return "failed", row["reason"]
@@ -44,6 +50,11 @@ def _track_state(
             return "retrying", row["reason"]
         return "queued", row["reason"]
     if state == "unknown":
+        if row["paid_hint"]:
+            return "generating", (
+                "submit answer lost, and a signed callback proves a task exists but does "
+                "not name it; not sent again (`reconciler retry` would pay again)"
+            )
         return "generating", "submit outcome unknown (answer lost); waiting for a callback"
     return "generating", None
 
@@ -54,10 +65,12 @@ def build_report(
     """Everything ``status`` shows, as plain JSON-ready data."""
     spec_errors = ledger.spec_errors()
     output_errors: dict[str, str] = ledger.get("output_errors") or {}
+    short: dict[str, str] = ledger.get("short_generations") or {}
     held = ledger.output_fingerprints()
     rows = ledger.query(
         "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, t.position, "
-        "t.updated_at AS t_at, g.state AS gstate, g.reason, g.attempts, g.updated_at AS g_at "
+        "t.updated_at AS t_at, g.state AS gstate, g.reason, g.attempts, g.updated_at AS g_at, "
+        "g.paid_hint "
         "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
         "ORDER BY t.soundtrack, t.position"
     )
@@ -71,7 +84,9 @@ def build_report(
         files = [f"{r['soundtrack']}/{n}" for n in output_names(r["name"], r["clips"])]
         files_ok = all(held.get(f) == r["fingerprint"] for f in files)
         output_error = next((output_errors[f] for f in files if f in output_errors), None)
-        state, reason = _track_state(r, files_ok, spec_errors.get(r["source"]), output_error)
+        state, reason = _track_state(
+            r, files_ok, spec_errors.get(r["source"]), output_error, short.get(r["fingerprint"])
+        )
         changed = max(r["t_at"] or 0.0, r["g_at"] or 0.0)
         tracks.append(
             {
@@ -129,6 +144,12 @@ def build_report(
         "suspended": suspension.to_json(),
         "ambiguous_submits": ambiguous,
         "possible_double_spend": doubles,
+        # Answers read in a shape other than the documented one, by endpoint
+        # and shape (also logged once each, with the raw body).
+        "unexpected_shapes": ledger.get("unexpected_shapes") or {},
+        "orphan_tasks": ledger.query(
+            "SELECT count(*) AS n FROM orphans WHERE state IN ('open', 'unmatched')"
+        )[0]["n"],
         "last_pass": _iso(ledger.get("last_pass_at")),
         "api": {
             "last_success": _iso(health.get("last_success")),

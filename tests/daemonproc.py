@@ -38,6 +38,9 @@ ambiguous_grace = {grace}
 backoff_initial = 0.1
 backoff_cap = 1.0
 request_timeout = 5.0
+
+[api]
+max_requests_per_second = 200
 """
 SANDBOX_LATENCY = 0.5
 

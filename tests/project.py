@@ -33,6 +33,10 @@ ambiguous_grace = 1.0
 backoff_initial = 0.1
 backoff_cap = 1.0
 request_timeout = 5.0
+
+[api]
+# The loopback sandbox needs no politeness; the token bucket has its own tests.
+max_requests_per_second = 200
 """
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.sandbox import SandboxControl
+from reconciler.sandbox import fingerprint as sandbox_fingerprint
+from reconciler.specs import parse_spec
 from tests.daemonproc import (
     DaemonProc,
     daemon_project,
@@ -370,3 +372,70 @@ def test_output_or_state_inside_specs_is_refused(project: Project) -> None:
         proc = project.cli("run", flag, str(project.specs / "inner"), timeout=20)
         assert proc.returncode == 1
         assert "inside the specs folder" in proc.stderr
+
+
+# A slow writer: the first chunk is a valid spec with a shorter prompt, the
+# second completes the prompt. Only the second may ever be paid for.
+CHUNK_1 = b"defaults:\n  mv: sonic-v5\ntracks:\n  - name: focus\n    gpt_description_prompt: lofi"
+CHUNK_2 = b" beats with warm vinyl crackle\n"
+
+
+def paid_key(text: bytes) -> str:
+    """The sandbox's key for the one track of ``text``: the request it would be sent."""
+    [spec] = parse_spec("slow.yaml", text, path="slow.yaml").tracks
+    return sandbox_fingerprint(dict(spec.request))
+
+
+def test_a_spec_written_in_two_chunks_is_paid_once_for_its_final_content(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    # A rescan every 0.25 s makes the daemon look at the file between the chunks.
+    project = daemon_project(tmp_path, sandbox, window=2.0, rescan=0.25)
+    assert paid_key(CHUNK_1) != paid_key(CHUNK_1 + CHUNK_2)
+    with DaemonProc(project) as d, (project.specs / "slow.yaml").open("wb") as f:
+        f.write(CHUNK_1)
+        f.flush()
+        written = time.monotonic()
+        mark = d.mark()
+        # The writer pauses a second; meanwhile the daemon reads the first chunk
+        # in (at least) two whole passes and must not pay for it.
+        wait_until(
+            lambda: (
+                len([e for e in d.events()[mark:] if e.get("event") == "pass.completed"]) >= 2
+                and time.monotonic() - written >= 1.0
+            ),
+            20,
+            "two passes over the first chunk",
+        )
+        assert tasks_created(project) == 0
+        assert d.wait_event("spec.settling", after=mark)["path"] == "slow.yaml"
+        f.write(CHUNK_2)
+        f.close()
+        d.converged()
+        stats = project.stats()
+        assert stats["tasks_by_fingerprint"] == {paid_key(CHUNK_1 + CHUNK_2): 1}
+        assert stats["tasks_created"] == 1
+        stopped_within(d, 5)
+
+
+def test_a_settling_file_is_read_when_its_window_ends_without_another_event(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    # The rescan interval is long: only the end of the window can wake the daemon.
+    project = daemon_project(tmp_path, sandbox, window=2.0)
+    with DaemonProc(project) as d:
+        d.wait_event("pass.completed")
+        mark = d.mark()
+        with (project.specs / "slow.yaml").open("wb") as f:
+            f.write(CHUNK_1)
+            f.flush()
+            # The writer's pause, shorter than the window: the pass the first
+            # event schedules finds the second chunk only a second old.
+            time.sleep(1.0)
+            f.write(CHUNK_2)
+        settling = d.wait_event("spec.settling", after=mark)
+        assert settling["path"] == "slow.yaml"
+        assert tasks_created(project) == 0
+        d.converged(timeout=20)
+        assert project.stats()["tasks_by_fingerprint"] == {paid_key(CHUNK_1 + CHUNK_2): 1}
+        stopped_within(d, 5)

@@ -47,6 +47,7 @@ from reconciler.musicapi import (
     MusicAPI,
     Rejected,
     TaskStatus,
+    TokenBucket,
     Unconfirmed,
     error_message,
     parse_retry_after,
@@ -1120,3 +1121,54 @@ def test_the_key_never_appears_in_errors_or_logs(
         assert not isinstance(error, httpx.HTTPError)
     assert logs
     assert KEY not in repr(logs)
+
+
+# ---------------------------------------------------------------------------
+# The token bucket every API request passes
+# ---------------------------------------------------------------------------
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "requests", "waits"),
+    [
+        (4.0, None, 4, []),  # a burst of `rate` goes at once
+        (4.0, None, 6, [0.25, 0.25]),  # then one every 1/rate s
+        (2.0, 1.0, 3, [0.5, 0.5]),
+        (0.5, None, 2, [2.0]),  # a rate below one still allows one request at once
+    ],
+)
+def test_token_bucket_spaces_requests(
+    rate: float, burst: float | None, requests: int, waits: list[float]
+) -> None:
+    fake = FakeTime()
+    bucket = TokenBucket(rate, burst=burst, clock=fake.clock, sleep=fake.sleep)
+
+    async def main() -> None:
+        for _ in range(requests):
+            await bucket.take()
+
+    asyncio.run(main())
+    assert fake.slept == waits
+
+
+def test_every_api_request_takes_a_token() -> None:
+    fake = FakeTime()
+    bucket = TokenBucket(1.0, clock=fake.clock, sleep=fake.sleep)
+    wire = Wire(answer(200, {"credits": 5}))
+    for _ in range(3):
+        run(wire, CREDITS, bucket=bucket)
+    assert len(wire.requests) == 3
+    assert fake.slept == [1.0, 1.0]

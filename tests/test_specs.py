@@ -16,10 +16,13 @@ from reconciler.errors import SpecError
 from reconciler.specs import (
     DEFAULT_MODELS,
     MAX_SPEC_BYTES,
+    Look,
+    Observation,
     SpecFile,
     TrackSpec,
     is_spec_candidate,
     load_spec_file,
+    observe,
     parse_spec,
     scan_specs,
 )
@@ -1122,3 +1125,122 @@ def test_a_soundtrack_defined_twice_keeps_the_first_file(tmp_path: Path) -> None
                 "specs/a.yaml; give this file another `soundtrack:` name"
             ],
         }
+
+
+# --- waiting for a file to stop changing -------------------------------------
+
+#: A fixed mtime, so the stability tests need no real clock: "now" is T + offset.
+T = 1_800_000_000.0
+WINDOW = 2.0
+
+
+def look(size: int = 10, age: float = 0.0, digest: str = "d1") -> Look:
+    """A file of ``size`` bytes last modified ``age`` seconds before T."""
+    return Look(size, int((T - age) * 1e9), digest)
+
+
+def seen(look: Look, since: float, last_read: float = T - 0.5) -> Observation:
+    return Observation(look, since, last_read)
+
+
+# previous observation, this look (read at T), stable at T, ready at
+STABILITY = [
+    ("first sight, written long ago: read at once", None, look(age=60), True, T - 58),
+    ("first sight, written exactly a window ago", None, look(age=WINDOW), True, T),
+    ("first sight, written a second ago: a whole window", None, look(age=1), False, T + 2),
+    ("first sight, written just now", None, look(age=0), False, T + 2),
+    ("first sight, mtime in the future", None, look(age=-30), False, T + 2),
+    ("unchanged for a window", seen(look(age=9), T - 2), look(age=9), True, T),
+    ("unchanged for less than a window", seen(look(age=9), T - 1.5), look(age=9), False, T + 0.5),
+    ("unchanged since an old first sight", seen(look(age=60), T - 60), look(age=60), True, T - 58),
+    ("grew (the second chunk)", seen(look(10, age=1), T - 1), look(25, age=0.5), False, T + 2),
+    ("touched: same bytes, new mtime", seen(look(age=9), T - 9), look(age=0), False, T + 2),
+    (
+        "rewritten in the same size and tick",
+        seen(look(age=0.2), T - 0.2, T - 0.1),
+        look(age=0.2, digest="d2"),
+        False,
+        T + 2,
+    ),
+    (
+        "saved once, a window before this read, after the last one",
+        seen(look(age=90), T - 90, T - 5),
+        look(25, age=3),
+        True,
+        T - 1,
+    ),
+    (
+        "changed and given an mtime older than the last read (cp -p)",
+        seen(look(10, age=1), T - 1, T - 0.5),
+        look(25, age=600),
+        False,
+        T + 2,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "previous", "now_look", "stable", "ready_at"),
+    STABILITY,
+    ids=[c[0] for c in STABILITY],
+)
+def test_a_file_is_stable_once_unchanged_for_the_window(
+    case: str, previous: Observation | None, now_look: Look, stable: bool, ready_at: float
+) -> None:
+    after = observe(previous, now_look, T, WINDOW)
+    assert (after.look, after.seen) == (now_look, T)
+    assert after.since + WINDOW == pytest.approx(ready_at)
+    assert (after.since + WINDOW <= T) is stable
+
+
+def test_without_a_window_every_file_is_stable() -> None:
+    assert observe(None, look(age=0), T, 0.0).since == T
+    assert observe(seen(look(10), T - 1), look(25), T, 0.0).since == T
+
+
+def write_at(path: Path, data: bytes, age: float) -> None:
+    path.write_bytes(data)
+    ns = int((T - age) * 1e9)
+    os.utime(path, ns=(ns, ns))
+
+
+def test_scan_holds_back_a_changing_file_until_its_window_ends(tmp_path: Path) -> None:
+    write_at(tmp_path / "old.yaml", GOOD, age=3600)
+    write_at(tmp_path / "new.yaml", GOOD, age=0.5)
+    first = scan_specs(tmp_path, settle=specs.Settling({}, T, WINDOW))
+    assert list(first.files) == ["old.yaml"]
+    assert first.errors == {}
+    assert first.settling == {
+        "new.yaml": f"{tmp_path.name}/new.yaml: is still changing; "
+        "it is read once it has been unchanged for 2 s"
+    }
+    assert first.settled_by == T + WINDOW
+
+    # The second chunk arrives before the window ends: the window starts again.
+    write_at(tmp_path / "new.yaml", GOOD + b"# second chunk\n", age=-1)
+    second = scan_specs(tmp_path, settle=specs.Settling(first.observed, T + 1, WINDOW))
+    assert list(second.settling) == ["new.yaml"]
+    assert second.settled_by == T + 1 + WINDOW
+
+    third = scan_specs(tmp_path, settle=specs.Settling(second.observed, T + 2.9, WINDOW))
+    assert list(third.settling) == ["new.yaml"]
+    fourth = scan_specs(tmp_path, settle=specs.Settling(third.observed, T + 3, WINDOW))
+    assert list(fourth.files) == ["new.yaml", "old.yaml"]
+    assert fourth.settling == {}
+    assert fourth.settled_by is None
+    assert fourth.files["new.yaml"].digest == hashlib.sha256(GOOD + b"# second chunk\n").hexdigest()
+
+
+def test_scan_without_hold_reads_settling_files_and_notes_them(tmp_path: Path) -> None:
+    write_at(tmp_path / "new.yaml", GOOD, age=0.5)
+    scan = scan_specs(tmp_path, settle=specs.Settling({}, T, WINDOW, hold=False))
+    assert list(scan.files) == ["new.yaml"]
+    assert list(scan.settling) == ["new.yaml"]
+
+
+def test_a_settling_file_that_does_not_parse_is_not_an_error_yet(tmp_path: Path) -> None:
+    write_at(tmp_path / "half.yaml", b"tracks: [{name: a, mv: sonic-v5, pro", age=0)
+    scan = scan_specs(tmp_path, settle=specs.Settling({}, T, WINDOW))
+    assert (scan.files, scan.errors, list(scan.settling)) == ({}, {}, ["half.yaml"])
+    later = scan_specs(tmp_path, settle=specs.Settling(scan.observed, T + WINDOW, WINDOW))
+    assert list(later.errors) == ["half.yaml"]

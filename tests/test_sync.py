@@ -6,16 +6,21 @@ ledger and real files; the sandbox's counters prove what was paid for.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reconciler.outputs import probe_audio
 from reconciler.sandbox import SandboxControl
-from tests.project import Project, track, wait_until
+from tests.project import FAST_CONFIG, Project, track, wait_until
 
 
 @pytest.fixture
@@ -316,10 +321,16 @@ def test_status_answers_while_sync_writes(project: Project) -> None:
     project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(15)])
     proc = subprocess.Popen(project.args("sync"), env=project.env(), stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: project.stats()["batch_submit_calls"] >= 2, 30, "both batches")
-        report = project.status()
-        assert report["summary"]["generating"] == 15
-        assert report["batches_in_flight"] == 2
+        # The sandbox counts a submit when it arrives, the ledger when its
+        # answer does: wait for status itself to see both batches in flight.
+        def both_in_flight() -> bool:
+            proc = project.cli("status", "--json")
+            if not proc.stdout:  # no ledger yet: sync has only just started
+                return False
+            report = json.loads(proc.stdout)
+            return report["batches_in_flight"] == 2 and report["summary"]["generating"] == 15
+
+        wait_until(both_in_flight, 30, "status to show both batches in flight")
     finally:
         assert proc.wait(timeout=60) == 0
 
@@ -355,3 +366,74 @@ def test_batches_sent_together_are_probed_until_one_shows_progress(project: Proj
     assert stats["batch_submit_calls"] == 5
     assert project.status()["summary"]["ready"] == 50
     assert 5 <= stats["batch_polls"] <= math.ceil(1.5 / 0.3) + 1 + 4, stats["batch_polls"]
+
+
+def test_the_quick_start_loop_converges_after_an_edit(tmp_path: Path) -> None:
+    """`sync --sandbox`, edit a prompt, `sync --sandbox` again: each start brings up
+    a new in-process sandbox, whose ids must never be mistaken for the old ones."""
+    root = tmp_path / "quick"
+    shutil.copytree(Path(__file__).parent.parent / "specs", root / "specs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSICAPI", "RECONCILER"))}
+
+    def sync() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler", "sync", "--sandbox"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    first = sync()
+    assert first.returncode == 0, first.stderr[-2000:]
+    study = root / "specs" / "study-session.yaml"
+    study.write_text(study.read_text().replace("warm vinyl crackle", "soft rain on glass", 1))
+    second = sync()
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "converged" in second.stderr
+    report = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "reconciler", "status", "--json"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=60, check=False,
+        ).stdout
+    )  # fmt: skip
+    assert report["summary"]["ready"] == report["summary"]["tracks"]
+    assert report["possible_double_spend"] == 0
+
+
+def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+
+
+def test_sync_on_an_untouched_folder_reads_every_file_at_once(project: Project) -> None:
+    # A window longer than the CLI's timeout: had sync waited for it, it would not finish.
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 600"))
+    three_soundtracks(project)
+    hour_ago = time.time() - 3600
+    for path in project.specs.iterdir():
+        os.utime(path, (hour_ago, hour_ago))
+    events = log_events(project.sync())
+    assert [e for e in events if e["event"] == "spec.settling"] == []
+    assert project.stats()["tasks_created"] == 23
+
+
+def test_sync_waits_out_the_window_of_a_file_just_written(project: Project) -> None:
+    # Longer than the CLI takes to start, so the file is young at its first pass.
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 4"))
+    project.write_spec("study.yaml", [track("focus", "lofi beats")])
+    events = [e["event"] for e in log_events(project.sync())]
+    assert events.count("spec.settling") == 1
+    # Held back on the first pass, read when the window ended: one wait, not a busy loop.
+    assert events[: events.index("batch.submitted")].count("pass.completed") <= 3
+    assert project.stats()["tasks_created"] == 1
+
+
+def test_plan_reads_settling_files_as_they_are_and_notes_them(project: Project) -> None:
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 600"))
+    project.write_spec("new.yaml", [track("a", "harp")])
+    old = project.write_spec("old.yaml", [track("b", "oboe")])
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    proc = project.cli("plan", "--json")
+    assert proc.returncode == 2, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["settling"] == ["new.yaml"]
+    assert sorted(t for item in report["submit"] for t in item["tracks"]) == ["new/a", "old/b"]
+    assert "settling  new.yaml" in project.cli("plan").stdout
