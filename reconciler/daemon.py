@@ -40,7 +40,8 @@ from watchfiles import Change, awatch
 
 from reconciler import logs
 from reconciler.config import Settings, settings_summary
-from reconciler.errors import ConfigError, LedgerError, ReconcilerError
+from reconciler.errors import LedgerError, ReconcilerError
+from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.reconciling import PassResult, Reconciler
@@ -48,6 +49,7 @@ from reconciler.running import api_settings
 from reconciler.specs import is_spec_candidate
 from reconciler.systemd import Notifier, watchdog_interval
 from reconciler.webhooks import WebhookReceiver, WebhookServer, apply_hints
+from reconciler.words import plural
 
 #: How long a pass may run on after SIGTERM before it is cancelled.
 STOP_GRACE = 3.0
@@ -93,18 +95,6 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
         daemon.notifier.close()
 
 
-def _check_paths(settings: Settings) -> None:
-    """Outputs and state inside the watched folder would wake the daemon with its own writes."""
-    specs = settings.specs_dir.resolve()
-    for name, path in (("output", settings.out_dir), ("state", settings.state_dir)):
-        resolved = path.resolve()
-        if resolved == specs or specs in resolved.parents:
-            raise ConfigError(
-                f"the {name} folder {path} is inside the specs folder {settings.specs_dir}; "
-                "move it out (law 12: the watched folder holds specs only)"
-            )
-
-
 def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
     """The one-line ``STATUS=`` systemd shows in ``systemctl status``."""
     parts = [
@@ -114,7 +104,7 @@ def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
         f"{result.parked} failed",
     ]
     if result.invalid_files:
-        parts.append(f"{result.invalid_files} invalid file(s)")
+        parts.append(plural(result.invalid_files, "invalid file"))
     if result.blocked:
         parts.append(f"paused: {result.blocked}")
     parts.append(f"last pass {max(0, round(now - last_pass_at))}s ago")
@@ -172,7 +162,8 @@ class Daemon:
     # -- start and stop --------------------------------------------------------------
 
     async def run(self) -> int:
-        _check_paths(self.settings)
+        s = self.settings
+        require_layout(s.specs_dir, s.out_dir, s.state_dir)
         lock = StateLock(self.settings.state_dir)
         lock.acquire()
         try:

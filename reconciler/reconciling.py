@@ -43,6 +43,7 @@ from reconciler.musicapi import Accepted, MusicAPI, TaskStatus, Unconfirmed
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
+    LIST_FILES,
     Desired,
     DesiredTrack,
     OpenBatch,
@@ -61,8 +62,6 @@ MAX_UPSTREAM_ATTEMPTS = 3
 #: Downloads in parallel: enough to stream results, few enough to be polite.
 DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
-#: The per-soundtrack lists written beside the audio.
-LIST_FILES = ("playlist.m3u8", "tracks.json")
 #: Upstream failure types that are a verdict on the content, not a hiccup.
 _PERMANENT_FAILURES = frozenset({"forbidden"})
 

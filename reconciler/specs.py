@@ -256,6 +256,16 @@ def scan_specs(
 
     files: dict[str, SpecFile] = {}
     owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
+    # An invalid file keeps its last good version in force, and with it its
+    # soundtrack: another file naming it is the duplicate (and is reported),
+    # unless that file defined it itself last time.
+    incumbents = {
+        spec.soundtrack for rel, _, spec in parsed if not incumbent_first((rel, b"", spec))[0]
+    }
+    for rel in errors:
+        previous = reuse.get(rel) if reuse else None
+        if previous is not None and previous.soundtrack not in incumbents:
+            owners.setdefault(previous.soundtrack, _label(prefix, rel))
     for rel, data, spec in sorted(parsed, key=incumbent_first):
         label = _label(prefix, rel)
         owner = owners.get(spec.soundtrack)
