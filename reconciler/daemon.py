@@ -123,6 +123,7 @@ class Daemon:
         self.watchdog = watchdog_interval()
         self.rec: Reconciler | None = None
         self.watcher: SpecWatcher | None = None
+        self.out_watcher: OutputWatcher | None = None
         self.receiver: WebhookReceiver | None = None
         self._poke = asyncio.Event()
         self._stop = asyncio.Event()
@@ -186,8 +187,18 @@ class Daemon:
         s = self.settings
         server: WebhookServer | None = None
         self.watcher = SpecWatcher(s.specs_dir, self.on_file_event)
+        self.out_watcher = OutputWatcher(
+            s.out_dir,
+            self.on_file_event,
+            lambda rel: _output_drifted(ledger, self.settings.out_dir, rel),
+        )
         try:
             await self.watcher.start()
+            # Created now rather than at the first write, so the watch is on
+            # the folder itself from the start (the layout check said it can be).
+            with contextlib.suppress(OSError):
+                s.out_dir.mkdir(parents=True, exist_ok=True)
+            await self.out_watcher.start()
             if s.webhook is not None:
                 self.receiver = WebhookReceiver(s.webhook, on_hint=self.on_webhook)
                 server = WebhookServer(self.receiver, s.webhook.host, s.webhook.port)
@@ -204,6 +215,7 @@ class Daemon:
             if server is not None:
                 await server.stop()
             await self.watcher.stop()
+            await self.out_watcher.stop()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -360,6 +372,8 @@ class Daemon:
             logs.configure(merged.log_level)
         if merged.specs_dir != self.settings.specs_dir and self.watcher is not None:
             self.watcher.retarget(merged.specs_dir)
+        if merged.out_dir != self.settings.out_dir and self.out_watcher is not None:
+            self.out_watcher.retarget(merged.out_dir)
         self.settings = merged
         if self.rec is not None:
             self.rec.settings = merged
@@ -478,8 +492,7 @@ class SpecWatcher:
             recursive=recursive,
         )
 
-    @staticmethod
-    def _relevant(root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
         relevant = False
         for change, name in changes:
             path = Path(name)
@@ -501,6 +514,52 @@ class SpecWatcher:
             elif is_spec_candidate(rel):
                 relevant = True
         return relevant
+
+
+class OutputWatcher(SpecWatcher):
+    """Watches the output folder so a deleted or replaced output comes back within seconds.
+
+    Only a file the ledger says reconciler wrote, and whose size or mtime no
+    longer match that record, is relevant (``drifted``): the reconciler's own
+    writes (hidden temp files, then a rename to a file whose state the ledger
+    records) and a person's other files wake nothing. Without this, a deleted
+    output would wait for the periodic rescan.
+    """
+
+    def __init__(
+        self, root: Path, on_change: Callable[[], None], drifted: Callable[[str], bool]
+    ) -> None:
+        super().__init__(root, on_change)
+        self.drifted = drifted
+
+    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+        for _, name in changes:
+            path = Path(name)
+            if path == root:
+                return True
+            try:
+                rel = path.relative_to(root)
+            except ValueError:
+                continue
+            if self.drifted(rel.as_posix()):
+                return True
+        return False
+
+
+def _output_drifted(ledger: Ledger, out_dir: Path, rel: str) -> bool:
+    """Whether an output the ledger recorded at ``rel`` (or under it) is gone or changed."""
+    rows = ledger.query(
+        "SELECT path, size, mtime_ns FROM outputs WHERE path = ? OR substr(path, 1, ?) = ?",
+        [rel, len(rel) + 1, rel + "/"],
+    )
+    for row in rows:
+        try:
+            st = (out_dir / row["path"]).stat()
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+            return True
+    return False
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
