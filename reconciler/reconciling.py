@@ -247,8 +247,10 @@ class Reconciler:
         result.queued = len(queued)
         if now < self._submit_pause_until:
             result.blocked = self._block_reason
+            self.log.debug("submit.held", queued=len(queued), reason=self._block_reason)
             return
         if not any(gens[fp].next_attempt <= now for fp in queued):
+            self.log.debug("submit.nothing_due", queued=len(queued))
             return
         in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
 
@@ -265,7 +267,17 @@ class Reconciler:
         # The balance is asked only when there is something to pay for.
         if not due(None):
             return
-        to_send = due(await self._affordable(now))
+        affordable = await self._affordable(now)
+        to_send = due(affordable)
+        self.log.debug(
+            "submit.due",
+            queued=len(queued),
+            due=len(to_send),
+            in_flight=in_flight,
+            max_in_flight=self.settings.max_in_flight,
+            affordable=affordable,
+            held_reason=self._block_reason,
+        )
         if self._block_reason and not to_send:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
@@ -440,8 +452,11 @@ class Reconciler:
 
         interval = self.settings.poll_interval
         soon = self.ledger.batches_due_by(now + interval)
-        jobs = [cohort(c) for c in poll_cohorts(soon, interval, now)]
-        jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
+        cohorts = poll_cohorts(soon, interval, now)
+        singles = self.ledger.due_single_tasks(now)
+        self.log.debug("poll.due", batches=len(soon), cohorts=len(cohorts), tasks=len(singles))
+        jobs = [cohort(c) for c in cohorts]
+        jobs += [one_task(t.task_id) for t in singles]
         await asyncio.gather(*jobs)
 
     async def _poll_batch(self, batch_id: str, result: PassResult) -> bool:

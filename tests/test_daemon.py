@@ -286,6 +286,12 @@ def test_sighup_reloads_config_and_keeps_it_on_error(project: Project) -> None:
         failed = d.wait_event("config.reload_failed", after=mark)
         assert "invalid TOML" in failed["error"]
 
+        mark = d.mark()
+        project.config.write_text(good.replace('log_level = "info"', 'log_level = "verbose"'))
+        d.send(signal.SIGHUP)
+        failed = d.wait_event("config.reload_failed", after=mark)
+        assert "'verbose' is not a log level" in failed["error"]
+
         # Still running on the last good settings.
         project.write_spec("after.yaml", [track("h", "hang drum")])
         d.converged()
@@ -375,7 +381,9 @@ def test_output_or_state_inside_specs_is_refused_in_plain_words(project: Project
 
 def test_deleted_or_replaced_output_comes_back_long_before_the_rescan(project: Project) -> None:
     """The rescan is 600 s here: only the output folder's watcher can bring these back."""
-    project.write_spec("road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")])
+    project.write_spec(
+        "road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")]
+    )
     with DaemonProc(project) as d:
         d.converged()
         d.wait_event("pass.completed", lambda e: e["in_flight"] == 0 and e["ready"] == 2)
@@ -395,8 +403,10 @@ def test_deleted_or_replaced_output_comes_back_long_before_the_rescan(project: P
         tmp.write_bytes(b"a different file put in its place")
         os.replace(tmp, replaced)
         wait_until(
-            lambda: project.files().get("road-trip/dusk.mp3", ("",))[0]
-            == files["road-trip/dusk.mp3"][0],
+            lambda: (
+                project.files().get("road-trip/dusk.mp3", ("",))[0]
+                == files["road-trip/dusk.mp3"][0]
+            ),
             20,
             "the replaced output to be restored",
         )

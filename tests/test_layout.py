@@ -58,12 +58,13 @@ def test_status_layout_check_leaves_out_permissions(tmp_path: Path) -> None:
     """An operator who may only read still sees a nesting problem, never a permission one."""
     (tmp_path / "specs").mkdir()
     (tmp_path / "a-file").write_text("")
-    assert check_layout(
-        tmp_path / "specs", tmp_path / "a-file/x", tmp_path / "a-file/y", writable=False
-    ) == []
-    assert check_layout(
-        tmp_path / "specs", tmp_path / "specs/x", tmp_path / "st", writable=False
+    assert (
+        check_layout(
+            tmp_path / "specs", tmp_path / "a-file/x", tmp_path / "a-file/y", writable=False
+        )
+        == []
     )
+    assert check_layout(tmp_path / "specs", tmp_path / "specs/x", tmp_path / "st", writable=False)
 
 
 @pytest.fixture
@@ -75,9 +76,7 @@ def project(tmp_path: Path, sandbox: SandboxControl) -> Project:
 
 def api_requests(p: Project) -> int:
     s = p.stats()
-    return int(
-        s["batch_submit_calls"] + s["create_calls"] + s["credit_calls"] + s["batch_polls"]
-    )
+    return int(s["batch_submit_calls"] + s["create_calls"] + s["credit_calls"] + s["batch_polls"])
 
 
 @pytest.mark.parametrize(

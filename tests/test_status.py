@@ -29,7 +29,9 @@ def state_of(report: dict[str, Any], name: str) -> tuple[str, str | None]:
 
 
 def test_deleted_or_changed_output_is_not_ready(project: Project) -> None:
-    project.write_spec("road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")])
+    project.write_spec(
+        "road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")]
+    )
     project.sync()
     (project.out / "road-trip" / "open-road.mp3").unlink()
     proc = project.cli("status", "--json")
@@ -122,7 +124,11 @@ def test_queued_rows_say_why(project: Project) -> None:
             "held: in-flight cap (200 tasks at once)",
             "held: in-flight cap (200 tasks at once)",
         ),
-        ({"next_attempt": 0, "attempts": 2, "reason": "HTTP 503"}, None, "retrying now after: HTTP 503"),
+        (
+            {"next_attempt": 0, "attempts": 2, "reason": "HTTP 503"},
+            None,
+            "retrying now after: HTTP 503",
+        ),
     ],
 )
 def test_queued_reason(row: dict[str, Any], hold: str | None, expected: str) -> None:
