@@ -107,6 +107,7 @@ def test_debug_level_shows_the_decisions_of_a_pass(tmp_path: Path, sandbox: Sand
     debug = project.sync()
     events = [json.loads(x) for x in debug.stderr.splitlines() if x.startswith("{")]
     due = [e for e in events if e["event"] == "submit.due"]
-    assert due and due[0]["level"] == "debug"
+    assert due
+    assert due[0]["level"] == "debug"
     assert (due[0]["queued"], due[0]["due"]) == (1, 1)
     assert any(e["event"] == "poll.due" for e in events)

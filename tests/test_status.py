@@ -39,7 +39,8 @@ def test_deleted_or_changed_output_is_not_ready(project: Project) -> None:
     report = json.loads(proc.stdout)
     state, reason = state_of(report, "open-road")
     assert state == "restoring"
-    assert reason is not None and "deleted" in reason
+    assert reason is not None
+    assert "deleted" in reason
     assert state_of(report, "dusk") == ("ready", None)
     assert report["summary"]["ready"] == 1
     assert report["summary"]["restoring"] == 1
