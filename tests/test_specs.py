@@ -1122,3 +1122,45 @@ def test_a_soundtrack_defined_twice_keeps_the_first_file(tmp_path: Path) -> None
                 "specs/a.yaml; give this file another `soundtrack:` name"
             ],
         }
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "expected"),
+    [
+        (
+            "s.yaml",
+            "defaults: &d\n  mv: sonic-v5\ntracks:\n  - name: a\n    prompt: x\n    prompt: y\n"
+            "    mv: sonic-v9\n  - name: B\n    <<: *d\n    prompt: z\n",
+            [
+                "specs/s.yaml:6 tracks[0].prompt: duplicate field 'prompt' (first at line 5)",
+                "specs/s.yaml:7 tracks[0].mv: unknown model 'sonic-v9'",
+                "specs/s.yaml:8 tracks[1].name: invalid name 'B'",
+                "specs/s.yaml:9 tracks[1].<<: YAML aliases (*name) are not supported",
+            ],
+        ),
+        (
+            "s.yaml",
+            "tracks:\n  - name: a\n    mv: sonic-v9\n    prompt: x\n"
+            "tracks:\n  - name: b\n    mv: sonic-v5\n",
+            [
+                "specs/s.yaml:3 tracks[0].mv: unknown model 'sonic-v9'",
+                "specs/s.yaml:5 tracks: duplicate field 'tracks' (first at line 1)",
+            ],
+        ),
+        (
+            "s.json",
+            '{"tracks": [{"name": "a",\n "name": "b",\n "mv": "nope", "prompt": "x"}]}',
+            [
+                "specs/s.json:2 tracks[0].name: duplicate field 'name' (first at line 1)",
+                "specs/s.json:3 tracks[0].mv: unknown model 'nope'",
+            ],
+        ),
+    ],
+)
+def test_duplicate_keys_and_aliases_do_not_hide_the_other_problems(
+    path: str, text: str, expected: list[str]
+) -> None:
+    found = problems(text, path)
+    assert len(found) == len(expected), found
+    for line, start in zip(found, expected, strict=True):
+        assert line.startswith(start), (line, start)
