@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -1142,7 +1143,7 @@ class _Validator:
         stem = PurePosixPath(path).stem
         if _NAME_RE.match(stem):
             return stem
-        slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "my-soundtrack"
+        slug = _slug(stem)
         self.problem(
             ("soundtrack",),
             f"the file name {stem!r} is not a valid soundtrack name ({_NAME_RULE}): "
@@ -1150,6 +1151,14 @@ class _Validator:
             line=1,
         )
         return None
+
+
+def _slug(stem: str) -> str:
+    """A valid soundtrack name close to a file name: 'Café Nights' → 'cafe-nights'."""
+    # Accents are separated from their letters and dropped, so 'é' gives 'e', not nothing.
+    ascii_text = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ascii_text.lower()).strip("-._")[:64]
+    return slug or "my-soundtrack"
 
 
 def _validate(
