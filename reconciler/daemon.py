@@ -100,9 +100,11 @@ def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
     parts = [
         f"{result.ready}/{result.total} ready",
         f"{result.in_flight} in flight",
-        f"{result.queued} queued",
+        f"{result.queued - result.retrying} queued",
         f"{result.parked} failed",
     ]
+    if result.retrying:
+        parts.insert(3, f"{result.retrying} retrying")
     if result.invalid_files:
         parts.append(plural(result.invalid_files, "invalid file"))
     if result.blocked:

@@ -81,7 +81,12 @@ class PassResult:
     pruned: int = 0
     in_flight: int = 0
     queued: int = 0
+    #: Of ``queued``, those waiting to try again after a failure (status: "retrying").
+    retrying: int = 0
     parked: int = 0
+    #: Tracks whose files are in place but whose spec file is now invalid:
+    #: not ``ready`` (status shows them "invalid"), and not work in flight either.
+    invalid_tracks: int = 0
     invalid_files: int = 0
     output_failures: int = 0
     blocked: str | None = None
@@ -684,7 +689,10 @@ class Reconciler:
                     )
                 )
             if ok:
-                result.ready += 1
+                if self.scan is not None and t.source in self.scan.errors:
+                    result.invalid_tracks += 1
+                else:
+                    result.ready += 1
                 entries.setdefault(t.soundtrack, []).extend(track_entries)
         for soundtrack in desired.soundtracks:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
@@ -842,11 +850,22 @@ class Reconciler:
         result.states = states
         result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
         result.queued = states.get("queued", 0)
+        result.retrying = sum(
+            1
+            for t in desired.tracks
+            if t.fingerprint in gens
+            and gens[t.fingerprint].state == "queued"
+            and gens[t.fingerprint].attempts
+        )
         result.parked = states.get("parked", 0)
         # Succeeded generations whose files are not there yet are still work,
         # unless writing them failed for a reason only a person can fix.
         result.in_flight += max(
-            0, states.get("succeeded", 0) - result.ready - result.output_failures
+            0,
+            states.get("succeeded", 0)
+            - result.ready
+            - result.invalid_tracks
+            - result.output_failures,
         )
         result.next_due = self.ledger.next_due(self.settings.ambiguous_grace)
         if result.blocked is None and self._block_reason and result.queued:
@@ -855,7 +874,8 @@ class Reconciler:
             "total": result.total,
             "ready": result.ready,
             "in_flight": result.in_flight,
-            "queued": result.queued,
+            "queued": result.queued - result.retrying,
+            "retrying": result.retrying,
             "parked": result.parked,
             "invalid_files": result.invalid_files,
             "blocked": result.blocked,

@@ -91,8 +91,10 @@ def summary_line(r: PassResult) -> str:
     parts = [f"{r.ready}/{plural(r.total, 'track')} ready"]
     if r.in_flight:
         parts.append(f"{r.in_flight} in flight")
-    if r.queued:
-        parts.append(f"{r.queued} queued")
+    if r.queued - r.retrying:
+        parts.append(f"{r.queued - r.retrying} queued")
+    if r.retrying:
+        parts.append(f"{r.retrying} retrying")
     if r.parked:
         parts.append(f"{r.parked} failed (see `reconciler status`)")
     if r.invalid_files:

@@ -151,3 +151,35 @@ def test_spent_today_matches_what_the_sandbox_charged(project: Project) -> None:
     project.sync()
     charged = project.stats()["credits_charged"]
     assert project.status()["credits"]["spent_today"] == charged
+
+
+def pass_summaries(stderr: str) -> list[dict[str, Any]]:
+    lines = [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
+    return [e for e in lines if e["event"] == "pass.completed"]
+
+
+def test_the_pass_summary_agrees_with_status_on_invalid_tracks(project: Project) -> None:
+    project.write_spec("a.yaml", [track("a1", "lofi 1"), track("a2", "lofi 2")])
+    project.write_spec("b.yaml", [track("b1", "jazz")])
+    project.sync()
+    (project.specs / "a.yaml").write_text("tracks: [\n")
+    proc = project.sync(expect=1)
+    last = pass_summaries(proc.stderr)[-1]
+    report = project.status()
+    assert report["summary"]["invalid"] == 2
+    assert last["ready"] == report["summary"]["ready"] == 1
+    assert last["in_flight"] == 0
+    assert "1/3 tracks ready" in proc.stderr
+
+
+def test_the_summary_splits_queued_and_retrying_like_status(project: Project) -> None:
+    project.sandbox.configure(faults=[{"kind": "insufficient_credits", "at": [2]}])
+    project.write_spec("a.yaml", [track(f"a{i}", f"lofi {i}") for i in range(4)])
+    proc = project.sync(expect=1)
+    report = project.status()
+    assert report["summary"]["retrying"] == 1
+    assert report["summary"]["queued"] == 0
+    last = pass_summaries(proc.stderr)[-1]
+    assert (last["queued"], last["retrying"]) == (0, 1)
+    assert "1 retrying" in proc.stderr.splitlines()[-1]
+    assert "queued" not in proc.stderr.splitlines()[-1]
