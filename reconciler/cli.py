@@ -263,7 +263,7 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
     n_files = n_tracks = bad_files = 0
     for target in targets:
         if target.is_dir():
-            scan = scan_specs(target, models=settings.models)
+            scan = scan_specs(target, models=settings.models, limits=settings.field_limits)
             if scan.root_state != "ok":
                 problems.append(f"{target}: spec folder is {scan.root_state}")
             n_files += len(scan.files) + len(scan.errors)
@@ -274,7 +274,11 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
             n_files += 1
             try:
                 spec = load_spec_file(
-                    target.parent, target, models=settings.models, label_root=str(target.parent)
+                    target.parent,
+                    target,
+                    models=settings.models,
+                    limits=settings.field_limits,
+                    label_root=str(target.parent),
                 )
                 n_tracks += len(spec.tracks)
             except SpecError as exc:

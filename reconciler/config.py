@@ -15,12 +15,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_core import ErrorDetails
 
 from reconciler.errors import ConfigError
+from reconciler.limits import FIELD_LIMITS, FieldLimits, with_overrides
 from reconciler.specs import DEFAULT_MODELS
 
 DEFAULT_API_URL = "https://api.musicapi.ai/api/v1"
@@ -79,6 +80,16 @@ class _Webhook(_Section):
     tolerance: float = Field(300.0, gt=0)
 
 
+class _Limits(_Section):
+    """One model's overrides of the text-length table (limits.py)."""
+
+    prompt: int | None = Field(None, gt=0)
+    gpt_description_prompt: int | None = Field(None, gt=0)
+    title: int | None = Field(None, gt=0)
+    tags: int | None = Field(None, gt=0)
+    negative_tags: int | None = Field(None, gt=0)
+
+
 class _File(_Section):
     specs: Path | None = None
     out: Path | None = None
@@ -93,6 +104,7 @@ class _File(_Section):
     retry: _Retry = _Retry()
     prune: _Prune = _Prune()
     webhook: _Webhook = _Webhook()
+    limits: dict[str, _Limits] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,8 @@ class Settings:
     api_key: SecretStr | None = field(repr=False)
     sandbox: bool = False
     models: tuple[str, ...] = DEFAULT_MODELS
+    #: model → text field → most characters allowed (limits.py, with the config's overrides).
+    field_limits: FieldLimits = field(default_factory=lambda: FIELD_LIMITS)
     batch_size: int = 10
     batch_window: float = 2.0
     max_in_flight: int = 200
@@ -189,9 +203,16 @@ def _read_file(path: Path) -> _File:
 def _section_of(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     """The model that holds the last key of ``loc`` (for did-you-mean suggestions)."""
     model: type[BaseModel] = _File
-    for key in loc[:-1]:
-        info = model.model_fields.get(str(key))
+    keys = list(loc[:-1])
+    while keys:
+        info = model.model_fields.get(str(keys.pop(0)))
         annotation = info.annotation if info else None
+        if get_origin(annotation) is dict:
+            # A table of tables keyed by name ([limits.<model>]): skip the name.
+            annotation = get_args(annotation)[1]
+            if not keys:
+                return None
+            keys.pop(0)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
@@ -296,6 +317,16 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
     # The docs recommend polling every 15-25 s; the sandbox finishes in seconds,
     # so an unconfigured sandbox run polls faster to feel alive.
     poll = conf.poll.interval or (1.0 if flags.sandbox else 15.0)
+    models = conf.models or DEFAULT_MODELS
+    unknown = [m for m in conf.limits if m not in models]
+    if unknown:
+        raise ConfigError(
+            "\n".join(
+                f"{source}: limits.{m}: unknown model"
+                + (_did_you_mean(m, list(models)) or f" (known: {', '.join(models)})")
+                for m in unknown
+            )
+        )
     return Settings(
         specs_dir=path(flags.specs, "RECONCILER_SPECS", conf.specs, "specs"),
         out_dir=path(flags.out, "RECONCILER_OUT", conf.out, "tracks"),
@@ -303,7 +334,10 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
         api_url=api_url.rstrip("/"),
         api_key=_api_key(env, conf, base),
         sandbox=flags.sandbox,
-        models=conf.models or DEFAULT_MODELS,
+        models=models,
+        field_limits=with_overrides(
+            {m: row.model_dump(exclude_none=True) for m, row in conf.limits.items()}
+        ),
         batch_window=conf.submit.batch_window,
         max_in_flight=conf.submit.max_in_flight,
         daily_budget=conf.submit.daily_budget,

@@ -172,7 +172,11 @@ class Reconciler:
         now = self.clock()
         # Reading and parsing files is the slow part; SQLite stays on this thread.
         scan = await asyncio.to_thread(
-            scan_specs, self.settings.specs_dir, models=self.settings.models, reuse=self._last_good
+            scan_specs,
+            self.settings.specs_dir,
+            models=self.settings.models,
+            limits=self.settings.field_limits,
+            reuse=self._last_good,
         )
         desired = self._apply_scan(scan)
         result.invalid_files = len(self.scan.errors) if self.scan else 0

@@ -128,7 +128,12 @@ def make_plan(settings: Settings) -> dict[str, Any]:
     )
     try:
         last_good = ledger.last_good() if ledger else {}
-        scan = scan_specs(settings.specs_dir, models=settings.models, reuse=last_good)
+        scan = scan_specs(
+            settings.specs_dir,
+            models=settings.models,
+            limits=settings.field_limits,
+            reuse=last_good,
+        )
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 
 from reconciler.errors import SpecError, SpecProblem
+from reconciler.limits import FIELD_LIMITS, TEXT_FIELDS, FieldLimits, limits_for, loosest
 
 try:  # libyaml is an order of magnitude faster; the pure-Python loader keeps marks too
     from yaml import CSafeLoader as _BaseYamlLoader
@@ -94,16 +95,6 @@ _TRACK_FIELDS = ("name", *_API_FIELDS, "variant", "clips")
 _DEFAULTS_FIELDS = tuple(f for f in _TRACK_FIELDS if f != "name")
 _TOP_FIELDS = ("soundtrack", "defaults", "tracks")
 
-# Text limits in characters: the newest models' limits here, the older
-# models' lower ones in _OLD_TEXT_LIMITS (checked once the model is known).
-_TEXT_LIMITS = {
-    "prompt": 5000,
-    "gpt_description_prompt": 400,
-    "title": 79,  # the API says "< 80"
-    "tags": 1000,
-    "negative_tags": 1000,
-}
-_OLD_TEXT_LIMITS = {"prompt": 3000, "tags": 199, "negative_tags": 199}
 
 # YAML 1.1 spellings PyYAML would turn into booleans; we read YAML 1.2 style
 # (they stay text) and point at the fix when one is used for a boolean field.
@@ -188,6 +179,7 @@ def load_spec_file(
     path: Path,
     *,
     models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
     label_root: str | None = None,
 ) -> SpecFile:
     """Read and validate one spec file under ``root``.
@@ -199,20 +191,21 @@ def load_spec_file(
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
     data = _read_spec_bytes(root, rel, label)
-    return _parse(label, data, rel, models)[0]
+    return _parse(label, data, rel, models, limits)[0]
 
 
 def scan_specs(
     root: Path,
     *,
     models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
     reuse: Mapping[str, SpecFile] | None = None,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
 
     A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
     earlier object is returned, which keeps a pass over an unchanged folder
-    cheap. Pass ``reuse`` only from scans made with the same ``models``.
+    cheap. Pass ``reuse`` only from scans made with the same ``models`` and ``limits``.
     ``reuse`` also settles two files naming one soundtrack: the file whose
     earlier version named it keeps it; otherwise the first by path does.
     Symlinked folders are not followed (they could leave the root or loop);
@@ -241,7 +234,7 @@ def scan_specs(
             if previous is not None and previous.digest == hashlib.sha256(data).hexdigest():
                 spec = previous
             else:
-                spec = _parse(label, data, rel, models)[0]
+                spec = _parse(label, data, rel, models, limits)[0]
         except SpecError as exc:
             errors[rel] = exc
             continue
@@ -273,7 +266,7 @@ def scan_specs(
         if owner is not None:
             # Only now is the line needed; parsing again is cheaper than
             # carrying it on every SpecFile for this rare case.
-            line = _parse(label, data, rel, models)[1]
+            line = _parse(label, data, rel, models, limits)[1]
             message = (
                 f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
                 "give this file another `soundtrack:` name"
@@ -403,7 +396,12 @@ class _Doc:
 
 
 def parse_spec(
-    label: str, data: bytes, *, path: str, models: Sequence[str] = DEFAULT_MODELS
+    label: str,
+    data: bytes,
+    *,
+    path: str,
+    models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
 ) -> SpecFile:
     """Validate one spec file's bytes; the format follows ``path``'s suffix.
 
@@ -411,10 +409,12 @@ def parse_spec(
     root-relative path stored in the result and used for the default
     soundtrack name. Raises :class:`SpecError` listing every problem found.
     """
-    return _parse(label, data, path, models)[0]
+    return _parse(label, data, path, models, limits)[0]
 
 
-def _parse(label: str, data: bytes, path: str, models: Sequence[str]) -> tuple[SpecFile, int]:
+def _parse(
+    label: str, data: bytes, path: str, models: Sequence[str], limits: FieldLimits
+) -> tuple[SpecFile, int]:
     """parse_spec, also returning the line that names the soundtrack."""
     suffix = PurePosixPath(path).suffix.lower()
     reader = _READERS.get(suffix)
@@ -423,7 +423,7 @@ def _parse(label: str, data: bytes, path: str, models: Sequence[str]) -> tuple[S
         message = f"unsupported file type '{suffix}' (spec files end in {known})"
         raise SpecError([SpecProblem(label, None, None, message)])
     doc = reader(label, _decode(label, data))
-    return _validate(label, path, doc, models, hashlib.sha256(data).hexdigest())
+    return _validate(label, path, doc, models, limits, hashlib.sha256(data).hexdigest())
 
 
 def _decode(label: str, data: bytes) -> str:
@@ -984,13 +984,15 @@ _CHECKS: dict[str, Callable[[Any], _Checked]] = {
 }
 
 
-def _check(key: str, value: Any, models: Sequence[str]) -> _Checked:
+def _check(key: str, value: Any, models: Sequence[str], limits: FieldLimits) -> _Checked:
     if value is None:  # an explicit null unsets the field, defaults included
         return None, None
     if key == "mv":
         return _check_model(value, models)
-    if key in _TEXT_LIMITS:
-        return _check_text(value, _TEXT_LIMITS[key])
+    if key in TEXT_FIELDS:
+        # The model may not be known yet (it can come from defaults): the
+        # loosest limit here, the model's own once the track is merged.
+        return _check_text(value, loosest(key, limits))
     return _CHECKS[key](value)
 
 
@@ -998,10 +1000,11 @@ _INVALID = object()  # a field given with a bad value: reported once, skipped af
 
 
 class _Validator:
-    def __init__(self, label: str, doc: _Doc, models: Sequence[str]) -> None:
+    def __init__(self, label: str, doc: _Doc, models: Sequence[str], limits: FieldLimits) -> None:
         self.label = label
         self.doc = doc
         self.models = models
+        self.limits = limits
         self.problems: list[SpecProblem] = []
         self.named: list[tuple[int, str, int]] = []  # (track index, name, clips)
 
@@ -1024,7 +1027,7 @@ class _Validator:
                     message = _unknown(key, known)
                 self.problem((*loc, key), message)
                 continue
-            value, problem = _check(key, raw, self.models)
+            value, problem = _check(key, raw, self.models, self.limits)
             if problem:
                 self.problem((*loc, key), problem)
                 value = _INVALID
@@ -1083,19 +1086,19 @@ class _Validator:
         if model is None:
             known = ", ".join(self.models)
             self.problem(loc, f"missing 'mv': set the model on the track or in defaults ({known})")
-        elif model is not _INVALID and model in _OLD_MODELS:
-            for key, limit in _OLD_TEXT_LIMITS.items():
+        elif model is not _INVALID:
+            for key, limit in limits_for(model, self.limits).items():
                 value = merged.get(key)
                 if isinstance(value, str) and len(value) > limit:
                     at, note = where(key)
                     self.problem(
                         at,
                         f"is {len(value)} characters long{note}; {model} allows at most {limit}"
-                        f" (sonic-v4-5 and later allow {_TEXT_LIMITS[key]})",
+                        f" (other models up to {loosest(key, self.limits)})",
                     )
-            if merged.get("vocal_gender") not in (None, _INVALID):
-                at, note = where("vocal_gender")
-                self.problem(at, f"needs sonic-v4-5 or later{note}; this track uses {model}")
+        if model in _OLD_MODELS and merged.get("vocal_gender") not in (None, _INVALID):
+            at, note = where("vocal_gender")
+            self.problem(at, f"needs sonic-v4-5 or later{note}; this track uses {model}")
 
         if len(self.problems) > before:
             return None
@@ -1162,9 +1165,9 @@ def _slug(stem: str) -> str:
 
 
 def _validate(
-    label: str, path: str, doc: _Doc, models: Sequence[str], digest: str
+    label: str, path: str, doc: _Doc, models: Sequence[str], limits: FieldLimits, digest: str
 ) -> tuple[SpecFile, int]:
-    check = _Validator(label, doc, models)
+    check = _Validator(label, doc, models, limits)
     check.problems.extend(doc.problems)
     data = doc.data
     if not isinstance(data, dict):

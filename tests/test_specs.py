@@ -432,7 +432,7 @@ RULES = [
         track("prompt: " + "x" * 3001, mv="mv: sonic-v4, "),
         [
             "specs/s.yaml:2 tracks[0].prompt: is 3001 characters long; sonic-v4 allows at most "
-            "3000 (sonic-v4-5 and later allow 5000)"
+            "3000 (other models up to 5000)"
         ],
     ),
     (
@@ -454,14 +454,14 @@ RULES = [
         track("prompt: x, tags: " + "x" * 200, mv="mv: sonic-v3-5, "),
         [
             "specs/s.yaml:2 tracks[0].tags: is 200 characters long; sonic-v3-5 allows at most 199 "
-            "(sonic-v4-5 and later allow 1000)"
+            "(other models up to 1000)"
         ],
     ),
     (
         "defaults: {negative_tags: " + "x" * 200 + "}\n" + track("prompt: x", mv="mv: sonic-v4, "),
         [
             "specs/s.yaml:3 tracks[0].negative_tags: is 200 characters long (set in defaults); "
-            "sonic-v4 allows at most 199 (sonic-v4-5 and later allow 1000)"
+            "sonic-v4 allows at most 199 (other models up to 1000)"
         ],
     ),
     (
