@@ -663,6 +663,7 @@ class Reconciler:
         self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
         records = self.ledger.outputs()
         gens = self.ledger.generations()
+        previous = self._previous_clips(desired, records)
         entries: dict[str, list[out.TrackOutput]] = {}
         for t in desired.tracks:
             clips = [c for c in usable.get(t.fingerprint, []) if c.sha256][: t.clips]
@@ -674,6 +675,10 @@ class Reconciler:
                     and len(usable.get(t.fingerprint, [])) < t.clips
                 ):
                     self._short_of_clips(t, len(usable.get(t.fingerprint, [])))
+                # Until the new audio replaces it, the old file stays listed.
+                entries.setdefault(t.soundtrack, []).extend(
+                    self._still_listed(t, records, previous)
+                )
                 continue
             ok = True
             track_entries = []
@@ -702,6 +707,60 @@ class Reconciler:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
         # For status, which runs in another process; put() writes only changes.
         self.ledger.put("output_errors", self._failed_outputs)
+
+    def _previous_clips(
+        self,
+        desired: Desired,
+        records: dict[str, OutputRecord],
+    ) -> dict[str, list[ClipRecord]]:
+        """Clips of the older generations whose files still stand where a track
+        waits for its new audio (a spec change being generated)."""
+        older = {
+            rec.fingerprint
+            for t in desired.tracks
+            for rel in t.outputs
+            if (rec := records.get(rel)) is not None
+            and rec.fingerprint is not None
+            and rec.fingerprint != t.fingerprint
+        }
+        return self.ledger.usable_clips(older) if older else {}
+
+    def _still_listed(
+        self,
+        t: DesiredTrack,
+        records: dict[str, OutputRecord],
+        previous: dict[str, list[ClipRecord]],
+    ) -> list[out.TrackOutput]:
+        """The list entries of a track's old files, while each is what the ledger wrote."""
+        kept = []
+        for n, rel in enumerate(t.outputs, start=1):
+            rec = records.get(rel)
+            if rec is None or rec.fingerprint is None or rec.fingerprint == t.fingerprint:
+                return []
+            clip = next(
+                (c for c in previous.get(rec.fingerprint, []) if c.sha256 == rec.sha256), None
+            )
+            soundtrack, filename = rel.split("/", 1)
+            try:
+                state = out.file_state(self._outdir.path(soundtrack, filename))
+            except OutputError:
+                return []
+            if clip is None or state != (rec.size, rec.mtime_ns):
+                return []
+            kept.append(
+                out.TrackOutput(
+                    filename=filename,
+                    track=t.name,
+                    clip_index=n,
+                    title=clip.title,
+                    lyrics=clip.lyrics,
+                    duration=clip.duration,
+                    clip_id=clip.clip_id,
+                    fingerprint=rec.fingerprint,
+                    tags=clip.tags,
+                )
+            )
+        return kept
 
     def _short_of_clips(self, t: DesiredTrack, have: int) -> None:
         reason = (

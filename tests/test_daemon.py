@@ -8,6 +8,7 @@ periodic rescan. Waits are on log events and file contents, with deadlines.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -412,4 +413,29 @@ def test_deleted_or_replaced_output_comes_back_long_before_the_rescan(project: P
         )
         assert project.files()["road-trip/open-road.mp3"][0] == files["road-trip/open-road.mp3"][0]
         assert tasks_created(project) == paid, "restored from the cache, not generated again"
+        stopped_within(d, 5)
+
+
+def test_a_regenerating_track_keeps_its_old_file_listed_until_the_new_one_lands(
+    project: Project,
+) -> None:
+    project.write_spec("study.yaml", [track("focus", "lofi beats"), track("rain", "rain sounds")])
+    playlist = project.out / "study" / "playlist.m3u8"
+    with DaemonProc(project) as d:
+        d.converged()
+        old = project.files()["study/focus.mp3"][0]
+        project.sandbox.configure(latency=5.0)
+        mark = d.mark()
+        project.write_spec(
+            "study.yaml", [track("focus", "lofi beats with rain"), track("rain", "rain sounds")]
+        )
+        d.wait_event("batch.submitted", after=mark)
+        d.wait_event("pass.completed", lambda e: e["in_flight"] == 1, after=mark)
+        assert "focus.mp3" in playlist.read_text()
+        assert project.files()["study/focus.mp3"][0] == old
+        listing = json.loads((project.out / "study" / "tracks.json").read_text())
+        assert [t["track"] for t in listing["tracks"]] == ["focus", "rain"]
+        d.converged(timeout=30)
+        assert project.files()["study/focus.mp3"][0] != old
+        assert "focus.mp3" in playlist.read_text()
         stopped_within(d, 5)
