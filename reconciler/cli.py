@@ -270,6 +270,8 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
             n_tracks += sum(len(f.tracks) for f in scan.files.values())
             problems += [str(p) for e in scan.errors.values() for p in e.problems]
             bad_files += len(scan.errors)
+        elif not target.exists():
+            problems.append(f"{target}: no such file or folder")
         else:
             n_files += 1
             try:
