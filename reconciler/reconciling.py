@@ -167,6 +167,9 @@ class Reconciler:
     async def run_pass(self) -> PassResult:
         if not self._started:
             self.startup()
+        # status checks the recorded outputs where they were written, whatever
+        # --out the person running it gives (an operator often gives none).
+        self.ledger.put("out_dir", str(self.settings.out_dir.absolute()))
         started = time.perf_counter()
         result = PassResult()
         now = self.clock()

@@ -139,7 +139,7 @@ def build_report(
         else None
     )
     sel_st, _, sel_track = (selector or "").partition("/")
-    out_dir = os.fspath(settings.out_dir)
+    out_dir = ledger.get("out_dir") or os.fspath(settings.out_dir.absolute())
     tracks: list[dict[str, Any]] = []
     for r in rows:
         if sel_st and r["soundtrack"] != sel_st:

@@ -44,6 +44,9 @@ def test_deleted_or_changed_output_is_not_ready(project: Project) -> None:
     assert state_of(report, "dusk") == ("ready", None)
     assert report["summary"]["ready"] == 1
     assert report["summary"]["restoring"] == 1
+    # Files are checked where the writer put them, whatever --out status is given.
+    elsewhere = project.cli("status", "--json", "--out", str(project.root / "elsewhere"))
+    assert json.loads(elsewhere.stdout)["summary"] == report["summary"]
     (project.out / "road-trip" / "dusk.mp3").write_bytes(b"someone else's bytes")
     assert "changed" in (state_of(project.status(), "dusk")[1] or "")
     project.sync()
