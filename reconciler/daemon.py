@@ -1,21 +1,21 @@
 """The daemon behind ``reconciler run``: watch, wait, run the same pass as ``sync``.
 
-Where it sits: between the CLI and reconciling. It takes the state lock (law 9),
+Where it sits: between the CLI and reconciling. It takes the state lock (one writer per state folder),
 opens the ledger and the API client (the embedded sandbox with ``--sandbox``),
 and then loops: run one reconcile pass, tell systemd how it went, wait for the
 next reason to run another. The reasons:
 
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
 - a file in the specs folder changed, plus the batching window, so a burst
-  of saves shares batches (law 3);
+  of saves shares batches;
 - a verified webhook arrived (webhooks.py), plus a short window, so the ten
   callbacks of one batch cost one poll;
 - the periodic full rescan (``rescan_interval``), and SIGHUP.
 
-File events and webhooks are hints only (laws 1 and 11): every pass rescans
+File events and webhooks are hints only, never trusted as facts: every pass rescans
 the whole folder and polls for the truth, so a missed or forged event costs
 at most a delay. When converged nothing is due, and the loop sleeps until the
-rescan interval: no requests, no writes (law 12).
+rescan interval: no requests, no writes while converged.
 
 SIGTERM/SIGINT: ``STOPPING=1``, let the running pass finish for a moment, then
 cancel it (every step is recorded in the ledger before and after it happens,
@@ -224,7 +224,7 @@ class Daemon:
     async def _loop(self, ledger: Ledger, server: WebhookServer | None) -> None:
         failures = 0
         quick = 0
-        # The start-up pass is the first full rescan (law 1).
+        # The start-up pass is the first full rescan: events missed while stopped cost nothing.
         next_rescan = time.monotonic()
         while not self._stop.is_set():
             if self._reload_requested:
@@ -388,7 +388,7 @@ class Daemon:
 class SpecWatcher:
     """Watches the specs folder with watchfiles and calls ``on_change`` for relevant events.
 
-    Events are hints (law 1). Temp, swap, backup and hidden files are not
+    Events are hints; the pass rescans for the truth. Temp, swap, backup and hidden files are not
     relevant (``is_spec_candidate``); folders are, since a folder moved in or
     out carries its files without an event for each. While the specs folder is
     missing, its nearest existing ancestor is watched (not recursively) until

@@ -141,7 +141,7 @@ class SpecScan:
     ``root_state`` tells the planner whether pruning is safe: only ``"ok"``
     means the folder was read completely. A folder with a subfolder that
     cannot be listed is ``"unreadable"``, because the tracks in it are unknown,
-    not gone (law 4).
+    not gone, and a bad spec must remove nothing.
     """
 
     root_state: Literal["ok", "missing", "unreadable", "empty"]

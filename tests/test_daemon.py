@@ -136,7 +136,7 @@ def test_specs_folder_deleted_and_recreated(project: Project, tmp_path: Path) ->
         shutil.copytree(project.specs, backup)
         shutil.rmtree(project.specs)
         d.wait_event("watch.folder_missing", after=before)
-        # A missing folder prunes nothing (law 4).
+        # A missing folder prunes nothing.
         d.wait_event("pass.completed", after=before)
         assert (project.out / "one" / "x.mp3").is_file()
 
@@ -241,7 +241,7 @@ def test_second_run_or_sync_exits_at_once_with_a_clear_message(project: Project)
             assert "in use by pid" in lines[0]
             assert str(d.pid) in lines[0]
             assert took < 10
-        # status reads the ledger alongside the daemon (law 9).
+        # status reads the ledger alongside the daemon, without its lock.
         assert project.status()["summary"]["ready"] == 1
         stopped_within(d, 5)
 
