@@ -1,9 +1,9 @@
 """The daemon behind ``reconciler run``: watch, wait, run the same pass as ``sync``.
 
-Where it sits: between the CLI and reconciling. It takes the state lock (one writer per state folder),
-opens the ledger and the API client (the embedded sandbox with ``--sandbox``),
-and then loops: run one reconcile pass, tell systemd how it went, wait for the
-next reason to run another. The reasons:
+Where it sits: between the CLI and reconciling. It takes the state lock (one
+writer per state folder), opens the ledger and the API client (the embedded
+sandbox with ``--sandbox``), and then loops: run one reconcile pass, tell
+systemd how it went, wait for the next reason to run another. The reasons:
 
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
 - a file in the specs folder changed, plus the batching window, so a burst
