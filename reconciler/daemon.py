@@ -8,6 +8,8 @@ systemd how it went, wait for the next reason to run another. The reasons:
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
 - a file in the specs folder changed, plus the batching window, so a burst
   of saves shares batches;
+- an output file reconciler wrote was deleted or replaced (the output
+  folder is watched too), so it comes back from the cache within seconds;
 - a verified webhook arrived (webhooks.py), plus a short window, so the ten
   callbacks of one batch cost one poll;
 - the periodic full rescan (``rescan_interval``), and SIGHUP.
