@@ -319,7 +319,7 @@ def test_status_answers_while_sync_writes(project: Project) -> None:
     try:
         wait_until(lambda: project.stats()["batch_submit_calls"] >= 2, 30, "both batches")
         report = project.status()
-        assert report["summary"]["generating"] == 15
+        assert report["summary"]["generating"] == 15, report["summary"]
         assert report["batches_in_flight"] == 2
     finally:
         assert proc.wait(timeout=60) == 0
