@@ -204,6 +204,7 @@ def build_report(
         },
         "submit_block": block,
         "specs_folder": _folder_state(settings.specs_dir),
+        "specs_path": str(settings.specs_dir),
         "layout_problems": check_layout(
             settings.specs_dir, settings.out_dir, settings.state_dir, writable=False
         ),
@@ -293,8 +294,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(f"[red]folder layout: {problem}[/]", soft_wrap=True)
     if report["specs_folder"] != "ok":
         console.print(
-            f"[yellow]the specs folder is {report['specs_folder']}: the last good specs stay "
-            "in force[/]",
+            f"[yellow]the specs folder {report['specs_path']} is {report['specs_folder']}: "
+            "the last good specs stay in force[/]",
             soft_wrap=True,
         )
     if report["submit_block"]:

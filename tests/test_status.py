@@ -105,7 +105,7 @@ def test_status_says_when_the_specs_folder_is_missing(project: Project) -> None:
     project.specs.rename(project.root / "specs-moved")
     report = project.status()
     assert report["specs_folder"] == "missing"
-    assert "specs folder is missing" in project.cli("status").stdout
+    assert f"specs folder {project.specs} is missing" in project.cli("status").stdout
 
 
 def test_queued_rows_say_why(project: Project) -> None:
