@@ -186,3 +186,30 @@ def test_the_summary_splits_queued_and_retrying_like_status(project: Project) ->
     assert (last["queued"], last["retrying"]) == (0, 1)
     assert "1 retrying" in proc.stderr.splitlines()[-1]
     assert "queued" not in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a restarted sandbox hands out task ids the ledger already knows, and the "
+    "ledger drops the new task: its charge goes uncounted (issue 10, problem 1; "
+    "lands with fresh ids per start); remove this mark when it passes",
+)
+def test_spent_today_counts_every_charge_across_sandbox_restarts(tmp_path: Path) -> None:
+    """The first-day report: status said 165 credits where the sandbox charged 180."""
+    from reconciler.sandbox import SandboxConfig, SandboxControl, SandboxServer
+
+    charged = 0
+    project: Project | None = None
+    for prompt in ("lofi beats", "lofi beats with rain"):
+        with SandboxServer(SandboxConfig(latency=0.2)) as server:
+            control = SandboxControl(server.base_url, server.key)
+            project = Project(tmp_path, control)
+            project.write_spec("study.yaml", [track("a", prompt), track("b", "jazz")])
+            if charged:
+                # Without fresh ids this sync waits for the edited track forever.
+                project.cli("sync", timeout=15)
+            else:
+                project.sync()
+            charged += control.stats()["credits_charged"]
+    assert project is not None
+    assert project.status()["credits"]["spent_today"] == charged
