@@ -7,9 +7,9 @@ copies it to ``<out>/<soundtrack>/<track>.mp3`` and the playlist and
 ``tracks.json`` are rendered and written with :func:`write_text_if_changed`.
 The ledger records what was written (sha256, size, mtime_ns) so a later pass
 checks drift with :func:`file_state` (a stat) and re-hashes only on mismatch.
-Pruned files go to the :class:`Trash`, never straight to deletion (law 5).
+Pruned files go to the :class:`Trash`, never straight to deletion.
 
-Every write is atomic (law 6): a hidden temp file in the destination's
+Every write is atomic: a hidden temp file in the destination's
 directory, fsync, ``os.replace``, fsync of the directory. A crash leaves either
 the old file or the new one under the real name, plus at worst a temp that the
 ``sweep_*`` functions remove at start-up. OSError and mutagen errors are
@@ -547,7 +547,7 @@ def render_tracks_json(soundtrack: str, entries: Sequence[TrackOutput]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Trash (law 5)
+# Trash: pruned files wait here for the grace period before deletion
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ CREDITS_PER_TASK = 15
 BATCH_SIZE = 10
 
 GenState = Literal["queued", "submitting", "unknown", "running", "succeeded", "parked"]
-#: States in which a fingerprint is paid for or may be: never submit these again (law 2).
+#: States in which a fingerprint is paid for or may be: never submit these again.
 IN_FLIGHT: frozenset[str] = frozenset({"submitting", "unknown", "running"})
+#: The per-soundtrack lists written beside the audio.
+LIST_FILES = ("playlist.m3u8", "tracks.json")
 RootState = Literal["ok", "missing", "unreadable", "empty"]
 DiskState = Literal["ok", "missing", "drifted"]
 
@@ -71,7 +73,7 @@ class Desired:
 
     tracks: tuple[DesiredTrack, ...]
     requests: Mapping[str, Mapping[str, Any]]
-    #: Invalid files whose last good version stays in force (law 4).
+    #: Invalid files whose last good version stays in force (a bad spec removes nothing).
     stale: tuple[str, ...] = ()
     #: False when the folder is missing, empty or unreadable, or a file is invalid.
     prune_allowed: bool = True
@@ -95,7 +97,7 @@ def desired_state(
 
     A folder that is missing, empty or unreadable keeps every last good file in
     force: it looks like an accident (unmounted disk, half-finished checkout),
-    and law 4 says a bad spec removes nothing.
+    and a bad spec must remove nothing.
     """
     invalid = sorted(invalid)
     if root_state != "ok":
@@ -211,6 +213,7 @@ def diff(
             if fact.disk != "ok" and fact.cached:
                 restore.append(path)
     wanted = {p for t in desired.tracks for p in t.outputs}
+    wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
     pruned = (
         tuple(sorted(p for p in outputs if p not in wanted))
         if prune and desired.prune_allowed
@@ -240,10 +243,10 @@ def due_submissions(
     """Fingerprints to submit now, in spec order.
 
     Only queued ones whose backoff has passed; never more than the in-flight
-    cap allows, nor more tasks than the budget and balance pay for (law 8).
+    cap allows, nor more tasks than the budget and balance pay for.
     When the in-flight cap holds fingerprints back while tasks are in flight,
     room frees up a task at a time: waiting for a full batch keeps G
-    fingerprints at ceil(G/10) submit calls (law 3). A budget limit, or a cap
+    fingerprints at ceil(G/10) submit calls. A budget limit, or a cap
     below ten with nothing in flight, does not free up, so it does not wait.
     """
     eligible = [

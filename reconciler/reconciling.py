@@ -51,6 +51,7 @@ from reconciler.musicapi import (
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
+    LIST_FILES,
     Allowance,
     Desired,
     DesiredTrack,
@@ -72,8 +73,6 @@ MAX_UPSTREAM_ATTEMPTS = 3
 #: Downloads in parallel: enough to stream results, few enough to be polite.
 DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
-#: The per-soundtrack lists written beside the audio.
-LIST_FILES = ("playlist.m3u8", "tracks.json")
 #: Upstream failure types that are a verdict on the content, not a hiccup.
 _PERMANENT_FAILURES = frozenset({"forbidden"})
 
@@ -93,7 +92,12 @@ class PassResult:
     pruned: int = 0
     in_flight: int = 0
     queued: int = 0
+    #: Of ``queued``, those waiting to try again after a failure (status: "retrying").
+    retrying: int = 0
     parked: int = 0
+    #: Tracks whose files are in place but whose spec file is now invalid:
+    #: not ``ready`` (status shows them "invalid"), and not work in flight either.
+    invalid_tracks: int = 0
     invalid_files: int = 0
     #: Spec files still changing: their last good version stays in force meanwhile.
     settling: int = 0
@@ -198,6 +202,9 @@ class Reconciler:
     async def run_pass(self) -> PassResult:
         if not self._started:
             self.startup()
+        # status checks the recorded outputs where they were written, whatever
+        # --out the person running it gives (an operator often gives none).
+        self.ledger.put("out_dir", str(self.settings.out_dir.absolute()))
         started = time.perf_counter()
         result = PassResult()
         now = self.clock()
@@ -206,6 +213,7 @@ class Reconciler:
             scan_specs,
             self.settings.specs_dir,
             models=self.settings.models,
+            limits=self.settings.field_limits,
             reuse=self._last_good,
             settle=Settling(self._observed, now, self.settings.batch_window),
         )
@@ -344,8 +352,10 @@ class Reconciler:
         self._submit_waits_for_time = True
         if now < self._submit_pause_until:
             result.blocked = self._block_reason
+            self.log.debug("submit.held", queued=len(queued), reason=self._block_reason)
             return
         if not any(gens[fp].next_attempt <= now for fp in queued):
+            self.log.debug("submit.nothing_due", queued=len(queued))
             return
         in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
 
@@ -365,7 +375,17 @@ class Reconciler:
             # finished tasks are found by polls, which are scheduled anyway.
             self._submit_waits_for_time = False
             return
-        to_send = due(await self._affordable(now))
+        affordable = await self._affordable(now)
+        to_send = due(affordable)
+        self.log.debug(
+            "submit.due",
+            queued=len(queued),
+            due=len(to_send),
+            in_flight=in_flight,
+            max_in_flight=self.settings.max_in_flight,
+            affordable=affordable,
+            held_reason=self._block_reason,
+        )
         if self._block_reason and not to_send:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
@@ -580,9 +600,19 @@ class Reconciler:
 
         interval = self.settings.poll_interval
         soon = self.ledger.batches_due_by(now + interval)
-        jobs = [cohort(c) for c in poll_cohorts(soon, interval, now)]
-        jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
-        jobs += [one_orphan(*o) for o in self.ledger.due_orphans(now)]
+        cohorts = poll_cohorts(soon, interval, now)
+        singles = self.ledger.due_single_tasks(now)
+        orphans = self.ledger.due_orphans(now)
+        self.log.debug(
+            "poll.due",
+            batches=len(soon),
+            cohorts=len(cohorts),
+            tasks=len(singles),
+            orphans=len(orphans),
+        )
+        jobs = [cohort(c) for c in cohorts]
+        jobs += [one_task(t.task_id) for t in singles]
+        jobs += [one_orphan(*o) for o in orphans]
         await asyncio.gather(*jobs)
 
     async def _poll_batch(self, batch_id: str, result: PassResult) -> bool:
@@ -848,6 +878,7 @@ class Reconciler:
         self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
         records = self.ledger.outputs()
         gens = self.ledger.generations()
+        previous = self._previous_clips(desired, records)
         entries: dict[str, list[out.TrackOutput]] = {}
         short: dict[str, str] = {}
         for t in desired.tracks:
@@ -856,6 +887,10 @@ class Reconciler:
             if len(clips) < t.clips:
                 arrived = usable.get(t.fingerprint, [])
                 if not (gen is not None and gen.state == "succeeded" and len(arrived) < t.clips):
+                    # Until the new audio replaces it, the old file stays listed.
+                    entries.setdefault(t.soundtrack, []).extend(
+                        self._still_listed(t, records, previous)
+                    )
                     continue
                 # The task is over with fewer clips than asked: what was paid
                 # for is written all the same, and the track says what is missing.
@@ -881,7 +916,10 @@ class Reconciler:
                     )
                 )
             if ok and t.fingerprint not in short:
-                result.ready += 1
+                if self.scan is not None and t.source in self.scan.errors:
+                    result.invalid_tracks += 1
+                else:
+                    result.ready += 1
             if ok:
                 entries.setdefault(t.soundtrack, []).extend(track_entries)
         for soundtrack in desired.soundtracks:
@@ -889,6 +927,60 @@ class Reconciler:
         # For status, which runs in another process; put() writes only changes.
         self.ledger.put("output_errors", self._failed_outputs)
         self.ledger.put("short_generations", short)
+
+    def _previous_clips(
+        self,
+        desired: Desired,
+        records: dict[str, OutputRecord],
+    ) -> dict[str, list[ClipRecord]]:
+        """Clips of the older generations whose files still stand where a track
+        waits for its new audio (a spec change being generated)."""
+        older = {
+            rec.fingerprint
+            for t in desired.tracks
+            for rel in t.outputs
+            if (rec := records.get(rel)) is not None
+            and rec.fingerprint is not None
+            and rec.fingerprint != t.fingerprint
+        }
+        return self.ledger.usable_clips(older) if older else {}
+
+    def _still_listed(
+        self,
+        t: DesiredTrack,
+        records: dict[str, OutputRecord],
+        previous: dict[str, list[ClipRecord]],
+    ) -> list[out.TrackOutput]:
+        """The list entries of a track's old files, while each is what the ledger wrote."""
+        kept = []
+        for n, rel in enumerate(t.outputs, start=1):
+            rec = records.get(rel)
+            if rec is None or rec.fingerprint is None or rec.fingerprint == t.fingerprint:
+                return []
+            clip = next(
+                (c for c in previous.get(rec.fingerprint, []) if c.sha256 == rec.sha256), None
+            )
+            soundtrack, filename = rel.split("/", 1)
+            try:
+                state = out.file_state(self._outdir.path(soundtrack, filename))
+            except OutputError:
+                return []
+            if clip is None or state != (rec.size, rec.mtime_ns):
+                return []
+            kept.append(
+                out.TrackOutput(
+                    filename=filename,
+                    track=t.name,
+                    clip_index=n,
+                    title=clip.title,
+                    lyrics=clip.lyrics,
+                    duration=clip.duration,
+                    clip_id=clip.clip_id,
+                    fingerprint=rec.fingerprint,
+                    tags=clip.tags,
+                )
+            )
+        return kept
 
     def _short_of_clips(self, t: DesiredTrack, have: int) -> str:
         reason = (
@@ -1055,11 +1147,23 @@ class Reconciler:
         result.states = states
         result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
         result.queued = states.get("queued", 0)
+        result.retrying = sum(
+            1
+            for t in desired.tracks
+            if t.fingerprint in gens
+            and gens[t.fingerprint].state == "queued"
+            and gens[t.fingerprint].attempts
+        )
         result.parked = states.get("parked", 0)
         # Succeeded generations whose files are not there yet are still work,
         # unless writing them failed for a reason only a person can fix.
         result.in_flight += max(
-            0, states.get("succeeded", 0) - result.ready - result.output_failures - result.short
+            0,
+            states.get("succeeded", 0)
+            - result.ready
+            - result.invalid_tracks
+            - result.output_failures
+            - result.short,
         )
         submit_from = (
             max(self.clock(), self._submit_pause_until)
@@ -1075,7 +1179,8 @@ class Reconciler:
             "total": result.total,
             "ready": result.ready,
             "in_flight": result.in_flight,
-            "queued": result.queued,
+            "queued": result.queued - result.retrying,
+            "retrying": result.retrying,
             "parked": result.parked,
             "invalid_files": result.invalid_files,
             "blocked": result.blocked,

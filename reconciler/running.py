@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reconciler import outputs as out
 from reconciler.config import Settings
+from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.planning import (
@@ -31,6 +32,7 @@ from reconciler.planning import (
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import Settling, scan_specs
+from reconciler.words import plural
 
 
 @asynccontextmanager
@@ -49,6 +51,7 @@ async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
 
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
+    require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     lock = StateLock(settings.state_dir)
     lock.acquire()
     try:
@@ -98,17 +101,21 @@ async def _converge_with_progress(rec: Reconciler, console: Console) -> PassResu
 
 
 def summary_line(r: PassResult) -> str:
-    parts = [f"{r.ready}/{r.total} tracks ready"]
+    parts = [f"{r.ready}/{plural(r.total, 'track')} ready"]
     if r.in_flight:
         parts.append(f"{r.in_flight} in flight")
-    if r.queued:
-        parts.append(f"{r.queued} queued")
+    if r.queued - r.retrying:
+        parts.append(f"{r.queued - r.retrying} queued")
+    if r.retrying:
+        parts.append(f"{r.retrying} retrying")
     if r.parked:
         parts.append(f"{r.parked} failed (see `reconciler status`)")
     if r.invalid_files:
-        parts.append(f"{r.invalid_files} invalid spec file(s)")
+        parts.append(plural(r.invalid_files, "invalid spec file"))
     if r.output_failures:
-        parts.append(f"{r.output_failures} output file(s) could not be written (see the log)")
+        parts.append(
+            f"{plural(r.output_failures, 'output file')} could not be written (see the log)"
+        )
     if r.blocked:
         parts.append(f"submissions paused: {r.blocked}")
     return ("converged: " if r.converged else "not converged: ") + ", ".join(parts)
@@ -138,7 +145,11 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         # window is only noted, since a pass would wait for it to settle.
         settle = Settling({}, time.time(), settings.batch_window, hold=False)
         scan = scan_specs(
-            settings.specs_dir, models=settings.models, reuse=last_good, settle=settle
+            settings.specs_dir,
+            models=settings.models,
+            limits=settings.field_limits,
+            reuse=last_good,
+            settle=settle,
         )
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
@@ -151,8 +162,6 @@ def make_plan(settings: Settings) -> dict[str, Any]:
     folder = out.OutputFolder(settings.out_dir)
     facts: dict[str, OutputFact] = {}
     for p, r in records.items():
-        if r.track is None:
-            continue
         disk = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
         # The cache only matters for a file to restore: no stat for the rest.
         cached = disk != "ok" and cache.has(r.sha256)
@@ -211,9 +220,10 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
         console.print(f"[yellow]suspended: {what} (`reconciler resume` lifts it)[/]")
     console.print(
-        f"{len(report['submit'])} generation(s) to submit in {report['submit_calls']} call(s), "
+        f"{plural(len(report['submit']), 'generation')} to submit in "
+        f"{plural(report['submit_calls'], 'call')}, "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
-        f"{len(report['restore'])} restored, {len(report['prune'])} pruned; "
+        f"{len(report['restore'])} restored, {plural(len(report['prune']), 'file')} pruned; "
         f"{report['in_flight']} in flight",
         soft_wrap=True,
     )

@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -39,6 +40,7 @@ from typing import Any, Literal
 import yaml
 
 from reconciler.errors import SpecError, SpecProblem
+from reconciler.limits import FIELD_LIMITS, TEXT_FIELDS, FieldLimits, limits_for, loosest
 
 try:  # libyaml is an order of magnitude faster; the pure-Python loader keeps marks too
     from yaml import CSafeLoader as _BaseYamlLoader
@@ -98,16 +100,6 @@ _TRACK_FIELDS = ("name", *_API_FIELDS, "variant", "clips")
 _DEFAULTS_FIELDS = tuple(f for f in _TRACK_FIELDS if f != "name")
 _TOP_FIELDS = ("soundtrack", "defaults", "tracks")
 
-# Text limits in characters: the newest models' limits here, the older
-# models' lower ones in _OLD_TEXT_LIMITS (checked once the model is known).
-_TEXT_LIMITS = {
-    "prompt": 5000,
-    "gpt_description_prompt": 400,
-    "title": 79,  # the API says "< 80"
-    "tags": 1000,
-    "negative_tags": 1000,
-}
-_OLD_TEXT_LIMITS = {"prompt": 3000, "tags": 199, "negative_tags": 199}
 
 # YAML 1.1 spellings PyYAML would turn into booleans; we read YAML 1.2 style
 # (they stay text) and point at the fix when one is used for a boolean field.
@@ -154,7 +146,7 @@ class SpecScan:
     ``root_state`` tells the planner whether pruning is safe: only ``"ok"``
     means the folder was read completely. A folder with a subfolder that
     cannot be listed is ``"unreadable"``, because the tracks in it are unknown,
-    not gone (law 4).
+    not gone, and a bad spec must remove nothing.
     """
 
     root_state: Literal["ok", "missing", "unreadable", "empty"]
@@ -262,6 +254,7 @@ def load_spec_file(
     path: Path,
     *,
     models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
     label_root: str | None = None,
 ) -> SpecFile:
     """Read and validate one spec file under ``root``.
@@ -273,13 +266,14 @@ def load_spec_file(
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
     data, _ = _read_spec_bytes(root, rel, label)
-    return _parse(label, data, rel, models)[0]
+    return _parse(label, data, rel, models, limits)[0]
 
 
 def scan_specs(
     root: Path,
     *,
     models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
     reuse: Mapping[str, SpecFile] | None = None,
     settle: Settling | None = None,
 ) -> SpecScan:
@@ -291,7 +285,7 @@ def scan_specs(
 
     A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
     earlier object is returned, which keeps a pass over an unchanged folder
-    cheap. Pass ``reuse`` only from scans made with the same ``models``.
+    cheap. Pass ``reuse`` only from scans made with the same ``models`` and ``limits``.
     ``reuse`` also settles two files naming one soundtrack: the file whose
     earlier version named it keeps it; otherwise the first by path does.
     Symlinked folders are not followed (they could leave the root or loop);
@@ -337,7 +331,7 @@ def scan_specs(
             if previous is not None and previous.digest == digest:
                 spec = previous
             else:
-                spec = _parse(label, data, rel, models)[0]
+                spec = _parse(label, data, rel, models, limits)[0]
         except SpecError as exc:
             errors[rel] = exc
             continue
@@ -353,13 +347,23 @@ def scan_specs(
 
     files: dict[str, SpecFile] = {}
     owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
+    # An invalid file keeps its last good version in force, and with it its
+    # soundtrack: another file naming it is the duplicate (and is reported),
+    # unless that file defined it itself last time.
+    incumbents = {
+        spec.soundtrack for rel, _, spec in parsed if not incumbent_first((rel, b"", spec))[0]
+    }
+    for rel in errors:
+        previous = reuse.get(rel) if reuse else None
+        if previous is not None and previous.soundtrack not in incumbents:
+            owners.setdefault(previous.soundtrack, _label(prefix, rel))
     for rel, data, spec in sorted(parsed, key=incumbent_first):
         label = _label(prefix, rel)
         owner = owners.get(spec.soundtrack)
         if owner is not None:
             # Only now is the line needed; parsing again is cheaper than
             # carrying it on every SpecFile for this rare case.
-            line = _parse(label, data, rel, models)[1]
+            line = _parse(label, data, rel, models, limits)[1]
             message = (
                 f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
                 "give this file another `soundtrack:` name"
@@ -472,6 +476,12 @@ def _too_large(size: int) -> str:
 class _Doc:
     data: Any
     lines: dict[_Loc, int]
+    #: Problems met while reading (a duplicate key, an alias) that leave the
+    #: rest readable: validation goes on and reports them with the others.
+    problems: list[SpecProblem] = field(default_factory=list)
+    #: Where a value was refused while reading (read as unset): nothing more
+    #: is said about those places, the reading problem says it all.
+    refused: set[_Loc] = field(default_factory=set)
 
     def line(self, loc: _Loc) -> int:
         """The line of ``loc``, or of its closest located parent."""
@@ -484,7 +494,12 @@ class _Doc:
 
 
 def parse_spec(
-    label: str, data: bytes, *, path: str, models: Sequence[str] = DEFAULT_MODELS
+    label: str,
+    data: bytes,
+    *,
+    path: str,
+    models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
 ) -> SpecFile:
     """Validate one spec file's bytes; the format follows ``path``'s suffix.
 
@@ -492,10 +507,12 @@ def parse_spec(
     root-relative path stored in the result and used for the default
     soundtrack name. Raises :class:`SpecError` listing every problem found.
     """
-    return _parse(label, data, path, models)[0]
+    return _parse(label, data, path, models, limits)[0]
 
 
-def _parse(label: str, data: bytes, path: str, models: Sequence[str]) -> tuple[SpecFile, int]:
+def _parse(
+    label: str, data: bytes, path: str, models: Sequence[str], limits: FieldLimits
+) -> tuple[SpecFile, int]:
     """parse_spec, also returning the line that names the soundtrack."""
     suffix = PurePosixPath(path).suffix.lower()
     reader = _READERS.get(suffix)
@@ -504,7 +521,7 @@ def _parse(label: str, data: bytes, path: str, models: Sequence[str]) -> tuple[S
         message = f"unsupported file type '{suffix}' (spec files end in {known})"
         raise SpecError([SpecProblem(label, None, None, message)])
     doc = reader(label, _decode(label, data))
-    return _validate(label, path, doc, models, hashlib.sha256(data).hexdigest())
+    return _validate(label, path, doc, models, limits, hashlib.sha256(data).hexdigest())
 
 
 def _decode(label: str, data: bytes) -> str:
@@ -621,9 +638,7 @@ def _read_yaml(label: str, text: str) -> _Doc:
         raise SpecError([SpecProblem(label, None, None, "file is empty (it holds only comments)")])
     builder = _YamlBuilder(label)
     data = builder.build(root, (), 0)
-    if builder.problems:
-        raise SpecError(builder.problems)
-    return _Doc(data, builder.lines)
+    return _Doc(data, builder.lines, builder.problems, builder.refused)
 
 
 _YAML_FLOW_VALUE = re.compile(r"(?:^|:\s|-\s)\s*[\[{]")
@@ -649,10 +664,14 @@ class _YamlBuilder:
         self.label = label
         self.lines: dict[_Loc, int] = {}
         self.problems: list[SpecProblem] = []
+        self.refused: set[_Loc] = set()
         self.seen: set[int] = set()
 
-    def problem(self, loc: _Loc, line: int, message: str) -> None:
+    def problem(self, loc: _Loc, line: int, message: str, *, refused: bool = True) -> None:
+        """Record a problem; ``refused``: the value at ``loc`` was read as unset."""
         self.problems.append(SpecProblem(self.label, line, _field(loc), message))
+        if refused:
+            self.refused.add(loc)
 
     def build(self, node: yaml.Node, loc: _Loc, depth: int) -> Any:
         line = node.start_mark.line + 1
@@ -660,7 +679,9 @@ class _YamlBuilder:
         # The composer hands out the anchored node again for each alias, so a
         # node seen twice is an alias: refusing it rules out "billion laughs".
         if id(node) in self.seen:
-            self.problem(loc, line, "YAML aliases (*name) are not supported; use `defaults`")
+            # Reported where the alias is used, not where its anchor is.
+            where = self.lines.get(loc, line)
+            self.problem(loc, where, "YAML aliases (*name) are not supported; use `defaults`")
             return None
         self.seen.add(id(node))
         if depth > _MAX_DEPTH:
@@ -682,7 +703,9 @@ class _YamlBuilder:
             key = str(key_node.value)
             if key in result:
                 first = self.lines[(*loc, key)]
-                self.problem((*loc, key), line, f"duplicate field {key!r} (first at line {first})")
+                # The first value stays and is checked like any other.
+                message = f"duplicate field {key!r} (first at line {first})"
+                self.problem((*loc, key), line, message, refused=False)
                 continue
             self.lines[(*loc, key)] = line
             result[key] = self.build(value_node, (*loc, key), depth + 1)
@@ -868,19 +891,13 @@ def _read_json(label: str, text: str) -> _Doc:
     except ValueError:
         raise _number_error(label, "JSON", text) from None
     lines, duplicates = _json_lines(text)
-    if duplicates:
-        raise SpecError(
-            [
-                SpecProblem(
-                    label,
-                    line,
-                    _field(loc),
-                    f"duplicate field {loc[-1]!r} (first at line {lines[loc]})",
-                )
-                for loc, line in duplicates
-            ]
+    problems = [
+        SpecProblem(
+            label, line, _field(loc), f"duplicate field {loc[-1]!r} (first at line {lines[loc]})"
         )
-    return _Doc(data, lines)
+        for loc, line in duplicates
+    ]
+    return _Doc(data, lines, problems)
 
 
 def _json_lines(text: str) -> tuple[dict[_Loc, int], list[tuple[_Loc, int]]]:
@@ -1065,13 +1082,15 @@ _CHECKS: dict[str, Callable[[Any], _Checked]] = {
 }
 
 
-def _check(key: str, value: Any, models: Sequence[str]) -> _Checked:
+def _check(key: str, value: Any, models: Sequence[str], limits: FieldLimits) -> _Checked:
     if value is None:  # an explicit null unsets the field, defaults included
         return None, None
     if key == "mv":
         return _check_model(value, models)
-    if key in _TEXT_LIMITS:
-        return _check_text(value, _TEXT_LIMITS[key])
+    if key in TEXT_FIELDS:
+        # The model may not be known yet (it can come from defaults): the
+        # loosest limit here, the model's own once the track is merged.
+        return _check_text(value, loosest(key, limits))
     return _CHECKS[key](value)
 
 
@@ -1079,14 +1098,19 @@ _INVALID = object()  # a field given with a bad value: reported once, skipped af
 
 
 class _Validator:
-    def __init__(self, label: str, doc: _Doc, models: Sequence[str]) -> None:
+    def __init__(self, label: str, doc: _Doc, models: Sequence[str], limits: FieldLimits) -> None:
         self.label = label
         self.doc = doc
         self.models = models
+        self.limits = limits
         self.problems: list[SpecProblem] = []
         self.named: list[tuple[int, str, int]] = []  # (track index, name, clips)
 
     def problem(self, loc: _Loc, message: str, line: int | None = None) -> None:
+        # At or under a refused value, or about the entry that holds it (a
+        # track "needs a prompt" whose prompt was refused): already said.
+        if any(loc[: len(r)] == r or (loc and r[: len(loc)] == loc) for r in self.doc.refused):
+            return
         line = self.doc.line(loc) if line is None else line
         self.problems.append(SpecProblem(self.label, line, _field(loc), message))
 
@@ -1101,7 +1125,7 @@ class _Validator:
                     message = _unknown(key, known)
                 self.problem((*loc, key), message)
                 continue
-            value, problem = _check(key, raw, self.models)
+            value, problem = _check(key, raw, self.models, self.limits)
             if problem:
                 self.problem((*loc, key), problem)
                 value = _INVALID
@@ -1160,19 +1184,19 @@ class _Validator:
         if model is None:
             known = ", ".join(self.models)
             self.problem(loc, f"missing 'mv': set the model on the track or in defaults ({known})")
-        elif model is not _INVALID and model in _OLD_MODELS:
-            for key, limit in _OLD_TEXT_LIMITS.items():
+        elif model is not _INVALID:
+            for key, limit in limits_for(model, self.limits).items():
                 value = merged.get(key)
                 if isinstance(value, str) and len(value) > limit:
                     at, note = where(key)
                     self.problem(
                         at,
                         f"is {len(value)} characters long{note}; {model} allows at most {limit}"
-                        f" (sonic-v4-5 and later allow {_TEXT_LIMITS[key]})",
+                        f" (other models up to {loosest(key, self.limits)})",
                     )
-            if merged.get("vocal_gender") not in (None, _INVALID):
-                at, note = where("vocal_gender")
-                self.problem(at, f"needs sonic-v4-5 or later{note}; this track uses {model}")
+        if model in _OLD_MODELS and merged.get("vocal_gender") not in (None, _INVALID):
+            at, note = where("vocal_gender")
+            self.problem(at, f"needs sonic-v4-5 or later{note}; this track uses {model}")
 
         if len(self.problems) > before:
             return None
@@ -1220,7 +1244,7 @@ class _Validator:
         stem = PurePosixPath(path).stem
         if _NAME_RE.match(stem):
             return stem
-        slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "my-soundtrack"
+        slug = _slug(stem)
         self.problem(
             ("soundtrack",),
             f"the file name {stem!r} is not a valid soundtrack name ({_NAME_RULE}): "
@@ -1230,14 +1254,23 @@ class _Validator:
         return None
 
 
+def _slug(stem: str) -> str:
+    """A valid soundtrack name close to a file name: 'Café Nights' → 'cafe-nights'."""
+    # Accents are separated from their letters and dropped, so 'é' gives 'e', not nothing.
+    ascii_text = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ascii_text.lower()).strip("-._")[:64]
+    return slug or "my-soundtrack"
+
+
 def _validate(
-    label: str, path: str, doc: _Doc, models: Sequence[str], digest: str
+    label: str, path: str, doc: _Doc, models: Sequence[str], limits: FieldLimits, digest: str
 ) -> tuple[SpecFile, int]:
-    check = _Validator(label, doc, models)
+    check = _Validator(label, doc, models, limits)
+    check.problems.extend(doc.problems)
     data = doc.data
     if not isinstance(data, dict):
         message = f"the top level must be a mapping with a 'tracks' list, not {_show(data)}"
-        raise SpecError([SpecProblem(label, doc.line(()), None, message)])
+        raise SpecError([*doc.problems, SpecProblem(label, doc.line(()), None, message)])
     for key in data:
         if key not in _TOP_FIELDS:
             if key in _TRACK_FIELDS:

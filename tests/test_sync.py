@@ -153,7 +153,7 @@ def test_plan_shows_cost_and_exit_codes(project: Project) -> None:
     three_soundtracks(project, 12)
     proc = project.cli("plan")
     assert proc.returncode == 2, proc.stderr
-    assert "12 generation(s) to submit in 2 call(s), 180 credits" in " ".join(proc.stdout.split())
+    assert "12 generations to submit in 2 calls, 180 credits" in " ".join(proc.stdout.split())
     assert project.stats()["batch_submit_calls"] == 0, "plan is a dry run"
     project.sync()
     assert project.cli("plan").returncode == 0
@@ -437,3 +437,68 @@ def test_plan_reads_settling_files_as_they_are_and_notes_them(project: Project) 
     assert report["settling"] == ["new.yaml"]
     assert sorted(t for item in report["submit"] for t in item["tracks"]) == ["new/a", "old/b"]
     assert "settling  new.yaml" in project.cli("plan").stdout
+
+
+def test_plan_prune_counts_every_file_it_moves(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    (project.specs / "gym.yaml").unlink()
+    (project.specs / "songs.yaml").unlink()
+    plan = project.cli("plan", "--prune", "--json")
+    assert plan.returncode == 2
+    announced = json.loads(plan.stdout)["prune"]
+    assert "gym-mix/playlist.m3u8" in announced
+    assert "songs/tracks.json" in announced
+    before = set(project.files())
+    text = project.cli("plan", "--prune")
+    assert f"{len(announced)} files pruned" in text.stdout
+    project.sync("--prune")
+    moved = before - set(project.files())
+    assert sorted(moved) == sorted(announced)
+
+
+def test_plan_with_a_missing_specs_folder_fails(project: Project) -> None:
+    three_soundtracks(project, 3)
+    proc = project.cli("plan", "--specs", str(project.root / "typo"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"reconciler: the specs folder {project.root / 'typo'} is missing "
+        "(--specs, or `specs` in the config)"
+    )
+
+
+def test_plan_lines_are_never_wrapped_into_a_pipe(project: Project) -> None:
+    long_track = "a-track-with-a-name-long-enough-to-pass-eighty-columns-on-its-own"[:64]
+    project.write_spec("s.yaml", [track(long_track, "lofi")], soundtrack="a-long-soundtrack-name")
+    proc = project.cli("plan")
+    lines = proc.stdout.splitlines()
+    submit = [line for line in lines if line.startswith("+ submit")]
+    assert len(submit) == 1
+    assert long_track in submit[0]
+    assert submit[0].endswith(")")
+    assert len(lines) == 2
+    assert lines[1] == (
+        "1 generation to submit in 1 call, 15 credits; 0 reused, 0 restored, 0 files pruned; "
+        "0 in flight"
+    )
+
+
+def test_validate_counts_in_plain_english(project: Project) -> None:
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler", "validate", "--specs", str(project.specs)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    project.write_spec("one.yaml", [track("a", "lofi")])
+    assert validate().stderr.strip() == "1 file, 1 track: valid"
+    (project.specs / "two.yaml").write_text("tracks:\n  - {name: b, mv: sonic-v9, prompt: x}\n")
+    assert validate().stderr.strip().splitlines()[-1] == "1 problem in 1 file"
+    (project.specs / "one.yaml").unlink()
+    (project.specs / "two.yaml").unlink()
+    project.specs.rmdir()
+    missing = validate()
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == "1 problem"
