@@ -7,7 +7,7 @@ watches it for ``--seconds`` (default 60) while nothing changes. From
 ``/proc/<pid>``: CPU time (utime + stime of every thread), context switches
 (each is a wake-up: the watcher thread checks its stop flag every 100 ms,
 the rest should sleep), peak and current RSS. From the sandbox: requests
-during the idle window (law 12: none). From the state folder: bytes written.
+during the idle window (a converged daemon sends none). From the state folder: bytes written.
 
 Usage::
 

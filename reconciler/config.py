@@ -9,16 +9,19 @@ can fix them.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from reconciler.errors import ConfigError
+from reconciler.limits import FIELD_LIMITS, FieldLimits, with_overrides
 from reconciler.specs import DEFAULT_MODELS
 
 DEFAULT_API_URL = "https://api.musicapi.ai/api/v1"
@@ -28,6 +31,9 @@ KEY_HELP = (
     "no MusicAPI key: set MUSICAPI_KEY, or api_key_file in the config file, "
     "or pass --sandbox to use the bundled emulator"
 )
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class _Section(BaseModel):
@@ -78,6 +84,16 @@ class _Ops(_Section):
     listen: str | None = None
 
 
+class _Limits(_Section):
+    """One model's overrides of the text-length table (limits.py)."""
+
+    prompt: int | None = Field(None, gt=0)
+    gpt_description_prompt: int | None = Field(None, gt=0)
+    title: int | None = Field(None, gt=0)
+    tags: int | None = Field(None, gt=0)
+    negative_tags: int | None = Field(None, gt=0)
+
+
 class _File(_Section):
     specs: Path | None = None
     out: Path | None = None
@@ -85,7 +101,7 @@ class _File(_Section):
     api_url: str | None = None
     api_key_file: Path | None = None
     models: tuple[str, ...] | None = None
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     submit: _Submit = _Submit()
     api: _Api = _Api()
     poll: _Poll = _Poll()
@@ -93,6 +109,7 @@ class _File(_Section):
     prune: _Prune = _Prune()
     webhook: _Webhook = _Webhook()
     ops: _Ops = _Ops()
+    limits: dict[str, _Limits] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,11 @@ class Settings:
     api_key: SecretStr | None = field(repr=False)
     sandbox: bool = False
     models: tuple[str, ...] = DEFAULT_MODELS
+    #: model → text field → most characters allowed (limits.py, with the config's overrides).
+    field_limits: FieldLimits = field(default_factory=lambda: FIELD_LIMITS)
     batch_size: int = 10
+    #: Seconds a burst of saves may share batches, and how long a spec file must
+    #: stay unchanged (size, mtime, content) before a pass reads it.
     batch_window: float = 2.0
     max_in_flight: int = 200
     daily_budget: int | None = None
@@ -184,10 +205,52 @@ def _read_file(path: Path) -> _File:
     try:
         return _File.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from exc
+        # Every problem in the file, one line each, so one edit fixes them all.
+        lines = [f"{path}: {_describe(error)}" for error in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def _section_of(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that holds the last key of ``loc`` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = _File
+    keys = list(loc[:-1])
+    while keys:
+        info = model.model_fields.get(str(keys.pop(0)))
+        annotation = info.annotation if info else None
+        if get_origin(annotation) is dict:
+            # A table of tables keyed by name ([limits.<model>]): skip the name.
+            annotation = get_args(annotation)[1]
+            if not keys:
+                return None
+            keys.pop(0)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _describe(error: ErrorDetails) -> str:
+    """One pydantic error in the words of a person editing the file."""
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc)
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        section = _section_of(loc)
+        known = sorted(section.model_fields) if section else []
+        return f"{where}: unknown key{_did_you_mean(str(loc[-1]), known)}"
+    if error["type"] == "literal_error" and loc == ("log_level",):
+        levels = list(get_args(LogLevel))
+        hint = _did_you_mean(str(value), levels) or f" (one of {', '.join(levels)})"
+        return f"{where}: {value!r} is not a log level{hint}"
+    if error["type"] == "model_type":
+        return f"{where}: expected a [{where}] table, got {value!r}"
+    message = error["msg"].replace("Input should be", "must be", 1)
+    return f"{where}: {message}, got {value!r}"
 
 
 def _relative_to(base: Path | None, value: Path | None) -> Path | None:
@@ -277,6 +340,16 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
     # The docs recommend polling every 15-25 s; the sandbox finishes in seconds,
     # so an unconfigured sandbox run polls faster to feel alive.
     poll = conf.poll.interval or (1.0 if flags.sandbox else 15.0)
+    models = conf.models or DEFAULT_MODELS
+    unknown = [m for m in conf.limits if m not in models]
+    if unknown:
+        raise ConfigError(
+            "\n".join(
+                f"{source}: limits.{m}: unknown model"
+                + (_did_you_mean(m, list(models)) or f" (known: {', '.join(models)})")
+                for m in unknown
+            )
+        )
     return Settings(
         specs_dir=path(flags.specs, "RECONCILER_SPECS", conf.specs, "specs"),
         out_dir=path(flags.out, "RECONCILER_OUT", conf.out, "tracks"),
@@ -284,7 +357,10 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
         api_url=api_url.rstrip("/"),
         api_key=_api_key(env, conf, base),
         sandbox=flags.sandbox,
-        models=conf.models or DEFAULT_MODELS,
+        models=models,
+        field_limits=with_overrides(
+            {m: row.model_dump(exclude_none=True) for m, row in conf.limits.items()}
+        ),
         batch_window=conf.submit.batch_window,
         max_in_flight=conf.submit.max_in_flight,
         daily_budget=conf.submit.daily_budget,

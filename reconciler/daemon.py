@@ -1,21 +1,25 @@
 """The daemon behind ``reconciler run``: watch, wait, run the same pass as ``sync``.
 
-Where it sits: between the CLI and reconciling. It takes the state lock (law 9),
-opens the ledger and the API client (the embedded sandbox with ``--sandbox``),
-and then loops: run one reconcile pass, tell systemd how it went, wait for the
-next reason to run another. The reasons:
+Where it sits: between the CLI and reconciling. It takes the state lock (one
+writer per state folder), opens the ledger and the API client (the embedded
+sandbox with ``--sandbox``), and then loops: run one reconcile pass, tell
+systemd how it went, wait for the next reason to run another. The reasons:
 
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
 - a file in the specs folder changed, plus the batching window, so a burst
-  of saves shares batches (law 3);
+  of saves shares batches;
+- a spec file that was still changing has been unchanged for the batching
+  window (``PassResult.settle_at``): it is read then, with no new file event;
+- an output file reconciler wrote was deleted or replaced (the output
+  folder is watched too), so it comes back from the cache within seconds;
 - a verified webhook arrived (webhooks.py), plus a short window, so the ten
   callbacks of one batch cost one poll;
 - the periodic full rescan (``rescan_interval``), and SIGHUP.
 
-File events and webhooks are hints only (laws 1 and 11): every pass rescans
+File events and webhooks are hints only, never trusted as facts: every pass rescans
 the whole folder and polls for the truth, so a missed or forged event costs
 at most a delay. When converged nothing is due, and the loop sleeps until the
-rescan interval: no requests, no writes (law 12).
+rescan interval: no requests, no writes while converged.
 
 SIGTERM/SIGINT: ``STOPPING=1``, let the running pass finish for a moment, then
 cancel it (every step is recorded in the ledger before and after it happens,
@@ -40,7 +44,8 @@ from watchfiles import Change, awatch
 
 from reconciler import logs
 from reconciler.config import Settings, settings_summary
-from reconciler.errors import ConfigError, LedgerError, ReconcilerError
+from reconciler.errors import LedgerError, ReconcilerError
+from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.ops import Metrics, OpsApp
@@ -50,6 +55,7 @@ from reconciler.serving import AppServer
 from reconciler.specs import is_spec_candidate
 from reconciler.systemd import Notifier, watchdog_interval
 from reconciler.webhooks import WebhookReceiver, WebhookServer, apply_hints
+from reconciler.words import plural
 
 #: How long a pass may run on after SIGTERM before it is cancelled.
 STOP_GRACE = 3.0
@@ -95,28 +101,20 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
         daemon.notifier.close()
 
 
-def _check_paths(settings: Settings) -> None:
-    """Outputs and state inside the watched folder would wake the daemon with its own writes."""
-    specs = settings.specs_dir.resolve()
-    for name, path in (("output", settings.out_dir), ("state", settings.state_dir)):
-        resolved = path.resolve()
-        if resolved == specs or specs in resolved.parents:
-            raise ConfigError(
-                f"the {name} folder {path} is inside the specs folder {settings.specs_dir}; "
-                "move it out (law 12: the watched folder holds specs only)"
-            )
-
-
 def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
     """The one-line ``STATUS=`` systemd shows in ``systemctl status``."""
     parts = [
         f"{result.ready}/{result.total} ready",
         f"{result.in_flight} in flight",
-        f"{result.queued} queued",
+        f"{result.queued - result.retrying} queued",
         f"{result.parked} failed",
     ]
+    if result.retrying:
+        parts.insert(3, f"{result.retrying} retrying")
     if result.invalid_files:
-        parts.append(f"{result.invalid_files} invalid file(s)")
+        parts.append(plural(result.invalid_files, "invalid file"))
+    if result.settling:
+        parts.append(f"{plural(result.settling, 'file')} still changing")
     if result.blocked:
         parts.append(f"paused: {result.blocked}")
     parts.append(f"last pass {max(0, round(now - last_pass_at))}s ago")
@@ -135,6 +133,7 @@ class Daemon:
         self.watchdog = watchdog_interval()
         self.rec: Reconciler | None = None
         self.watcher: SpecWatcher | None = None
+        self.out_watcher: OutputWatcher | None = None
         self.receiver: WebhookReceiver | None = None
         self._poke = asyncio.Event()
         self._stop = asyncio.Event()
@@ -176,7 +175,8 @@ class Daemon:
     # -- start and stop --------------------------------------------------------------
 
     async def run(self) -> int:
-        _check_paths(self.settings)
+        s = self.settings
+        require_layout(s.specs_dir, s.out_dir, s.state_dir)
         lock = StateLock(self.settings.state_dir)
         lock.acquire()
         try:
@@ -206,8 +206,18 @@ class Daemon:
         server: WebhookServer | None = None
         ops: AppServer | None = None
         self.watcher = SpecWatcher(s.specs_dir, self.on_file_event)
+        self.out_watcher = OutputWatcher(
+            s.out_dir,
+            self.on_file_event,
+            lambda rel: _output_drifted(ledger, self.settings.out_dir, rel),
+        )
         try:
             await self.watcher.start()
+            # Created now rather than at the first write, so the watch is on
+            # the folder itself from the start (the layout check said it can be).
+            with contextlib.suppress(OSError):
+                s.out_dir.mkdir(parents=True, exist_ok=True)
+            await self.out_watcher.start()
             if s.webhook is not None:
                 self.receiver = WebhookReceiver(
                     s.webhook, on_hint=self.on_webhook, on_outcome=self.metrics.webhook
@@ -232,13 +242,14 @@ class Daemon:
             if server is not None:
                 await server.stop()
             await self.watcher.stop()
+            await self.out_watcher.stop()
 
     # -- the loop ------------------------------------------------------------------------
 
     async def _loop(self, ledger: Ledger, server: WebhookServer | None) -> None:
         failures = 0
         quick = 0
-        # The start-up pass is the first full rescan (law 1).
+        # The start-up pass is the first full rescan: events missed while stopped cost nothing.
         next_rescan = time.monotonic()
         while not self._stop.is_set():
             if self._reload_requested:
@@ -287,15 +298,20 @@ class Daemon:
         if result.changed and result.in_flight and quick_ok:
             # Something moved: look again at once, results often come in bunches.
             return now
+        settled = math.inf
+        if result.settle_at is not None:
+            # Not held back by the floor below: the file is read the moment
+            # its window ends. No busy loop: each window ends once.
+            settled = now + max(0.0, result.settle_at - time.time())
         if result.next_due is None:
-            return math.inf
+            return settled
         delay = result.next_due - time.time()
         if not result.changed:
             # Due now but not done by this pass: a queued generation the pass
             # could not submit (paused, budget, in-flight cap). Waiting a poll
             # interval keeps that from turning into a busy loop.
             delay = max(delay, self.settings.poll_interval)
-        return now + max(0.0, delay)
+        return min(settled, now + max(0.0, delay))
 
     async def _run_pass(self) -> PassResult | None:
         """One pass as a task, so a stop can give it a grace period and then cancel it."""
@@ -391,6 +407,8 @@ class Daemon:
             logs.configure(merged.log_level)
         if merged.specs_dir != self.settings.specs_dir and self.watcher is not None:
             self.watcher.retarget(merged.specs_dir)
+        if merged.out_dir != self.settings.out_dir and self.out_watcher is not None:
+            self.out_watcher.retarget(merged.out_dir)
         self.settings = merged
         if self.rec is not None:
             self.rec.settings = merged
@@ -403,7 +421,7 @@ class Daemon:
 class SpecWatcher:
     """Watches the specs folder with watchfiles and calls ``on_change`` for relevant events.
 
-    Events are hints (law 1). Temp, swap, backup and hidden files are not
+    Events are hints; the pass rescans for the truth. Temp, swap, backup and hidden files are not
     relevant (``is_spec_candidate``); folders are, since a folder moved in or
     out carries its files without an event for each. While the specs folder is
     missing, its nearest existing ancestor is watched (not recursively) until
@@ -509,8 +527,7 @@ class SpecWatcher:
             recursive=recursive,
         )
 
-    @staticmethod
-    def _relevant(root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
         relevant = False
         for change, name in changes:
             path = Path(name)
@@ -532,6 +549,52 @@ class SpecWatcher:
             elif is_spec_candidate(rel):
                 relevant = True
         return relevant
+
+
+class OutputWatcher(SpecWatcher):
+    """Watches the output folder so a deleted or replaced output comes back within seconds.
+
+    Only a file the ledger says reconciler wrote, and whose size or mtime no
+    longer match that record, is relevant (``drifted``): the reconciler's own
+    writes (hidden temp files, then a rename to a file whose state the ledger
+    records) and a person's other files wake nothing. Without this, a deleted
+    output would wait for the periodic rescan.
+    """
+
+    def __init__(
+        self, root: Path, on_change: Callable[[], None], drifted: Callable[[str], bool]
+    ) -> None:
+        super().__init__(root, on_change)
+        self.drifted = drifted
+
+    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+        for _, name in changes:
+            path = Path(name)
+            if path == root:
+                return True
+            try:
+                rel = path.relative_to(root)
+            except ValueError:
+                continue
+            if self.drifted(rel.as_posix()):
+                return True
+        return False
+
+
+def _output_drifted(ledger: Ledger, out_dir: Path, rel: str) -> bool:
+    """Whether an output the ledger recorded at ``rel`` (or under it) is gone or changed."""
+    rows = ledger.query(
+        "SELECT path, size, mtime_ns FROM outputs WHERE path = ? OR substr(path, 1, ?) = ?",
+        [rel, len(rel) + 1, rel + "/"],
+    )
+    for row in rows:
+        try:
+            st = (out_dir / row["path"]).stat()
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+            return True
+    return False
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

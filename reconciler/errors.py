@@ -11,6 +11,7 @@ class, not decided by string matching at the call site::
     ├── SpecError                   a spec file is invalid (holds every SpecProblem found)
     ├── LockedError                 another daemon or sync holds the state directory
     ├── LedgerError                 the SQLite ledger is unusable or too new
+    ├── UnknownNameError            a soundtrack, track or trash path given is not known
     ├── OutputError                 an output path escapes the output folder, a write failed
     │   └── InvalidAudioError       a file does not decode as audio with a positive duration
     └── APIError                    anything the MusicAPI said or failed to say
@@ -67,6 +68,10 @@ class LockedError(ReconcilerError):
 
 class LedgerError(ReconcilerError):
     """The ledger cannot be opened, migrated or written."""
+
+
+class UnknownNameError(ReconcilerError):
+    """A soundtrack, track or trash path named on the command line is not known."""
 
 
 class OutputError(ReconcilerError):

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import sqlite_utils
 
 from reconciler.errors import LedgerError, LockedError
-from reconciler.planning import Desired, Generation, GenState, OpenBatch
+from reconciler.planning import Desired, Generation, GenState, OpenBatch, Suspension
 from reconciler.specs import SpecFile, TrackSpec
 
 Clock = Callable[[], float]
@@ -1311,6 +1311,25 @@ class Ledger:
         with self.transaction():
             self.db.execute("DELETE FROM outputs WHERE path = ?", [path])
             self._event("output.pruned", path=path, trash=trash)
+
+    # -- suspension (``reconciler suspend``/``resume``) ---------------------------------
+
+    def suspension(self) -> Suspension:
+        return Suspension.from_json(self.get("suspended"))
+
+    def set_suspension(self, suspension: Suspension, *, event: str, soundtrack: str | None) -> None:
+        """Store what is suspended, with an event, in one transaction.
+
+        Written without the state lock (like ``retry``): the daemon reads it
+        at the start of each submit step, so the change applies from its next pass.
+        """
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO kv (key, value) VALUES ('suspended', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [_dumps(suspension.to_json())],
+            )
+            self._event(event, soundtrack=soundtrack, all=soundtrack is None)
 
     # -- reporting -----------------------------------------------------------------------
 

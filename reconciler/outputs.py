@@ -8,9 +8,9 @@ copies it beside ``<out>/<soundtrack>/<track>.mp3`` (tagged by the caller, see
 ``tracks.json`` are rendered and written with :func:`write_text_if_changed`.
 The ledger records what was written (sha256, size, mtime_ns) so a later pass
 checks drift with :func:`file_state` (a stat) and re-hashes only on mismatch.
-Pruned files go to the :class:`Trash`, never straight to deletion (law 5).
+Pruned files go to the :class:`Trash`, never straight to deletion.
 
-Every write is atomic (law 6): a hidden temp file in the destination's
+Every write is atomic: a hidden temp file in the destination's
 directory, fsync, ``os.replace``, fsync of the directory. A crash leaves either
 the old file or the new one under the real name, plus at worst a temp that the
 ``sweep_*`` functions remove at start-up. OSError and mutagen errors are
@@ -19,6 +19,7 @@ translated here into :class:`OutputError` / :class:`InvalidAudioError`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -596,7 +597,19 @@ def render_tracks_json(soundtrack: str, entries: Sequence[TrackOutput]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Trash (law 5)
+# Trash: pruned files wait here for the grace period before deletion
+
+
+@dataclass(frozen=True)
+class TrashEntry:
+    """One pruned file waiting in the trash."""
+
+    #: Where it was, relative to the output folder (``soundtrack/file``).
+    relative: str
+    #: Where it is now.
+    trashed: Path
+    moved_at: float
+    size: int
 
 
 class Trash:
@@ -661,3 +674,70 @@ class Trash:
         except OSError as e:
             raise OutputError(f"cannot empty the trash {self.root}: {e.strerror or e}") from e
         return removed
+
+    def entries(self) -> list[TrashEntry]:
+        """Every file in the trash, oldest batch first."""
+        if not self.root.is_dir():
+            return []
+        found: list[TrashEntry] = []
+        try:
+            for batch in sorted(self.root.iterdir()):
+                match = _TRASH_BATCH_RE.fullmatch(batch.name)
+                if match is None or batch.is_symlink() or not batch.is_dir():
+                    continue
+                moved_at = datetime.strptime(match[1], _TRASH_TS_FORMAT).replace(tzinfo=UTC)
+                for path in sorted(batch.rglob("*")):
+                    if path.is_dir() and not path.is_symlink():
+                        continue
+                    found.append(
+                        TrashEntry(
+                            relative=path.relative_to(batch).as_posix(),
+                            trashed=path,
+                            moved_at=moved_at.timestamp(),
+                            size=path.lstat().st_size,
+                        )
+                    )
+        except OSError as e:
+            raise OutputError(f"cannot read the trash {self.root}: {e.strerror or e}") from e
+        return found
+
+    def restore(self, entry: TrashEntry, out_root: Path) -> Path:
+        """Put ``entry`` back where it was; never overwrite a file that is there now."""
+        dest = Path(os.path.abspath(out_root)) / entry.relative
+        try:
+            _make_dirs(dest.parent)
+            try:
+                # A hard link fails if dest exists, where a rename would replace it.
+                os.link(entry.trashed, dest, follow_symlinks=False)
+            except FileExistsError:
+                raise OutputError(
+                    f"{dest} exists; move it away first (restore never overwrites)"
+                ) from None
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                # Trash on another filesystem: copy beside dest, then link into place.
+                temp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.restore")
+                shutil.copy2(entry.trashed, temp, follow_symlinks=False)
+                try:
+                    os.link(temp, dest, follow_symlinks=False)
+                except FileExistsError:
+                    raise OutputError(
+                        f"{dest} exists; move it away first (restore never overwrites)"
+                    ) from None
+                finally:
+                    os.unlink(temp)
+            _fsync_dir(dest.parent)
+            os.unlink(entry.trashed)
+            _fsync_dir(entry.trashed.parent)
+        except OSError as e:
+            raise OutputError(
+                f"cannot restore {dest} from {entry.trashed}: {e.strerror or e}"
+            ) from e
+        # Leave no empty folders behind in the trash.
+        for folder in entry.trashed.parents:
+            if folder == self.root:
+                break
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return dest

@@ -24,8 +24,10 @@ CREDITS_PER_TASK = 15
 BATCH_SIZE = 10
 
 GenState = Literal["queued", "submitting", "unknown", "running", "succeeded", "parked"]
-#: States in which a fingerprint is paid for or may be: never submit these again (law 2).
+#: States in which a fingerprint is paid for or may be: never submit these again.
 IN_FLIGHT: frozenset[str] = frozenset({"submitting", "unknown", "running"})
+#: The per-soundtrack lists written beside the audio.
+LIST_FILES = ("playlist.m3u8", "tracks.json")
 RootState = Literal["ok", "missing", "unreadable", "empty"]
 DiskState = Literal["ok", "missing", "drifted"]
 
@@ -76,7 +78,7 @@ class Desired:
 
     tracks: tuple[DesiredTrack, ...]
     requests: Mapping[str, Mapping[str, Any]]
-    #: Invalid files whose last good version stays in force (law 4).
+    #: Invalid files whose last good version stays in force (a bad spec removes nothing).
     stale: tuple[str, ...] = ()
     #: False when the folder is missing, empty or unreadable, or a file is invalid.
     prune_allowed: bool = True
@@ -100,7 +102,7 @@ def desired_state(
 
     A folder that is missing, empty or unreadable keeps every last good file in
     force: it looks like an accident (unmounted disk, half-finished checkout),
-    and law 4 says a bad spec removes nothing.
+    and a bad spec must remove nothing.
     """
     invalid = sorted(invalid)
     if root_state != "ok":
@@ -181,6 +183,8 @@ class Diff:
     prune: tuple[str, ...]
     parked: tuple[str, ...]
     waiting: tuple[str, ...] = field(default=())
+    #: Would be submitted, but ``reconciler suspend`` holds them back.
+    suspended: tuple[str, ...] = field(default=())
 
     @property
     def cost(self) -> int:
@@ -197,15 +201,17 @@ def diff(
     outputs: Mapping[str, OutputFact],
     *,
     prune: bool,
+    held: frozenset[str] = frozenset(),
 ) -> Diff:
-    """What a pass would do, for ``reconciler plan``."""
+    """What a pass would do, for ``reconciler plan``; ``held`` are suspended fingerprints."""
     submit: list[str] = []
+    suspended: list[str] = []
     parked: list[str] = []
     waiting: list[str] = []
     for fp in desired.fingerprints():
         gen = generations.get(fp)
         if gen is None or gen.state == "queued":
-            submit.append(fp)
+            (suspended if fp in held else submit).append(fp)
         elif gen.state == "parked":
             parked.append(fp)
         elif gen.state in IN_FLIGHT:
@@ -224,6 +230,7 @@ def diff(
             if fact.disk != "ok" and fact.cached:
                 restore.append(path)
     wanted = {p for t in desired.tracks for p in t.outputs}
+    wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
     pruned = (
         tuple(sorted(p for p in outputs if p not in wanted))
         if prune and desired.prune_allowed
@@ -236,6 +243,7 @@ def diff(
         prune=pruned,
         parked=tuple(parked),
         waiting=tuple(waiting),
+        suspended=tuple(suspended),
     )
 
 
@@ -252,10 +260,10 @@ def due_submissions(
     """Fingerprints to submit now, in spec order.
 
     Only queued ones whose backoff has passed; never more than the in-flight
-    cap allows, nor more tasks than the budget and balance pay for (law 8).
+    cap allows, nor more tasks than the budget and balance pay for.
     When the in-flight cap holds fingerprints back while tasks are in flight,
     room frees up a task at a time: waiting for a full batch keeps G
-    fingerprints at ceil(G/10) submit calls (law 3). A budget limit, or a cap
+    fingerprints at ceil(G/10) submit calls. A budget limit, or a cap
     below ten with nothing in flight, does not free up, so it does not wait.
     """
     eligible = [
@@ -433,3 +441,52 @@ def match_orphan(
     found = {fp: req for fp, req in sorted(candidates.items()) if fits(req)}
     distinct = {json.dumps(dict(r), sort_keys=True) for r in found.values()}
     return next(iter(found)) if len(distinct) == 1 else None
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """What ``reconciler suspend`` holds back: everything, or named soundtracks.
+
+    Only new submissions wait; polls, downloads and outputs go on. Stored in
+    the ledger as :meth:`to_json`, so it survives restarts.
+    """
+
+    all: bool = False
+    soundtracks: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_json(cls, value: Any) -> Suspension:
+        """Read the stored form; nothing stored means nothing is suspended."""
+        if not isinstance(value, Mapping):
+            return cls()
+        return cls(bool(value.get("all")), frozenset(value.get("soundtracks") or ()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"all": self.all, "soundtracks": sorted(self.soundtracks)}
+
+    def suspend(self, soundtrack: str | None) -> Suspension:
+        if soundtrack is None:
+            return Suspension(True, self.soundtracks)
+        return Suspension(self.all, self.soundtracks | {soundtrack})
+
+    def resume(self, soundtrack: str | None) -> Suspension:
+        """No name resumes everything, also soundtracks suspended one by one."""
+        if soundtrack is None:
+            return Suspension()
+        return Suspension(self.all, self.soundtracks - {soundtrack})
+
+    def covers(self, soundtrack: str) -> bool:
+        return self.all or soundtrack in self.soundtracks
+
+
+def held_by_suspension(desired: Desired, suspension: Suspension) -> frozenset[str]:
+    """Fingerprints no active soundtrack asks for: these are not submitted.
+
+    A fingerprint shared by a suspended and an active soundtrack is still
+    submitted: the active one needs it, and the suspended one then reuses
+    the audio at no cost.
+    """
+    if not (suspension.all or suspension.soundtracks):
+        return frozenset()
+    active = {t.fingerprint for t in desired.tracks if not suspension.covers(t.soundtrack)}
+    return frozenset(t.fingerprint for t in desired.tracks if t.fingerprint not in active)

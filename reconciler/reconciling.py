@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +52,7 @@ from reconciler.musicapi import (
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
+    LIST_FILES,
     Allowance,
     Desired,
     DesiredTrack,
@@ -61,19 +62,18 @@ from reconciler.planning import (
     batches,
     desired_state,
     due_submissions,
+    held_by_suspension,
     match_orphan,
     poll_cohorts,
     utc_day_start,
 )
-from reconciler.specs import SpecFile, SpecScan, scan_specs
+from reconciler.specs import Observation, Settling, SpecFile, SpecScan, scan_specs
 
 #: How often an upstream failure is retried before the fingerprint is parked.
 MAX_UPSTREAM_ATTEMPTS = 3
 #: Downloads in parallel: enough to stream results, few enough to be polite.
 DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
-#: The per-soundtrack lists written beside the audio.
-LIST_FILES = ("playlist.m3u8", "tracks.json")
 #: Upstream failure types that are a verdict on the content, not a hiccup.
 _PERMANENT_FAILURES = frozenset({"forbidden"})
 
@@ -93,8 +93,17 @@ class PassResult:
     pruned: int = 0
     in_flight: int = 0
     queued: int = 0
+    #: Of ``queued``, those waiting to try again after a failure (status: "retrying").
+    retrying: int = 0
     parked: int = 0
+    #: Tracks whose files are in place but whose spec file is now invalid:
+    #: not ``ready`` (status shows them "invalid"), and not work in flight either.
+    invalid_tracks: int = 0
     invalid_files: int = 0
+    #: Spec files still changing: their last good version stays in force meanwhile.
+    settling: int = 0
+    #: When the first of them may be read (the clock's time); also in ``next_due``.
+    settle_at: float | None = None
     output_failures: int = 0
     #: Tracks whose task returned fewer clips than they keep (written as far as they go).
     short: int = 0
@@ -106,7 +115,12 @@ class PassResult:
 
     @property
     def converged(self) -> bool:
-        return self.total > 0 and self.ready == self.total and self.invalid_files == 0
+        return (
+            self.total > 0
+            and self.ready == self.total
+            and self.invalid_files == 0
+            and not self.settling
+        )
 
     @property
     def changed(self) -> bool:
@@ -117,7 +131,7 @@ class PassResult:
     @property
     def stuck(self) -> bool:
         """Nothing can move without a person: no work in flight or scheduled."""
-        if self.converged or self.in_flight:
+        if self.converged or self.in_flight or self.settling:
             return False
         return not (self.queued and not self.blocked)
 
@@ -143,6 +157,8 @@ class Reconciler:
         self.cache = out.AudioCache(settings.state_dir / "cache")
         self.trash = out.Trash(settings.state_dir / "trash")
         self._last_good: dict[str, SpecFile] = ledger.last_good()
+        #: How each spec file looked at the last scan, to tell when it stops changing.
+        self._observed: Mapping[str, Observation] = {}
         self._batch_unsupported = bool(ledger.get("batch_unsupported"))
         self._submit_pause_until = 0.0
         self._block_reason: str | None = None
@@ -192,15 +208,25 @@ class Reconciler:
     async def run_pass(self) -> PassResult:
         if not self._started:
             self.startup()
+        # status checks the recorded outputs where they were written, whatever
+        # --out the person running it gives (an operator often gives none).
+        self.ledger.put("out_dir", str(self.settings.out_dir.absolute()))
         started = time.perf_counter()
         result = PassResult()
         now = self.clock()
         # Reading and parsing files is the slow part; SQLite stays on this thread.
         scan = await asyncio.to_thread(
-            scan_specs, self.settings.specs_dir, models=self.settings.models, reuse=self._last_good
+            scan_specs,
+            self.settings.specs_dir,
+            models=self.settings.models,
+            limits=self.settings.field_limits,
+            reuse=self._last_good,
+            settle=Settling(self._observed, now, self.settings.batch_window),
         )
         desired = self._apply_scan(scan)
-        result.invalid_files = len(self.scan.errors) if self.scan else 0
+        result.invalid_files = len(scan.errors)
+        result.settling = len(scan.settling)
+        result.settle_at = scan.settled_by
         again, parked = self.ledger.expire_unknown(
             self.settings.ambiguous_grace, self.settings.max_resubmits
         )
@@ -221,21 +247,27 @@ class Reconciler:
 
     def _apply_scan(self, scan: SpecScan) -> Desired:
         self.scan = scan
+        self._observed = scan.observed
+        errors = {p: str(e) for p, e in scan.errors.items()}
+        # A settling file is held like an invalid one (its last good version
+        # stays in force, nothing is pruned), and status shows why.
         removed = self.ledger.record_specs(
-            scan.files,
-            {p: str(e) for p, e in scan.errors.items()},
-            complete=scan.root_state == "ok",
+            scan.files, {**errors, **scan.settling}, complete=scan.root_state == "ok"
         )
         for path, err in scan.errors.items():
             # Report each problem once, not on every pass (law 12).
             if self._reported.get(path) != str(err):
                 for problem in err.problems:
                     self.log.warning("spec.invalid", problem=str(problem))
-        self._reported = {p: str(e) for p, e in scan.errors.items()}
+        for path, note in scan.settling.items():
+            if self._reported.get(path) != note:
+                self.log.info("spec.settling", path=path, window=self.settings.batch_window)
+        self._reported = {**errors, **scan.settling}
         last_good = dict(self._last_good)
         for p in removed:
             last_good.pop(p, None)
-        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
+        held = [*scan.errors, *scan.settling]
+        desired = desired_state(scan.files, held, scan.root_state, last_good)
         last_good.update(scan.files)
         self._last_good = last_good
         self.ledger.apply_desired(desired)
@@ -316,14 +348,20 @@ class Reconciler:
 
     async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
         gens = self.ledger.generations()
-        order = desired.fingerprints()
+        held = held_by_suspension(desired, self.ledger.suspension())
+        order = tuple(fp for fp in desired.fingerprints() if fp not in held)
         queued = [fp for fp in order if gens[fp].state == "queued"]
         result.queued = len(queued)
+        if not queued and any(gens[fp].state == "queued" for fp in held):
+            # Only held work is left: ``sync`` stops here rather than wait for a resume.
+            result.blocked = "suspended (`reconciler resume` lifts it)"
         self._submit_waits_for_time = True
         if now < self._submit_pause_until:
             result.blocked = self._block_reason
+            self.log.debug("submit.held", queued=len(queued), reason=self._block_reason)
             return
         if not any(gens[fp].next_attempt <= now for fp in queued):
+            self.log.debug("submit.nothing_due", queued=len(queued))
             return
         in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
 
@@ -343,7 +381,17 @@ class Reconciler:
             # finished tasks are found by polls, which are scheduled anyway.
             self._submit_waits_for_time = False
             return
-        to_send = due(await self._affordable(now))
+        affordable = await self._affordable(now)
+        to_send = due(affordable)
+        self.log.debug(
+            "submit.due",
+            queued=len(queued),
+            due=len(to_send),
+            in_flight=in_flight,
+            max_in_flight=self.settings.max_in_flight,
+            affordable=affordable,
+            held_reason=self._block_reason,
+        )
         if self._block_reason and not to_send:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
@@ -558,9 +606,19 @@ class Reconciler:
 
         interval = self.settings.poll_interval
         soon = self.ledger.batches_due_by(now + interval)
-        jobs = [cohort(c) for c in poll_cohorts(soon, interval, now)]
-        jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
-        jobs += [one_orphan(*o) for o in self.ledger.due_orphans(now)]
+        cohorts = poll_cohorts(soon, interval, now)
+        singles = self.ledger.due_single_tasks(now)
+        orphans = self.ledger.due_orphans(now)
+        self.log.debug(
+            "poll.due",
+            batches=len(soon),
+            cohorts=len(cohorts),
+            tasks=len(singles),
+            orphans=len(orphans),
+        )
+        jobs = [cohort(c) for c in cohorts]
+        jobs += [one_task(t.task_id) for t in singles]
+        jobs += [one_orphan(*o) for o in orphans]
         await asyncio.gather(*jobs)
 
     async def _poll_batch(self, batch_id: str, result: PassResult) -> bool:
@@ -846,6 +904,7 @@ class Reconciler:
         self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
         records = self.ledger.outputs()
         gens = self.ledger.generations()
+        previous = self._previous_clips(desired, records)
         entries: dict[str, list[out.TrackOutput]] = {}
         short: dict[str, str] = {}
         for t in desired.tracks:
@@ -854,6 +913,10 @@ class Reconciler:
             if len(clips) < t.clips:
                 arrived = usable.get(t.fingerprint, [])
                 if not (gen is not None and gen.state == "succeeded" and len(arrived) < t.clips):
+                    # Until the new audio replaces it, the old file stays listed.
+                    entries.setdefault(t.soundtrack, []).extend(
+                        self._still_listed(t, records, previous)
+                    )
                     continue
                 # The task is over with fewer clips than asked: what was paid
                 # for is written all the same, and the track says what is missing.
@@ -879,7 +942,10 @@ class Reconciler:
                     )
                 )
             if ok and t.fingerprint not in short:
-                result.ready += 1
+                if self.scan is not None and t.source in self.scan.errors:
+                    result.invalid_tracks += 1
+                else:
+                    result.ready += 1
             if ok:
                 entries.setdefault(t.soundtrack, []).extend(track_entries)
         for soundtrack in desired.soundtracks:
@@ -891,6 +957,60 @@ class Reconciler:
         self._tag_memo = {p: m for p, m in self._tag_memo.items() if p in wanted}
         self.ledger.put("output_tags", self._tagged)
         self.ledger.put("short_generations", short)
+
+    def _previous_clips(
+        self,
+        desired: Desired,
+        records: dict[str, OutputRecord],
+    ) -> dict[str, list[ClipRecord]]:
+        """Clips of the older generations whose files still stand where a track
+        waits for its new audio (a spec change being generated)."""
+        older = {
+            rec.fingerprint
+            for t in desired.tracks
+            for rel in t.outputs
+            if (rec := records.get(rel)) is not None
+            and rec.fingerprint is not None
+            and rec.fingerprint != t.fingerprint
+        }
+        return self.ledger.usable_clips(older) if older else {}
+
+    def _still_listed(
+        self,
+        t: DesiredTrack,
+        records: dict[str, OutputRecord],
+        previous: dict[str, list[ClipRecord]],
+    ) -> list[out.TrackOutput]:
+        """The list entries of a track's old files, while each is what the ledger wrote."""
+        kept = []
+        for n, rel in enumerate(t.outputs, start=1):
+            rec = records.get(rel)
+            if rec is None or rec.fingerprint is None or rec.fingerprint == t.fingerprint:
+                return []
+            clip = next(
+                (c for c in previous.get(rec.fingerprint, []) if c.sha256 == rec.sha256), None
+            )
+            soundtrack, filename = rel.split("/", 1)
+            try:
+                state = out.file_state(self._outdir.path(soundtrack, filename))
+            except OutputError:
+                return []
+            if clip is None or state != (rec.size, rec.mtime_ns):
+                return []
+            kept.append(
+                out.TrackOutput(
+                    filename=filename,
+                    track=t.name,
+                    clip_index=n,
+                    title=clip.title,
+                    lyrics=clip.lyrics,
+                    duration=clip.duration,
+                    clip_id=clip.clip_id,
+                    fingerprint=rec.fingerprint,
+                    tags=clip.tags,
+                )
+            )
+        return kept
 
     def _short_of_clips(self, t: DesiredTrack, have: int) -> str:
         reason = (
@@ -1098,18 +1218,31 @@ class Reconciler:
         result.states = states
         result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
         result.queued = states.get("queued", 0)
+        result.retrying = sum(
+            1
+            for t in desired.tracks
+            if t.fingerprint in gens
+            and gens[t.fingerprint].state == "queued"
+            and gens[t.fingerprint].attempts
+        )
         result.parked = states.get("parked", 0)
         # Succeeded generations whose files are not there yet are still work,
         # unless writing them failed for a reason only a person can fix.
         result.in_flight += max(
-            0, states.get("succeeded", 0) - result.ready - result.output_failures - result.short
+            0,
+            states.get("succeeded", 0)
+            - result.ready
+            - result.invalid_tracks
+            - result.output_failures
+            - result.short,
         )
         submit_from = (
             max(self.clock(), self._submit_pause_until)
             if self._submit_waits_for_time and math.isfinite(self._submit_pause_until)
             else None
         )
-        result.next_due = self.ledger.next_due(self.settings.ambiguous_grace, submit_from)
+        due = [self.ledger.next_due(self.settings.ambiguous_grace, submit_from), result.settle_at]
+        result.next_due = min((t for t in due if t is not None), default=None)
         self._record_shapes()
         if result.blocked is None and self._block_reason and result.queued:
             result.blocked = self._block_reason
@@ -1117,7 +1250,8 @@ class Reconciler:
             "total": result.total,
             "ready": result.ready,
             "in_flight": result.in_flight,
-            "queued": result.queued,
+            "queued": result.queued - result.retrying,
+            "retrying": result.retrying,
             "parked": result.parked,
             "invalid_files": result.invalid_files,
             "blocked": result.blocked,

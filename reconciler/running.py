@@ -8,6 +8,7 @@ no lock, no writes and no API calls.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,11 +19,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reconciler import outputs as out
 from reconciler.config import Settings
+from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
-from reconciler.planning import DiskState, OutputFact, desired_state, diff
+from reconciler.planning import (
+    DiskState,
+    OutputFact,
+    Suspension,
+    desired_state,
+    diff,
+    held_by_suspension,
+)
 from reconciler.reconciling import PassResult, Reconciler, converge
-from reconciler.specs import scan_specs
+from reconciler.specs import Settling, scan_specs
+from reconciler.words import plural
 
 
 @asynccontextmanager
@@ -41,6 +51,7 @@ async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
 
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
+    require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     lock = StateLock(settings.state_dir)
     lock.acquire()
     try:
@@ -90,17 +101,21 @@ async def _converge_with_progress(rec: Reconciler, console: Console) -> PassResu
 
 
 def summary_line(r: PassResult) -> str:
-    parts = [f"{r.ready}/{r.total} tracks ready"]
+    parts = [f"{r.ready}/{plural(r.total, 'track')} ready"]
     if r.in_flight:
         parts.append(f"{r.in_flight} in flight")
-    if r.queued:
-        parts.append(f"{r.queued} queued")
+    if r.queued - r.retrying:
+        parts.append(f"{r.queued - r.retrying} queued")
+    if r.retrying:
+        parts.append(f"{r.retrying} retrying")
     if r.parked:
         parts.append(f"{r.parked} failed (see `reconciler status`)")
     if r.invalid_files:
-        parts.append(f"{r.invalid_files} invalid spec file(s)")
+        parts.append(plural(r.invalid_files, "invalid spec file"))
     if r.output_failures:
-        parts.append(f"{r.output_failures} output file(s) could not be written (see the log)")
+        parts.append(
+            f"{plural(r.output_failures, 'output file')} could not be written (see the log)"
+        )
     if r.blocked:
         parts.append(f"submissions paused: {r.blocked}")
     return ("converged: " if r.converged else "not converged: ") + ", ".join(parts)
@@ -126,11 +141,21 @@ def make_plan(settings: Settings) -> dict[str, Any]:
     )
     try:
         last_good = ledger.last_good() if ledger else {}
-        scan = scan_specs(settings.specs_dir, models=settings.models, reuse=last_good)
+        # Every file is read as it is now; one written in the last batching
+        # window is only noted, since a pass would wait for it to settle.
+        settle = Settling({}, time.time(), settings.batch_window, hold=False)
+        scan = scan_specs(
+            settings.specs_dir,
+            models=settings.models,
+            limits=settings.field_limits,
+            reuse=last_good,
+            settle=settle,
+        )
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
         clips = ledger.usable_clips() if ledger else {}
+        suspension = ledger.suspension() if ledger else Suspension()
     finally:
         if ledger:
             ledger.close()
@@ -138,8 +163,6 @@ def make_plan(settings: Settings) -> dict[str, Any]:
     folder = out.OutputFolder(settings.out_dir)
     facts: dict[str, OutputFact] = {}
     for p, r in records.items():
-        if r.track is None:
-            continue
         disk = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
         # The cache only matters for a file to restore: no stat for the rest. It
         # holds the raw audio; the output is that plus its tags (tags.py).
@@ -147,7 +170,9 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         raw = kept[r.clip - 1].sha256 if r.clip is not None and len(kept) >= r.clip else None
         cached = disk != "ok" and raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
-    d = diff(desired, gens, facts, prune=settings.prune)
+    d = diff(
+        desired, gens, facts, prune=settings.prune, held=held_by_suspension(desired, suspension)
+    )
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks:
         by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
@@ -158,9 +183,14 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         "prune": list(d.prune),
         "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.parked],
         "in_flight": len(d.waiting),
+        "suspended": {
+            **suspension.to_json(),
+            "held": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.suspended],
+        },
         "credits": d.cost,
         "submit_calls": -(-len(d.submit) // 10),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
+        "settling": sorted(scan.settling),
         "specs_folder": scan.root_state,
         "changes": d.changes,
     }
@@ -179,14 +209,25 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         console.print(f"[red]- prune[/]   {path}  (to the trash)")
     for item in report["failed"]:
         console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
+    for item in report["suspended"]["held"]:
+        console.print(f"[yellow]# held[/]    {', '.join(item['tracks'])}  (suspended)")
     for path, err in report["invalid_files"].items():
         console.print(f"[red]invalid[/]   {path}: {err}")
+    for path in report["settling"]:
+        console.print(
+            f"[yellow]settling[/]  {path}  (still changing: a pass reads it once it stops)"
+        )
     if report["specs_folder"] != "ok":
         console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
+    suspended = report["suspended"]
+    if suspended["all"] or suspended["soundtracks"]:
+        what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
+        console.print(f"[yellow]suspended: {what} (`reconciler resume` lifts it)[/]")
     console.print(
-        f"{len(report['submit'])} generation(s) to submit in {report['submit_calls']} call(s), "
+        f"{plural(len(report['submit']), 'generation')} to submit in "
+        f"{plural(report['submit_calls'], 'call')}, "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
-        f"{len(report['restore'])} restored, {len(report['prune'])} pruned; "
+        f"{len(report['restore'])} restored, {plural(len(report['prune']), 'file')} pruned; "
         f"{report['in_flight']} in flight",
         soft_wrap=True,
     )

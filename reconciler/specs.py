@@ -7,7 +7,8 @@ Data flows one way::
 
 This module owns the first arrow. It finds the candidate files under the specs
 folder, reads each one defensively (no symlinks out of the folder, no special
-or oversized files, no half-written files), parses YAML, TOML or JSON into
+or oversized files, no half-written files, and for a pass none that is still
+changing: see ``observe``), parses YAML, TOML or JSON into
 plain data with the line of every field, and validates that data with the
 MusicAPI's own rules. The result per file is a :class:`SpecFile` whose tracks
 carry the canonical create request that ``planning`` fingerprints. Every
@@ -30,14 +31,16 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
 
 from reconciler.errors import SpecError, SpecProblem
+from reconciler.limits import FIELD_LIMITS, TEXT_FIELDS, FieldLimits, limits_for, loosest
 
 try:  # libyaml is an order of magnitude faster; the pure-Python loader keeps marks too
     from yaml import CSafeLoader as _BaseYamlLoader
@@ -48,11 +51,15 @@ __all__ = [
     "DEFAULT_MODELS",
     "MAX_SPEC_BYTES",
     "SPEC_SUFFIXES",
+    "Look",
+    "Observation",
+    "Settling",
     "SpecFile",
     "SpecScan",
     "TrackSpec",
     "is_spec_candidate",
     "load_spec_file",
+    "observe",
     "parse_spec",
     "scan_specs",
 ]
@@ -96,18 +103,8 @@ _TRACK_FIELDS = ("name", *_API_FIELDS, "variant", "clips", *_TAG_FIELDS)
 _DEFAULTS_FIELDS = tuple(f for f in _TRACK_FIELDS if f != "name")
 _TOP_FIELDS = ("soundtrack", "defaults", "tracks")
 
-# Text limits in characters: the newest models' limits here, the older
-# models' lower ones in _OLD_TEXT_LIMITS (checked once the model is known).
-_TEXT_LIMITS = {
-    "prompt": 5000,
-    "gpt_description_prompt": 400,
-    "title": 79,  # the API says "< 80"
-    "tags": 1000,
-    "negative_tags": 1000,
-    "album": 200,
-    "artist": 200,
-}
-_OLD_TEXT_LIMITS = {"prompt": 3000, "tags": 199, "negative_tags": 199}
+#: Characters allowed in a tag-only field (ID3 frames have no practical limit).
+_TAG_TEXT_LIMIT = 200
 
 # YAML 1.1 spellings PyYAML would turn into booleans; we read YAML 1.2 style
 # (they stay text) and point at the fix when one is used for a boolean field.
@@ -157,12 +154,82 @@ class SpecScan:
     ``root_state`` tells the planner whether pruning is safe: only ``"ok"``
     means the folder was read completely. A folder with a subfolder that
     cannot be listed is ``"unreadable"``, because the tracks in it are unknown,
-    not gone (law 4).
+    not gone, and a bad spec must remove nothing.
     """
 
     root_state: Literal["ok", "missing", "unreadable", "empty"]
     files: Mapping[str, SpecFile]
     errors: Mapping[str, SpecError]
+    #: Files still changing (see :class:`Settling`), with the note to show for each.
+    settling: Mapping[str, str] = field(default_factory=dict)
+    #: When the first of them may be read: the end of its window, on the scan's clock.
+    settled_by: float | None = None
+    #: How every file read looked, to pass as ``Settling.previous`` next time.
+    observed: Mapping[str, Observation] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Waiting for a file to stop changing
+
+
+@dataclass(frozen=True)
+class Look:
+    """What one read of a spec file shows: enough to tell that it changed."""
+
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A spec file's look, since when it has looked so, and when it was last read.
+
+    Times are on the clock of the scans; the file is stable once
+    ``since + window <= now``.
+    """
+
+    look: Look
+    since: float
+    seen: float
+
+
+def observe(previous: Observation | None, look: Look, now: float, window: float) -> Observation:
+    """The file's observation after reading ``look`` at ``now``.
+
+    A file that looks as it did keeps its ``since``. Otherwise its mtime is
+    believed when it is already ``window`` old and later than the last read
+    (or there was none): the file has not changed since, so a folder nobody
+    is writing to is read at once, and so is a file saved once, found by the
+    pass its save scheduled. The tools that set an old mtime on purpose
+    (``cp -p``, ``tar``, ``rsync -t``) set it after the last byte, so at
+    worst they make a changed file look older than our last read: then, as
+    for a young or future mtime, the window starts now.
+    """
+    if previous is not None and previous.look == look:
+        return replace(previous, seen=now)
+    modified = look.mtime_ns / 1e9
+    after_last_read = previous is None or modified > previous.seen
+    if after_last_read and now - modified >= window:
+        return Observation(look, modified, now)
+    return Observation(look, now, now)
+
+
+@dataclass(frozen=True)
+class Settling:
+    """Read a file only once it has stopped changing (paying for a half-written
+    prompt is paying twice): ``scan_specs`` holds back a file until it has
+    looked the same (size, mtime, content digest) for ``window`` seconds.
+
+    ``previous`` is the last scan's ``observed``; ``now`` the scan's time.
+    With ``hold`` False the settling files are read all the same and only
+    reported (``plan`` shows what the folder says now).
+    """
+
+    previous: Mapping[str, Observation]
+    now: float
+    window: float
+    hold: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +262,7 @@ def load_spec_file(
     path: Path,
     *,
     models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
     label_root: str | None = None,
 ) -> SpecFile:
     """Read and validate one spec file under ``root``.
@@ -205,21 +273,27 @@ def load_spec_file(
     """
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
-    data = _read_spec_bytes(root, rel, label)
-    return _parse(label, data, rel, models)[0]
+    data, _ = _read_spec_bytes(root, rel, label)
+    return _parse(label, data, rel, models, limits)[0]
 
 
 def scan_specs(
     root: Path,
     *,
     models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
     reuse: Mapping[str, SpecFile] | None = None,
+    settle: Settling | None = None,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
 
+    With ``settle``, a file that has not yet looked the same for the settle
+    window is held back (neither in ``files`` nor in ``errors``, but in
+    ``settling``): the caller keeps its last good version in force.
+
     A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
     earlier object is returned, which keeps a pass over an unchanged folder
-    cheap. Pass ``reuse`` only from scans made with the same ``models``.
+    cheap. Pass ``reuse`` only from scans made with the same ``models`` and ``limits``.
     ``reuse`` also settles two files naming one soundtrack: the file whose
     earlier version named it keeps it; otherwise the first by path does.
     Symlinked folders are not followed (they could leave the root or loop);
@@ -240,15 +314,32 @@ def scan_specs(
     prefix = root.name
     parsed: list[tuple[str, bytes, SpecFile]] = []
     errors: dict[str, SpecError] = {}
+    settling: dict[str, str] = {}
+    settled_by: float | None = None
+    observed: dict[str, Observation] = {}
     for rel in rels:
         label = _label(prefix, rel)
         try:
-            data = _read_spec_bytes(root, rel, label)
+            data, mtime_ns = _read_spec_bytes(root, rel, label)
+            digest = hashlib.sha256(data).hexdigest()
+            if settle is not None:
+                look = Look(len(data), mtime_ns, digest)
+                seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
+                observed[rel] = seen
+                ready_at = seen.since + settle.window
+                if ready_at > settle.now:
+                    settling[rel] = (
+                        f"{label}: is still changing; it is read once it has been "
+                        f"unchanged for {settle.window:g} s"
+                    )
+                    settled_by = ready_at if settled_by is None else min(settled_by, ready_at)
+                    if settle.hold:
+                        continue
             previous = reuse.get(rel) if reuse else None
-            if previous is not None and previous.digest == hashlib.sha256(data).hexdigest():
+            if previous is not None and previous.digest == digest:
                 spec = previous
             else:
-                spec = _parse(label, data, rel, models)[0]
+                spec = _parse(label, data, rel, models, limits)[0]
         except SpecError as exc:
             errors[rel] = exc
             continue
@@ -264,13 +355,23 @@ def scan_specs(
 
     files: dict[str, SpecFile] = {}
     owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
+    # An invalid file keeps its last good version in force, and with it its
+    # soundtrack: another file naming it is the duplicate (and is reported),
+    # unless that file defined it itself last time.
+    incumbents = {
+        spec.soundtrack for rel, _, spec in parsed if not incumbent_first((rel, b"", spec))[0]
+    }
+    for rel in errors:
+        previous = reuse.get(rel) if reuse else None
+        if previous is not None and previous.soundtrack not in incumbents:
+            owners.setdefault(previous.soundtrack, _label(prefix, rel))
     for rel, data, spec in sorted(parsed, key=incumbent_first):
         label = _label(prefix, rel)
         owner = owners.get(spec.soundtrack)
         if owner is not None:
             # Only now is the line needed; parsing again is cheaper than
             # carrying it on every SpecFile for this rare case.
-            line = _parse(label, data, rel, models)[1]
+            line = _parse(label, data, rel, models, limits)[1]
             message = (
                 f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
                 "give this file another `soundtrack:` name"
@@ -281,7 +382,8 @@ def scan_specs(
         files[rel] = spec
     files = {rel: files[rel] for rel in sorted(files)}
     errors = {rel: errors[rel] for rel in sorted(errors)}
-    return SpecScan("ok" if complete else "unreadable", files, errors)
+    root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
+    return SpecScan(root_state, files, errors, settling, settled_by, observed)
 
 
 def _walk(root: Path) -> tuple[list[str], bool]:
@@ -324,8 +426,8 @@ def _label(prefix: str, rel: str) -> str:
     return label if label.isprintable() else repr(label)
 
 
-def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
-    """The file's bytes, read only if it is a regular file inside ``root``."""
+def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
+    """The file's bytes and mtime_ns, read only if it is a regular file inside ``root``."""
 
     def refuse(message: str) -> SpecError:
         return SpecError([SpecProblem(label, None, None, message)])
@@ -364,7 +466,7 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> bytes:
         size != after.st_size
     ):
         raise refuse(_CHANGING)
-    return b"".join(chunks)
+    return b"".join(chunks), after.st_mtime_ns
 
 
 _CHANGING = "is changing while being read; it will be read again on the next pass"
@@ -382,6 +484,12 @@ def _too_large(size: int) -> str:
 class _Doc:
     data: Any
     lines: dict[_Loc, int]
+    #: Problems met while reading (a duplicate key, an alias) that leave the
+    #: rest readable: validation goes on and reports them with the others.
+    problems: list[SpecProblem] = field(default_factory=list)
+    #: Where a value was refused while reading (read as unset): nothing more
+    #: is said about those places, the reading problem says it all.
+    refused: set[_Loc] = field(default_factory=set)
 
     def line(self, loc: _Loc) -> int:
         """The line of ``loc``, or of its closest located parent."""
@@ -394,7 +502,12 @@ class _Doc:
 
 
 def parse_spec(
-    label: str, data: bytes, *, path: str, models: Sequence[str] = DEFAULT_MODELS
+    label: str,
+    data: bytes,
+    *,
+    path: str,
+    models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
 ) -> SpecFile:
     """Validate one spec file's bytes; the format follows ``path``'s suffix.
 
@@ -402,10 +515,12 @@ def parse_spec(
     root-relative path stored in the result and used for the default
     soundtrack name. Raises :class:`SpecError` listing every problem found.
     """
-    return _parse(label, data, path, models)[0]
+    return _parse(label, data, path, models, limits)[0]
 
 
-def _parse(label: str, data: bytes, path: str, models: Sequence[str]) -> tuple[SpecFile, int]:
+def _parse(
+    label: str, data: bytes, path: str, models: Sequence[str], limits: FieldLimits
+) -> tuple[SpecFile, int]:
     """parse_spec, also returning the line that names the soundtrack."""
     suffix = PurePosixPath(path).suffix.lower()
     reader = _READERS.get(suffix)
@@ -414,7 +529,7 @@ def _parse(label: str, data: bytes, path: str, models: Sequence[str]) -> tuple[S
         message = f"unsupported file type '{suffix}' (spec files end in {known})"
         raise SpecError([SpecProblem(label, None, None, message)])
     doc = reader(label, _decode(label, data))
-    return _validate(label, path, doc, models, hashlib.sha256(data).hexdigest())
+    return _validate(label, path, doc, models, limits, hashlib.sha256(data).hexdigest())
 
 
 def _decode(label: str, data: bytes) -> str:
@@ -531,9 +646,7 @@ def _read_yaml(label: str, text: str) -> _Doc:
         raise SpecError([SpecProblem(label, None, None, "file is empty (it holds only comments)")])
     builder = _YamlBuilder(label)
     data = builder.build(root, (), 0)
-    if builder.problems:
-        raise SpecError(builder.problems)
-    return _Doc(data, builder.lines)
+    return _Doc(data, builder.lines, builder.problems, builder.refused)
 
 
 _YAML_FLOW_VALUE = re.compile(r"(?:^|:\s|-\s)\s*[\[{]")
@@ -559,10 +672,14 @@ class _YamlBuilder:
         self.label = label
         self.lines: dict[_Loc, int] = {}
         self.problems: list[SpecProblem] = []
+        self.refused: set[_Loc] = set()
         self.seen: set[int] = set()
 
-    def problem(self, loc: _Loc, line: int, message: str) -> None:
+    def problem(self, loc: _Loc, line: int, message: str, *, refused: bool = True) -> None:
+        """Record a problem; ``refused``: the value at ``loc`` was read as unset."""
         self.problems.append(SpecProblem(self.label, line, _field(loc), message))
+        if refused:
+            self.refused.add(loc)
 
     def build(self, node: yaml.Node, loc: _Loc, depth: int) -> Any:
         line = node.start_mark.line + 1
@@ -570,7 +687,9 @@ class _YamlBuilder:
         # The composer hands out the anchored node again for each alias, so a
         # node seen twice is an alias: refusing it rules out "billion laughs".
         if id(node) in self.seen:
-            self.problem(loc, line, "YAML aliases (*name) are not supported; use `defaults`")
+            # Reported where the alias is used, not where its anchor is.
+            where = self.lines.get(loc, line)
+            self.problem(loc, where, "YAML aliases (*name) are not supported; use `defaults`")
             return None
         self.seen.add(id(node))
         if depth > _MAX_DEPTH:
@@ -592,7 +711,9 @@ class _YamlBuilder:
             key = str(key_node.value)
             if key in result:
                 first = self.lines[(*loc, key)]
-                self.problem((*loc, key), line, f"duplicate field {key!r} (first at line {first})")
+                # The first value stays and is checked like any other.
+                message = f"duplicate field {key!r} (first at line {first})"
+                self.problem((*loc, key), line, message, refused=False)
                 continue
             self.lines[(*loc, key)] = line
             result[key] = self.build(value_node, (*loc, key), depth + 1)
@@ -778,19 +899,13 @@ def _read_json(label: str, text: str) -> _Doc:
     except ValueError:
         raise _number_error(label, "JSON", text) from None
     lines, duplicates = _json_lines(text)
-    if duplicates:
-        raise SpecError(
-            [
-                SpecProblem(
-                    label,
-                    line,
-                    _field(loc),
-                    f"duplicate field {loc[-1]!r} (first at line {lines[loc]})",
-                )
-                for loc, line in duplicates
-            ]
+    problems = [
+        SpecProblem(
+            label, line, _field(loc), f"duplicate field {loc[-1]!r} (first at line {lines[loc]})"
         )
-    return _Doc(data, lines)
+        for loc, line in duplicates
+    ]
+    return _Doc(data, lines, problems)
 
 
 def _json_lines(text: str) -> tuple[dict[_Loc, int], list[tuple[_Loc, int]]]:
@@ -975,13 +1090,17 @@ _CHECKS: dict[str, Callable[[Any], _Checked]] = {
 }
 
 
-def _check(key: str, value: Any, models: Sequence[str]) -> _Checked:
+def _check(key: str, value: Any, models: Sequence[str], limits: FieldLimits) -> _Checked:
     if value is None:  # an explicit null unsets the field, defaults included
         return None, None
     if key == "mv":
         return _check_model(value, models)
-    if key in _TEXT_LIMITS:
-        return _check_text(value, _TEXT_LIMITS[key])
+    if key in _TAG_FIELDS:
+        return _check_text(value, _TAG_TEXT_LIMIT)
+    if key in TEXT_FIELDS:
+        # The model may not be known yet (it can come from defaults): the
+        # loosest limit here, the model's own once the track is merged.
+        return _check_text(value, loosest(key, limits))
     return _CHECKS[key](value)
 
 
@@ -989,14 +1108,19 @@ _INVALID = object()  # a field given with a bad value: reported once, skipped af
 
 
 class _Validator:
-    def __init__(self, label: str, doc: _Doc, models: Sequence[str]) -> None:
+    def __init__(self, label: str, doc: _Doc, models: Sequence[str], limits: FieldLimits) -> None:
         self.label = label
         self.doc = doc
         self.models = models
+        self.limits = limits
         self.problems: list[SpecProblem] = []
         self.named: list[tuple[int, str, int]] = []  # (track index, name, clips)
 
     def problem(self, loc: _Loc, message: str, line: int | None = None) -> None:
+        # At or under a refused value, or about the entry that holds it (a
+        # track "needs a prompt" whose prompt was refused): already said.
+        if any(loc[: len(r)] == r or (loc and r[: len(loc)] == loc) for r in self.doc.refused):
+            return
         line = self.doc.line(loc) if line is None else line
         self.problems.append(SpecProblem(self.label, line, _field(loc), message))
 
@@ -1011,7 +1135,7 @@ class _Validator:
                     message = _unknown(key, known)
                 self.problem((*loc, key), message)
                 continue
-            value, problem = _check(key, raw, self.models)
+            value, problem = _check(key, raw, self.models, self.limits)
             if problem:
                 self.problem((*loc, key), problem)
                 value = _INVALID
@@ -1070,19 +1194,19 @@ class _Validator:
         if model is None:
             known = ", ".join(self.models)
             self.problem(loc, f"missing 'mv': set the model on the track or in defaults ({known})")
-        elif model is not _INVALID and model in _OLD_MODELS:
-            for key, limit in _OLD_TEXT_LIMITS.items():
+        elif model is not _INVALID:
+            for key, limit in limits_for(model, self.limits).items():
                 value = merged.get(key)
                 if isinstance(value, str) and len(value) > limit:
                     at, note = where(key)
                     self.problem(
                         at,
                         f"is {len(value)} characters long{note}; {model} allows at most {limit}"
-                        f" (sonic-v4-5 and later allow {_TEXT_LIMITS[key]})",
+                        f" (other models up to {loosest(key, self.limits)})",
                     )
-            if merged.get("vocal_gender") not in (None, _INVALID):
-                at, note = where("vocal_gender")
-                self.problem(at, f"needs sonic-v4-5 or later{note}; this track uses {model}")
+        if model in _OLD_MODELS and merged.get("vocal_gender") not in (None, _INVALID):
+            at, note = where("vocal_gender")
+            self.problem(at, f"needs sonic-v4-5 or later{note}; this track uses {model}")
 
         if len(self.problems) > before:
             return None
@@ -1132,7 +1256,7 @@ class _Validator:
         stem = PurePosixPath(path).stem
         if _NAME_RE.match(stem):
             return stem
-        slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "my-soundtrack"
+        slug = _slug(stem)
         self.problem(
             ("soundtrack",),
             f"the file name {stem!r} is not a valid soundtrack name ({_NAME_RULE}): "
@@ -1142,14 +1266,23 @@ class _Validator:
         return None
 
 
+def _slug(stem: str) -> str:
+    """A valid soundtrack name close to a file name: 'Café Nights' → 'cafe-nights'."""
+    # Accents are separated from their letters and dropped, so 'é' gives 'e', not nothing.
+    ascii_text = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ascii_text.lower()).strip("-._")[:64]
+    return slug or "my-soundtrack"
+
+
 def _validate(
-    label: str, path: str, doc: _Doc, models: Sequence[str], digest: str
+    label: str, path: str, doc: _Doc, models: Sequence[str], limits: FieldLimits, digest: str
 ) -> tuple[SpecFile, int]:
-    check = _Validator(label, doc, models)
+    check = _Validator(label, doc, models, limits)
+    check.problems.extend(doc.problems)
     data = doc.data
     if not isinstance(data, dict):
         message = f"the top level must be a mapping with a 'tracks' list, not {_show(data)}"
-        raise SpecError([SpecProblem(label, doc.line(()), None, message)])
+        raise SpecError([*doc.problems, SpecProblem(label, doc.line(()), None, message)])
     for key in data:
         if key not in _TOP_FIELDS:
             if key in _TRACK_FIELDS:

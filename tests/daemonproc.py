@@ -86,7 +86,11 @@ def materialised(out: Path) -> dict[str, dict[str, str]]:
     if not out.is_dir():
         return found
     for listing in sorted(out.glob("*/tracks.json")):
-        doc = json.loads(listing.read_text())
+        try:
+            doc = json.loads(listing.read_text())
+        except FileNotFoundError:
+            continue  # pruned by the daemon between the glob and the read
+
         tracks = {t["track"]: t["fingerprint"] for t in doc["tracks"]}
         if all((listing.parent / t["file"]).is_file() for t in doc["tracks"]):
             found[doc["soundtrack"]] = tracks

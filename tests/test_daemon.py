@@ -8,6 +8,7 @@ periodic rescan. Waits are on log events and file contents, with deadlines.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.sandbox import SandboxControl
+from reconciler.sandbox import fingerprint as sandbox_fingerprint
+from reconciler.specs import parse_spec
 from tests.daemonproc import (
     DaemonProc,
     daemon_project,
@@ -135,7 +138,7 @@ def test_specs_folder_deleted_and_recreated(project: Project, tmp_path: Path) ->
         shutil.copytree(project.specs, backup)
         shutil.rmtree(project.specs)
         d.wait_event("watch.folder_missing", after=before)
-        # A missing folder prunes nothing (law 4).
+        # A missing folder prunes nothing.
         d.wait_event("pass.completed", after=before)
         assert (project.out / "one" / "x.mp3").is_file()
 
@@ -240,7 +243,7 @@ def test_second_run_or_sync_exits_at_once_with_a_clear_message(project: Project)
             assert "in use by pid" in lines[0]
             assert str(d.pid) in lines[0]
             assert took < 10
-        # status reads the ledger alongside the daemon (law 9).
+        # status reads the ledger alongside the daemon, without its lock.
         assert project.status()["summary"]["ready"] == 1
         stopped_within(d, 5)
 
@@ -285,6 +288,12 @@ def test_sighup_reloads_config_and_keeps_it_on_error(project: Project) -> None:
         d.send(signal.SIGHUP)
         failed = d.wait_event("config.reload_failed", after=mark)
         assert "invalid TOML" in failed["error"]
+
+        mark = d.mark()
+        project.config.write_text(good.replace('log_level = "info"', 'log_level = "verbose"'))
+        d.send(signal.SIGHUP)
+        failed = d.wait_event("config.reload_failed", after=mark)
+        assert "'verbose' is not a log level" in failed["error"]
 
         # Still running on the last good settings.
         project.write_spec("after.yaml", [track("h", "hang drum")])
@@ -365,8 +374,137 @@ def test_api_key_never_appears_anywhere(project: Project, sandbox: SandboxContro
     assert wrong not in dump
 
 
-def test_output_or_state_inside_specs_is_refused(project: Project) -> None:
+def test_output_or_state_inside_specs_is_refused_in_plain_words(project: Project) -> None:
     for flag in ("--out", "--state"):
         proc = project.cli("run", flag, str(project.specs / "inner"), timeout=20)
         assert proc.returncode == 1
         assert "inside the specs folder" in proc.stderr
+        assert "law" not in proc.stderr
+
+
+def test_deleted_or_replaced_output_comes_back_long_before_the_rescan(project: Project) -> None:
+    """The rescan is 600 s here: only the output folder's watcher can bring these back."""
+    project.write_spec(
+        "road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")]
+    )
+    with DaemonProc(project) as d:
+        d.converged()
+        d.wait_event("pass.completed", lambda e: e["in_flight"] == 0 and e["ready"] == 2)
+        files = project.files()
+        paid = tasks_created(project)
+        passes = len(d.named("pass.completed"))
+        # Nothing of reconciler's own writes or a person's other files wakes a pass.
+        (project.out / "road-trip" / "notes.txt").write_text("mine")
+        time.sleep(1.5)  # five batching windows: a pass would have run by now
+        assert len(d.named("pass.completed")) == passes
+
+        deleted = project.out / "road-trip" / "open-road.mp3"
+        deleted.unlink()
+        wait_until(deleted.exists, 20, "the deleted output to come back")
+        replaced = project.out / "road-trip" / "dusk.mp3"
+        tmp = replaced.with_name("incoming.tmp")
+        tmp.write_bytes(b"a different file put in its place")
+        os.replace(tmp, replaced)
+        wait_until(
+            lambda: (
+                project.files().get("road-trip/dusk.mp3", ("",))[0]
+                == files["road-trip/dusk.mp3"][0]
+            ),
+            20,
+            "the replaced output to be restored",
+        )
+        assert project.files()["road-trip/open-road.mp3"][0] == files["road-trip/open-road.mp3"][0]
+        assert tasks_created(project) == paid, "restored from the cache, not generated again"
+        stopped_within(d, 5)
+
+
+def test_a_regenerating_track_keeps_its_old_file_listed_until_the_new_one_lands(
+    project: Project,
+) -> None:
+    project.write_spec("study.yaml", [track("focus", "lofi beats"), track("rain", "rain sounds")])
+    playlist = project.out / "study" / "playlist.m3u8"
+    with DaemonProc(project) as d:
+        d.converged()
+        old = project.files()["study/focus.mp3"][0]
+        project.sandbox.configure(latency=5.0)
+        mark = d.mark()
+        project.write_spec(
+            "study.yaml", [track("focus", "lofi beats with rain"), track("rain", "rain sounds")]
+        )
+        d.wait_event("batch.submitted", after=mark)
+        d.wait_event("pass.completed", lambda e: e["in_flight"] == 1, after=mark)
+        assert "focus.mp3" in playlist.read_text()
+        assert project.files()["study/focus.mp3"][0] == old
+        listing = json.loads((project.out / "study" / "tracks.json").read_text())
+        assert [t["track"] for t in listing["tracks"]] == ["focus", "rain"]
+        d.converged(timeout=30)
+        assert project.files()["study/focus.mp3"][0] != old
+        assert "focus.mp3" in playlist.read_text()
+        stopped_within(d, 5)
+
+
+# A slow writer: the first chunk is a valid spec with a shorter prompt, the
+# second completes the prompt. Only the second may ever be paid for.
+CHUNK_1 = b"defaults:\n  mv: sonic-v5\ntracks:\n  - name: focus\n    gpt_description_prompt: lofi"
+CHUNK_2 = b" beats with warm vinyl crackle\n"
+
+
+def paid_key(text: bytes) -> str:
+    """The sandbox's key for the one track of ``text``: the request it would be sent."""
+    [spec] = parse_spec("slow.yaml", text, path="slow.yaml").tracks
+    return sandbox_fingerprint(dict(spec.request))
+
+
+def test_a_spec_written_in_two_chunks_is_paid_once_for_its_final_content(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    # A rescan every 0.25 s makes the daemon look at the file between the chunks.
+    project = daemon_project(tmp_path, sandbox, window=2.0, rescan=0.25)
+    assert paid_key(CHUNK_1) != paid_key(CHUNK_1 + CHUNK_2)
+    with DaemonProc(project) as d, (project.specs / "slow.yaml").open("wb") as f:
+        f.write(CHUNK_1)
+        f.flush()
+        written = time.monotonic()
+        mark = d.mark()
+        # The writer pauses a second; meanwhile the daemon reads the first chunk
+        # in (at least) two whole passes and must not pay for it.
+        wait_until(
+            lambda: (
+                len([e for e in d.events()[mark:] if e.get("event") == "pass.completed"]) >= 2
+                and time.monotonic() - written >= 1.0
+            ),
+            20,
+            "two passes over the first chunk",
+        )
+        assert tasks_created(project) == 0
+        assert d.wait_event("spec.settling", after=mark)["path"] == "slow.yaml"
+        f.write(CHUNK_2)
+        f.close()
+        d.converged()
+        stats = project.stats()
+        assert stats["tasks_by_fingerprint"] == {paid_key(CHUNK_1 + CHUNK_2): 1}
+        assert stats["tasks_created"] == 1
+        stopped_within(d, 5)
+
+
+def test_a_settling_file_is_read_when_its_window_ends_without_another_event(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    # The rescan interval is long: only the end of the window can wake the daemon.
+    project = daemon_project(tmp_path, sandbox, window=2.0)
+    with DaemonProc(project) as d:
+        d.wait_event("pass.completed")
+        mark = d.mark()
+        with (project.specs / "slow.yaml").open("wb") as f:
+            f.write(CHUNK_1)
+            f.flush()
+            # The writer's pause, shorter than the window: the pass the first
+            # event schedules finds the second chunk only a second old.
+            time.sleep(1.0)
+            f.write(CHUNK_2)
+        settling = d.wait_event("spec.settling", after=mark)
+        assert settling["path"] == "slow.yaml"
+        assert tasks_created(project) == 0
+        d.converged(timeout=20)
+        assert project.stats()["tasks_by_fingerprint"] == {paid_key(CHUNK_1 + CHUNK_2): 1}
+        stopped_within(d, 5)

@@ -23,7 +23,14 @@ from reconciler.errors import (
     NotFoundError,
     TemporaryAPIError,
 )
-from reconciler.musicapi import Accepted, Clip, MusicAPI, Rejected, TaskStatus
+from reconciler.musicapi import (
+    Accepted,
+    BatchSubmission,
+    Clip,
+    MusicAPI,
+    Rejected,
+    TaskStatus,
+)
 from reconciler.sandbox import SandboxControl
 
 T = TypeVar("T")
@@ -60,6 +67,15 @@ async def until_settled(
         await asyncio.sleep(0.05)
 
 
+async def polled(api: MusicAPI, submission: BatchSubmission) -> tuple[TaskStatus, ...]:
+    """The batch's statuses, its accepted items told to the poll by index."""
+    assert submission.batch_id is not None
+    known = {r.index: r.task_id for r in submission.results if isinstance(r, Accepted)}
+    answer = await api.poll_batch(submission.batch_id, known)
+    assert answer.unread == ()
+    return answer.statuses
+
+
 def is_mp3(data: bytes) -> bool:
     return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
@@ -70,7 +86,7 @@ def test_batch_submit_poll_download_and_credits(sandbox: SandboxControl, tmp_pat
         submission = await api.submit_batch([item(f"lofi {i}") for i in range(3)])
         assert [type(r) for r in submission.results] == [Accepted] * 3
         assert [r.index for r in submission.results] == [0, 1, 2]
-        statuses = await until_settled(lambda: api.poll_batch(submission.batch_id))
+        statuses = await until_settled(lambda: polled(api, submission))
         sizes = []
         for status in statuses:
             for clip in status.clips:
@@ -106,7 +122,7 @@ def test_per_item_rejection_and_duration_as_string(sandbox: SandboxControl) -> N
 
     async def scenario(api: MusicAPI) -> tuple[Any, tuple[TaskStatus, ...]]:
         submission = await api.submit_batch([item("a"), item("b")])
-        return submission, await until_settled(lambda: api.poll_batch(submission.batch_id))
+        return submission, await until_settled(lambda: polled(api, submission))
 
     submission, statuses = run(sandbox, scenario)
     assert isinstance(submission.results[0], Accepted)
@@ -190,7 +206,7 @@ def test_unknown_ids_and_bad_key(sandbox: SandboxControl) -> None:
     with pytest.raises(NotFoundError):
         run(sandbox, lambda api: api.poll_task("no-such-task"))
     with pytest.raises(NotFoundError):
-        run(sandbox, lambda api: api.poll_batch("no-such-batch"))
+        run(sandbox, lambda api: api.poll_batch("no-such-batch", {}))
 
     async def wrong_key() -> None:
         async with MusicAPI(sandbox.base_url, "sk-SECRET-123") as api:

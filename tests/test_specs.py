@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -16,10 +17,13 @@ from reconciler.errors import SpecError
 from reconciler.specs import (
     DEFAULT_MODELS,
     MAX_SPEC_BYTES,
+    Look,
+    Observation,
     SpecFile,
     TrackSpec,
     is_spec_candidate,
     load_spec_file,
+    observe,
     parse_spec,
     scan_specs,
 )
@@ -431,7 +435,7 @@ RULES = [
         track("prompt: " + "x" * 3001, mv="mv: sonic-v4, "),
         [
             "specs/s.yaml:2 tracks[0].prompt: is 3001 characters long; sonic-v4 allows at most "
-            "3000 (sonic-v4-5 and later allow 5000)"
+            "3000 (other models up to 5000)"
         ],
     ),
     (
@@ -453,14 +457,14 @@ RULES = [
         track("prompt: x, tags: " + "x" * 200, mv="mv: sonic-v3-5, "),
         [
             "specs/s.yaml:2 tracks[0].tags: is 200 characters long; sonic-v3-5 allows at most 199 "
-            "(sonic-v4-5 and later allow 1000)"
+            "(other models up to 1000)"
         ],
     ),
     (
         "defaults: {negative_tags: " + "x" * 200 + "}\n" + track("prompt: x", mv="mv: sonic-v4, "),
         [
             "specs/s.yaml:3 tracks[0].negative_tags: is 200 characters long (set in defaults); "
-            "sonic-v4 allows at most 199 (sonic-v4-5 and later allow 1000)"
+            "sonic-v4 allows at most 199 (other models up to 1000)"
         ],
     ),
     (
@@ -1122,3 +1126,225 @@ def test_a_soundtrack_defined_twice_keeps_the_first_file(tmp_path: Path) -> None
                 "specs/a.yaml; give this file another `soundtrack:` name"
             ],
         }
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "expected"),
+    [
+        (
+            "s.yaml",
+            "defaults: &d\n  mv: sonic-v5\ntracks:\n  - name: a\n    prompt: x\n    prompt: y\n"
+            "    mv: sonic-v9\n  - name: B\n    <<: *d\n    prompt: z\n",
+            [
+                "specs/s.yaml:6 tracks[0].prompt: duplicate field 'prompt' (first at line 5)",
+                "specs/s.yaml:7 tracks[0].mv: unknown model 'sonic-v9'",
+                "specs/s.yaml:8 tracks[1].name: invalid name 'B'",
+                "specs/s.yaml:9 tracks[1].<<: YAML aliases (*name) are not supported",
+            ],
+        ),
+        (
+            "s.yaml",
+            "tracks:\n  - name: a\n    mv: sonic-v9\n    prompt: x\n"
+            "tracks:\n  - name: b\n    mv: sonic-v5\n",
+            [
+                "specs/s.yaml:3 tracks[0].mv: unknown model 'sonic-v9'",
+                "specs/s.yaml:5 tracks: duplicate field 'tracks' (first at line 1)",
+            ],
+        ),
+        (
+            "s.json",
+            '{"tracks": [{"name": "a",\n "name": "b",\n "mv": "nope", "prompt": "x"}]}',
+            [
+                "specs/s.json:2 tracks[0].name: duplicate field 'name' (first at line 1)",
+                "specs/s.json:3 tracks[0].mv: unknown model 'nope'",
+            ],
+        ),
+    ],
+)
+def test_duplicate_keys_and_aliases_do_not_hide_the_other_problems(
+    path: str, text: str, expected: list[str]
+) -> None:
+    found = problems(text, path)
+    assert len(found) == len(expected), found
+    for line, start in zip(found, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+@pytest.mark.parametrize(
+    ("path", "suggested"),
+    [
+        ("café.yaml", "cafe"),
+        ("Study Session.yaml", "study-session"),
+        ("日本.yaml", "my-soundtrack"),
+    ],
+)
+def test_a_file_name_that_is_no_soundtrack_name_gets_a_sensible_suggestion(
+    path: str, suggested: str
+) -> None:
+    found = problems("tracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n", path)
+    assert len(found) == 1
+    assert f"add `soundtrack: {suggested}` or rename the file" in found[0]
+
+
+def test_an_invalid_file_keeps_its_soundtrack_from_a_newcomer(tmp_path: Path) -> None:
+    """a.yaml broken, b.yaml naming a.yaml's soundtrack: b is reported, not silently ignored."""
+    root = tmp_path / "specs"
+    root.mkdir()
+    (root / "a.yaml").write_text(
+        "soundtrack: mix\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
+    )
+    first = scan_specs(root)
+    assert list(first.files) == ["a.yaml"]
+    (root / "a.yaml").write_text("soundtrack: mix\ntracks: [\n")
+    (root / "b.yaml").write_text(
+        "soundtrack: mix\ntracks:\n  - {name: b, mv: sonic-v5, prompt: y}\n"
+    )
+    second = scan_specs(root, reuse=first.files)
+    assert second.files == {}
+    assert sorted(second.errors) == ["a.yaml", "b.yaml"]
+    assert "soundtrack 'mix' is already defined by specs/a.yaml" in str(second.errors["b.yaml"])
+    # Once a.yaml is fixed under another name, b.yaml takes the soundtrack.
+    (root / "a.yaml").write_text(
+        "soundtrack: other\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
+    )
+    third = scan_specs(root, reuse=first.files)
+    assert sorted(third.files) == ["a.yaml", "b.yaml"]
+    assert third.errors == {}
+
+
+def test_the_incumbent_keeps_its_soundtrack_when_an_invalid_file_once_named_it(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "specs"
+    root.mkdir()
+    (root / "b.yaml").write_text(
+        "soundtrack: mix\ntracks:\n  - {name: b, mv: sonic-v5, prompt: y}\n"
+    )
+    (root / "a.yaml").write_text(
+        "soundtrack: mine\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
+    )
+    first = scan_specs(root)
+    stale = {**first.files, "a.yaml": replace(first.files["a.yaml"], soundtrack="mix")}
+    (root / "a.yaml").write_text("tracks: [\n")
+    second = scan_specs(root, reuse=stale)
+    assert list(second.files) == ["b.yaml"]
+    assert list(second.errors) == ["a.yaml"]
+
+
+# --- waiting for a file to stop changing -------------------------------------
+
+#: A fixed mtime, so the stability tests need no real clock: "now" is T + offset.
+T = 1_800_000_000.0
+WINDOW = 2.0
+
+
+def look(size: int = 10, age: float = 0.0, digest: str = "d1") -> Look:
+    """A file of ``size`` bytes last modified ``age`` seconds before T."""
+    return Look(size, int((T - age) * 1e9), digest)
+
+
+def seen(look: Look, since: float, last_read: float = T - 0.5) -> Observation:
+    return Observation(look, since, last_read)
+
+
+# previous observation, this look (read at T), stable at T, ready at
+STABILITY = [
+    ("first sight, written long ago: read at once", None, look(age=60), True, T - 58),
+    ("first sight, written exactly a window ago", None, look(age=WINDOW), True, T),
+    ("first sight, written a second ago: a whole window", None, look(age=1), False, T + 2),
+    ("first sight, written just now", None, look(age=0), False, T + 2),
+    ("first sight, mtime in the future", None, look(age=-30), False, T + 2),
+    ("unchanged for a window", seen(look(age=9), T - 2), look(age=9), True, T),
+    ("unchanged for less than a window", seen(look(age=9), T - 1.5), look(age=9), False, T + 0.5),
+    ("unchanged since an old first sight", seen(look(age=60), T - 60), look(age=60), True, T - 58),
+    ("grew (the second chunk)", seen(look(10, age=1), T - 1), look(25, age=0.5), False, T + 2),
+    ("touched: same bytes, new mtime", seen(look(age=9), T - 9), look(age=0), False, T + 2),
+    (
+        "rewritten in the same size and tick",
+        seen(look(age=0.2), T - 0.2, T - 0.1),
+        look(age=0.2, digest="d2"),
+        False,
+        T + 2,
+    ),
+    (
+        "saved once, a window before this read, after the last one",
+        seen(look(age=90), T - 90, T - 5),
+        look(25, age=3),
+        True,
+        T - 1,
+    ),
+    (
+        "changed and given an mtime older than the last read (cp -p)",
+        seen(look(10, age=1), T - 1, T - 0.5),
+        look(25, age=600),
+        False,
+        T + 2,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "previous", "now_look", "stable", "ready_at"),
+    STABILITY,
+    ids=[c[0] for c in STABILITY],
+)
+def test_a_file_is_stable_once_unchanged_for_the_window(
+    case: str, previous: Observation | None, now_look: Look, stable: bool, ready_at: float
+) -> None:
+    after = observe(previous, now_look, T, WINDOW)
+    assert (after.look, after.seen) == (now_look, T)
+    assert after.since + WINDOW == pytest.approx(ready_at)
+    assert (after.since + WINDOW <= T) is stable
+
+
+def test_without_a_window_every_file_is_stable() -> None:
+    assert observe(None, look(age=0), T, 0.0).since == T
+    assert observe(seen(look(10), T - 1), look(25), T, 0.0).since == T
+
+
+def write_at(path: Path, data: bytes, age: float) -> None:
+    path.write_bytes(data)
+    ns = int((T - age) * 1e9)
+    os.utime(path, ns=(ns, ns))
+
+
+def test_scan_holds_back_a_changing_file_until_its_window_ends(tmp_path: Path) -> None:
+    write_at(tmp_path / "old.yaml", GOOD, age=3600)
+    write_at(tmp_path / "new.yaml", GOOD, age=0.5)
+    first = scan_specs(tmp_path, settle=specs.Settling({}, T, WINDOW))
+    assert list(first.files) == ["old.yaml"]
+    assert first.errors == {}
+    assert first.settling == {
+        "new.yaml": f"{tmp_path.name}/new.yaml: is still changing; "
+        "it is read once it has been unchanged for 2 s"
+    }
+    assert first.settled_by == T + WINDOW
+
+    # The second chunk arrives before the window ends: the window starts again.
+    write_at(tmp_path / "new.yaml", GOOD + b"# second chunk\n", age=-1)
+    second = scan_specs(tmp_path, settle=specs.Settling(first.observed, T + 1, WINDOW))
+    assert list(second.settling) == ["new.yaml"]
+    assert second.settled_by == T + 1 + WINDOW
+
+    third = scan_specs(tmp_path, settle=specs.Settling(second.observed, T + 2.9, WINDOW))
+    assert list(third.settling) == ["new.yaml"]
+    fourth = scan_specs(tmp_path, settle=specs.Settling(third.observed, T + 3, WINDOW))
+    assert list(fourth.files) == ["new.yaml", "old.yaml"]
+    assert fourth.settling == {}
+    assert fourth.settled_by is None
+    assert fourth.files["new.yaml"].digest == hashlib.sha256(GOOD + b"# second chunk\n").hexdigest()
+
+
+def test_scan_without_hold_reads_settling_files_and_notes_them(tmp_path: Path) -> None:
+    write_at(tmp_path / "new.yaml", GOOD, age=0.5)
+    scan = scan_specs(tmp_path, settle=specs.Settling({}, T, WINDOW, hold=False))
+    assert list(scan.files) == ["new.yaml"]
+    assert list(scan.settling) == ["new.yaml"]
+
+
+def test_a_settling_file_that_does_not_parse_is_not_an_error_yet(tmp_path: Path) -> None:
+    write_at(tmp_path / "half.yaml", b"tracks: [{name: a, mv: sonic-v5, pro", age=0)
+    scan = scan_specs(tmp_path, settle=specs.Settling({}, T, WINDOW))
+    assert (scan.files, scan.errors, list(scan.settling)) == ({}, {}, ["half.yaml"])
+    later = scan_specs(tmp_path, settle=specs.Settling(scan.observed, T + WINDOW, WINDOW))
+    assert list(later.errors) == ["half.yaml"]

@@ -12,13 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reconciler.outputs import probe_audio
 from reconciler.sandbox import SandboxControl
-from tests.project import Project, track, wait_until
+from tests.project import FAST_CONFIG, Project, track, wait_until
 
 
 @pytest.fixture
@@ -155,7 +157,7 @@ def test_plan_shows_cost_and_exit_codes(project: Project) -> None:
     three_soundtracks(project, 12)
     proc = project.cli("plan")
     assert proc.returncode == 2, proc.stderr
-    assert "12 generation(s) to submit in 2 call(s), 180 credits" in " ".join(proc.stdout.split())
+    assert "12 generations to submit in 2 calls, 180 credits" in " ".join(proc.stdout.split())
     assert project.stats()["batch_submit_calls"] == 0, "plan is a dry run"
     project.sync()
     assert project.cli("plan").returncode == 0
@@ -323,10 +325,16 @@ def test_status_answers_while_sync_writes(project: Project) -> None:
     project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(15)])
     proc = subprocess.Popen(project.args("sync"), env=project.env(), stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: project.stats()["batch_submit_calls"] >= 2, 30, "both batches")
-        report = project.status()
-        assert report["summary"]["generating"] == 15
-        assert report["batches_in_flight"] == 2
+        # The sandbox counts a submit when it arrives, the ledger when its
+        # answer does: wait for status itself to see both batches in flight.
+        def both_in_flight() -> bool:
+            proc = project.cli("status", "--json")
+            if not proc.stdout:  # no ledger yet: sync has only just started
+                return False
+            report = json.loads(proc.stdout)
+            return report["batches_in_flight"] == 2 and report["summary"]["generating"] == 15
+
+        wait_until(both_in_flight, 30, "status to show both batches in flight")
     finally:
         assert proc.wait(timeout=60) == 0
 
@@ -392,3 +400,109 @@ def test_the_quick_start_loop_converges_after_an_edit(tmp_path: Path) -> None:
     )  # fmt: skip
     assert report["summary"]["ready"] == report["summary"]["tracks"]
     assert report["possible_double_spend"] == 0
+
+
+def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+
+
+def test_sync_on_an_untouched_folder_reads_every_file_at_once(project: Project) -> None:
+    # A window longer than the CLI's timeout: had sync waited for it, it would not finish.
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 600"))
+    three_soundtracks(project)
+    hour_ago = time.time() - 3600
+    for path in project.specs.iterdir():
+        os.utime(path, (hour_ago, hour_ago))
+    events = log_events(project.sync())
+    assert [e for e in events if e["event"] == "spec.settling"] == []
+    assert project.stats()["tasks_created"] == 23
+
+
+def test_sync_waits_out_the_window_of_a_file_just_written(project: Project) -> None:
+    # Longer than the CLI takes to start, so the file is young at its first pass.
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 4"))
+    project.write_spec("study.yaml", [track("focus", "lofi beats")])
+    events = [e["event"] for e in log_events(project.sync())]
+    assert events.count("spec.settling") == 1
+    # Held back on the first pass, read when the window ended: one wait, not a busy loop.
+    assert events[: events.index("batch.submitted")].count("pass.completed") <= 3
+    assert project.stats()["tasks_created"] == 1
+
+
+def test_plan_reads_settling_files_as_they_are_and_notes_them(project: Project) -> None:
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 600"))
+    project.write_spec("new.yaml", [track("a", "harp")])
+    old = project.write_spec("old.yaml", [track("b", "oboe")])
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    proc = project.cli("plan", "--json")
+    assert proc.returncode == 2, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["settling"] == ["new.yaml"]
+    assert sorted(t for item in report["submit"] for t in item["tracks"]) == ["new/a", "old/b"]
+    assert "settling  new.yaml" in project.cli("plan").stdout
+
+
+def test_plan_prune_counts_every_file_it_moves(project: Project) -> None:
+    three_soundtracks(project, 12)
+    project.sync()
+    (project.specs / "gym.yaml").unlink()
+    (project.specs / "songs.yaml").unlink()
+    plan = project.cli("plan", "--prune", "--json")
+    assert plan.returncode == 2
+    announced = json.loads(plan.stdout)["prune"]
+    assert "gym-mix/playlist.m3u8" in announced
+    assert "songs/tracks.json" in announced
+    before = set(project.files())
+    text = project.cli("plan", "--prune")
+    assert f"{len(announced)} files pruned" in text.stdout
+    project.sync("--prune")
+    moved = before - set(project.files())
+    assert sorted(moved) == sorted(announced)
+
+
+def test_plan_with_a_missing_specs_folder_fails(project: Project) -> None:
+    three_soundtracks(project, 3)
+    proc = project.cli("plan", "--specs", str(project.root / "typo"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"reconciler: the specs folder {project.root / 'typo'} is missing "
+        "(--specs, or `specs` in the config)"
+    )
+
+
+def test_plan_lines_are_never_wrapped_into_a_pipe(project: Project) -> None:
+    long_track = "a-track-with-a-name-long-enough-to-pass-eighty-columns-on-its-own"[:64]
+    project.write_spec("s.yaml", [track(long_track, "lofi")], soundtrack="a-long-soundtrack-name")
+    proc = project.cli("plan")
+    lines = proc.stdout.splitlines()
+    submit = [line for line in lines if line.startswith("+ submit")]
+    assert len(submit) == 1
+    assert long_track in submit[0]
+    assert submit[0].endswith(")")
+    assert len(lines) == 2
+    assert lines[1] == (
+        "1 generation to submit in 1 call, 15 credits; 0 reused, 0 restored, 0 files pruned; "
+        "0 in flight"
+    )
+
+
+def test_validate_counts_in_plain_english(project: Project) -> None:
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler", "validate", "--specs", str(project.specs)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    project.write_spec("one.yaml", [track("a", "lofi")])
+    assert validate().stderr.strip() == "1 file, 1 track: valid"
+    (project.specs / "two.yaml").write_text("tracks:\n  - {name: b, mv: sonic-v9, prompt: x}\n")
+    assert validate().stderr.strip().splitlines()[-1] == "1 problem in 1 file"
+    (project.specs / "one.yaml").unlink()
+    (project.specs / "two.yaml").unlink()
+    project.specs.rmdir()
+    missing = validate()
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == "1 problem"

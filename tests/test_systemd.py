@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,3 +348,20 @@ def test_systemd_analyze_security_exposure_is_at_most_2() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+def test_the_documentation_the_unit_and_config_point_at_exists_and_is_installed() -> None:
+    readme = (ROOT / "README.md").read_text()
+    unit = (ROOT / "systemd" / "reconciler.service").read_text()
+    match = re.search(r"^Documentation=file:///opt/reconciler/(\S+)$", unit, re.MULTILINE)
+    assert match is not None
+    installed_as = match.group(1)
+    shared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"
+    ]["wheel"]["shared-data"]
+    sources = [src for src, dest in shared.items() if dest == installed_as]
+    assert sources == ["docs/systemd.md"]
+    for text in (unit, (ROOT / "systemd" / "reconciler.toml").read_text(), readme):
+        for ref in re.findall(r"docs/[\w.-]+\.md", text):
+            assert (ROOT / ref).is_file(), ref
+    assert "](docs/systemd.md)" in readme

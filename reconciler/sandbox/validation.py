@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-MODELS: tuple[str, ...] = ("sonic-v3-5", "sonic-v4", "sonic-v4-5", "sonic-v4-5-plus", "sonic-v5")
-# Models before v4-5 have the tighter limits and no vocal_gender.
+from reconciler.limits import FIELD_LIMITS, limits_for
+
+# The service's own model list: the models the length table names.
+MODELS: tuple[str, ...] = tuple(FIELD_LIMITS)
+# Models before v4-5 have no vocal_gender (their tighter limits are in the table).
 _OLD_MODELS = frozenset({"sonic-v3-5", "sonic-v4"})
 TASK_TYPES = ("create_music",)
 WEBHOOK_FIELDS = ("webhook_url", "webhook_secret")
-
-_DESCRIPTION_MAX = 400
-_TITLE_MAX = 79  # "<80 chars"
 
 
 def _is_number(value: object) -> bool:
@@ -28,13 +28,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_text(item: Mapping[str, Any], field: str, limit: int | None) -> str | None:
+def _check_text(item: Mapping[str, Any], field: str, limit: int) -> str | None:
     value = item.get(field)
     if value is None:
         return None
     if not isinstance(value, str):
         return f"{field}: expected a string, got {type(value).__name__}"
-    if limit is not None and len(value) > limit:
+    if len(value) > limit:
         return f"{field}: {len(value)} characters, the limit is {limit}"
     return None
 
@@ -70,6 +70,7 @@ def validate_item(item: object, name: str = "body") -> str | None:
     if mv not in MODELS:
         return f"mv: unknown model {mv!r}"
     old = mv in _OLD_MODELS
+    limits = limits_for(mv)
     task_type = item.get("task_type")
     if task_type is not None and task_type not in TASK_TYPES:
         return f"task_type: unsupported task type {task_type!r}"
@@ -77,19 +78,15 @@ def validate_item(item: object, name: str = "body") -> str | None:
     if custom:
         if not item.get("prompt"):
             return "prompt: required when custom_mode is true"
-        problem = _check_text(item, "prompt", 3000 if old else 5000)
+        problem = _check_text(item, "prompt", limits["prompt"])
     else:
         if not item.get("gpt_description_prompt"):
             return "gpt_description_prompt: required when custom_mode is false"
-        problem = _check_text(item, "gpt_description_prompt", _DESCRIPTION_MAX)
+        problem = _check_text(item, "gpt_description_prompt", limits["gpt_description_prompt"])
     if problem:
         return problem
-    for field, limit in (
-        ("title", _TITLE_MAX),
-        ("tags", 199 if old else 1000),
-        ("negative_tags", None),
-    ):
-        problem = _check_text(item, field, limit)
+    for field in ("title", "tags", "negative_tags"):
+        problem = _check_text(item, field, limits[field])
         if problem:
             return problem
 
