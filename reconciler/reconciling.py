@@ -987,9 +987,10 @@ class Reconciler:
             rec = records.get(rel)
             if rec is None or rec.fingerprint is None or rec.fingerprint == t.fingerprint:
                 return []
-            clip = next(
-                (c for c in previous.get(rec.fingerprint, []) if c.sha256 == rec.sha256), None
-            )
+            # The file is the raw clip plus its tags (tags.py), so the record
+            # names its clip by position, not by the cache's checksum.
+            older = previous.get(rec.fingerprint, [])
+            clip = older[rec.clip - 1] if rec.clip is not None and len(older) >= rec.clip else None
             soundtrack, filename = rel.split("/", 1)
             try:
                 state = out.file_state(self._outdir.path(soundtrack, filename))
