@@ -21,7 +21,8 @@ import click
 
 from reconciler import logs
 from reconciler.config import Flags, Settings, load_settings
-from reconciler.errors import ReconcilerError, SpecError
+from reconciler.errors import ConfigError, ReconcilerError, SpecError
+from reconciler.words import plural
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,7 +37,8 @@ def _exits_on_errors(code: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except ReconcilerError as exc:
-                click.echo(f"reconciler: {exc}", err=True)
+                for line in str(exc).splitlines() or [""]:
+                    click.echo(f"reconciler: {line}", err=True)
                 sys.exit(code)
 
         return wrapper
@@ -44,7 +46,8 @@ def _exits_on_errors(code: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return deco
 
 
-def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def folder_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of every command that reads the ledger or the folders."""
     options = [
         click.option("--specs", type=click.Path(path_type=Path), help="Spec folder [specs]."),
         click.option("--out", type=click.Path(path_type=Path), help="Output folder [tracks]."),
@@ -54,6 +57,15 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file."
         ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The folder options plus the API's: for the commands that may call it."""
+    options = [
         click.option("--api-url", help="MusicAPI base URL."),
         click.option(
             "--sandbox",
@@ -64,7 +76,7 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return folder_options(fn)
 
 
 def _settings(
@@ -72,8 +84,8 @@ def _settings(
     out: Path | None,
     state: Path | None,
     config: Path | None,
-    api_url: str | None,
-    use_sandbox: bool,
+    api_url: str | None = None,
+    use_sandbox: bool = False,
     prune: bool | None = None,
     max_credits: int | None = None,
 ) -> Settings:
@@ -188,21 +200,31 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
     """Dry run: what would be submitted, reused, restored, pruned. Exit 0 none, 2 changes."""
     from rich.console import Console
 
+    from reconciler.layout import require_layout
     from reconciler.running import make_plan, render_plan
 
     settings = _settings(prune=prune, **opts)
+    # What the next pass would do is moot when the pass would refuse to run.
+    require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     report = make_plan(settings)
+    if report["specs_folder"] in ("missing", "unreadable"):
+        # A CI gate must not pass on a mistyped --specs: "0 generations" would.
+        raise ConfigError(
+            f"the specs folder {settings.specs_dir} is {report['specs_folder']} "
+            "(--specs, or `specs` in the config)"
+        )
     if as_json:
         _echo_json(report)
     else:
-        render_plan(report, Console())
+        # Lines are never wrapped: a pipe or a log keeps one line per item.
+        render_plan(report, Console(soft_wrap=True))
     if report["invalid_files"]:
         sys.exit(1)
     sys.exit(2 if report["changes"] else 0)
 
 
 @main.command()
-@common_options
+@folder_options
 @click.option("--json", "as_json", is_flag=True, help="The stable JSON schema (see README).")
 @click.argument("selector", required=False, metavar="[SOUNDTRACK[/TRACK]]")
 @_exits_on_errors(1)
@@ -238,7 +260,7 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
     settings = load_settings(Flags(specs=specs, config=config))
     targets = list(paths) or [settings.specs_dir]
     problems: list[str] = []
-    n_files = n_tracks = 0
+    n_files = n_tracks = bad_files = 0
     for target in targets:
         if target.is_dir():
             scan = scan_specs(target, models=settings.models)
@@ -247,6 +269,7 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
             n_files += len(scan.files) + len(scan.errors)
             n_tracks += sum(len(f.tracks) for f in scan.files.values())
             problems += [str(p) for e in scan.errors.values() for p in e.problems]
+            bad_files += len(scan.errors)
         else:
             n_files += 1
             try:
@@ -256,22 +279,25 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
                 n_tracks += len(spec.tracks)
             except SpecError as exc:
                 problems += [str(p) for p in exc.problems]
+                bad_files += 1
     for line in problems:
         click.echo(line)
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {n_files} file(s)", err=True)
+        where = f" in {plural(bad_files, 'file')}" if bad_files else ""
+        click.echo(f"{plural(len(problems), 'problem')}{where}", err=True)
         sys.exit(1)
-    click.echo(f"{n_files} file(s), {n_tracks} track(s): valid", err=True)
+    click.echo(f"{plural(n_files, 'file')}, {plural(n_tracks, 'track')}: valid", err=True)
 
 
 @main.command()
 @click.argument("tracks", nargs=-1, metavar="SOUNDTRACK[/TRACK]...")
 @click.option("--failed", "all_failed", is_flag=True, help="Re-arm every parked failure.")
-@common_options
+@folder_options
 @_exits_on_errors(1)
 def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
     """Make parked failures eligible again (works while the daemon runs)."""
     from reconciler.ledger import Ledger
+    from reconciler.status import check_selector
 
     if not tracks and not all_failed:
         raise click.UsageError("name tracks (SOUNDTRACK/TRACK or SOUNDTRACK) or pass --failed")
@@ -279,13 +305,15 @@ def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
     ledger = Ledger.open(settings.ledger_path)
     try:
         fps: list[str] = ledger.parked_fingerprints() if all_failed else []
-        for name in tracks:
-            st, _, track = name.partition("/")
-            found = ledger.track_fingerprints(st, track or None)
-            if not found:
-                raise click.UsageError(f"no track {name!r} in the ledger")
-            fps += found
+        if tracks:
+            known: dict[str, set[str]] = {}
+            for row in ledger.query("SELECT soundtrack, name FROM tracks"):
+                known.setdefault(row["soundtrack"], set()).add(row["name"])
+            for name in tracks:
+                check_selector(known, name)
+                st, _, track = name.partition("/")
+                fps += ledger.track_fingerprints(st, track or None)
         n = ledger.retry(dict.fromkeys(fps))
     finally:
         ledger.close()
-    click.echo(f"re-armed {n} generation(s); the next pass submits them")
+    click.echo(f"re-armed {plural(n, 'generation')}; the next pass submits them")

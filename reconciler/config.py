@@ -9,14 +9,16 @@ can fix them.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from reconciler.errors import ConfigError
 from reconciler.specs import DEFAULT_MODELS
@@ -28,6 +30,9 @@ KEY_HELP = (
     "no MusicAPI key: set MUSICAPI_KEY, or api_key_file in the config file, "
     "or pass --sandbox to use the bundled emulator"
 )
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class _Section(BaseModel):
@@ -81,7 +86,7 @@ class _File(_Section):
     api_url: str | None = None
     api_key_file: Path | None = None
     models: tuple[str, ...] | None = None
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     submit: _Submit = _Submit()
     api: _Api = _Api()
     poll: _Poll = _Poll()
@@ -176,10 +181,45 @@ def _read_file(path: Path) -> _File:
     try:
         return _File.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from exc
+        # Every problem in the file, one line each, so one edit fixes them all.
+        lines = [f"{path}: {_describe(error)}" for error in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def _section_of(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that holds the last key of ``loc`` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = _File
+    for key in loc[:-1]:
+        info = model.model_fields.get(str(key))
+        annotation = info.annotation if info else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _describe(error: ErrorDetails) -> str:
+    """One pydantic error in the words of a person editing the file."""
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc)
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        section = _section_of(loc)
+        known = sorted(section.model_fields) if section else []
+        return f"{where}: unknown key{_did_you_mean(str(loc[-1]), known)}"
+    if error["type"] == "literal_error" and loc == ("log_level",):
+        levels = list(get_args(LogLevel))
+        hint = _did_you_mean(str(value), levels) or f" (one of {', '.join(levels)})"
+        return f"{where}: {value!r} is not a log level{hint}"
+    if error["type"] == "model_type":
+        return f"{where}: expected a [{where}] table, got {value!r}"
+    message = error["msg"].replace("Input should be", "must be", 1)
+    return f"{where}: {message}, got {value!r}"
 
 
 def _relative_to(base: Path | None, value: Path | None) -> Path | None:

@@ -40,7 +40,8 @@ from watchfiles import Change, awatch
 
 from reconciler import logs
 from reconciler.config import Settings, settings_summary
-from reconciler.errors import ConfigError, LedgerError, ReconcilerError
+from reconciler.errors import LedgerError, ReconcilerError
+from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.reconciling import PassResult, Reconciler
@@ -48,6 +49,7 @@ from reconciler.running import api_settings
 from reconciler.specs import is_spec_candidate
 from reconciler.systemd import Notifier, watchdog_interval
 from reconciler.webhooks import WebhookReceiver, WebhookServer, apply_hints
+from reconciler.words import plural
 
 #: How long a pass may run on after SIGTERM before it is cancelled.
 STOP_GRACE = 3.0
@@ -93,18 +95,6 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
         daemon.notifier.close()
 
 
-def _check_paths(settings: Settings) -> None:
-    """Outputs and state inside the watched folder would wake the daemon with its own writes."""
-    specs = settings.specs_dir.resolve()
-    for name, path in (("output", settings.out_dir), ("state", settings.state_dir)):
-        resolved = path.resolve()
-        if resolved == specs or specs in resolved.parents:
-            raise ConfigError(
-                f"the {name} folder {path} is inside the specs folder {settings.specs_dir}; "
-                "move it out (law 12: the watched folder holds specs only)"
-            )
-
-
 def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
     """The one-line ``STATUS=`` systemd shows in ``systemctl status``."""
     parts = [
@@ -114,7 +104,7 @@ def status_line(result: PassResult, last_pass_at: float, now: float) -> str:
         f"{result.parked} failed",
     ]
     if result.invalid_files:
-        parts.append(f"{result.invalid_files} invalid file(s)")
+        parts.append(plural(result.invalid_files, "invalid file"))
     if result.blocked:
         parts.append(f"paused: {result.blocked}")
     parts.append(f"last pass {max(0, round(now - last_pass_at))}s ago")
@@ -133,6 +123,7 @@ class Daemon:
         self.watchdog = watchdog_interval()
         self.rec: Reconciler | None = None
         self.watcher: SpecWatcher | None = None
+        self.out_watcher: OutputWatcher | None = None
         self.receiver: WebhookReceiver | None = None
         self._poke = asyncio.Event()
         self._stop = asyncio.Event()
@@ -172,7 +163,8 @@ class Daemon:
     # -- start and stop --------------------------------------------------------------
 
     async def run(self) -> int:
-        _check_paths(self.settings)
+        s = self.settings
+        require_layout(s.specs_dir, s.out_dir, s.state_dir)
         lock = StateLock(self.settings.state_dir)
         lock.acquire()
         try:
@@ -195,8 +187,18 @@ class Daemon:
         s = self.settings
         server: WebhookServer | None = None
         self.watcher = SpecWatcher(s.specs_dir, self.on_file_event)
+        self.out_watcher = OutputWatcher(
+            s.out_dir,
+            self.on_file_event,
+            lambda rel: _output_drifted(ledger, self.settings.out_dir, rel),
+        )
         try:
             await self.watcher.start()
+            # Created now rather than at the first write, so the watch is on
+            # the folder itself from the start (the layout check said it can be).
+            with contextlib.suppress(OSError):
+                s.out_dir.mkdir(parents=True, exist_ok=True)
+            await self.out_watcher.start()
             if s.webhook is not None:
                 self.receiver = WebhookReceiver(s.webhook, on_hint=self.on_webhook)
                 server = WebhookServer(self.receiver, s.webhook.host, s.webhook.port)
@@ -213,6 +215,7 @@ class Daemon:
             if server is not None:
                 await server.stop()
             await self.watcher.stop()
+            await self.out_watcher.stop()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -369,6 +372,8 @@ class Daemon:
             logs.configure(merged.log_level)
         if merged.specs_dir != self.settings.specs_dir and self.watcher is not None:
             self.watcher.retarget(merged.specs_dir)
+        if merged.out_dir != self.settings.out_dir and self.out_watcher is not None:
+            self.out_watcher.retarget(merged.out_dir)
         self.settings = merged
         if self.rec is not None:
             self.rec.settings = merged
@@ -487,8 +492,7 @@ class SpecWatcher:
             recursive=recursive,
         )
 
-    @staticmethod
-    def _relevant(root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
         relevant = False
         for change, name in changes:
             path = Path(name)
@@ -510,6 +514,52 @@ class SpecWatcher:
             elif is_spec_candidate(rel):
                 relevant = True
         return relevant
+
+
+class OutputWatcher(SpecWatcher):
+    """Watches the output folder so a deleted or replaced output comes back within seconds.
+
+    Only a file the ledger says reconciler wrote, and whose size or mtime no
+    longer match that record, is relevant (``drifted``): the reconciler's own
+    writes (hidden temp files, then a rename to a file whose state the ledger
+    records) and a person's other files wake nothing. Without this, a deleted
+    output would wait for the periodic rescan.
+    """
+
+    def __init__(
+        self, root: Path, on_change: Callable[[], None], drifted: Callable[[str], bool]
+    ) -> None:
+        super().__init__(root, on_change)
+        self.drifted = drifted
+
+    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+        for _, name in changes:
+            path = Path(name)
+            if path == root:
+                return True
+            try:
+                rel = path.relative_to(root)
+            except ValueError:
+                continue
+            if self.drifted(rel.as_posix()):
+                return True
+        return False
+
+
+def _output_drifted(ledger: Ledger, out_dir: Path, rel: str) -> bool:
+    """Whether an output the ledger recorded at ``rel`` (or under it) is gone or changed."""
+    rows = ledger.query(
+        "SELECT path, size, mtime_ns FROM outputs WHERE path = ? OR substr(path, 1, ?) = ?",
+        [rel, len(rel) + 1, rel + "/"],
+    )
+    for row in rows:
+        try:
+            st = (out_dir / row["path"]).stat()
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+            return True
+    return False
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ class, not decided by string matching at the call site::
     ReconcilerError
     ├── ConfigError                 bad flag, environment or config file; missing key
     ├── SpecError                   a spec file is invalid (holds every SpecProblem found)
+    ├── UnknownNameError            a SOUNDTRACK[/TRACK] on the command line names nothing known
     ├── LockedError                 another daemon or sync holds the state directory
     ├── LedgerError                 the SQLite ledger is unusable or too new
     ├── OutputError                 an output path escapes the output folder, a write failed
@@ -59,6 +60,10 @@ class SpecError(ReconcilerError):
     def __init__(self, problems: list[SpecProblem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class UnknownNameError(ReconcilerError):
+    """A soundtrack or track named on the command line is not in the ledger."""
 
 
 class LockedError(ReconcilerError):

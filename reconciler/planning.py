@@ -26,6 +26,8 @@ BATCH_SIZE = 10
 GenState = Literal["queued", "submitting", "unknown", "running", "succeeded", "parked"]
 #: States in which a fingerprint is paid for or may be: never submit these again (law 2).
 IN_FLIGHT: frozenset[str] = frozenset({"submitting", "unknown", "running"})
+#: The per-soundtrack lists written beside the audio.
+LIST_FILES = ("playlist.m3u8", "tracks.json")
 RootState = Literal["ok", "missing", "unreadable", "empty"]
 DiskState = Literal["ok", "missing", "drifted"]
 
@@ -207,6 +209,7 @@ def diff(
             if fact.disk != "ok" and fact.cached:
                 restore.append(path)
     wanted = {p for t in desired.tracks for p in t.outputs}
+    wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
     pruned = (
         tuple(sorted(p for p in outputs if p not in wanted))
         if prune and desired.prune_allowed

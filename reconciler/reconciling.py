@@ -51,6 +51,7 @@ from reconciler.musicapi import (
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
+    LIST_FILES,
     Allowance,
     Desired,
     DesiredTrack,
@@ -71,8 +72,6 @@ MAX_UPSTREAM_ATTEMPTS = 3
 #: Downloads in parallel: enough to stream results, few enough to be polite.
 DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
-#: The per-soundtrack lists written beside the audio.
-LIST_FILES = ("playlist.m3u8", "tracks.json")
 #: Upstream failure types that are a verdict on the content, not a hiccup.
 _PERMANENT_FAILURES = frozenset({"forbidden"})
 
@@ -316,8 +315,10 @@ class Reconciler:
         self._submit_waits_for_time = True
         if now < self._submit_pause_until:
             result.blocked = self._block_reason
+            self.log.debug("submit.held", queued=len(queued), reason=self._block_reason)
             return
         if not any(gens[fp].next_attempt <= now for fp in queued):
+            self.log.debug("submit.nothing_due", queued=len(queued))
             return
         in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
 
@@ -337,7 +338,17 @@ class Reconciler:
             # finished tasks are found by polls, which are scheduled anyway.
             self._submit_waits_for_time = False
             return
-        to_send = due(await self._affordable(now))
+        affordable = await self._affordable(now)
+        to_send = due(affordable)
+        self.log.debug(
+            "submit.due",
+            queued=len(queued),
+            due=len(to_send),
+            in_flight=in_flight,
+            max_in_flight=self.settings.max_in_flight,
+            affordable=affordable,
+            held_reason=self._block_reason,
+        )
         if self._block_reason and not to_send:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
@@ -551,9 +562,19 @@ class Reconciler:
 
         interval = self.settings.poll_interval
         soon = self.ledger.batches_due_by(now + interval)
-        jobs = [cohort(c) for c in poll_cohorts(soon, interval, now)]
-        jobs += [one_task(t.task_id) for t in self.ledger.due_single_tasks(now)]
-        jobs += [one_orphan(*o) for o in self.ledger.due_orphans(now)]
+        cohorts = poll_cohorts(soon, interval, now)
+        singles = self.ledger.due_single_tasks(now)
+        orphans = self.ledger.due_orphans(now)
+        self.log.debug(
+            "poll.due",
+            batches=len(soon),
+            cohorts=len(cohorts),
+            tasks=len(singles),
+            orphans=len(orphans),
+        )
+        jobs = [cohort(c) for c in cohorts]
+        jobs += [one_task(t.task_id) for t in singles]
+        jobs += [one_orphan(*o) for o in orphans]
         await asyncio.gather(*jobs)
 
     async def _poll_batch(self, batch_id: str, result: PassResult) -> bool:

@@ -18,11 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reconciler import outputs as out
 from reconciler.config import Settings
+from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.planning import DiskState, OutputFact, desired_state, diff
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import scan_specs
+from reconciler.words import plural
 
 
 @asynccontextmanager
@@ -41,6 +43,7 @@ async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
 
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
+    require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     lock = StateLock(settings.state_dir)
     lock.acquire()
     try:
@@ -85,7 +88,7 @@ async def _converge_with_progress(rec: Reconciler, console: Console) -> PassResu
 
 
 def summary_line(r: PassResult) -> str:
-    parts = [f"{r.ready}/{r.total} tracks ready"]
+    parts = [f"{r.ready}/{plural(r.total, 'track')} ready"]
     if r.in_flight:
         parts.append(f"{r.in_flight} in flight")
     if r.queued:
@@ -93,9 +96,11 @@ def summary_line(r: PassResult) -> str:
     if r.parked:
         parts.append(f"{r.parked} failed (see `reconciler status`)")
     if r.invalid_files:
-        parts.append(f"{r.invalid_files} invalid spec file(s)")
+        parts.append(plural(r.invalid_files, "invalid spec file"))
     if r.output_failures:
-        parts.append(f"{r.output_failures} output file(s) could not be written (see the log)")
+        parts.append(
+            f"{plural(r.output_failures, 'output file')} could not be written (see the log)"
+        )
     if r.blocked:
         parts.append(f"submissions paused: {r.blocked}")
     return ("converged: " if r.converged else "not converged: ") + ", ".join(parts)
@@ -132,8 +137,6 @@ def make_plan(settings: Settings) -> dict[str, Any]:
     folder = out.OutputFolder(settings.out_dir)
     facts: dict[str, OutputFact] = {}
     for p, r in records.items():
-        if r.track is None:
-            continue
         disk = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
         # The cache only matters for a file to restore: no stat for the rest.
         cached = disk != "ok" and cache.has(r.sha256)
@@ -175,9 +178,10 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
     if report["specs_folder"] != "ok":
         console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
     console.print(
-        f"{len(report['submit'])} generation(s) to submit in {report['submit_calls']} call(s), "
+        f"{plural(len(report['submit']), 'generation')} to submit in "
+        f"{plural(report['submit_calls'], 'call')}, "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
-        f"{len(report['restore'])} restored, {len(report['prune'])} pruned; "
+        f"{len(report['restore'])} restored, {plural(len(report['prune']), 'file')} pruned; "
         f"{report['in_flight']} in flight",
         soft_wrap=True,
     )

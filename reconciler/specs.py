@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -256,6 +257,16 @@ def scan_specs(
 
     files: dict[str, SpecFile] = {}
     owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
+    # An invalid file keeps its last good version in force, and with it its
+    # soundtrack: another file naming it is the duplicate (and is reported),
+    # unless that file defined it itself last time.
+    incumbents = {
+        spec.soundtrack for rel, _, spec in parsed if not incumbent_first((rel, b"", spec))[0]
+    }
+    for rel in errors:
+        previous = reuse.get(rel) if reuse else None
+        if previous is not None and previous.soundtrack not in incumbents:
+            owners.setdefault(previous.soundtrack, _label(prefix, rel))
     for rel, data, spec in sorted(parsed, key=incumbent_first):
         label = _label(prefix, rel)
         owner = owners.get(spec.soundtrack)
@@ -374,6 +385,12 @@ def _too_large(size: int) -> str:
 class _Doc:
     data: Any
     lines: dict[_Loc, int]
+    #: Problems met while reading (a duplicate key, an alias) that leave the
+    #: rest readable: validation goes on and reports them with the others.
+    problems: list[SpecProblem] = field(default_factory=list)
+    #: Where a value was refused while reading (read as unset): nothing more
+    #: is said about those places, the reading problem says it all.
+    refused: set[_Loc] = field(default_factory=set)
 
     def line(self, loc: _Loc) -> int:
         """The line of ``loc``, or of its closest located parent."""
@@ -523,9 +540,7 @@ def _read_yaml(label: str, text: str) -> _Doc:
         raise SpecError([SpecProblem(label, None, None, "file is empty (it holds only comments)")])
     builder = _YamlBuilder(label)
     data = builder.build(root, (), 0)
-    if builder.problems:
-        raise SpecError(builder.problems)
-    return _Doc(data, builder.lines)
+    return _Doc(data, builder.lines, builder.problems, builder.refused)
 
 
 _YAML_FLOW_VALUE = re.compile(r"(?:^|:\s|-\s)\s*[\[{]")
@@ -551,10 +566,14 @@ class _YamlBuilder:
         self.label = label
         self.lines: dict[_Loc, int] = {}
         self.problems: list[SpecProblem] = []
+        self.refused: set[_Loc] = set()
         self.seen: set[int] = set()
 
-    def problem(self, loc: _Loc, line: int, message: str) -> None:
+    def problem(self, loc: _Loc, line: int, message: str, *, refused: bool = True) -> None:
+        """Record a problem; ``refused``: the value at ``loc`` was read as unset."""
         self.problems.append(SpecProblem(self.label, line, _field(loc), message))
+        if refused:
+            self.refused.add(loc)
 
     def build(self, node: yaml.Node, loc: _Loc, depth: int) -> Any:
         line = node.start_mark.line + 1
@@ -562,7 +581,9 @@ class _YamlBuilder:
         # The composer hands out the anchored node again for each alias, so a
         # node seen twice is an alias: refusing it rules out "billion laughs".
         if id(node) in self.seen:
-            self.problem(loc, line, "YAML aliases (*name) are not supported; use `defaults`")
+            # Reported where the alias is used, not where its anchor is.
+            where = self.lines.get(loc, line)
+            self.problem(loc, where, "YAML aliases (*name) are not supported; use `defaults`")
             return None
         self.seen.add(id(node))
         if depth > _MAX_DEPTH:
@@ -584,7 +605,9 @@ class _YamlBuilder:
             key = str(key_node.value)
             if key in result:
                 first = self.lines[(*loc, key)]
-                self.problem((*loc, key), line, f"duplicate field {key!r} (first at line {first})")
+                # The first value stays and is checked like any other.
+                message = f"duplicate field {key!r} (first at line {first})"
+                self.problem((*loc, key), line, message, refused=False)
                 continue
             self.lines[(*loc, key)] = line
             result[key] = self.build(value_node, (*loc, key), depth + 1)
@@ -770,19 +793,13 @@ def _read_json(label: str, text: str) -> _Doc:
     except ValueError:
         raise _number_error(label, "JSON", text) from None
     lines, duplicates = _json_lines(text)
-    if duplicates:
-        raise SpecError(
-            [
-                SpecProblem(
-                    label,
-                    line,
-                    _field(loc),
-                    f"duplicate field {loc[-1]!r} (first at line {lines[loc]})",
-                )
-                for loc, line in duplicates
-            ]
+    problems = [
+        SpecProblem(
+            label, line, _field(loc), f"duplicate field {loc[-1]!r} (first at line {lines[loc]})"
         )
-    return _Doc(data, lines)
+        for loc, line in duplicates
+    ]
+    return _Doc(data, lines, problems)
 
 
 def _json_lines(text: str) -> tuple[dict[_Loc, int], list[tuple[_Loc, int]]]:
@@ -989,6 +1006,10 @@ class _Validator:
         self.named: list[tuple[int, str, int]] = []  # (track index, name, clips)
 
     def problem(self, loc: _Loc, message: str, line: int | None = None) -> None:
+        # At or under a refused value, or about the entry that holds it (a
+        # track "needs a prompt" whose prompt was refused): already said.
+        if any(loc[: len(r)] == r or (loc and r[: len(loc)] == loc) for r in self.doc.refused):
+            return
         line = self.doc.line(loc) if line is None else line
         self.problems.append(SpecProblem(self.label, line, _field(loc), message))
 
@@ -1122,7 +1143,7 @@ class _Validator:
         stem = PurePosixPath(path).stem
         if _NAME_RE.match(stem):
             return stem
-        slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "my-soundtrack"
+        slug = _slug(stem)
         self.problem(
             ("soundtrack",),
             f"the file name {stem!r} is not a valid soundtrack name ({_NAME_RULE}): "
@@ -1132,14 +1153,23 @@ class _Validator:
         return None
 
 
+def _slug(stem: str) -> str:
+    """A valid soundtrack name close to a file name: 'Café Nights' → 'cafe-nights'."""
+    # Accents are separated from their letters and dropped, so 'é' gives 'e', not nothing.
+    ascii_text = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ascii_text.lower()).strip("-._")[:64]
+    return slug or "my-soundtrack"
+
+
 def _validate(
     label: str, path: str, doc: _Doc, models: Sequence[str], digest: str
 ) -> tuple[SpecFile, int]:
     check = _Validator(label, doc, models)
+    check.problems.extend(doc.problems)
     data = doc.data
     if not isinstance(data, dict):
         message = f"the top level must be a mapping with a 'tracks' list, not {_show(data)}"
-        raise SpecError([SpecProblem(label, doc.line(()), None, message)])
+        raise SpecError([*doc.problems, SpecProblem(label, doc.line(()), None, message)])
     for key in data:
         if key not in _TOP_FIELDS:
             if key in _TRACK_FIELDS:

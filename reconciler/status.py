@@ -8,30 +8,88 @@ ever added): see the README.
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
 from reconciler.config import Settings
+from reconciler.errors import UnknownNameError
+from reconciler.layout import check_layout
 from reconciler.ledger import Ledger
-from reconciler.planning import CREDITS_PER_TASK, output_names, utc_day_start
+from reconciler.planning import CREDITS_PER_TASK, IN_FLIGHT, output_names, utc_day_start
+from reconciler.words import plural
 
 SCHEMA_VERSION = 1
-TRACK_STATES = ("ready", "generating", "queued", "retrying", "failed", "invalid")
+TRACK_STATES = ("ready", "restoring", "generating", "queued", "retrying", "failed", "invalid")
 
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+def check_selector(known: Mapping[str, set[str]], selector: str) -> None:
+    """Raise ``UnknownNameError`` unless ``SOUNDTRACK[/TRACK]`` names something in ``known``.
+
+    ``known`` maps each soundtrack to its track names. The message suggests
+    the closest names, like a spec error does for a field.
+    """
+    soundtrack, _, name = selector.partition("/")
+    if soundtrack not in known:
+        close = difflib.get_close_matches(soundtrack, list(known), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UnknownNameError(f"no soundtrack {soundtrack!r} in the ledger{hint}")
+    if name and name not in known[soundtrack]:
+        close = difflib.get_close_matches(name, sorted(known[soundtrack]), n=3)
+        hint = f" (did you mean {', '.join(f'{soundtrack}/{c}' for c in close)}?)" if close else ""
+        raise UnknownNameError(f"no track {name!r} in soundtrack {soundtrack!r}{hint}")
+
+
+def _output_drift(out_dir: Path, files: list[str], records: Mapping[str, tuple[int, int]]) -> str:
+    """Why the written files no longer match the ledger ('' when they do): one stat each."""
+    for f in files:
+        try:
+            st = os.stat(out_dir / f)
+        except FileNotFoundError:
+            return "output file deleted; the next pass restores it from the cache"
+        except OSError:
+            continue  # unreadable for this user: the writer will find out
+        if (st.st_size, st.st_mtime_ns) != records[f]:
+            return "output file changed; the next pass restores it from the cache"
+    return ""
+
+
+def _queued_reason(row: dict[str, Any], now: float, hold: str | None) -> str:
+    if row["next_attempt"] and row["next_attempt"] > now:
+        return f"retry at {_clock(row['next_attempt'])} after: {row['reason']}"
+    if row["attempts"]:
+        return f"retrying now after: {row['reason']}"
+    return hold or row["reason"] or "waiting for the next batch"
+
+
 def _track_state(
-    row: dict[str, Any], files_ok: bool, spec_error: str | None, output_error: str | None
+    row: dict[str, Any],
+    files_ok: bool,
+    spec_error: str | None,
+    output_error: str | None,
+    drift: str,
+    now: float,
+    hold: str | None,
 ) -> tuple[str, str | None]:
     if spec_error is not None:
         return "invalid", spec_error.splitlines()[0]
+    if files_ok and drift:
+        return "restoring", drift
     if files_ok:
         return "ready", None
     if output_error is not None:
@@ -40,9 +98,8 @@ def _track_state(
     if state == "parked":
         return "failed", row["reason"]
     if state == "queued":
-        if row["attempts"]:
-            return "retrying", row["reason"]
-        return "queued", row["reason"]
+        reason = _queued_reason(row, now, hold)
+        return ("retrying" if row["attempts"] else "queued"), reason
     if state == "unknown":
         return "generating", "submit outcome unknown (answer lost); waiting for a callback"
     return "generating", None
@@ -54,12 +111,31 @@ def build_report(
     """Everything ``status`` shows, as plain JSON-ready data."""
     spec_errors = ledger.spec_errors()
     output_errors: dict[str, str] = ledger.get("output_errors") or {}
-    held = ledger.output_fingerprints()
+    held: dict[str, str] = {}
+    written: dict[str, tuple[int, int]] = {}
+    for r in ledger.query("SELECT path, fingerprint, size, mtime_ns FROM outputs"):
+        held[r["path"]] = r["fingerprint"]
+        written[r["path"]] = (r["size"], r["mtime_ns"])
     rows = ledger.query(
         "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, t.position, "
-        "t.updated_at AS t_at, g.state AS gstate, g.reason, g.attempts, g.updated_at AS g_at "
+        "t.updated_at AS t_at, g.state AS gstate, g.reason, g.attempts, g.next_attempt, "
+        "g.updated_at AS g_at "
         "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
         "ORDER BY t.soundtrack, t.position"
+    )
+    if selector:
+        known: dict[str, set[str]] = {}
+        for r in rows:
+            known.setdefault(r["soundtrack"], set()).add(r["name"])
+        check_selector(known, selector)
+    in_flight = sum(1 for r in rows if r["gstate"] in IN_FLIGHT)
+    block = ledger.get("submit_block")
+    hold = (
+        f"held: {block}"
+        if block
+        else f"held: in-flight cap ({settings.max_in_flight} tasks at once)"
+        if in_flight >= settings.max_in_flight
+        else None
     )
     sel_st, _, sel_track = (selector or "").partition("/")
     tracks: list[dict[str, Any]] = []
@@ -71,7 +147,10 @@ def build_report(
         files = [f"{r['soundtrack']}/{n}" for n in output_names(r["name"], r["clips"])]
         files_ok = all(held.get(f) == r["fingerprint"] for f in files)
         output_error = next((output_errors[f] for f in files if f in output_errors), None)
-        state, reason = _track_state(r, files_ok, spec_errors.get(r["source"]), output_error)
+        drift = _output_drift(settings.out_dir, files, written) if files_ok else ""
+        state, reason = _track_state(
+            r, files_ok, spec_errors.get(r["source"]), output_error, drift, now, hold
+        )
         changed = max(r["t_at"] or 0.0, r["g_at"] or 0.0)
         tracks.append(
             {
@@ -121,7 +200,11 @@ def build_report(
             "daily_budget": budget,
             "budget_left": None if budget is None else max(0, budget - spent),
         },
-        "submit_block": ledger.get("submit_block"),
+        "submit_block": block,
+        "specs_folder": _folder_state(settings.specs_dir),
+        "layout_problems": check_layout(
+            settings.specs_dir, settings.out_dir, settings.state_dir, writable=False
+        ),
         "ambiguous_submits": ambiguous,
         "possible_double_spend": doubles,
         "last_pass": _iso(ledger.get("last_pass_at")),
@@ -134,9 +217,15 @@ def build_report(
     }
 
 
+def _folder_state(path: Path) -> str:
+    if path.is_dir():
+        return "ok"
+    return "missing" if not path.exists() else "not a folder"
+
+
 def failed(report: dict[str, Any]) -> bool:
     s = report["summary"]
-    return bool(s["failed"] or s["invalid"])
+    return bool(s["failed"] or s["invalid"] or report["layout_problems"])
 
 
 def _age(seconds: float) -> str:
@@ -152,6 +241,7 @@ def _age(seconds: float) -> str:
 _STYLE = {
     "ready": "green",
     "generating": "cyan",
+    "restoring": "cyan",
     "queued": "blue",
     "retrying": "yellow",
     "failed": "red",
@@ -186,7 +276,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.file.write("\n".join(lines) + "\n")
     s = report["summary"]
     counts = ", ".join(f"{s[k]} {k}" for k in TRACK_STATES if s[k])
-    console.print(f"\n{s['tracks']} tracks: {counts or 'none'}")
+    console.print(f"\n{plural(s['tracks'], 'track')}: {counts or 'none'}")
     c = report["credits"]
     budget = (
         f", budget left today {c['budget_left']}/{c['daily_budget']}"
@@ -197,12 +287,20 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"batches in flight: {report['batches_in_flight']}; "
         f"credits spent today: {c['spent_today']}{budget}"
     )
+    for problem in report["layout_problems"]:
+        console.print(f"[red]folder layout: {problem}[/]", soft_wrap=True)
+    if report["specs_folder"] != "ok":
+        console.print(
+            f"[yellow]the specs folder is {report['specs_folder']}: the last good specs stay "
+            "in force[/]",
+            soft_wrap=True,
+        )
     if report["submit_block"]:
         console.print(f"[yellow]submissions paused: {report['submit_block']}[/]")
     if report["ambiguous_submits"] or report["possible_double_spend"]:
         console.print(
             f"[yellow]ambiguous submits: {report['ambiguous_submits']}; "
-            f"possible double spend: {report['possible_double_spend']} generation(s)[/]"
+            f"possible double spend: {plural(report['possible_double_spend'], 'generation')}[/]"
         )
     api = report["api"]
     line = (

@@ -35,6 +35,8 @@ backoff_cap = 1.0
 request_timeout = 5.0
 """
 
+#: Commands that only read or write the ledger and so take no API options.
+OFFLINE_COMMANDS = ("status", "retry")
 
 T = TypeVar("T")
 
@@ -72,11 +74,15 @@ class Project:
         return env
 
     def args(self, command: str) -> list[str]:
-        return [
+        args = [
             sys.executable, "-m", "reconciler", command,
             "--specs", str(self.specs), "--out", str(self.out), "--state", str(self.state),
-            "--config", str(self.config), "--api-url", self.sandbox.base_url,
+            "--config", str(self.config),
         ]  # fmt: skip
+        # status and retry never call the API, so they take no --api-url.
+        if command not in OFFLINE_COMMANDS:
+            args += ["--api-url", self.sandbox.base_url]
+        return args
 
     def cli(
         self, command: str, *extra: str, timeout: float = 90

@@ -286,6 +286,12 @@ def test_sighup_reloads_config_and_keeps_it_on_error(project: Project) -> None:
         failed = d.wait_event("config.reload_failed", after=mark)
         assert "invalid TOML" in failed["error"]
 
+        mark = d.mark()
+        project.config.write_text(good.replace('log_level = "info"', 'log_level = "verbose"'))
+        d.send(signal.SIGHUP)
+        failed = d.wait_event("config.reload_failed", after=mark)
+        assert "'verbose' is not a log level" in failed["error"]
+
         # Still running on the last good settings.
         project.write_spec("after.yaml", [track("h", "hang drum")])
         d.converged()
@@ -365,8 +371,45 @@ def test_api_key_never_appears_anywhere(project: Project, sandbox: SandboxContro
     assert wrong not in dump
 
 
-def test_output_or_state_inside_specs_is_refused(project: Project) -> None:
+def test_output_or_state_inside_specs_is_refused_in_plain_words(project: Project) -> None:
     for flag in ("--out", "--state"):
         proc = project.cli("run", flag, str(project.specs / "inner"), timeout=20)
         assert proc.returncode == 1
         assert "inside the specs folder" in proc.stderr
+        assert "law" not in proc.stderr
+
+
+def test_deleted_or_replaced_output_comes_back_long_before_the_rescan(project: Project) -> None:
+    """The rescan is 600 s here: only the output folder's watcher can bring these back."""
+    project.write_spec(
+        "road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")]
+    )
+    with DaemonProc(project) as d:
+        d.converged()
+        d.wait_event("pass.completed", lambda e: e["in_flight"] == 0 and e["ready"] == 2)
+        files = project.files()
+        paid = tasks_created(project)
+        passes = len(d.named("pass.completed"))
+        # Nothing of reconciler's own writes or a person's other files wakes a pass.
+        (project.out / "road-trip" / "notes.txt").write_text("mine")
+        time.sleep(1.5)  # five batching windows: a pass would have run by now
+        assert len(d.named("pass.completed")) == passes
+
+        deleted = project.out / "road-trip" / "open-road.mp3"
+        deleted.unlink()
+        wait_until(deleted.exists, 20, "the deleted output to come back")
+        replaced = project.out / "road-trip" / "dusk.mp3"
+        tmp = replaced.with_name("incoming.tmp")
+        tmp.write_bytes(b"a different file put in its place")
+        os.replace(tmp, replaced)
+        wait_until(
+            lambda: (
+                project.files().get("road-trip/dusk.mp3", ("",))[0]
+                == files["road-trip/dusk.mp3"][0]
+            ),
+            20,
+            "the replaced output to be restored",
+        )
+        assert project.files()["road-trip/open-road.mp3"][0] == files["road-trip/open-road.mp3"][0]
+        assert tasks_created(project) == paid, "restored from the cache, not generated again"
+        stopped_within(d, 5)

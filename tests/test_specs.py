@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -1122,3 +1123,106 @@ def test_a_soundtrack_defined_twice_keeps_the_first_file(tmp_path: Path) -> None
                 "specs/a.yaml; give this file another `soundtrack:` name"
             ],
         }
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "expected"),
+    [
+        (
+            "s.yaml",
+            "defaults: &d\n  mv: sonic-v5\ntracks:\n  - name: a\n    prompt: x\n    prompt: y\n"
+            "    mv: sonic-v9\n  - name: B\n    <<: *d\n    prompt: z\n",
+            [
+                "specs/s.yaml:6 tracks[0].prompt: duplicate field 'prompt' (first at line 5)",
+                "specs/s.yaml:7 tracks[0].mv: unknown model 'sonic-v9'",
+                "specs/s.yaml:8 tracks[1].name: invalid name 'B'",
+                "specs/s.yaml:9 tracks[1].<<: YAML aliases (*name) are not supported",
+            ],
+        ),
+        (
+            "s.yaml",
+            "tracks:\n  - name: a\n    mv: sonic-v9\n    prompt: x\n"
+            "tracks:\n  - name: b\n    mv: sonic-v5\n",
+            [
+                "specs/s.yaml:3 tracks[0].mv: unknown model 'sonic-v9'",
+                "specs/s.yaml:5 tracks: duplicate field 'tracks' (first at line 1)",
+            ],
+        ),
+        (
+            "s.json",
+            '{"tracks": [{"name": "a",\n "name": "b",\n "mv": "nope", "prompt": "x"}]}',
+            [
+                "specs/s.json:2 tracks[0].name: duplicate field 'name' (first at line 1)",
+                "specs/s.json:3 tracks[0].mv: unknown model 'nope'",
+            ],
+        ),
+    ],
+)
+def test_duplicate_keys_and_aliases_do_not_hide_the_other_problems(
+    path: str, text: str, expected: list[str]
+) -> None:
+    found = problems(text, path)
+    assert len(found) == len(expected), found
+    for line, start in zip(found, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+@pytest.mark.parametrize(
+    ("path", "suggested"),
+    [
+        ("café.yaml", "cafe"),
+        ("Study Session.yaml", "study-session"),
+        ("日本.yaml", "my-soundtrack"),
+    ],
+)
+def test_a_file_name_that_is_no_soundtrack_name_gets_a_sensible_suggestion(
+    path: str, suggested: str
+) -> None:
+    found = problems("tracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n", path)
+    assert len(found) == 1
+    assert f"add `soundtrack: {suggested}` or rename the file" in found[0]
+
+
+def test_an_invalid_file_keeps_its_soundtrack_from_a_newcomer(tmp_path: Path) -> None:
+    """a.yaml broken, b.yaml naming a.yaml's soundtrack: b is reported, not silently ignored."""
+    root = tmp_path / "specs"
+    root.mkdir()
+    (root / "a.yaml").write_text(
+        "soundtrack: mix\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
+    )
+    first = scan_specs(root)
+    assert list(first.files) == ["a.yaml"]
+    (root / "a.yaml").write_text("soundtrack: mix\ntracks: [\n")
+    (root / "b.yaml").write_text(
+        "soundtrack: mix\ntracks:\n  - {name: b, mv: sonic-v5, prompt: y}\n"
+    )
+    second = scan_specs(root, reuse=first.files)
+    assert second.files == {}
+    assert sorted(second.errors) == ["a.yaml", "b.yaml"]
+    assert "soundtrack 'mix' is already defined by specs/a.yaml" in str(second.errors["b.yaml"])
+    # Once a.yaml is fixed under another name, b.yaml takes the soundtrack.
+    (root / "a.yaml").write_text(
+        "soundtrack: other\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
+    )
+    third = scan_specs(root, reuse=first.files)
+    assert sorted(third.files) == ["a.yaml", "b.yaml"]
+    assert third.errors == {}
+
+
+def test_the_incumbent_keeps_its_soundtrack_when_an_invalid_file_once_named_it(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "specs"
+    root.mkdir()
+    (root / "b.yaml").write_text(
+        "soundtrack: mix\ntracks:\n  - {name: b, mv: sonic-v5, prompt: y}\n"
+    )
+    (root / "a.yaml").write_text(
+        "soundtrack: mine\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
+    )
+    first = scan_specs(root)
+    stale = {**first.files, "a.yaml": replace(first.files["a.yaml"], soundtrack="mix")}
+    (root / "a.yaml").write_text("tracks: [\n")
+    second = scan_specs(root, reuse=stale)
+    assert list(second.files) == ["b.yaml"]
+    assert list(second.errors) == ["a.yaml"]

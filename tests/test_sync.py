@@ -148,7 +148,7 @@ def test_plan_shows_cost_and_exit_codes(project: Project) -> None:
     three_soundtracks(project, 12)
     proc = project.cli("plan")
     assert proc.returncode == 2, proc.stderr
-    assert "12 generation(s) to submit in 2 call(s), 180 credits" in " ".join(proc.stdout.split())
+    assert "12 generations to submit in 2 calls, 180 credits" in " ".join(proc.stdout.split())
     assert project.stats()["batch_submit_calls"] == 0, "plan is a dry run"
     project.sync()
     assert project.cli("plan").returncode == 0

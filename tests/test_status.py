@@ -1,0 +1,153 @@
+"""`reconciler status` and `retry` as a person reads them: files checked, names checked, reasons.
+
+Real CLI subprocesses against the real sandbox, a real ledger and real
+files; the pure parts (selectors, queued reasons) are table-driven.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.errors import UnknownNameError
+from reconciler.sandbox import SandboxControl
+from reconciler.status import _queued_reason, check_selector
+from tests.project import Project, track
+
+
+@pytest.fixture
+def project(tmp_path: Path, sandbox: SandboxControl) -> Project:
+    return Project(tmp_path, sandbox)
+
+
+def state_of(report: dict[str, Any], name: str) -> tuple[str, str | None]:
+    row = next(t for t in report["tracks"] if t["track"] == name)
+    return row["state"], row["reason"]
+
+
+def test_deleted_or_changed_output_is_not_ready(project: Project) -> None:
+    project.write_spec(
+        "road-trip.yaml", [track("open-road", "surf rock"), track("dusk", "ambient")]
+    )
+    project.sync()
+    (project.out / "road-trip" / "open-road.mp3").unlink()
+    proc = project.cli("status", "--json")
+    assert proc.returncode == 0, "a file to restore is work in flight, not a failure"
+    report = json.loads(proc.stdout)
+    state, reason = state_of(report, "open-road")
+    assert state == "restoring"
+    assert reason is not None
+    assert "deleted" in reason
+    assert state_of(report, "dusk") == ("ready", None)
+    assert report["summary"]["ready"] == 1
+    assert report["summary"]["restoring"] == 1
+    (project.out / "road-trip" / "dusk.mp3").write_bytes(b"someone else's bytes")
+    assert "changed" in (state_of(project.status(), "dusk")[1] or "")
+    project.sync()
+    assert project.status()["summary"]["ready"] == 2
+
+
+@pytest.mark.parametrize(
+    ("selector", "words"),
+    [
+        ("nosuch", ["no soundtrack 'nosuch'"]),
+        ("studdy", ["no soundtrack 'studdy'", "did you mean study?"]),
+        ("study/nope", ["no track 'nope' in soundtrack 'study'"]),
+        ("study/focus-x", ["did you mean study/focus-", "study/focus-1"]),
+    ],
+)
+def test_check_selector_names_what_is_unknown(selector: str, words: list[str]) -> None:
+    known = {"study": {"focus-1", "focus-2"}, "gym": {"run"}}
+    with pytest.raises(UnknownNameError) as err:
+        check_selector(known, selector)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_check_selector_accepts_known_names() -> None:
+    known = {"study": {"focus-1"}}
+    check_selector(known, "study")
+    check_selector(known, "study/focus-1")
+
+
+def test_unknown_names_are_errors_with_exit_1(project: Project) -> None:
+    project.write_spec("study.yaml", [track("focus-1", "lofi"), track("focus-2", "lofi 2")])
+    project.sync()
+    for args in (["nosuch"], ["study/nope"], ["--json", "study/nope"]):
+        proc = project.cli("status", *args)
+        assert proc.returncode == 1, args
+        assert proc.stdout == ""
+        assert proc.stderr.startswith("reconciler: no "), proc.stderr
+    assert "study/focus-1?" in project.cli("status", "study/focus-3").stderr
+    retry = project.cli("retry", "study/nope")
+    assert retry.returncode == 1
+    assert "no track 'nope' in soundtrack 'study'" in retry.stderr
+    assert project.cli("status", "study/focus-1").returncode == 0
+
+
+def test_status_and_retry_take_no_api_options(project: Project) -> None:
+    for command in ("status", "retry"):
+        for flag in ("--sandbox", "--api-url=http://127.0.0.1:1"):
+            proc = project.cli(command, flag)
+            assert proc.returncode == 2
+            assert "No such option" in proc.stderr
+
+
+def test_status_says_when_the_specs_folder_is_missing(project: Project) -> None:
+    project.write_spec("study.yaml", [track("focus", "lofi")])
+    project.sync()
+    project.specs.rename(project.root / "specs-moved")
+    report = project.status()
+    assert report["specs_folder"] == "missing"
+    assert "specs folder is missing" in project.cli("status").stdout
+
+
+def test_queued_rows_say_why(project: Project) -> None:
+    project.config.write_text(
+        project.config.read_text().replace("[submit]\n", "[submit]\ndaily_budget = 15\n")
+    )
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(3)])
+    project.sync(expect=1)
+    queued = [t for t in project.status()["tracks"] if t["state"] == "queued"]
+    assert len(queued) == 2
+    assert all(t["reason"].startswith("held: ") and "budget" in t["reason"] for t in queued)
+
+
+@pytest.mark.parametrize(
+    ("row", "hold", "expected"),
+    [
+        ({"next_attempt": 0, "attempts": 0, "reason": None}, None, "waiting for the next batch"),
+        (
+            {"next_attempt": 0, "attempts": 0, "reason": None},
+            "held: in-flight cap (200 tasks at once)",
+            "held: in-flight cap (200 tasks at once)",
+        ),
+        (
+            {"next_attempt": 0, "attempts": 2, "reason": "HTTP 503"},
+            None,
+            "retrying now after: HTTP 503",
+        ),
+    ],
+)
+def test_queued_reason(row: dict[str, Any], hold: str | None, expected: str) -> None:
+    assert _queued_reason(row, 1000.0, hold) == expected
+
+
+def test_queued_reason_names_the_retry_time() -> None:
+    row = {"next_attempt": 1060.0, "attempts": 1, "reason": "rate limited"}
+    reason = _queued_reason(row, 1000.0, "held: in-flight cap")
+    assert reason.startswith("retry at ")
+    assert reason.endswith(" after: rate limited")
+
+
+def test_spent_today_matches_what_the_sandbox_charged(project: Project) -> None:
+    """The first-day report: status said 165 credits where the sandbox charged 180."""
+    project.sandbox.configure(faults=[{"kind": "task_failed", "at": [2], "type": "failed"}])
+    project.write_spec("a.yaml", [track(f"a-{i}", f"lofi {i}") for i in range(6)])
+    project.write_spec("b.yaml", [track("x", "jazz"), track("y", "jazz", variant=2)])
+    project.sync()
+    charged = project.stats()["credits_charged"]
+    assert project.status()["credits"]["spent_today"] == charged
