@@ -1,4 +1,4 @@
-"""The MusicAPI emulator: the protocol of ``musicapi-protocol.md`` served on loopback.
+"""The MusicAPI emulator: the live service's protocol, served on loopback.
 
 Stands in for the live service in tests, benchmarks, demos and ``--sandbox``:
 real tasks with a configurable generation time, real MP3 files, credits,
@@ -9,6 +9,7 @@ order a request meets them:
     server.py      SandboxServer: uvicorn on a socket of its own, sync or async
     app.py         Starlette routes behind a fault/auth layer
     state.py       tasks (lazy, computed from the clock), batches, credits, counters
+    shapes.py      shape profiles: the other plausible answer shapes of the real service
     validation.py  the create-field rules
     faults.py      fault profile format and the seeded injector
     audio.py       deterministic MP3 synthesis and its cache
@@ -20,9 +21,11 @@ from reconciler.sandbox.config import SandboxConfig
 from reconciler.sandbox.control import SandboxControl
 from reconciler.sandbox.faults import FaultProfile, FaultProfileError, FaultRule
 from reconciler.sandbox.server import SandboxServer
+from reconciler.sandbox.shapes import SHAPES
 from reconciler.sandbox.state import ManualClock, fingerprint
 
 __all__ = [
+    "SHAPES",
     "FaultProfile",
     "FaultProfileError",
     "FaultRule",

@@ -3,7 +3,8 @@
 Requests pass through :class:`FaultLayer` first, which counts them, injects
 request-level faults (429, 5xx, resets, slow or dropped responses, 401,
 expired or truncated audio) and checks the bearer key; then the route
-handlers below turn them into calls on :class:`~reconciler.sandbox.state.SandboxState`.
+handlers below turn them into calls on :class:`~reconciler.sandbox.state.SandboxState`
+and pass batch answers through ``shapes.py`` for the shape profiles in force.
 ``server.py`` runs the app under uvicorn and supplies the
 :class:`Connections` registry, which is how a fault closes a connection
 without answering: ASGI itself has no way to say "hang up".
@@ -37,6 +38,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reconciler.sandbox.faults import FaultProfileError, FaultRule
+from reconciler.sandbox.shapes import batch_problem, poll_answer, submit_body
 from reconciler.sandbox.state import SandboxState, Task
 from reconciler.sandbox.validation import validate_webhook
 from reconciler.sandbox.webhooks import WebhookSender
@@ -317,6 +319,8 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
                 400, "bad_request", f"items: {len(items)} given, a batch holds 1 to {MAX_BATCH}"
             )
         problem = validate_webhook(body)
+        if problem is None and "batch-400-one-bad" in state.config.shapes:
+            problem = batch_problem(items)
         if problem is not None:
             return _error(400, "bad_request", problem)
         outcomes = [state.submit(item, "batch_submit", body) for item in items]
@@ -326,14 +330,13 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
                 tasks.append({"index": index, "task_id": outcome.task_id})
             else:
                 tasks.append({"index": index, "type": outcome.type, "error": outcome.error})
-        return JSONResponse(
-            {
-                "message": "success",
-                "batch_id": state.create_batch(outcomes),
-                "submitted": sum(isinstance(outcome, Task) for outcome in outcomes),
-                "tasks": tasks,
-            }
-        )
+        answer = {
+            "message": "success",
+            "batch_id": state.create_batch(outcomes),
+            "submitted": sum(isinstance(outcome, Task) for outcome in outcomes),
+            "tasks": tasks,
+        }
+        return JSONResponse(submit_body(answer, state.config.shapes))
 
     async def batch_poll(request: Request) -> Response:
         disabled = batch_disabled()
@@ -346,7 +349,8 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
         body = state.batch_body(batch_id)
         if body is None:
             return _error(404, "not_found", "batch not found.")
-        return JSONResponse(body)
+        status, shaped = poll_answer(body, state.config.shapes)
+        return JSONResponse(shaped, status_code=status)
 
     async def credits(request: Request) -> Response:
         state.advance()

@@ -21,6 +21,7 @@ import click
 from reconciler.sandbox.config import SandboxConfig
 from reconciler.sandbox.faults import FaultProfile, FaultProfileError, FaultRule
 from reconciler.sandbox.server import SandboxServer
+from reconciler.sandbox.shapes import SHAPES, parse_shapes
 
 
 def _rule(number: int, text: str) -> FaultRule:
@@ -107,7 +108,18 @@ async def _serve(config: SandboxConfig) -> None:
     help="Answer /sonic/batch like a deployment without it.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed for ids, audio and faults."
+    "--shapes",
+    "shape_names",
+    multiple=True,
+    metavar="NAME[,NAME...]",
+    help=f"Answer in these shape profiles (repeatable): {', '.join(SHAPES)}.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    show_default="fresh ids per start",
+    help="Seed for ids, audio and faults; ids repeat from one start to the next.",
 )
 def sandbox(
     *,
@@ -120,13 +132,18 @@ def sandbox(
     faults_file: Path | None,
     fault_rules: tuple[str, ...],
     batch_disabled: str | None,
-    seed: int,
+    shape_names: tuple[str, ...],
+    seed: int | None,
 ) -> None:
     """Serve the MusicAPI emulator and print its base URL; stop on SIGTERM or SIGINT."""
     try:
         profile = _profile(faults_file, fault_rules, batch_disabled)
     except FaultProfileError as exc:
         raise click.BadParameter(str(exc), param_hint="--faults/--fault") from exc
+    try:
+        shapes = parse_shapes(shape_names, "--shapes")
+    except FaultProfileError as exc:
+        raise click.UsageError(str(exc)) from exc  # the message already names --shapes
     config = SandboxConfig(
         host=host,
         port=port,
@@ -136,6 +153,7 @@ def sandbox(
         credits=credits,
         faults=profile,
         seed=seed,
+        shapes=shapes,
     )
     try:
         asyncio.run(_serve(config))

@@ -13,9 +13,16 @@ in time (a refund when a task fails, a webhook when a task finishes) go on
 one heap that :meth:`SandboxState.advance` drains: on every request and from
 one background ticker.
 
-Ids and audio are derived from the seed, a reset counter and the task's
-sequence number, so a fresh sandbox with the same seed fed the same
-requests hands out the same task ids, clip ids and audio bytes.
+Task, clip and batch ids are derived from a per-start salt, a reset counter
+(the epoch) and a sequence number: without a seed the salt is random, so a
+sandbox started again never hands out an id a client may still remember,
+and a reset never repeats one of its own. With an explicit seed the salt is
+the seed, so a fresh sandbox fed the same requests hands out the same ids.
+Audio follows the seed (0 without one), the epoch and the task's sequence
+number, so it is the same from one start to the next either way.
+
+Bodies are built here in the default shape; ``shapes.py`` rewrites them for
+the shape profiles in force.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import hashlib
 import heapq
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -35,6 +43,7 @@ from typing import Any
 from reconciler.sandbox.audio import AudioCache, ClipPlan, plan_clip
 from reconciler.sandbox.config import PROFILE_KEYS, SandboxConfig, apply_changes
 from reconciler.sandbox.faults import FaultInjector, FaultRule
+from reconciler.sandbox.shapes import webhook_payload
 from reconciler.sandbox.validation import WEBHOOK_FIELDS, validate_item
 
 Clock = Callable[[], float]
@@ -100,6 +109,8 @@ class Delivery:
     faults: frozenset[str]
     # Sent after the real delivery when the out-of-order fault fires: an older snapshot.
     stale_payload: dict[str, Any] | None = None
+    # The older signing scheme (shape "webhook-x-signature"): X-Signature over the body alone.
+    x_signature: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,8 @@ class SandboxState:
         self.public_base = ""
         self.outbox: Callable[[Delivery], None] | None = None
         self.bind_events()
+        # Fixed for the life of this state; the epoch below separates resets.
+        self.salt = secrets.token_hex(16) if config.seed is None else str(config.seed)
         self.epoch = 0
         self.audio = AudioCache()
         self._clear()
@@ -235,7 +248,7 @@ class SandboxState:
         self.config = self.initial_config
         self.credits = self.config.credits
         self.counters = Counters()
-        self.injector = FaultInjector(self.config.faults, self.config.seed)
+        self.injector = FaultInjector(self.config.faults, self.seed)
         self.tasks: dict[str, Task] = {}
         self.batches: dict[str, list[tuple[int, str]]] = {}
         self._clip_index: dict[str, tuple[Task, int]] = {}
@@ -243,6 +256,11 @@ class SandboxState:
         self._event_seq = 0
         self._task_seq = 0
         self._request_seq = 0
+
+    @property
+    def seed(self) -> int:
+        """The seed of audio and fault schedules: the configured one, else 0."""
+        return self.config.seed or 0
 
     # -- control -----------------------------------------------------------------
 
@@ -260,7 +278,7 @@ class SandboxState:
             self.credits = credits
         if PROFILE_KEYS & set(changes):
             # A new profile starts its schedules from scratch.
-            self.injector = FaultInjector(config.faults, config.seed)
+            self.injector = FaultInjector(config.faults, self.seed)
 
     def describe(self) -> dict[str, Any]:
         """The configuration in force, as ``GET /_sandbox/config`` shows it."""
@@ -270,6 +288,7 @@ class SandboxState:
             "webhook_retries": self.config.webhook_retries,
             "credits": self.credits,
             "seed": self.config.seed,
+            "shapes": list(self.config.shapes),
             **self.config.faults.to_mapping(),
         }
 
@@ -330,15 +349,15 @@ class SandboxState:
         self, item: dict[str, Any], endpoint: str, batch_webhook: Mapping[str, Any]
     ) -> Task:
         now = self.clock()
-        seed = self.config.seed
         self._task_seq += 1
-        task_id = _derived_uuid(f"{seed}:{self.epoch}:task:{self._task_seq}")
+        sequence = f"{self.epoch}:task:{self._task_seq}"
+        task_id = _derived_uuid(f"{self.salt}:{sequence}")
         prompt = (
             item.get("prompt") if item.get("custom_mode") else item.get("gpt_description_prompt")
         )
         clip_ids = tuple(_derived_uuid(f"{task_id}:clip:{i}") for i in range(CLIPS_PER_TASK))
         clips = tuple(
-            plan_clip(f"{prompt} {item.get('tags') or ''}", f"{seed}:{task_id}:{i}".encode())
+            plan_clip(f"{prompt} {item.get('tags') or ''}", f"{self.seed}:{sequence}:{i}".encode())
             for i in range(CLIPS_PER_TASK)
         )
         url = item.get("webhook_url") or batch_webhook.get("webhook_url")
@@ -370,7 +389,13 @@ class SandboxState:
 
     def create_batch(self, outcomes: list[Task | Rejection]) -> str:
         """Record the accepted tasks of one batch submit under a new batch id."""
-        batch_id = _derived_uuid(f"{self.config.seed}:{self.epoch}:batch:{len(self.batches)}")
+        material = f"{self.salt}:{self.epoch}:batch:{len(self.batches)}"
+        if "numeric-batch-id" in self.config.shapes:
+            # Digits only, below 2**53 so that every JSON reader keeps it exact.
+            digest = hashlib.sha256(material.encode("utf-8")).digest()
+            batch_id = str(int.from_bytes(digest[:6], "big"))
+        else:
+            batch_id = _derived_uuid(material)
         self.batches[batch_id] = [
             (index, outcome.task_id)
             for index, outcome in enumerate(outcomes)
@@ -503,23 +528,25 @@ class SandboxState:
             return
         task.webhook_count += 1
         faults = self.injector.on_webhook()
+        shapes = self.config.shapes
         stale = None
         if "webhook_out_of_order" in faults:
-            stale = {
+            older = {
                 "code": 200,
                 "message": "success",
                 "data": [self._clip_json(task, i, "streaming", at) for i in range(CLIPS_PER_TASK)],
-                "task_id": task.task_id,
             }
+            stale = webhook_payload(older, task.task_id, shapes)
         delivery = Delivery(
             epoch=self.epoch,
             url=task.webhook.url,
             secret=task.webhook.secret,
             event="song.failed" if "error" in body else "song.completed",
             webhook_id=_derived_uuid(f"{task.task_id}:webhook:{task.webhook_count}"),
-            payload={**body, "task_id": task.task_id},
+            payload=webhook_payload(body, task.task_id, shapes),
             faults=faults,
             stale_payload=stale,
+            x_signature="webhook-x-signature" in shapes,
         )
         if self.outbox is not None:
             self.outbox(delivery)

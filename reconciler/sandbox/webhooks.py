@@ -8,7 +8,9 @@ worker tasks on the server's event loop send them with one shared
 
 Signing follows the protocol doc: ``X-Webhook-Signature: sha256=<hex>`` is
 HMAC-SHA256 keyed with ``webhook_secret`` over ``<timestamp>.<raw body>``.
-Without a secret the signature header is left out. The webhook faults
+Under the shape profile ``webhook-x-signature`` a delivery is signed the
+older way instead: ``X-Signature: <hex>`` over the raw body alone, with no
+timestamp header. Without a secret the signature header is left out. The webhook faults
 (duplicate, out-of-order, badly signed) are applied here, as decided per
 delivery by the state's injector.
 """
@@ -38,6 +40,11 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
         secret.encode("utf-8"), timestamp.encode("ascii") + b"." + body, hashlib.sha256
     )
     return f"sha256={digest.hexdigest()}"
+
+
+def sign_legacy(secret: str, body: bytes) -> str:
+    """The older ``X-Signature`` value: hex HMAC-SHA256 over the raw body, no timestamp."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 
 class WebhookSender:
@@ -118,13 +125,17 @@ class WebhookSender:
             "X-Webhook-Id": webhook_id,
             "Idempotency-Key": webhook_id,
             "X-Webhook-Event": delivery.event,
-            "X-Webhook-Timestamp": timestamp,
         }
+        if not delivery.x_signature:
+            headers["X-Webhook-Timestamp"] = timestamp
         if delivery.secret is not None:
             secret = delivery.secret
             if "webhook_bad_signature" in delivery.faults:
                 secret += "-wrong"
-            headers["X-Webhook-Signature"] = sign(secret, timestamp, body)
+            if delivery.x_signature:
+                headers["X-Signature"] = sign_legacy(secret, body)
+            else:
+                headers["X-Webhook-Signature"] = sign(secret, timestamp, body)
         self._state.counters.webhooks_sent += 1
         try:
             response = await self._client.post(delivery.url, content=body, headers=headers)

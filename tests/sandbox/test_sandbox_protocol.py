@@ -14,7 +14,7 @@ import pytest
 from musicapi import MusicAPI, PollOptions, SonicCreateParams
 from sandbox_helpers import Stepped, description
 
-from reconciler.sandbox import SandboxConfig, SandboxServer
+from reconciler.sandbox import SandboxConfig, SandboxControl, SandboxServer
 from reconciler.sandbox.validation import validate_item
 from tests.project import wait_until
 
@@ -105,24 +105,54 @@ def test_audio_is_a_small_real_mp3_matching_the_duration(sandbox: Any, api: http
     assert sandbox.stats()["downloads"] == 4
 
 
-def test_ids_and_audio_are_deterministic_under_a_seed() -> None:
-    def run(seed: int, prompt: str) -> tuple[str, list[str], bytes]:
-        config = SandboxConfig(latency=0, seed=seed)
-        with (
-            SandboxServer(config) as server,
-            httpx.Client(
-                base_url=server.base_url, headers={"Authorization": f"Bearer {server.key}"}
-            ) as client,
-        ):
-            task_id = _create(client, description(prompt))
-            clips = client.get(f"/sonic/task/{task_id}").json()["data"]
-            audio = client.get(clips[0]["audio_url"]).content
-            return task_id, [clip["clip_id"] for clip in clips], audio
+def _generate(client: httpx.Client, prompt: str) -> tuple[list[str], bytes]:
+    """Create a task and a one-item batch; every id handed out, and the first clip's audio."""
+    task_id = _create(client, description(prompt))
+    clips = client.get(f"/sonic/task/{task_id}").json()["data"]
+    batch = client.post("/sonic/batch", json={"items": [description(prompt)]}).json()
+    ids = [task_id, *(clip["clip_id"] for clip in clips), batch["batch_id"]]
+    ids.append(batch["tasks"][0]["task_id"])
+    return ids, client.get(clips[0]["audio_url"]).content
 
-    first = run(7, "lofi")
-    assert run(7, "lofi") == first
-    assert run(8, "lofi")[0] != first[0]
-    assert run(7, "dark techno")[2] != first[2]
+
+def _start_and_generate(seed: int | None, prompt: str = "lofi") -> tuple[list[str], bytes]:
+    with (
+        SandboxServer(SandboxConfig(latency=0, seed=seed)) as server,
+        httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {server.key}"}
+        ) as client,
+    ):
+        return _generate(client, prompt)
+
+
+def test_ids_and_audio_are_deterministic_under_a_seed() -> None:
+    first = _start_and_generate(7)
+    assert _start_and_generate(7) == first
+    assert set(_start_and_generate(8)[0]).isdisjoint(first[0])
+    assert _start_and_generate(7, "dark techno")[1] != first[1]
+
+
+def test_ids_are_fresh_on_every_start_without_a_seed() -> None:
+    """A client's ledger from an earlier run must never meet one of its ids again."""
+    first_ids, first_audio = _start_and_generate(None)
+    second_ids, second_audio = _start_and_generate(None)
+    assert len(set(first_ids)) == len(first_ids) == 5
+    assert set(first_ids).isdisjoint(second_ids)
+    assert second_audio == first_audio  # the audio still follows the prompt and the order
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_a_reset_never_hands_out_an_id_again(seed: int | None) -> None:
+    with (
+        SandboxServer(SandboxConfig(latency=0, seed=seed)) as server,
+        httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {server.key}"}
+        ) as client,
+    ):
+        before, _ = _generate(client, "lofi")
+        SandboxControl(server.base_url, server.key).reset()
+        after, _ = _generate(client, "lofi")
+    assert set(before).isdisjoint(after)
 
 
 # -- 2. the official client -------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reconciler.sandbox import FaultProfile, SandboxConfig, SandboxServer
+from reconciler.sandbox import SHAPES, FaultProfile, SandboxConfig, SandboxServer
 
 URL_LINE = re.compile(r"^http://127\.0\.0\.1:(\d+)/api/v1$")
 
@@ -157,3 +157,44 @@ def _profile(rules: list[dict[str, object]]) -> FaultProfile:
 def _swallow(call: Callable[[], object]) -> None:
     with contextlib.suppress(httpx.HTTPError):
         call()
+
+
+def test_command_serves_the_shapes_it_is_given() -> None:
+    command = [sys.executable, "-m", "reconciler", "sandbox", "--latency", "0"]
+    command += ["--shapes", "submit-bare", "--shapes", "numeric-batch-id,one-based-index"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert URL_LINE.match(line), (line, proc.stderr.read() if proc.poll() is not None else "")
+        with httpx.Client(base_url=line, headers={"Authorization": "Bearer sandbox-key"}) as client:
+            items = [{"custom_mode": False, "mv": "sonic-v5", "gpt_description_prompt": "x"}]
+            batch = client.post("/sonic/batch", json={"items": items}).json()
+            assert type(batch["batch_id"]) is int
+            (task_id,) = batch["tasks"]
+            assert isinstance(task_id, str)
+            polled = client.get("/sonic/batch", params={"batch_id": str(batch["batch_id"])})
+            assert polled.json()["tasks"][0]["index"] == 1
+            config = client.get(line.removesuffix("/api/v1") + "/_sandbox/config").json()
+            assert config["shapes"] == ["submit-bare", "numeric-batch-id", "one-based-index"]
+            assert config["seed"] is None  # fresh ids per start
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_command_rejects_an_unknown_shape_naming_the_known_ones() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "reconciler", "sandbox", "--shapes", "submit-bare,submit-ids"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--shapes: unknown shape 'submit-ids'" in result.stderr
+    assert all(name in result.stderr for name in SHAPES)
+    assert result.stdout == ""
