@@ -44,11 +44,10 @@ from reconciler.errors import (
     AuthError,
     BatchUnsupportedError,
     ConfigError,
-    InsufficientCreditsError,
     NotFoundError,
     OutputError,
+    RateLimitedError,
     ReconcilerError,
-    RejectedError,
     TemporaryAPIError,
 )
 from reconciler.layout import check_layout
@@ -454,10 +453,6 @@ class Stored:
     status: int
     shape: str
 
-    @property
-    def expected(self) -> bool:
-        return self.shape in EXPECTED
-
 
 #: The shape a reader expects first: "documented" for the API's answers (as
 #: :class:`Reading` says), "expected" for callbacks, whose documented body is
@@ -621,7 +616,7 @@ async def _submit(
         out.submit = Check(
             "live submit",
             "FAIL",
-            "the answer names neither a task nor a batch; a task (15 credits) may exist",
+            f"the answer names neither a task nor a batch; a task ({LIVE_COST} credits) may exist",
             "send the stored answer to the maintainers; check your MusicAPI account's tasks",
         )
         return
@@ -635,16 +630,17 @@ def _submit_failure(exc: APIError) -> Check:
         return Check(
             "live submit",
             "FAIL",
-            f"the answer was lost ({exc.message}); a task (15 credits) may exist "
+            f"the answer was lost ({exc.message}); a task ({LIVE_COST} credits) may exist "
             "that nothing follows",
             "look at your MusicAPI account's tasks before running --live again",
         )
-    spent = (
-        "nothing was charged"
-        if isinstance(exc, RejectedError | AuthError | InsufficientCreditsError)
-        else "nothing should have been charged"
+    # Anything but an ambiguous submit means the service created nothing.
+    return Check(
+        "live submit",
+        "FAIL",
+        f"not accepted ({exc.message}); nothing was charged",
+        "fix what the message says, then run --live again",
     )
-    return Check("live submit", "FAIL", f"refused ({exc.message}); {spent}", "")
 
 
 async def _status_once(api: MusicAPI, out: Followed) -> TaskStatus:
@@ -656,6 +652,13 @@ async def _status_once(api: MusicAPI, out: Followed) -> TaskStatus:
         except NotFoundError:
             out.notes.append("the batch poll did not know the batch: followed by task polls")
             out.batch_id = None
+        except RateLimitedError:
+            raise  # the task endpoint is under the same limit
+        except TemporaryAPIError:
+            # An answer the client could not read (the observer kept it) or a
+            # fault: the task endpoint may still tell.
+            if out.task_id is None:
+                raise
         else:
             if out.task_id is None:
                 named = {s.task_id for s in poll.statuses}

@@ -473,6 +473,19 @@ def test_live_fails_when_the_generation_fails(tmp_path: Path, sandbox: SandboxCo
     assert "refunds" in end["found"]
 
 
+def test_live_follows_by_task_polls_when_the_batch_poll_cannot_tell(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    project = Project(tmp_path, sandbox)
+    sandbox.configure(faults=[{"kind": "server_error", "rate": 1.0, "endpoints": ["batch_poll"]}])
+    proc, report = live(project)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["live generation"]["outcome"] == "ok"
+    assert checks["live task_poll"]["outcome"] == "ok"  # the task endpoint told
+    assert sandbox.stats()["task_polls"] >= 1
+
+
 # What a one-item live check meets under each profile, beyond the expected shapes.
 # The other profiles change only what a rejected item or a second item looks like.
 UNDOCUMENTED = {
