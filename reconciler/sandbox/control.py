@@ -64,11 +64,13 @@ class SandboxControl:
         """``POST /_sandbox/config``: change settings while running; returns the result.
 
         Keys: ``latency``, ``clip_stagger``, ``webhook_retries``, ``credits``
-        (sets the current balance), and the fault profile's ``faults`` (a
+        (sets the current balance), ``shapes`` (a list of shape profile
+        names, replacing the list), and the fault profile's ``faults`` (a
         list of rule dicts, replacing the rules), ``batch_disabled`` and
         ``audio_url_ttl``. Example::
 
             sandbox.configure(latency=0.5, faults=[{"kind": "rate_limited", "every": 2}])
+            sandbox.configure(shapes=["batch-poll-202", "submit-bare"])
         """
         result: dict[str, Any] = self._request("POST", "/_sandbox/config", changes)
         return result
