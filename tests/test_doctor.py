@@ -32,6 +32,7 @@ from reconciler.doctor import (
     check_webhook,
     run_doctor,
 )
+from reconciler.errors import TemporaryAPIError
 from reconciler.musicapi import MusicAPI
 from reconciler.sandbox import SHAPES, SandboxControl
 from reconciler.webhooks import WebhookReceiver, WebhookServer
@@ -287,6 +288,25 @@ def test_the_clock_against_the_date_header(offset: float, outcome: str) -> None:
     if outcome == "FAIL":
         assert f"{-offset:+.0f} s off" in check.found
         assert "time sync" in check.todo
+
+
+def test_an_empty_batch_without_an_answer_is_no_ambiguous_submit() -> None:
+    """Nothing can be created by 0 items, so a lost answer is a plain fault (and a FAIL)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    async def probe() -> Any:
+        async with MusicAPI(
+            "https://api.example/api/v1", "k", transport=httpx.MockTransport(handler)
+        ) as api:
+            return await api.probe_batch_endpoint()
+
+    with pytest.raises(TemporaryAPIError) as caught:
+        asyncio.run(probe())
+    check = check_batch(caught.value)
+    assert check.outcome == "FAIL"
+    assert "got no answer" in check.found
 
 
 @pytest.mark.parametrize("date", [None, "yesterday-ish"])
