@@ -254,7 +254,10 @@ def doctor(
     verbose: bool,
     **opts: Any,
 ) -> None:
-    """Preflight without spending. Exit 0 when every check passes, 1 otherwise."""
+    """Preflight without spending; --live spends one generation on the real answers.
+
+    Exit 0 when every check passes (warnings allowed), 1 otherwise.
+    """
     import asyncio
 
     from reconciler.doctor import render_line, report_json, run_doctor, summary_line

@@ -51,6 +51,7 @@ from reconciler.errors import (
     TemporaryAPIError,
 )
 from reconciler.layout import check_layout
+from reconciler.ledger import Ledger
 from reconciler.musicapi import (
     Accepted,
     BatchProbe,
@@ -61,7 +62,7 @@ from reconciler.musicapi import (
     TaskStatus,
 )
 from reconciler.outputs import probe_audio
-from reconciler.planning import CREDITS_PER_TASK
+from reconciler.planning import CREDITS_PER_TASK, utc_day_start
 from reconciler.running import api_settings, make_plan
 from reconciler.specs import scan_specs
 from reconciler.webhooks import WebhookReceiver, WebhookServer
@@ -206,8 +207,11 @@ def check_balance(credits: Credits | None, cost: int | None) -> Check:
     return Check("balance", "ok", f"{balance} cover the plan's {cost}")
 
 
-def check_budget(cost: int | None, daily_budget: int | None, max_credits: int | None) -> Check:
-    """The plan's cost against ``daily_budget`` and ``--max-credits``: warn when above either."""
+def check_budget(
+    cost: int | None, daily_budget: int | None, max_credits: int | None, spent_today: int = 0
+) -> Check:
+    """The plan's cost against ``daily_budget`` (what is left of it today) and
+    ``--max-credits``: a warning when it is above either."""
     if daily_budget is None and max_credits is None:
         return Check(
             "budget",
@@ -216,16 +220,23 @@ def check_budget(cost: int | None, daily_budget: int | None, max_credits: int | 
         )
     ceilings = []
     if daily_budget is not None:
-        ceilings.append(f"daily_budget {daily_budget}")
+        ceilings.append(f"daily_budget {daily_budget} ({spent_today} spent today)")
     if max_credits is not None:
         ceilings.append(f"--max-credits {max_credits}")
     if cost is None:
         return Check("budget", "warn", f"{' and '.join(ceilings)}; the plan's cost is unknown")
     over = []
-    if daily_budget is not None and cost > daily_budget:
-        days = math.ceil(cost / daily_budget) if daily_budget else None
-        spread = f"spread over {days} UTC days" if days else "never submitted"
-        over.append(f"more than daily_budget {daily_budget} ({spread})")
+    if daily_budget is not None:
+        left = max(0, daily_budget - spent_today)
+        if cost > daily_budget:
+            days = math.ceil(cost / daily_budget) if daily_budget else None
+            spread = f"spread over {days} UTC days" if days else "never submitted"
+            over.append(f"more than daily_budget {daily_budget} ({spread})")
+        elif cost > left:
+            over.append(
+                f"more than the {left} left of daily_budget {daily_budget} today "
+                "(the rest goes out after 00:00 UTC)"
+            )
     if max_credits is not None and cost > max_credits:
         over.append(f"more than --max-credits {max_credits} (this run stops there)")
     if over:
@@ -236,6 +247,17 @@ def check_budget(cost: int | None, daily_budget: int | None, max_credits: int | 
             "raise the ceiling if you mean to spend it now",
         )
     return Check("budget", "ok", f"the plan's {cost} credits fit {' and '.join(ceilings)}")
+
+
+def _spent_today(settings: Settings, now: float) -> int:
+    """Credits the ledger counts against today's budget (as ``status`` does)."""
+    if not settings.ledger_path.exists():
+        return 0
+    ledger = Ledger.open(settings.ledger_path, readonly=True)
+    try:
+        return CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now))
+    finally:
+        ledger.close()
 
 
 def check_batch(probe: BatchProbe | APIError | None) -> Check:
@@ -957,8 +979,10 @@ async def run_doctor(
     for check in check_folders(settings):
         add(check)
     cost: int | None
+    spent = 0
     try:
         cost = int(make_plan(settings)["credits"])
+        spent = _spent_today(settings, clock())
     except ReconcilerError:
         cost = None  # the specs or folders line says why
 
@@ -966,7 +990,7 @@ async def run_doctor(
         add((await check_key(None, settings.api_url))[0])
         for check in (
             check_balance(None, cost),
-            check_budget(cost, settings.daily_budget, settings.max_credits),
+            check_budget(cost, settings.daily_budget, settings.max_credits, spent),
             check_batch(None),
             await check_webhook(settings.webhook),
             check_clock(None, clock()),
@@ -987,7 +1011,7 @@ async def run_doctor(
             key_check, credits = await check_key(api, s.api_url)
             add(key_check)
             add(check_balance(credits, cost))
-            add(check_budget(cost, s.daily_budget, s.max_credits))
+            add(check_budget(cost, s.daily_budget, s.max_credits, spent))
             probe: BatchProbe | APIError | None = None
             if credits is not None:
                 try:

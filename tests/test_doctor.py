@@ -61,7 +61,7 @@ def make_settings(
     out: Path | None = None,
     max_credits: int | None = None,
 ) -> Settings:
-    conf = root / "reconciler.toml"
+    conf = root / "doctor.toml"
     conf.write_text(config)
     (root / "specs").mkdir(exist_ok=True)
     return load_settings(
@@ -198,13 +198,16 @@ def test_the_balance_against_the_plan(
 def test_the_plan_cost_is_what_plan_would_submit_now(
     tmp_path: Path, sandbox: SandboxControl
 ) -> None:
-    """Tracks already generated cost nothing: the cost is the plan's, not the specs'."""
+    """Tracks already generated cost nothing, and what they cost today counts
+    against the daily budget: the cost is the plan's, not the specs'."""
     write_tracks(tmp_path, 2)
-    settings = make_settings(tmp_path, sandbox)
-    Project(tmp_path, sandbox).sync()
-    write_tracks(tmp_path, 3)
-    checks = doctor(settings, live=False)
-    assert "cover the plan's 15" in checks["balance"].found
+    Project(tmp_path, sandbox).sync()  # 30 credits spent today
+    write_tracks(tmp_path, 4)
+    settings = make_settings(tmp_path, sandbox, config="[submit]\ndaily_budget = 45\n")
+    checks = doctor(settings)
+    assert "cover the plan's 30" in checks["balance"].found
+    assert checks["budget"].outcome == "warn"
+    assert "more than the 15 left of daily_budget 45 today" in checks["budget"].found
 
 
 def test_the_budget_warns_above_the_daily_budget_or_max_credits(
@@ -223,21 +226,29 @@ def test_the_budget_warns_above_the_daily_budget_or_max_credits(
 
 
 @pytest.mark.parametrize(
-    ("cost", "daily", "ceiling", "outcome", "words"),
+    ("cost", "daily", "spent", "ceiling", "outcome", "words"),
     [
-        (45, None, None, "ok", "submissions stop only at the balance"),
-        (45, 45, None, "ok", "fit daily_budget 45"),
-        (45, None, 45, "ok", "fit --max-credits 45"),
-        (60, 45, None, "warn", "spread over 2 UTC days"),
-        (60, 0, None, "warn", "never submitted"),
-        (60, None, 30, "warn", "this run stops there"),
-        (None, 45, None, "warn", "cost is unknown"),
+        (45, None, 0, None, "ok", "submissions stop only at the balance"),
+        (45, 45, 0, None, "ok", "fit daily_budget 45 (0 spent today)"),
+        (45, None, 0, 45, "ok", "fit --max-credits 45"),
+        (60, 45, 0, None, "warn", "spread over 2 UTC days"),
+        (60, 0, 0, None, "warn", "never submitted"),
+        (30, 45, 30, None, "warn", "more than the 15 left of daily_budget 45 today"),
+        (30, 45, 60, None, "warn", "more than the 0 left"),
+        (15, 45, 30, None, "ok", "fit daily_budget 45 (30 spent today)"),
+        (60, None, 0, 30, "warn", "this run stops there"),
+        (None, 45, 0, None, "warn", "cost is unknown"),
     ],
 )
 def test_check_budget(
-    cost: int | None, daily: int | None, ceiling: int | None, outcome: str, words: str
+    cost: int | None,
+    daily: int | None,
+    spent: int,
+    ceiling: int | None,
+    outcome: str,
+    words: str,
 ) -> None:
-    check = check_budget(cost, daily, ceiling)
+    check = check_budget(cost, daily, ceiling, spent)
     assert (check.outcome, words in check.found) == (outcome, True), check
 
 
