@@ -383,7 +383,7 @@ def test_a_public_url_that_reaches_nothing_fails() -> None:
 
 
 def test_a_public_url_that_reaches_something_else_fails(sandbox: SandboxControl) -> None:
-    sandbox_port = int(sandbox.base_url.split(":")[2].split("/")[0])
+    sandbox_port = httpx.URL(sandbox.base_url).port
     check = asyncio.run(check_webhook(_hook(free_port(), public_port=sandbox_port)))
     assert check.outcome == "FAIL"
     assert "not a reconciler receiver's 401" in check.found
