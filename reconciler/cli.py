@@ -232,6 +232,78 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
 
 
 @main.command()
+@common_options
+@click.option(
+    "--max-credits",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Check the plan against this run ceiling too, as sync/run would apply it.",
+)
+@click.option(
+    "--live", is_flag=True, help="Also spend one generation (15 credits) on the real answers."
+)
+@click.option("--yes", is_flag=True, help="With --live: spend without asking.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="With --live: seconds to follow the generation before giving up.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every event too (stderr).")
+@_exits_on_errors(1)
+def doctor(
+    max_credits: int | None,
+    live: bool,
+    yes: bool,
+    timeout: float,
+    as_json: bool,
+    verbose: bool,
+    **opts: Any,
+) -> None:
+    """Preflight without spending; --live spends one generation on the real answers.
+
+    Exit 0 when every check passes (warnings allowed), 1 otherwise.
+    """
+    import asyncio
+
+    from reconciler.doctor import render_line, report_json, run_doctor, summary_line
+
+    if live and not yes and not sys.stdin.isatty():
+        # Refused before any request: a script must say --yes to spend.
+        click.echo(
+            "reconciler: doctor --live spends 15 credits and asks first; "
+            "run it on a terminal, or pass --yes",
+            err=True,
+        )
+        sys.exit(1)
+    settings = _settings(max_credits=max_credits, **opts)
+    if not verbose:
+        # The report says what each log line would; keep stderr for errors.
+        logs.configure("error")
+
+    def confirm(statement: str) -> bool:
+        if yes:
+            click.echo(statement, err=True)
+            return True
+        return click.confirm(f"{statement} Continue?", default=False, err=True)
+
+    def emit(check: Any) -> None:
+        if not as_json:
+            click.echo(render_line(check))
+
+    report = asyncio.run(
+        run_doctor(settings, live=live, follow_for=timeout, confirm=confirm, emit=emit)
+    )
+    if as_json:
+        _echo_json(report_json(report))
+    else:
+        click.echo(summary_line(report))
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
 @folder_options
 @click.option("--json", "as_json", is_flag=True, help="The stable JSON schema (see README).")
 @click.option("-w", "--watch", is_flag=True, help="Refresh until Ctrl-C (exit 0).")
