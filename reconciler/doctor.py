@@ -105,7 +105,7 @@ class Check:
 def check_specs(settings: Settings) -> Check:
     """The specs folder exists and every file in it parses."""
     where = settings.specs_dir
-    scan = scan_specs(where, models=settings.models)
+    scan = scan_specs(where, models=settings.models, limits=settings.field_limits)
     if scan.root_state == "missing":
         return Check(
             "specs",
