@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, TextIO
 
 from reconciler.errors import LedgerError, LockedError
 from reconciler.planning import Desired, Generation, GenState, OpenBatch
 from reconciler.specs import SpecFile, TrackSpec
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 Clock = Callable[[], float]
 
@@ -110,6 +111,29 @@ class OutputRecord:
     sha256: str
     size: int
     mtime_ns: int
+
+
+#: One track as ``status`` reads it: soundtrack, name, fingerprint, clips,
+#: source, when it last changed (track or generation), then its generation's
+#: state, reason and attempts (all None before the first plan).
+StatusRow = tuple[str, str, str, int, str, float, str | None, str | None, int | None]
+
+
+@dataclass(frozen=True)
+class StatusRead:
+    """Everything ``status`` shows, read in one transaction (``Ledger.read_status``)."""
+
+    tracks: list[StatusRow]
+    spec_errors: dict[str, str]
+    #: Output path → the fingerprint its file holds.
+    outputs: dict[str, str]
+    #: The ``kv`` facts it shows: output errors, submit block, last pass, API health.
+    facts: dict[str, Any]
+    open_batches: int
+    ambiguous_submits: int
+    possible_double_spend: int
+    #: Tasks created since ``since`` (accepted or possibly accepted), as ``spent_since``.
+    spent: int
 
 
 @dataclass(frozen=True)
@@ -225,6 +249,10 @@ class Ledger:
 
     @classmethod
     def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Ledger:
+        # Imported here, not at the top: sqlite-utils pulls in numpy, a tenth
+        # of a second that ``status`` (which reads through ``read_status``) skips.
+        import sqlite_utils
+
         try:
             if readonly:
                 if not path.exists():
@@ -1001,6 +1029,75 @@ class Ledger:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Read-only rows for ``status``."""
         return list(self.db.query(sql, list(params)))
+
+    @staticmethod
+    def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
+        """What ``status`` shows, over a plain read-only connection, in one transaction.
+
+        ``status`` is a short command a person waits for: it skips sqlite-utils
+        (and the numpy it imports) and the row dicts of ``query``, and reads
+        each table once. ``selector`` is (soundtrack, track); an empty part
+        matches all.
+        """
+        if not path.exists():
+            raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
+        try:
+            conn = _connect_readonly(path)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(MIGRATIONS):
+                raise LedgerError(
+                    f"ledger schema version {version} is newer than this reconciler "
+                    f"({len(MIGRATIONS)}); upgrade reconciler"
+                )
+            if version < len(MIGRATIONS):
+                raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+            soundtrack, track = selector
+            tracks = conn.execute(
+                "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
+                "max(t.updated_at, coalesce(g.updated_at, 0)), g.state, g.reason, g.attempts "
+                "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
+                "WHERE (?1 = '' OR t.soundtrack = ?1) AND (?2 = '' OR t.name = ?2) "
+                "ORDER BY t.soundtrack, t.position",
+                [soundtrack, track],
+            ).fetchall()
+            spec_errors = dict(
+                conn.execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
+            )
+            outputs = dict(conn.execute("SELECT path, fingerprint FROM outputs"))
+            facts = {
+                key: json.loads(value)
+                for key, value in conn.execute(
+                    "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
+                    "'last_pass_at', 'api_health', 'batch_unsupported')"
+                )
+            }
+            batches, ambiguous, doubles, spent = conn.execute(
+                "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
+                "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
+                "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
+                "(SELECT count(*) FROM tasks WHERE at >= ?1) + (SELECT count(*) FROM generations "
+                "WHERE state IN ('unknown', 'submitting') AND updated_at >= ?1)",
+                [since],
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
+        finally:
+            conn.close()
+        return StatusRead(
+            tracks=tracks,
+            spec_errors=spec_errors,
+            outputs=outputs,
+            facts=facts,
+            open_batches=batches,
+            ambiguous_submits=ambiguous,
+            possible_double_spend=doubles,
+            spent=spent,
+        )
 
     def integrity_ok(self) -> bool:
         return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
