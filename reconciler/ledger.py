@@ -1056,14 +1056,21 @@ class Ledger:
                 )
             if version < len(MIGRATIONS):
                 raise LedgerError("ledger needs a migration; run `reconciler sync` once")
-            soundtrack, track = selector
+            # Only the conditions asked for: an "?1 = '' OR ..." form would
+            # double the cost of reading every track.
+            asked = [
+                (c, v)
+                for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True)
+                if v
+            ]
+            where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
             tracks = conn.execute(
                 "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
                 "max(t.updated_at, coalesce(g.updated_at, 0)), g.state, g.reason, g.attempts "
                 "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
-                "WHERE (?1 = '' OR t.soundtrack = ?1) AND (?2 = '' OR t.name = ?2) "
-                "ORDER BY t.soundtrack, t.position",
-                [soundtrack, track],
+                + where
+                + " ORDER BY t.soundtrack, t.position",
+                [v for _, v in asked],
             ).fetchall()
             spec_errors = dict(
                 conn.execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
