@@ -5,8 +5,9 @@ sandbox (in its own process, with a generation time far longer than the run,
 so no task finishes) and ``reconciler run`` with every track allowed in
 flight, and waits for the daemon's pass that counts every track in flight.
 Then, with that daemon still running (it polls and passes every few seconds),
-it runs ``reconciler status --json`` and ``reconciler status`` (text, into a
-pipe) ``--runs`` times each, for this checkout and for ``--baseline`` (a
+it runs ``reconciler status --json``, ``reconciler status`` (text, into a
+pipe) and ``reconciler --version`` (start-up and imports: the floor under
+every command) ``--runs`` times each, for this checkout and for ``--baseline`` (a
 commit, exported with ``git archive`` into a temporary folder and put first
 on ``PYTHONPATH``), interleaved so that both see the same load. Each figure
 is that one child's user + system CPU time from ``os.wait4``: on a shared
@@ -61,6 +62,14 @@ LATENCY = 3600.0
 #: The daemon's poll interval: it keeps passing over the tracks meanwhile.
 POLL_INTERVAL = 2.0
 FORMS = {"json": ["status", "--json"], "text": ["status"]}
+#: What is measured: both forms, and start-up plus the CLI's imports alone
+#: (``--version``), the floor under every command.
+MEASURED = {**FORMS, "floor": ["--version"]}
+LABELS = {
+    "json": "`status --json`",
+    "text": "`status`",
+    "floor": "`reconciler --version` (start-up floor)",
+}
 
 
 @dataclass
@@ -151,11 +160,11 @@ def measure(tracks: int, runs: int, baseline: Path) -> dict[str, dict[str, list[
                 # Unmeasured first runs fill each version's bytecode cache.
                 check_same(work, baseline)
                 found: dict[str, dict[str, list[Run]]] = {
-                    version: {form: [] for form in FORMS} for version in ("baseline", "new")
+                    version: {form: [] for form in MEASURED} for version in ("baseline", "new")
                 }
                 for _ in range(runs):
                     for version, code in (("baseline", baseline), ("new", None)):
-                        for form, args in FORMS.items():
+                        for form, args in MEASURED.items():
                             found[version][form].append(run_status(args, work, code))
                 if daemon.poll() is not None:
                     raise RuntimeError(f"the daemon stopped while measured; see {log}")
@@ -183,10 +192,10 @@ def report(
 ) -> str:
     rows = []
     for tracks, found in sizes.items():
-        for form in FORMS:
+        for form in MEASURED:
             old, new = found["baseline"][form], found["new"][form]
             rows.append(
-                f"| {tracks:,} | `status{' --json' if form == 'json' else ''}` "
+                f"| {tracks:,} | {LABELS[form]} "
                 f"| {cell(old)} | {cell(new)} "
                 f"| {median([r.wall for r in old]):.2f} s / {median([r.wall for r in new]):.2f} s "
                 f"| {median([r.max_rss_mib for r in old]):.0f} / "
