@@ -9,6 +9,7 @@ ever added): see the README.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from reconciler.config import Settings
@@ -188,7 +189,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         (t["soundtrack"], t["track"], t["state"], _age(t["age_seconds"]), t["reason"] or "")
         for t in report["tracks"]
     ]
-    widths = [max([len(header[i]), *(len(r[i]) for r in rows)]) for i in range(4)]
+    columns = list(zip(*rows, strict=True))[:4] if rows else [()] * 4
+    widths = [max(len(h), *map(len, c)) for h, c in zip(header[:4], columns, strict=True)]
     styled = {}
     for state, style in _STYLE.items():
         with console.capture() as cell:
@@ -204,23 +206,26 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{age.ljust(widths[3])}  {cut}".rstrip()
         )
     console.file.write("\n".join(lines) + "\n")
+    # rich highlights numbers in the lines below with a set of regular
+    # expressions; into a pipe it writes no colours, so that is skipped there.
+    print_line = partial(console.print, highlight=console.is_terminal)
     s = report["summary"]
     counts = ", ".join(f"{s[k]} {k}" for k in TRACK_STATES if s[k])
-    console.print(f"\n{s['tracks']} tracks: {counts or 'none'}")
+    print_line(f"\n{s['tracks']} tracks: {counts or 'none'}")
     c = report["credits"]
     budget = (
         f", budget left today {c['budget_left']}/{c['daily_budget']}"
         if c["daily_budget"] is not None
         else ""
     )
-    console.print(
+    print_line(
         f"batches in flight: {report['batches_in_flight']}; "
         f"credits spent today: {c['spent_today']}{budget}"
     )
     if report["submit_block"]:
-        console.print(f"[yellow]submissions paused: {report['submit_block']}[/]")
+        print_line(f"[yellow]submissions paused: {report['submit_block']}[/]")
     if report["ambiguous_submits"] or report["possible_double_spend"]:
-        console.print(
+        print_line(
             f"[yellow]ambiguous submits: {report['ambiguous_submits']}; "
             f"possible double spend: {report['possible_double_spend']} generation(s)[/]"
         )
@@ -231,6 +236,6 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     if api["last_error"]:
         line += f"; last error {api['last_error']}: {api['last_error_message']}"
-    console.print(line, soft_wrap=True)
+    print_line(line, soft_wrap=True)
     if api["batch_endpoint"] == "unsupported":
-        console.print("[yellow]batch endpoint unavailable: submitting one create per track[/]")
+        print_line("[yellow]batch endpoint unavailable: submitting one create per track[/]")
