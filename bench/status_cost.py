@@ -74,16 +74,17 @@ LABELS = {
 
 @dataclass
 class Run:
-    """One finished ``status``: this child's CPU seconds, wall seconds, peak RSS, stdout."""
+    """One finished command: this child's CPU seconds and wall seconds."""
 
     cpu: float
     wall: float
-    max_rss_mib: float
-    stdout: str
 
 
-def run_status(args: list[str], work: Path, code: Path | None) -> Run:
-    """``python -m reconciler ARGS`` in ``work``, from ``code`` (a checkout) or this one."""
+def run_status(args: list[str], work: Path, code: Path | None) -> tuple[Run, str]:
+    """``python -m reconciler ARGS`` in ``work``, from ``code`` (a checkout) or this one.
+
+    Its figures, and what it wrote to stdout.
+    """
     env = child_env(**({"PYTHONPATH": str(code)} if code else {}))
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -101,7 +102,7 @@ def run_status(args: list[str], work: Path, code: Path | None) -> Run:
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped by hand
     if process.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(args)} ({code or 'this checkout'}): exit code {status}")
-    return Run(usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss / 1024, stdout)
+    return Run(usage.ru_utime + usage.ru_stime, wall), stdout
 
 
 def comparable_json(text: str) -> dict[str, Any]:
@@ -119,10 +120,10 @@ def comparable_text(text: str) -> str:
 
 def check_same(work: Path, baseline: Path) -> None:
     """The baseline and this checkout say the same thing (ages aside)."""
-    old, new = (run_status(FORMS["json"], work, code).stdout for code in (baseline, None))
+    old, new = (run_status(FORMS["json"], work, code)[1] for code in (baseline, None))
     if comparable_json(old) != comparable_json(new):
         raise RuntimeError("status --json differs from the baseline's")
-    old, new = (run_status(FORMS["text"], work, code).stdout for code in (baseline, None))
+    old, new = (run_status(FORMS["text"], work, code)[1] for code in (baseline, None))
     if comparable_text(old) != comparable_text(new):
         raise RuntimeError("the text status differs from the baseline's")
 
@@ -165,7 +166,7 @@ def measure(tracks: int, runs: int, baseline: Path) -> dict[str, dict[str, list[
                 for _ in range(runs):
                     for version, code in (("baseline", baseline), ("new", None)):
                         for form, args in MEASURED.items():
-                            found[version][form].append(run_status(args, work, code))
+                            found[version][form].append(run_status(args, work, code)[0])
                 if daemon.poll() is not None:
                     raise RuntimeError(f"the daemon stopped while measured; see {log}")
             finally:
@@ -197,9 +198,7 @@ def report(
             rows.append(
                 f"| {tracks:,} | {LABELS[form]} "
                 f"| {cell(old)} | {cell(new)} "
-                f"| {median([r.wall for r in old]):.2f} s / {median([r.wall for r in new]):.2f} s "
-                f"| {median([r.max_rss_mib for r in old]):.0f} / "
-                f"{median([r.max_rss_mib for r in new]):.0f} MiB |"
+                f"| {median([r.wall for r in old]):.2f} s / {median([r.wall for r in new]):.2f} s |"
             )
     return f"""
 ## `status` CPU beside a working daemon: {args.baseline} against {args.revision}
@@ -214,8 +213,8 @@ def report(
   file. Text output goes into a pipe. Both versions' answers compared equal
   (ages aside) before measuring.
 
-| tracks | command | CPU, baseline | CPU, new | wall median, baseline / new | peak RSS |
-|---:|---|---:|---:|---:|---:|
+| tracks | command | CPU, baseline | CPU, new | wall median, baseline / new |
+|---:|---|---:|---:|---:|
 {chr(10).join(rows)}
 """
 
