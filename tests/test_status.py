@@ -57,9 +57,9 @@ def test_deleted_or_changed_output_is_not_ready(project: Project) -> None:
     ("selector", "words"),
     [
         ("nosuch", ["no soundtrack 'nosuch'"]),
-        ("studdy", ["no soundtrack 'studdy'", "did you mean study?"]),
+        ("studdy", ["no soundtrack 'studdy'", "did you mean 'study'?"]),
         ("study/nope", ["no track 'nope' in soundtrack 'study'"]),
-        ("study/focus-x", ["did you mean study/focus-", "study/focus-1"]),
+        ("study/focus-x", ["did you mean 'study/focus-1'?"]),
     ],
 )
 def test_check_selector_names_what_is_unknown(selector: str, words: list[str]) -> None:
