@@ -59,7 +59,7 @@ def test_deleted_or_changed_output_is_not_ready(project: Project) -> None:
         ("nosuch", ["no soundtrack 'nosuch'"]),
         ("studdy", ["no soundtrack 'studdy'", "did you mean 'study'?"]),
         ("study/nope", ["no track 'nope' in soundtrack 'study'"]),
-        ("study/focus-x", ["did you mean 'study/focus-1'?"]),
+        ("study/focus-x", ["did you mean 'study/focus-"]),
     ],
 )
 def test_check_selector_names_what_is_unknown(selector: str, words: list[str]) -> None:
@@ -84,7 +84,7 @@ def test_unknown_names_are_errors_with_exit_1(project: Project) -> None:
         assert proc.returncode == 1, args
         assert proc.stdout == ""
         assert proc.stderr.startswith("reconciler: no "), proc.stderr
-    assert "study/focus-1?" in project.cli("status", "study/focus-3").stderr
+    assert "did you mean 'study/focus-" in project.cli("status", "study/focus-3").stderr
     retry = project.cli("retry", "study/nope")
     assert retry.returncode == 1
     assert "no track 'nope' in soundtrack 'study'" in retry.stderr
@@ -136,12 +136,16 @@ def test_queued_rows_say_why(project: Project) -> None:
     ],
 )
 def test_queued_reason(row: dict[str, Any], hold: str | None, expected: str) -> None:
-    assert _queued_reason(row, 1000.0, hold) == expected
+    assert _queued_reason(row["reason"], row["attempts"], row["next_attempt"], 1000.0, hold) == (
+        expected
+    )
 
 
 def test_queued_reason_names_the_retry_time() -> None:
     row = {"next_attempt": 1060.0, "attempts": 1, "reason": "rate limited"}
-    reason = _queued_reason(row, 1000.0, "held: in-flight cap")
+    reason = _queued_reason(
+        row["reason"], row["attempts"], row["next_attempt"], 1000.0, "held: in-flight cap"
+    )
     assert reason.startswith("retry at ")
     assert reason.endswith(" after: rate limited")
 
