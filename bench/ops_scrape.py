@@ -63,7 +63,7 @@ def measure(tracks: int, repeat: int) -> dict[str, float]:
             json.dumps(ops.report())
 
         figures = {
-            "build_report": timed(lambda: build_report(ledger, settings, time.time()), repeat),
+            "build_report": timed(lambda: build_report(settings, time.time()), repeat),
             "metrics": timed(scrape, repeat),
             "status": timed(status, repeat),
         }

@@ -9,7 +9,6 @@ can fix them.
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from pydantic_core import ErrorDetails
 from reconciler.errors import ConfigError
 from reconciler.limits import FIELD_LIMITS, FieldLimits, with_overrides
 from reconciler.specs import DEFAULT_MODELS
+from reconciler.words import did_you_mean
 
 DEFAULT_API_URL = "https://api.musicapi.ai/api/v1"
 CREDENTIAL_NAME = "musicapi-key"
@@ -229,11 +229,6 @@ def _section_of(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _describe(error: ErrorDetails) -> str:
     """One pydantic error in the words of a person editing the file."""
     loc = tuple(error["loc"])
@@ -242,10 +237,10 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         section = _section_of(loc)
         known = sorted(section.model_fields) if section else []
-        return f"{where}: unknown key{_did_you_mean(str(loc[-1]), known)}"
+        return f"{where}: unknown key{did_you_mean(str(loc[-1]), known)}"
     if error["type"] == "literal_error" and loc == ("log_level",):
         levels = list(get_args(LogLevel))
-        hint = _did_you_mean(str(value), levels) or f" (one of {', '.join(levels)})"
+        hint = did_you_mean(str(value), levels) or f" (one of {', '.join(levels)})"
         return f"{where}: {value!r} is not a log level{hint}"
     if error["type"] == "model_type":
         return f"{where}: expected a [{where}] table, got {value!r}"
@@ -346,7 +341,7 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
         raise ConfigError(
             "\n".join(
                 f"{source}: limits.{m}: unknown model"
-                + (_did_you_mean(m, list(models)) or f" (known: {', '.join(models)})")
+                + (did_you_mean(m, list(models)) or f" (known: {', '.join(models)})")
                 for m in unknown
             )
         )

@@ -8,7 +8,6 @@ data; the renderers turn them into text.
 
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import re
@@ -28,6 +27,7 @@ from reconciler.errors import UnknownNameError
 from reconciler.ledger import Ledger
 from reconciler.planning import CREDITS_PER_TASK, output_names
 from reconciler.status import build_report, render
+from reconciler.words import did_you_mean
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -51,9 +51,7 @@ def unknown_name(
     kind: str, name: str, known: Iterable[str], where: str = "the ledger"
 ) -> UnknownNameError:
     """The error for a name that is not there, with the closest known one."""
-    close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UnknownNameError(f"no {kind} {name!r} in {where}{hint}")
+    return UnknownNameError(f"no {kind} {name!r} in {where}{did_you_mean(name, known)}")
 
 
 def known_soundtracks(ledger: Ledger) -> set[str]:
@@ -446,7 +444,7 @@ def reports(
 ) -> Iterator[dict[str, Any]]:
     """A fresh status report every ``interval`` seconds, for ever."""
     while True:
-        yield build_report(ledger, settings, time.time(), selector)
+        yield build_report(settings, time.time(), selector)
         time.sleep(interval)
 
 

@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, TextIO
 
 from reconciler.errors import LedgerError, LockedError
 from reconciler.planning import Desired, Generation, GenState, OpenBatch, Suspension
 from reconciler.specs import SpecFile, TrackSpec
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 Clock = Callable[[], float]
 
@@ -155,6 +156,39 @@ class OutputRecord:
     mtime_ns: int
 
 
+#: One track as ``status`` reads it: soundtrack, name, fingerprint, clips,
+#: source, when it last changed, and its generation's state, reason, attempts,
+#: next attempt and whether a callback proved a lost submit paid (the
+#: generation's fields are None before the first plan).
+StatusRow = tuple[
+    str, str, str, int, str, float, str | None, str | None, int | None, float | None, int | None
+]
+
+
+@dataclass(frozen=True)
+class StatusRead:
+    """Everything ``status`` shows, read in one transaction (``Ledger.read_status``)."""
+
+    tracks: list[StatusRow]
+    spec_errors: dict[str, str]
+    #: Output path → (the fingerprint its file holds, its size and mtime_ns when written).
+    outputs: dict[str, tuple[str | None, int, int]]
+    #: The ``kv`` facts it shows (output errors, submit block, last pass, API
+    #: health, short generations, unexpected shapes, suspension, output folder).
+    facts: dict[str, Any]
+    open_batches: int
+    ambiguous_submits: int
+    possible_double_spend: int
+    #: Credits' worth of tasks that may have been charged since ``since``, as ``spent_since``.
+    spent: int
+    #: Generations paid for or possibly so and not finished (the in-flight cap counts these).
+    in_flight: int
+    #: Orphan tasks still being matched, or finished without an owner.
+    orphans: int
+    #: Every (soundtrack, track), read only when a selector matched nothing.
+    names: list[tuple[str, str]]
+
+
 @dataclass(frozen=True)
 class TaskUpdate:
     """What one poll (or verified webhook) said about one task."""
@@ -272,6 +306,10 @@ class Ledger:
 
     @classmethod
     def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Ledger:
+        # Imported here, not at the top: sqlite-utils pulls in numpy, a tenth
+        # of a second that ``status`` (which reads through ``read_status``) skips.
+        import sqlite_utils
+
         try:
             if readonly:
                 if not path.exists():
@@ -1336,6 +1374,101 @@ class Ledger:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Read-only rows for ``status``."""
         return list(self.db.query(sql, list(params)))
+
+    @staticmethod
+    def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
+        """What ``status`` shows, over a plain read-only connection, in one transaction.
+
+        ``status`` is a short command a person waits for: it skips sqlite-utils
+        (and the numpy it imports) and the row dicts of ``query``, and reads
+        each table once. ``selector`` is (soundtrack, track); an empty part
+        matches all.
+        """
+        if not path.exists():
+            raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
+        try:
+            conn = _connect_readonly(path)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(MIGRATIONS):
+                raise LedgerError(
+                    f"ledger schema version {version} is newer than this reconciler "
+                    f"({len(MIGRATIONS)}); upgrade reconciler"
+                )
+            if version < len(MIGRATIONS):
+                raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+            # Only the conditions asked for: an "?1 = '' OR ..." form would
+            # double the cost of reading every track.
+            asked = [
+                (c, v)
+                for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True)
+                if v
+            ]
+            where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
+            tracks = conn.execute(
+                "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
+                "max(t.updated_at, coalesce(g.updated_at, 0)), g.state, g.reason, g.attempts, "
+                "g.next_attempt, g.paid_hint "
+                "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
+                + where
+                + " ORDER BY t.soundtrack, t.position",
+                [v for _, v in asked],
+            ).fetchall()
+            spec_errors = dict(
+                conn.execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
+            )
+            outputs = {
+                path: (fingerprint, size, mtime_ns)
+                for path, fingerprint, size, mtime_ns in conn.execute(
+                    "SELECT path, fingerprint, size, mtime_ns FROM outputs"
+                )
+            }
+            facts = {
+                key: json.loads(value)
+                for key, value in conn.execute(
+                    "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
+                    "'last_pass_at', 'api_health', 'batch_unsupported', 'short_generations', "
+                    "'unexpected_shapes', 'suspended', 'out_dir')"
+                )
+            }
+            batches, ambiguous, doubles, spent, in_flight, orphans = conn.execute(
+                "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
+                "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
+                "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
+                # The same count as spent_since: what the budget sees.
+                "(SELECT count(*) FROM tasks WHERE at >= ?1) + "
+                "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?1), "
+                "(SELECT count(*) FROM generations "
+                "WHERE state IN ('submitting', 'unknown', 'running')), "
+                "(SELECT count(*) FROM orphans WHERE state IN ('open', 'unmatched'))",
+                [since],
+            ).fetchone()
+            names = (
+                conn.execute("SELECT soundtrack, name FROM tracks").fetchall()
+                if asked and not tracks
+                else []
+            )
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
+        finally:
+            conn.close()
+        return StatusRead(
+            tracks=tracks,
+            spec_errors=spec_errors,
+            outputs=outputs,
+            facts=facts,
+            open_batches=batches,
+            ambiguous_submits=ambiguous,
+            possible_double_spend=doubles,
+            spent=spent,
+            in_flight=in_flight,
+            orphans=orphans,
+            names=names,
+        )
 
     def integrity_ok(self) -> bool:
         return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")

@@ -74,6 +74,7 @@ __all__ = [
     "MAX_BATCH_ITEMS",
     "Accepted",
     "BatchPoll",
+    "BatchProbe",
     "BatchSubmission",
     "Clip",
     "Credits",
@@ -224,6 +225,17 @@ class BatchPoll:
     statuses: tuple[TaskStatus, ...]
     unread: tuple[str, ...]
     """Known task ids the answer left out or left unreadable: ask the task endpoint."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProbe:
+    """How ``POST /sonic/batch`` with no items was answered (``doctor``, at no cost)."""
+
+    status: int
+    message: str
+    """The answer's reason, key removed."""
+    server_time: float | None
+    """The answer's ``Date`` header as Unix seconds, when it has a readable one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -962,6 +974,40 @@ class MusicAPI:
         return await self._call(
             "POST", "/sonic/create", "create", "create", parse, json_body=dict(item)
         )
+
+    async def probe_batch_endpoint(self) -> BatchProbe:
+        """Send a batch of no items: whether the endpoint exists, without spending.
+
+        The protocol refuses 0 items with 400, so nothing can be created or
+        charged: 400 means the endpoint is there, 404/405 that it is not. The
+        answer is returned whatever its status (with the service's clock from
+        its ``Date`` header); only a request that got no answer raises
+        :class:`TemporaryAPIError`. Never retried.
+        """
+        request = self._http.build_request(
+            "POST", "/sonic/batch", json={"items": []}, headers=self._auth()
+        )
+        await self._bucket.take()
+        try:
+            response = await self._http.send(request)
+        except httpx.RequestError as exc:
+            # "poll": an empty batch cannot be an ambiguous submit.
+            error = self._transport_error(exc, "poll")
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(response.headers.get("date", ""))
+            except (TypeError, ValueError):
+                when = None
+            message = error_message(
+                response.status_code, response.content, response.headers.get("content-type", "")
+            )
+            return BatchProbe(
+                response.status_code,
+                self._scrub(message),
+                when.timestamp() if when is not None and when.tzinfo is not None else None,
+            )
+        self._log_error(error, "POST", "/sonic/batch", 1)
+        raise error
 
     # -- idempotent reads: retried here ---------------------------------------
 

@@ -241,7 +241,7 @@ class OpsApp:
         if self._report is not None and now - self._report[0] < REPORT_TTL:
             return self._report[1]
         settings = self.settings()
-        report = build_report(self.ledger, settings, self.metrics.clock())
+        report = build_report(settings, self.metrics.clock())
         report["credits_spent_total"] = CREDITS_PER_TASK * self.ledger.spent_since(0)
         report["credits"]["max_credits_this_run"] = settings.max_credits
         self._report = (now, report)

@@ -49,7 +49,10 @@ def fingerprint(request: Mapping[str, Any], variant: int) -> str:
 
 def output_names(track: str, clips: int) -> tuple[str, ...]:
     """File names of a track's clips: ``x.mp3``, then ``x-2.mp3``."""
-    return tuple(f"{track}.mp3" if n == 1 else f"{track}-{n}.mp3" for n in range(1, clips + 1))
+    first = f"{track}.mp3"
+    if clips == 1:  # nearly every track; ``status`` asks once per track
+        return (first,)
+    return (first, *(f"{track}-{n}.mp3" for n in range(2, clips + 1)))
 
 
 @dataclass(frozen=True)

@@ -35,16 +35,16 @@ def config_error(tmp_path: Path, text: str) -> list[str]:
     [
         (
             "[submit]\nbatch_windw = 2\n",
-            "submit.batch_windw: unknown key (did you mean batch_window?)",
+            "submit.batch_windw: unknown key (did you mean 'batch_window'?)",
         ),
-        ("log_levl = 'debug'\n", "log_levl: unknown key (did you mean log_level?)"),
-        ("[pol]\ninterval = 3\n", "pol: unknown key (did you mean poll?)"),
+        ("log_levl = 'debug'\n", "log_levl: unknown key (did you mean 'log_level'?)"),
+        ("[pol]\ninterval = 3\n", "pol: unknown key (did you mean 'poll'?)"),
         ("[submit]\nzzz = 1\n", "submit.zzz: unknown key"),
         (
             "log_level = 'verbose'\n",
             "log_level: 'verbose' is not a log level (one of debug, info, warning, error)",
         ),
-        ("log_level = 'warn'\n", "log_level: 'warn' is not a log level (did you mean warning?)"),
+        ("log_level = 'warn'\n", "log_level: 'warn' is not a log level (did you mean 'warning'?)"),
         (
             "[submit]\nmax_in_flight = 0\n",
             "submit.max_in_flight: must be greater than or equal to 1, got 0",

@@ -86,7 +86,7 @@ def test_the_config_overrides_a_limit_and_spec_validation_uses_it(tmp_path: Path
     [
         (
             "[limits.sonic-v5]\npromt = 3000\n",
-            "limits.sonic-v5.promt: unknown key (did you mean prompt?)",
+            "limits.sonic-v5.promt: unknown key (did you mean 'prompt'?)",
         ),
         (
             "[limits.sonic-v5]\nprompt = 0\n",
@@ -94,7 +94,7 @@ def test_the_config_overrides_a_limit_and_spec_validation_uses_it(tmp_path: Path
         ),
         (
             "[limits.sonic-v55]\nprompt = 3000\n",
-            "limits.sonic-v55: unknown model (did you mean sonic-v5?)",
+            "limits.sonic-v55: unknown model (did you mean 'sonic-v5'?)",
         ),
     ],
 )

@@ -108,7 +108,6 @@ def summary_table(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
     secrets = records[("security", "secrets")]
     links = records[("security", "symlinks")]
     load = records[("load", "load")]
-    status = records[("load", "status")]
     poll = records[("load", "poll_pass")]
     per_track = [r["calls_per_ready_track"] for r in faults]
     kills = chaos["kills"]
@@ -218,14 +217,8 @@ def summary_table(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
         (
             "Load",
             "`status` while the daemon works (the whole command, JSON and text)",
-            f"CPU at most **{_n(load['json_cpu_max'])} s** (JSON) and "
-            f"**{_n(load['text_cpu_max'])} s** (text) over {load['status_calls']} calls each; "
-            f"wall max {_n(load['json_wall_max'])} s / {_n(load['text_wall_max'])} s, median "
-            f"{_n(load['json_wall_median'])} s / {_n(load['text_wall_median'])} s, on two cores "
-            f"shared with the daemon, the sandbox and other work (1-minute load average up to "
-            f"{max(load['loadavg'][0], status['loadavg'][0]):.1f}); beside a daemon only "
-            f"re-reading 10,000 queued tracks: wall median {_n(status['json_wall_median'])} s / "
-            f"{_n(status['text_wall_median'])} s",
+            f"answered all {load['status_calls']} times in each form; its CPU cost is "
+            "measured by `bench/status_cost.py` (its own section), not asserted here",
         ),
         (
             "Load",
@@ -234,7 +227,8 @@ def summary_table(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
             f"({load['tracks'] // 10:,} submit calls), all ready after "
             f"{_n(load['converged_after'])} s (generation {_n(load['latency'])} s; "
             f"{load['downloads']:,} downloads, {load['batch_polls']:,} batch polls); a poll pass "
-            f"over {poll['tasks']:,} running tasks: {_n(poll['gap'] - 2.0)} s",
+            f"over {poll['tasks']:,} running tasks: {_n(poll['gap'] - 2.0)} s "
+            "(recorded, not asserted)",
         ),
     ]
     lines = ["| part | what is checked | measured |", "|---|---|---|"]
