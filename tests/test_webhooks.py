@@ -20,11 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from reconciler.config import WebhookSettings
 from reconciler.ledger import Ledger
+from reconciler.ops import Metrics
 from reconciler.planning import desired_state
 from reconciler.sandbox import SandboxControl
 from reconciler.specs import scan_specs
@@ -451,3 +454,19 @@ def test_forged_stale_replayed_and_oversized_requests_change_nothing(
         code, _ = d.stop()
         assert code == 0
         assert SECRET not in d.log_text()
+
+
+def test_every_outcome_reaches_the_webhooks_metric(harness: Harness) -> None:
+    metrics = Metrics()
+    harness.receiver.on_outcome = metrics.webhook
+    raw = body()
+    assert harness.post(raw).status_code == 200
+    assert harness.post(raw).json() == {"status": "duplicate"}
+    assert harness.post(body("task-2"), secret="wrong", webhook_id="wh-2").status_code == 401
+    counted = {
+        s.labels["outcome"]: s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+        if s.name == "reconciler_webhooks_total"
+    }
+    assert counted == {"accepted": 1, "duplicate": 1, "bad_signature": 1}
