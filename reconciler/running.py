@@ -19,16 +19,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reconciler import outputs as out
 from reconciler.config import Settings
+from reconciler.errors import APIError
 from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.planning import (
+    CREDITS_PER_TASK,
     DiskState,
     OutputFact,
     Suspension,
     desired_state,
     diff,
     held_by_suspension,
+    utc_day_start,
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import Settling, scan_specs
@@ -134,8 +137,55 @@ def _disk_state(
     return "drifted"
 
 
-def make_plan(settings: Settings) -> dict[str, Any]:
-    """The dry run behind ``reconciler plan``: no lock, no writes, no API calls."""
+async def account_balance(settings: Settings) -> int | None:
+    """The account balance for ``plan``, or None without a key or an answer.
+
+    ``plan`` must work offline and without a key (a CI gate on a pull request
+    has none); the balance only adds a warning, so no answer is not an error.
+    """
+    if not settings.sandbox and settings.api_key is None:
+        return None
+    async with (
+        api_settings(settings) as s,
+        MusicAPI(
+            s.api_url,
+            s.require_key(),
+            timeout=s.request_timeout,
+            max_requests_per_second=s.max_requests_per_second,
+            max_attempts=1,
+        ) as api,
+    ):
+        try:
+            return (await api.get_credits()).total
+        except APIError as exc:
+            structlog.get_logger("reconciler").warning("credits.unavailable", error=exc.message)
+            return None
+
+
+def cost_warnings(
+    cost: int, *, balance: int | None, budget: int | None, spent_today: int
+) -> list[str]:
+    """What ``plan`` says when the next submissions cost more than a ceiling allows."""
+    found = []
+    if budget is not None and cost > budget - spent_today:
+        left = max(0, budget - spent_today)
+        found.append(
+            f"costs {cost} credits, more than the {left} left of today's budget "
+            f"({spent_today}/{budget} spent): the rest waits for tomorrow"
+        )
+    if balance is not None and cost > balance:
+        found.append(
+            f"costs {cost} credits, more than the account's balance of {balance}: "
+            "submissions stop when it runs out"
+        )
+    return found
+
+
+def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
+    """The dry run behind ``reconciler plan``: no lock, no writes.
+
+    ``balance`` is the account's, when the caller could ask for it.
+    """
     ledger = (
         Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
     )
@@ -155,6 +205,9 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
         suspension = ledger.suspension() if ledger else Suspension()
+        spent_today = (
+            CREDITS_PER_TASK * ledger.spent_since(utc_day_start(time.time())) if ledger else 0
+        )
     finally:
         if ledger:
             ledger.close()
@@ -184,6 +237,11 @@ def make_plan(settings: Settings) -> dict[str, Any]:
             "held": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.suspended],
         },
         "credits": d.cost,
+        "budget": {"daily_budget": settings.daily_budget, "spent_today": spent_today},
+        "balance": balance,
+        "warnings": cost_warnings(
+            d.cost, balance=balance, budget=settings.daily_budget, spent_today=spent_today
+        ),
         "submit_calls": -(-len(d.submit) // 10),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
         "settling": sorted(scan.settling),
@@ -227,3 +285,13 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         f"{report['in_flight']} in flight",
         soft_wrap=True,
     )
+    budget = report["budget"]
+    if budget["daily_budget"] is not None:
+        console.print(
+            f"budget today: {budget['spent_today']}/{budget['daily_budget']} credits spent",
+            soft_wrap=True,
+        )
+    if report["balance"] is not None:
+        console.print(f"account balance: {report['balance']} credits", soft_wrap=True)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
