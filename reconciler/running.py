@@ -52,6 +52,25 @@ async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
         yield settings.with_api(server.base_url, server.key)
 
 
+@asynccontextmanager
+async def api_client(
+    settings: Settings, *, max_attempts: int = 3
+) -> AsyncIterator[tuple[Settings, MusicAPI]]:
+    """The settings in force and the API client they point at (the in-process
+    sandbox with ``--sandbox``): the one place a command's client is built."""
+    async with (
+        api_settings(settings) as s,
+        MusicAPI(
+            s.api_url,
+            s.require_key(),
+            timeout=s.request_timeout,
+            max_requests_per_second=s.max_requests_per_second,
+            max_attempts=max_attempts,
+        ) as api,
+    ):
+        yield s, api
+
+
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
@@ -60,16 +79,9 @@ async def run_sync(settings: Settings, console: Console) -> bool:
     try:
         ledger = Ledger.open(settings.ledger_path)
         try:
-            async with api_settings(settings) as s:
-                key = s.require_key()
-                async with MusicAPI(
-                    s.api_url,
-                    key,
-                    timeout=s.request_timeout,
-                    max_requests_per_second=s.max_requests_per_second,
-                ) as api:
-                    rec = Reconciler(s, ledger, api)
-                    result = await _converge_with_progress(rec, console)
+            async with api_client(settings) as (s, api):
+                rec = Reconciler(s, ledger, api)
+                result = await _converge_with_progress(rec, console)
         finally:
             ledger.close()
     finally:
@@ -145,16 +157,7 @@ async def account_balance(settings: Settings) -> int | None:
     """
     if not settings.sandbox and settings.api_key is None:
         return None
-    async with (
-        api_settings(settings) as s,
-        MusicAPI(
-            s.api_url,
-            s.require_key(),
-            timeout=s.request_timeout,
-            max_requests_per_second=s.max_requests_per_second,
-            max_attempts=1,
-        ) as api,
-    ):
+    async with api_client(settings, max_attempts=1) as (_, api):
         try:
             return (await api.get_credits()).total
         except APIError as exc:
