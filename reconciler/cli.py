@@ -224,15 +224,17 @@ def _echo_json(report: dict[str, Any]) -> None:
 @_exits_on_errors(1)
 def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
     """Dry run: what would be submitted, reused, restored, pruned. Exit 0 none, 2 changes."""
+    import asyncio
+
     from rich.console import Console
 
     from reconciler.layout import require_layout
-    from reconciler.running import make_plan, render_plan
+    from reconciler.running import account_balance, make_plan, render_plan
 
     settings = _settings(prune=prune, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
-    report = make_plan(settings)
+    report = make_plan(settings, balance=asyncio.run(account_balance(settings)))
     if report["specs_folder"] in ("missing", "unreadable"):
         # A CI gate must not pass on a mistyped --specs: "0 generations" would.
         raise ConfigError(

@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -22,10 +22,9 @@ from typing import Any
 import click
 from rich.console import Console
 
-from reconciler import logs
 from reconciler import outputs as out
-from reconciler.cli import _echo_json, _exits_on_errors
-from reconciler.config import Flags, Settings, load_settings
+from reconciler.cli import _echo_json, _exits_on_errors, _settings, folder_options
+from reconciler.config import Settings
 from reconciler.inspection import (
     EventReader,
     describe_report,
@@ -42,31 +41,6 @@ from reconciler.ledger import Ledger
 
 #: How often ``events --follow`` asks the ledger for new events.
 FOLLOW_INTERVAL = 0.5
-
-
-def path_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The folders and config: these commands never call the API."""
-    options = [
-        click.option("--specs", type=click.Path(path_type=Path), help="Spec folder [specs]."),
-        click.option("--out", type=click.Path(path_type=Path), help="Output folder [tracks]."),
-        click.option(
-            "--state", type=click.Path(path_type=Path), help="State folder [.reconciler]."
-        ),
-        click.option(
-            "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file."
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _settings(
-    specs: Path | None, out: Path | None, state: Path | None, config: Path | None
-) -> Settings:
-    settings = load_settings(Flags(specs=specs, out=out, state=state, config=config))
-    logs.configure(settings.log_level)
-    return settings
 
 
 @contextmanager
@@ -104,7 +78,7 @@ def watch_status(
 
 
 @click.command()
-@path_options
+@folder_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("selector", metavar="SOUNDTRACK/TRACK")
 @_exits_on_errors(1)
@@ -129,7 +103,7 @@ def _since(_ctx: click.Context, _param: click.Parameter, value: str | None) -> f
 
 
 @click.command()
-@path_options
+@folder_options
 @click.option(
     "-f", "--follow", "keep_following", is_flag=True, help="Keep printing new events until Ctrl-C."
 )
@@ -173,7 +147,7 @@ def _suspension_target(ledger: Ledger, settings: Settings, soundtrack: str | Non
 
 
 @click.command()
-@path_options
+@folder_options
 @click.argument("soundtrack", required=False)
 @_exits_on_errors(1)
 def suspend(soundtrack: str | None, **opts: Any) -> None:
@@ -194,7 +168,7 @@ def suspend(soundtrack: str | None, **opts: Any) -> None:
 
 
 @click.command()
-@path_options
+@folder_options
 @click.argument("soundtrack", required=False)
 @_exits_on_errors(1)
 def resume(soundtrack: str | None, **opts: Any) -> None:
@@ -241,7 +215,7 @@ def _trash_entries(settings: Settings) -> list[dict[str, Any]]:
 
 
 @trash.command("list")
-@path_options
+@folder_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_exits_on_errors(1)
 def trash_list(as_json: bool, **opts: Any) -> None:
@@ -262,7 +236,7 @@ def trash_list(as_json: bool, **opts: Any) -> None:
 
 
 @trash.command("restore")
-@path_options
+@folder_options
 @click.argument("path")
 @_exits_on_errors(1)
 def trash_restore(path: str, **opts: Any) -> None:

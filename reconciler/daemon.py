@@ -47,10 +47,9 @@ from reconciler.config import Settings, settings_summary
 from reconciler.errors import LedgerError, ReconcilerError
 from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
-from reconciler.musicapi import MusicAPI
 from reconciler.ops import Metrics, OpsApp
 from reconciler.reconciling import PassResult, Reconciler
-from reconciler.running import api_settings
+from reconciler.running import api_client
 from reconciler.serving import AppServer
 from reconciler.specs import is_spec_candidate
 from reconciler.systemd import Notifier, watchdog_interval
@@ -182,18 +181,13 @@ class Daemon:
         try:
             ledger = Ledger.open(self.settings.ledger_path)
             try:
-                async with api_settings(self.settings) as s:
+                async with api_client(self.settings, on_request=self.metrics.api_request) as (
+                    s,
+                    api,
+                ):
                     self.settings = s
-                    key = s.require_key()
-                    async with MusicAPI(
-                        s.api_url,
-                        key,
-                        timeout=s.request_timeout,
-                        max_requests_per_second=s.max_requests_per_second,
-                        on_request=self.metrics.api_request,
-                    ) as api:
-                        self.rec = Reconciler(s, ledger, api)
-                        await self._serve(ledger)
+                    self.rec = Reconciler(s, ledger, api)
+                    await self._serve(ledger)
             finally:
                 ledger.close()
         finally:

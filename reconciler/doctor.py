@@ -63,7 +63,7 @@ from reconciler.musicapi import (
 )
 from reconciler.outputs import probe_audio
 from reconciler.planning import CREDITS_PER_TASK, utc_day_start
-from reconciler.running import api_settings, make_plan
+from reconciler.running import api_client, make_plan
 from reconciler.specs import scan_specs
 from reconciler.webhooks import WebhookReceiver, WebhookServer
 from reconciler.words import plural
@@ -1000,27 +1000,20 @@ async def run_doctor(
             add(Check("live", "FAIL", "not run: no key; nothing was spent"))
         return report
 
-    async with api_settings(settings) as s:
-        key = s.require_key()
-        async with MusicAPI(
-            s.api_url,
-            key,
-            timeout=s.request_timeout,
-            max_requests_per_second=s.max_requests_per_second,
-        ) as api:
-            key_check, credits = await check_key(api, s.api_url)
-            add(key_check)
-            add(check_balance(credits, cost))
-            add(check_budget(cost, s.daily_budget, s.max_credits, spent))
-            probe: BatchProbe | APIError | None = None
-            if credits is not None:
-                try:
-                    probe = await api.probe_batch_endpoint()
-                except APIError as exc:
-                    probe = exc
-            add(check_batch(probe))
-            add(await check_webhook(s.webhook))
-            add(check_clock(probe.server_time if isinstance(probe, BatchProbe) else None, clock()))
+    async with api_client(settings) as (s, api):
+        key_check, credits = await check_key(api, s.api_url)
+        add(key_check)
+        add(check_balance(credits, cost))
+        add(check_budget(cost, s.daily_budget, s.max_credits, spent))
+        probe: BatchProbe | APIError | None = None
+        if credits is not None:
+            try:
+                probe = await api.probe_batch_endpoint()
+            except APIError as exc:
+                probe = exc
+        add(check_batch(probe))
+        add(await check_webhook(s.webhook))
+        add(check_clock(probe.server_time if isinstance(probe, BatchProbe) else None, clock()))
         if not live:
             return report
         if credits is None:
@@ -1043,7 +1036,7 @@ async def run_doctor(
         if not confirm(statement):
             add(Check("live", "FAIL", "not confirmed; nothing was spent"))
             return report
-        checks, folder = await live_check(s, key, follow_for=follow_for, emit=emit)
+        checks, folder = await live_check(s, s.require_key(), follow_for=follow_for, emit=emit)
         report.checks += checks
         report.live_folder = folder
     return report

@@ -40,6 +40,7 @@ from reconciler.errors import (
     RejectedError,
     TemporaryAPIError,
 )
+from reconciler.layout import check_layout
 from reconciler.ledger import ClipRecord, Ledger, OutputRecord, TaskUpdate
 from reconciler.musicapi import (
     Accepted,
@@ -176,6 +177,7 @@ class Reconciler:
         #: Problems logged last pass (spec files, outputs), so each is logged once.
         self._reported: dict[str, str] = {}
         self._reported_short: dict[str, str] = {}
+        self._layout_reported: str | None = None
         self._failed_outputs: dict[str, str] = {}
         self._logged_outputs: dict[str, str] = {}
         #: Open batches that have shown a finished task: their cohort is polled whole.
@@ -381,6 +383,8 @@ class Reconciler:
             # finished tasks are found by polls, which are scheduled anyway.
             self._submit_waits_for_time = False
             return
+        if self._layout_blocks(result):
+            return
         affordable = await self._affordable(now)
         to_send = due(affordable)
         self.log.debug(
@@ -404,6 +408,25 @@ class Reconciler:
                         return
             elif not await self._submit_batch(group, result):
                 return
+
+    def _layout_blocks(self, result: PassResult) -> bool:
+        """Pay only for what can land: no submit while the output or state folder
+        cannot take the result (a folder made read-only, or replaced by a file,
+        while the daemon runs). Nothing is due again until a person fixes it: a
+        file event or the rescan starts the next pass."""
+        problems = check_layout(
+            self.settings.specs_dir, self.settings.out_dir, self.settings.state_dir
+        )
+        if not problems:
+            self._layout_reported = None
+            return False
+        reason = f"the folders cannot take new audio: {problems[0]}"
+        if self._layout_reported != reason:
+            self.log.error("submit.refused_layout", problems=problems)
+        self._layout_reported = reason
+        result.blocked = reason
+        self._submit_waits_for_time = False
+        return True
 
     def _retry_at(self, attempts: int, retry_after: float | None = None) -> float:
         delay = backoff(

@@ -9,7 +9,7 @@ no lock, no writes and no API calls.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,16 +19,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reconciler import outputs as out
 from reconciler.config import Settings
+from reconciler.errors import APIError
 from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.musicapi import MusicAPI
 from reconciler.planning import (
+    CREDITS_PER_TASK,
     DiskState,
     OutputFact,
     Suspension,
     desired_state,
     diff,
     held_by_suspension,
+    utc_day_start,
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import Settling, scan_specs
@@ -49,6 +52,30 @@ async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
         yield settings.with_api(server.base_url, server.key)
 
 
+@asynccontextmanager
+async def api_client(
+    settings: Settings,
+    *,
+    max_attempts: int = 3,
+    on_request: Callable[[str, str, float], None] | None = None,
+) -> AsyncIterator[tuple[Settings, MusicAPI]]:
+    """The settings in force and the API client they point at (the in-process
+    sandbox with ``--sandbox``): the one place a command's client is built.
+    ``on_request`` is the daemon's metrics hook (``MusicAPI``)."""
+    async with (
+        api_settings(settings) as s,
+        MusicAPI(
+            s.api_url,
+            s.require_key(),
+            timeout=s.request_timeout,
+            max_requests_per_second=s.max_requests_per_second,
+            max_attempts=max_attempts,
+            on_request=on_request,
+        ) as api,
+    ):
+        yield s, api
+
+
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
@@ -57,16 +84,9 @@ async def run_sync(settings: Settings, console: Console) -> bool:
     try:
         ledger = Ledger.open(settings.ledger_path)
         try:
-            async with api_settings(settings) as s:
-                key = s.require_key()
-                async with MusicAPI(
-                    s.api_url,
-                    key,
-                    timeout=s.request_timeout,
-                    max_requests_per_second=s.max_requests_per_second,
-                ) as api:
-                    rec = Reconciler(s, ledger, api)
-                    result = await _converge_with_progress(rec, console)
+            async with api_client(settings) as (s, api):
+                rec = Reconciler(s, ledger, api)
+                result = await _converge_with_progress(rec, console)
         finally:
             ledger.close()
     finally:
@@ -134,8 +154,46 @@ def _disk_state(
     return "drifted"
 
 
-def make_plan(settings: Settings) -> dict[str, Any]:
-    """The dry run behind ``reconciler plan``: no lock, no writes, no API calls."""
+async def account_balance(settings: Settings) -> int | None:
+    """The account balance for ``plan``, or None without a key or an answer.
+
+    ``plan`` must work offline and without a key (a CI gate on a pull request
+    has none); the balance only adds a warning, so no answer is not an error.
+    """
+    if not settings.sandbox and settings.api_key is None:
+        return None
+    async with api_client(settings, max_attempts=1) as (_, api):
+        try:
+            return (await api.get_credits()).total
+        except APIError as exc:
+            structlog.get_logger("reconciler").warning("credits.unavailable", error=exc.message)
+            return None
+
+
+def cost_warnings(
+    cost: int, *, balance: int | None, budget: int | None, spent_today: int
+) -> list[str]:
+    """What ``plan`` says when the next submissions cost more than a ceiling allows."""
+    found = []
+    if budget is not None and cost > budget - spent_today:
+        left = max(0, budget - spent_today)
+        found.append(
+            f"costs {cost} credits, more than the {left} left of today's budget "
+            f"({spent_today}/{budget} spent): the rest waits for tomorrow"
+        )
+    if balance is not None and cost > balance:
+        found.append(
+            f"costs {cost} credits, more than the account's balance of {balance}: "
+            "submissions stop when it runs out"
+        )
+    return found
+
+
+def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
+    """The dry run behind ``reconciler plan``: no lock, no writes.
+
+    ``balance`` is the account's, when the caller could ask for it.
+    """
     ledger = (
         Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
     )
@@ -156,6 +214,9 @@ def make_plan(settings: Settings) -> dict[str, Any]:
         records = ledger.outputs() if ledger else {}
         clips = ledger.usable_clips() if ledger else {}
         suspension = ledger.suspension() if ledger else Suspension()
+        spent_today = (
+            CREDITS_PER_TASK * ledger.spent_since(utc_day_start(time.time())) if ledger else 0
+        )
     finally:
         if ledger:
             ledger.close()
@@ -188,6 +249,11 @@ def make_plan(settings: Settings) -> dict[str, Any]:
             "held": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.suspended],
         },
         "credits": d.cost,
+        "budget": {"daily_budget": settings.daily_budget, "spent_today": spent_today},
+        "balance": balance,
+        "warnings": cost_warnings(
+            d.cost, balance=balance, budget=settings.daily_budget, spent_today=spent_today
+        ),
         "submit_calls": -(-len(d.submit) // 10),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
         "settling": sorted(scan.settling),
@@ -231,3 +297,13 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         f"{report['in_flight']} in flight",
         soft_wrap=True,
     )
+    budget = report["budget"]
+    if budget["daily_budget"] is not None:
+        console.print(
+            f"budget today: {budget['spent_today']}/{budget['daily_budget']} credits spent",
+            soft_wrap=True,
+        )
+    if report["balance"] is not None:
+        console.print(f"account balance: {report['balance']} credits", soft_wrap=True)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)

@@ -7,12 +7,16 @@ agree with it, also when answers are lost.
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from reconciler.sandbox import SandboxControl
+from tests.daemonproc import DaemonProc, daemon_project
 from tests.project import Project, track
 
 DROP_FIRST_SUBMIT = {"kind": "drop_response", "at": [1], "endpoints": ["batch_submit"]}
@@ -121,3 +125,53 @@ def test_a_task_short_of_clips_writes_what_arrived_and_fewer_clips_reuse_it(
     assert sandbox.stats()["tasks_created"] == 1, "the clip paid for is reused"
     (row,) = project.status()["tracks"]
     assert row["state"] == "ready"
+
+
+def test_plan_shows_the_cost_against_the_balance_and_the_budget(
+    project: Project, sandbox: SandboxControl
+) -> None:
+    set_in_section(project, "submit", "daily_budget = 45")
+    sandbox.configure(credits=60)
+    project.write_spec("mix.yaml", tracks(5))
+
+    proc = project.cli("plan", "--json")
+
+    assert proc.returncode == 2, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["credits"], report["balance"]) == (75, 60)
+    assert report["budget"] == {"daily_budget": 45, "spent_today": 0}
+    budget, balance = report["warnings"]
+    assert "more than the 45 left of today's budget" in budget
+    assert "more than the account's balance of 60" in balance
+    assert sandbox.stats()["tasks_created"] == 0, "plan spends nothing"
+    # Without a key, plan still works: it cannot know the balance.
+    env = {k: v for k, v in project.env().items() if k != "MUSICAPI_KEY"}
+    keyless = subprocess.run(
+        [*project.args("plan"), "--json"], env=env, capture_output=True, text=True, check=False
+    )
+    assert json.loads(keyless.stdout)["balance"] is None
+
+
+def test_the_daemon_pays_nothing_while_its_output_folder_cannot_take_audio(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    project = daemon_project(tmp_path, sandbox)
+    project.write_spec("mix.yaml", tracks(1))
+    with DaemonProc(project) as d:
+        d.converged()
+        # The output folder is replaced by a file while the daemon runs.
+        shutil.rmtree(project.out)
+        project.out.write_text("not a folder\n")
+        mark = d.mark()
+        project.write_spec("mix.yaml", tracks(3))
+        refused = d.wait_event("submit.refused_layout", after=mark)
+        assert str(project.out) in " ".join(refused["problems"])
+        d.wait_event("pass.completed", lambda e: e["blocked"] is not None, after=mark)
+        assert sandbox.stats()["tasks_created"] == 1
+        # Fixed by a person: the next pass (a file event) submits.
+        project.out.unlink()
+        project.write_spec("mix.yaml", [*tracks(3), track("extra", "one more")])
+        d.converged()
+        code, _ = d.stop()
+        assert code == 0
+    assert sandbox.stats()["tasks_created"] == 4

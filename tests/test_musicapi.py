@@ -509,6 +509,7 @@ def test_batch_results_in_item_order() -> None:
     assert submit(body) == BatchSubmission(
         "b-1",
         (Accepted(0, "t0"), Rejected(1, "forbidden", "copyrighted lyrics"), Accepted(2, "t2")),
+        submitted=2,
     )
 
 

@@ -480,11 +480,11 @@ def test_plan_lines_are_never_wrapped_into_a_pipe(project: Project) -> None:
     assert len(submit) == 1
     assert long_track in submit[0]
     assert submit[0].endswith(")")
-    assert len(lines) == 2
-    assert lines[1] == (
+    assert lines[1:] == [
         "1 generation to submit in 1 call, 15 credits; 0 reused, 0 restored, 0 files pruned; "
-        "0 in flight"
-    )
+        "0 in flight",
+        "account balance: 100000 credits",
+    ]
 
 
 def test_validate_counts_in_plain_english(project: Project) -> None:
