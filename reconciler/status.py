@@ -53,7 +53,11 @@ def _track_state(
 
 
 def _files_ok(files: list[str], fingerprint: str, held: dict[str, str]) -> bool:
-    """Whether the ledger says every output file of a track holds its fingerprint."""
+    """Whether the ledger says every output file of a track holds its fingerprint.
+
+    Only tracks that pass this can be ready, so a check of the files
+    themselves (still there, size and mtime as recorded) belongs here.
+    """
     return all(held.get(f) == fingerprint for f in files)
 
 
