@@ -216,6 +216,7 @@ def test_status_reports_ten_thousand_queued_tracks_beside_a_working_daemon(
     assert report["summary"] == {
         "tracks": N_TRACKS,
         "ready": 0,
+        "restoring": 0,
         "generating": 0,
         "queued": N_TRACKS,
         "retrying": 0,
