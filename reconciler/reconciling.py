@@ -75,6 +75,8 @@ MAX_UPSTREAM_ATTEMPTS = 3
 #: Downloads in parallel: enough to stream results, few enough to be polite.
 DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
+#: Tracks materialised between two yields to the event loop.
+YIELD_EVERY = 100
 #: Upstream failure types that are a verdict on the content, not a hiccup.
 _PERMANENT_FAILURES = frozenset({"forbidden"})
 
@@ -241,7 +243,7 @@ class Reconciler:
         # Read once: the downloads fill in checksums, materialising uses them.
         usable = self.ledger.usable_clips(self._needed(desired))
         usable = await self._download(usable, desired, result)
-        self._materialise(desired, usable, result)
+        await self._materialise(desired, usable, result)
         self._prune(desired, result)
         result.seconds = time.perf_counter() - started
         self._summarise(desired, result)
@@ -920,7 +922,7 @@ class Reconciler:
 
     # -- outputs ------------------------------------------------------------------------
 
-    def _materialise(
+    async def _materialise(
         self, desired: Desired, usable: dict[str, list[ClipRecord]], result: PassResult
     ) -> None:
         self._outdir = out.OutputFolder(self.settings.out_dir)
@@ -930,7 +932,12 @@ class Reconciler:
         previous = self._previous_clips(desired, records)
         entries: dict[str, list[out.TrackOutput]] = {}
         short: dict[str, str] = {}
-        for t in desired.tracks:
+        for done, t in enumerate(desired.tracks):
+            if done % YIELD_EVERY == 0:
+                # Writing thousands of files is blocking work: let the loop take
+                # a signal (a stop must not wait for the whole folder) and let a
+                # cancelled pass end between two tracks, each written atomically.
+                await asyncio.sleep(0)
             clips = [c for c in usable.get(t.fingerprint, []) if c.sha256][: t.clips]
             gen = gens.get(t.fingerprint)
             if len(clips) < t.clips:

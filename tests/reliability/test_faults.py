@@ -331,6 +331,9 @@ def test_webhook_faults_alone_converge(
 MIXED_TRACKS = 100
 #: Reasons a track may end parked with under the mix: the API's own words.
 PERMANENT_REASONS = (
+    # A generation whose submit answers were lost twice: sent again once
+    # (counted), then held for a person rather than paid a third time.
+    "submit answer lost",
     "copyrighted",
     "prompt: rejected upstream",
     "failed upstream 3 times",

@@ -19,6 +19,7 @@ recorded in ``bench/RESULTS.md`` with the commit measured.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -80,12 +81,18 @@ class Sampler(threading.Thread):
         while not self.stop.wait(0.2):
             self.rss.append(rss_kib(self.reconciler.pid))
             if time.monotonic() >= next_status:
+                json_form = self.project.cli("status", "--json")
+                text_form = self.project.cli("status")
                 try:
-                    report = self.project.status()
-                    text = text_status(self.project)
-                    summary = next(line for line in text.splitlines() if " tracks: " in line)
+                    assert {json_form.returncode, text_form.returncode} <= {0, 1}
+                    report = json.loads(json_form.stdout)
+                    summary = next(x for x in text_form.stdout.splitlines() if " tracks: " in x)
                 except (AssertionError, ValueError, StopIteration) as exc:
-                    self.failures.append(repr(exc))
+                    self.failures.append(
+                        f"{exc!r}; exit codes {json_form.returncode}/{text_form.returncode}; "
+                        f"stderr: {json_form.stderr[-500:]!r} / {text_form.stderr[-500:]!r}; "
+                        f"text ends {text_form.stdout[-300:]!r}"
+                    )
                 else:
                     self.answers.append((report["summary"]["tracks"], summary))
                 next_status = time.monotonic() + STATUS_EVERY
@@ -209,6 +216,7 @@ def test_status_reports_ten_thousand_queued_tracks_beside_a_working_daemon(
     assert report["summary"] == {
         "tracks": N_TRACKS,
         "ready": 0,
+        "restoring": 0,
         "generating": 0,
         "queued": N_TRACKS,
         "retrying": 0,
