@@ -175,7 +175,9 @@ class Guarded:
             nonlocal found
             self.daemon.assert_running()
             found = self.invalid()
-            return set(found) == invalid
+            # A file still settling is listed with a note, not yet its verdict.
+            settling = any("is still changing" in error for error in found.values())
+            return set(found) == invalid and not settling
 
         try:
             wait_until(reported, timeout, f"status to report {len(invalid)} invalid files")
