@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -656,18 +656,22 @@ class Trash:
             raise OutputError(f"cannot move {path} to the trash {target}: {e.strerror or e}") from e
         return target
 
+    def _batches(self) -> Iterator[tuple[Path, datetime]]:
+        """Each batch folder and when it was moved here, oldest first (raises OSError)."""
+        if not self.root.is_dir():
+            return
+        for batch in sorted(self.root.iterdir()):
+            match = _TRASH_BATCH_RE.fullmatch(batch.name)
+            # Anything not named like a batch was not put here by us: keep it.
+            if match is None or batch.is_symlink() or not batch.is_dir():
+                continue
+            yield batch, datetime.strptime(match[1], _TRASH_TS_FORMAT).replace(tzinfo=UTC)
+
     def empty(self, grace_seconds: float, now: float) -> list[Path]:
         """Delete trash batches older than ``grace_seconds``; return the batch dirs removed."""
-        if not self.root.is_dir():
-            return []
         removed: list[Path] = []
         try:
-            for batch in sorted(self.root.iterdir()):
-                match = _TRASH_BATCH_RE.fullmatch(batch.name)
-                # Anything not named like a batch was not put here by us: keep it.
-                if match is None or batch.is_symlink() or not batch.is_dir():
-                    continue
-                moved_at = datetime.strptime(match[1], _TRASH_TS_FORMAT).replace(tzinfo=UTC)
+            for batch, moved_at in self._batches():
                 if now - moved_at.timestamp() > grace_seconds:
                     shutil.rmtree(batch)
                     removed.append(batch)
@@ -677,15 +681,9 @@ class Trash:
 
     def entries(self) -> list[TrashEntry]:
         """Every file in the trash, oldest batch first."""
-        if not self.root.is_dir():
-            return []
         found: list[TrashEntry] = []
         try:
-            for batch in sorted(self.root.iterdir()):
-                match = _TRASH_BATCH_RE.fullmatch(batch.name)
-                if match is None or batch.is_symlink() or not batch.is_dir():
-                    continue
-                moved_at = datetime.strptime(match[1], _TRASH_TS_FORMAT).replace(tzinfo=UTC)
+            for batch, moved_at in self._batches():
                 for path in sorted(batch.rglob("*")):
                     if path.is_dir() and not path.is_symlink():
                         continue

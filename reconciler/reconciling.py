@@ -958,19 +958,7 @@ class Reconciler:
             track_entries = []
             for n, (rel, clip) in enumerate(zip(t.outputs, clips, strict=False), start=1):
                 ok = self._ensure_output(t, n, rel, clip, records.get(rel), result) and ok
-                track_entries.append(
-                    out.TrackOutput(
-                        filename=rel.split("/", 1)[1],
-                        track=t.name,
-                        clip_index=n,
-                        title=clip.title,
-                        lyrics=clip.lyrics,
-                        duration=clip.duration,
-                        clip_id=clip.clip_id,
-                        fingerprint=t.fingerprint,
-                        tags=clip.tags,
-                    )
-                )
+                track_entries.append(_list_entry(rel.split("/", 1)[1], t, n, clip, t.fingerprint))
             if ok and t.fingerprint not in short:
                 if self.scan is not None and t.source in self.scan.errors:
                     result.invalid_tracks += 1
@@ -1028,19 +1016,7 @@ class Reconciler:
                 return []
             if clip is None or state != (rec.size, rec.mtime_ns):
                 return []
-            kept.append(
-                out.TrackOutput(
-                    filename=filename,
-                    track=t.name,
-                    clip_index=n,
-                    title=clip.title,
-                    lyrics=clip.lyrics,
-                    duration=clip.duration,
-                    clip_id=clip.clip_id,
-                    fingerprint=rec.fingerprint,
-                    tags=clip.tags,
-                )
-            )
+            kept.append(_list_entry(filename, t, n, clip, rec.fingerprint))
         return kept
 
     def _short_of_clips(self, t: DesiredTrack, have: int) -> str:
@@ -1301,6 +1277,23 @@ class Reconciler:
             seconds=round(result.seconds, 3),
             **summary,
         )
+
+
+def _list_entry(
+    filename: str, t: DesiredTrack, n: int, clip: ClipRecord, fingerprint: str
+) -> out.TrackOutput:
+    """A track's line in ``playlist.m3u8`` and ``tracks.json``: clip ``n`` of its file."""
+    return out.TrackOutput(
+        filename=filename,
+        track=t.name,
+        clip_index=n,
+        title=clip.title,
+        lyrics=clip.lyrics,
+        duration=clip.duration,
+        clip_id=clip.clip_id,
+        fingerprint=fingerprint,
+        tags=clip.tags,
+    )
 
 
 def _has_progress(status: TaskStatus) -> bool:
