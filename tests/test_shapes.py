@@ -154,3 +154,28 @@ def test_a_lost_answer_under_the_documented_webhook_body_is_never_paid_again(
     assert report["possible_double_spend"] == 0
     (row,) = report["tracks"]
     assert row["state"] == "generating"
+
+
+def test_a_whole_batch_refused_for_one_item_parks_only_that_item(
+    project: Project, sandbox: SandboxControl
+) -> None:
+    """The docs disagree on limits: a user who raised one locally sends an item
+    the service refuses, and under this shape it refuses the whole batch."""
+    project.config.write_text(project.config.read_text() + "\n[limits.sonic-v5]\ntitle = 200\n")
+    sandbox.configure(shapes=["batch-400-one-bad"])
+    tracks = [track(f"t{i}", p) for i, p in enumerate(prompts(10))]
+    tracks[6]["title"] = "A title far longer than the service's own limit allows " * 2
+    project.write_spec("mix.yaml", tracks)
+
+    project.sync(expect=1)
+
+    stats = sandbox.stats()
+    assert stats["tasks_created"] == 9
+    assert max(stats["tasks_by_fingerprint"].values()) == 1
+    # Halves, then singles: a handful of calls, not one per item, never a loop.
+    assert stats["batch_submit_calls"] <= 8
+    report = project.status()
+    (failed,) = [t for t in report["tracks"] if t["state"] == "failed"]
+    assert failed["track"] == "t6"
+    assert "title" in failed["reason"]
+    assert report["summary"]["ready"] == 9
