@@ -341,8 +341,8 @@ class Daemon:
             self._poke.clear()
             if self._stop.is_set():
                 return
-            if self._reload_requested:
-                self._reload()
+            if self._reload_requested and self._reload():
+                return  # new settings apply at once: a lifted ceiling submits now
             target = pass_at
             if self._file_hint_at is not None:
                 target = min(target, self._file_hint_at + self.settings.batch_window)
@@ -378,18 +378,19 @@ class Daemon:
 
     # -- SIGHUP ----------------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """SIGHUP: apply the config file again; True when a setting changed."""
         self._reload_requested = False
         if self.reload_fn is None:
             self.log.warning("config.reload_unsupported")
-            return
+            return False
         self.notifier.reloading()
         try:
             new = self.reload_fn()
         except ReconcilerError as exc:
             self.log.error("config.reload_failed", error=str(exc))
             self.notifier.send("READY=1")
-            return
+            return False
         restart = [f for f in RESTART_FIELDS if getattr(new, f) != getattr(self.origin, f)]
         merged = replace(new, **{f: getattr(self.settings, f) for f in RESTART_FIELDS})
         changed = [
@@ -406,10 +407,13 @@ class Daemon:
         self.settings = merged
         if self.rec is not None:
             self.rec.settings = merged
+            if changed:
+                self.rec.reconsider()
         self.log.info("config.reloaded", changed=changed)
         if restart:
             self.log.warning("config.restart_required", fields=restart)
         self.notifier.send("READY=1")
+        return bool(changed)
 
 
 class SpecWatcher:

@@ -337,6 +337,13 @@ class Reconciler:
             self._block_reason = None
         return allowance.tasks
 
+    def reconsider(self) -> None:
+        """The settings changed (a reload): a ceiling reached under the old ones may
+        have lifted, so the next pass asks again instead of waiting out the pause."""
+        self._submit_pause_until = 0.0
+        self._block_reason = None
+        self._balance = None
+
     def _spent_out(self, allowance: Allowance, now: float) -> None:
         """A ceiling is reached: no submit until it can have lifted (law 15: the
         pass waits for that, or for a poll, rather than asking again at once)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -171,6 +172,26 @@ def test_the_daemon_pays_nothing_while_its_output_folder_cannot_take_audio(
         # Fixed by a person: the next pass (a file event) submits.
         project.out.unlink()
         project.write_spec("mix.yaml", [*tracks(3), track("extra", "one more")])
+        d.converged()
+        code, _ = d.stop()
+        assert code == 0
+    assert sandbox.stats()["tasks_created"] == 4
+
+
+def test_a_raised_budget_takes_effect_on_reload_not_tomorrow(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    project = daemon_project(tmp_path, sandbox)
+    set_in_section(project, "submit", "daily_budget = 30")
+    project.write_spec("mix.yaml", tracks(4))
+    with DaemonProc(project) as d:
+        d.wait_event("submit.paused", lambda e: "daily budget" in e["reason"])
+        d.wait_event("pass.completed", lambda e: e["ready"] == 2)
+        assert sandbox.stats()["tasks_created"] == 2
+        project.config.write_text(
+            project.config.read_text().replace("daily_budget = 30", "daily_budget = 60")
+        )
+        d.send(signal.SIGHUP)
         d.converged()
         code, _ = d.stop()
         assert code == 0
