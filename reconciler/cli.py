@@ -46,6 +46,13 @@ def _exits_on_errors(code: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return deco
 
 
+def max_credits_option(
+    text: str = "Spend at most N credits in this run (possibly spent ones count).",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--max-credits N``: the run's spending ceiling (sync, run; doctor checks it)."""
+    return click.option("--max-credits", type=click.IntRange(min=0), default=None, help=text)
+
+
 def folder_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options of every command that reads the ledger or the folders."""
     options = [
@@ -150,12 +157,7 @@ def main() -> None:
 @click.option(
     "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
 )
-@click.option(
-    "--max-credits",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Spend at most N credits in this run (possibly spent ones count).",
-)
+@max_credits_option()
 @click.option("-v", "--verbose", is_flag=True, help="On a terminal, log every event too.")
 @_exits_on_errors(1)
 def sync(prune: bool | None, verbose: bool, max_credits: int | None, **opts: Any) -> None:
@@ -181,12 +183,7 @@ def sync(prune: bool | None, verbose: bool, max_credits: int | None, **opts: Any
 @click.option(
     "--prune/--no-prune", default=None, help="Move outputs no spec asks for to the trash."
 )
-@click.option(
-    "--max-credits",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Spend at most N credits in this run (possibly spent ones count).",
-)
+@max_credits_option()
 @click.option(
     "--ops-listen",
     metavar="[HOST:]PORT",
@@ -253,12 +250,7 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
 
 @main.command()
 @common_options
-@click.option(
-    "--max-credits",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Check the plan against this run ceiling too, as sync/run would apply it.",
-)
+@max_credits_option("Check the plan against this run ceiling too, as sync/run would apply it.")
 @click.option(
     "--live", is_flag=True, help="Also spend one generation (15 credits) on the real answers."
 )
