@@ -18,14 +18,14 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from reconciler.errors import LedgerError, LockedError
-from reconciler.planning import Desired, Generation, GenState, OpenBatch, Suspension
+from reconciler.planning import IN_FLIGHT, Desired, Generation, GenState, OpenBatch, Suspension
 from reconciler.specs import SpecFile, TrackSpec
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 Clock = Callable[[], float]
 
+#: Values per ``IN (...)`` query: well under SQLite's oldest limit of 999 parameters.
+_IN_CHUNK = 500
 #: An unknown generation none of whose submit's orphan tasks is still being read.
 _NOT_MATCHING = (
     "(submit_id IS NULL OR submit_id NOT IN (SELECT submit_id FROM orphans WHERE state = 'open'))"
@@ -415,13 +417,22 @@ class Ledger:
         errors: Mapping[str, str],
         *,
         complete: bool,
+        only: Collection[str] | None = None,
     ) -> list[str]:
-        """Store new last good versions and current errors; writes only what changed."""
+        """Store new last good versions and current errors; writes only what changed.
+
+        With ``only``, just those paths are compared (and removed when they are
+        in neither mapping): a pass that read only the files that changed.
+        """
         now = self.clock()
-        known = {
-            r["path"]: (r["digest"], r["error"])
-            for r in self.db.query("SELECT path, digest, error FROM spec_files")
-        }
+        if only is None:
+            rows = self.db.execute("SELECT path, digest, error FROM spec_files").fetchall()
+        else:
+            rows = self._rows_in("SELECT path, digest, error FROM spec_files WHERE path", only)
+        known = {r[0]: (r[1], r[2]) for r in rows}
+        if only is not None:
+            valid = {p: valid[p] for p in only if p in valid}
+            errors = {p: errors[p] for p in only if p in errors}
         with self.transaction():
             for path, spec in valid.items():
                 if known.get(path) == (spec.digest, None):
@@ -457,20 +468,30 @@ class Ledger:
                 self._event("spec.removed", path=path)
         return removed
 
-    def apply_desired(self, desired: Desired) -> None:
+    def apply_desired(self, desired: Desired, soundtracks: Collection[str] | None = None) -> None:
         """Make the tracks table equal the desired tracks; create queued generations.
 
         Creating the generation row is the first step of law 2's intent: from
         here on every transition of that fingerprint is recorded.
+
+        With ``soundtracks``, ``desired`` holds just their tracks and only their
+        rows are compared: a pass that read only the files that changed.
         """
         now = self.clock()
-        current = {
-            (r["soundtrack"], r["name"]): (r["fingerprint"], r["clips"], r["source"], r["position"])
-            for r in self.db.query(
-                "SELECT soundtrack, name, fingerprint, clips, source, position FROM tracks"
-            )
-        }
-        known = {r["fingerprint"] for r in self.db.query("SELECT fingerprint FROM generations")}
+        columns = "SELECT soundtrack, name, fingerprint, clips, source, position FROM tracks"
+        if soundtracks is None:
+            rows = self.db.execute(columns).fetchall()
+            known = {r[0] for r in self.db.execute("SELECT fingerprint FROM generations")}
+        else:
+            rows = self._rows_in(f"{columns} WHERE soundtrack", soundtracks)
+            known = {
+                r[0]
+                for r in self._rows_in(
+                    "SELECT fingerprint FROM generations WHERE fingerprint",
+                    desired.fingerprints(),
+                )
+            }
+        current = {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in rows}
         wanted = {(t.soundtrack, t.name): t for t in desired.tracks}
         new_fps = [fp for fp in desired.fingerprints() if fp not in known]
         changed = [
@@ -517,6 +538,29 @@ class Ledger:
             "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
         )
         return {r[0]: Generation(*r) for r in rows}
+
+    def generations_of(self, fingerprints: Collection[str]) -> dict[str, Generation]:
+        """The generations of ``fingerprints``, and every one in flight (the
+        in-flight cap counts those whatever the tracks): indexed lookups, for a
+        pass that looks only at what changed."""
+        columns = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+        marks = ", ".join("?" * len(IN_FLIGHT))
+        rows = [
+            *self._rows_in(f"{columns} WHERE fingerprint", fingerprints),
+            *self.db.execute(f"{columns} WHERE state IN ({marks})", sorted(IN_FLIGHT)),
+        ]
+        return {r[0]: Generation(*r) for r in rows}
+
+    def _rows_in(self, select: str, values: Iterable[Any]) -> list[tuple[Any, ...]]:
+        """``select`` (ending in a column) ``IN`` the values, in chunks under
+        SQLite's limit on parameters."""
+        values = list(values)
+        rows: list[tuple[Any, ...]] = []
+        for i in range(0, len(values), _IN_CHUNK):
+            chunk = values[i : i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows.extend(self.db.execute(f"{select} IN ({marks})", chunk).fetchall())
+        return rows
 
     def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
         """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
@@ -1285,6 +1329,24 @@ class Ledger:
             )
         return out
 
+    def usable_clips_of(self, fingerprints: Collection[str]) -> dict[str, list[ClipRecord]]:
+        """``usable_clips`` for a few fingerprints, by index rather than a full read."""
+        rows = self._rows_in(
+            "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
+            "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
+            # Joined on both columns: a clip is stored under its task's
+            # fingerprint, and so the indexes on both sides apply.
+            "FROM generations g JOIN clips c "
+            "ON c.fingerprint = g.fingerprint AND c.task_id = g.task_id "
+            "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
+            "AND g.fingerprint",
+            sorted(fingerprints),
+        )
+        out: dict[str, list[ClipRecord]] = {}
+        for r in sorted(rows, key=lambda r: (r[2], r[3])):
+            out.setdefault(r[2], []).append(ClipRecord(*r))
+        return out
+
     def clip_downloaded(self, clip_id: str, sha256: str, duration: float) -> None:
         with self.transaction():
             self.db.execute(
@@ -1315,6 +1377,20 @@ class Ledger:
             "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
         )
         return {r[0]: OutputRecord(*r) for r in rows}
+
+    def outputs_of(self, soundtracks: Collection[str]) -> dict[str, OutputRecord]:
+        """``outputs`` of a few soundtracks, by index rather than a full read."""
+        found: dict[str, OutputRecord] = {}
+        for soundtrack in soundtracks:
+            # A range of the primary key: every path starts "<soundtrack>/",
+            # and "0" is the character after "/".
+            rows = self.db.execute(
+                "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns "
+                "FROM outputs WHERE path >= ? AND path < ?",
+                [f"{soundtrack}/", f"{soundtrack}0"],
+            )
+            found.update((r[0], OutputRecord(*r)) for r in rows)
+        return found
 
     def output_written(self, rec: OutputRecord, *, event: str | None) -> None:
         with self.transaction():

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -94,18 +94,28 @@ class Desired:
         """Distinct fingerprints in spec order (the order they are submitted in)."""
         return tuple(dict.fromkeys(t.fingerprint for t in self.tracks))
 
+    def only(self, soundtracks: Collection[str]) -> Desired:
+        """The same state narrowed to the tracks of ``soundtracks``."""
+        return replace(self, tracks=tuple(t for t in self.tracks if t.soundtrack in soundtracks))
+
 
 def desired_state(
     files: Mapping[str, SpecFile],
     invalid: Iterable[str],
     root_state: RootState,
     last_good: Mapping[str, SpecFile],
+    built: dict[str, FileTracks] | None = None,
 ) -> Desired:
     """Merge the valid files with the last good version of the invalid ones.
 
     A folder that is missing, empty or unreadable keeps every last good file in
     force: it looks like an accident (unmounted disk, half-finished checkout),
     and a bad spec must remove nothing.
+
+    ``built`` carries each file's tracks from one call to the next: a file
+    whose ``SpecFile`` is the same object as last time is not fingerprinted
+    again (hashing every track is most of the cost at 50,000 tracks). It is
+    updated in place to hold the files in force now.
     """
     invalid = sorted(invalid)
     if root_state != "ok":
@@ -120,6 +130,7 @@ def desired_state(
     tracks: list[DesiredTrack] = []
     requests: dict[str, Mapping[str, Any]] = {}
     claimed: set[str] = set()
+    fresh: dict[str, FileTracks] = {}
     for path in sorted(in_force):
         spec = in_force[path]
         # The scanner already rejects a second file for one soundtrack; a last
@@ -128,28 +139,53 @@ def desired_state(
         if spec.soundtrack in claimed:
             continue
         claimed.add(spec.soundtrack)
-        for pos, t in enumerate(spec.tracks):
-            fp = fingerprint(t.request, t.variant)
-            requests.setdefault(fp, t.request)
-            tracks.append(
-                DesiredTrack(
-                    spec.soundtrack,
-                    t.name,
-                    fp,
-                    t.clips,
-                    path,
-                    pos,
-                    album=t.album,
-                    artist=t.artist,
-                    of=len(spec.tracks),
-                )
-            )
+        done = built.get(path) if built is not None else None
+        if done is None or done.spec is not spec:
+            done = _file_tracks(path, spec)
+        fresh[path] = done
+        tracks.extend(done.tracks)
+        # One fingerprint is one request, so the first file's copy is as good as any.
+        requests.update(done.requests)
+    if built is not None:
+        built.clear()
+        built.update(fresh)
     return Desired(
         tracks=tuple(tracks),
         requests=requests,
         stale=stale,
         prune_allowed=root_state == "ok" and not invalid,
     )
+
+
+@dataclass(frozen=True)
+class FileTracks:
+    """One spec file's desired tracks and their requests, as ``desired_state`` built them."""
+
+    spec: SpecFile
+    tracks: tuple[DesiredTrack, ...]
+    requests: Mapping[str, Mapping[str, Any]]
+
+
+def _file_tracks(path: str, spec: SpecFile) -> FileTracks:
+    tracks = []
+    requests: dict[str, Mapping[str, Any]] = {}
+    for pos, t in enumerate(spec.tracks):
+        fp = fingerprint(t.request, t.variant)
+        requests.setdefault(fp, t.request)
+        tracks.append(
+            DesiredTrack(
+                spec.soundtrack,
+                t.name,
+                fp,
+                t.clips,
+                path,
+                pos,
+                album=t.album,
+                artist=t.artist,
+                of=len(spec.tracks),
+            )
+        )
+    return FileTracks(spec, tuple(tracks), requests)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,14 @@ recording every step in the ledger before and after it happens (law 2).
 Every pass is level-triggered (law 1): it recomputes everything from the
 folder, the ledger and the output files, so a missed event or a crash costs
 nothing but a pass. The daemon and ``sync`` run the same pass.
+
+A pass may be given a :class:`Focus`: the spec files and output folders the
+daemon's watchers saw change. It then reads only those files and looks only
+at the soundtracks they touch plus every soundtrack with work left (anything
+not ready at its last look: queued, in flight, failed, short, invalid), each
+by indexed queries; every other soundtrack was ready and nothing about it
+changed. Such a pass does for its soundtracks exactly what a full pass does,
+and the daemon's periodic full pass catches whatever a watcher missed.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from reconciler.planning import (
     Allowance,
     Desired,
     DesiredTrack,
+    FileTracks,
+    Generation,
     OpenBatch,
     affordable_tasks,
     backoff,
@@ -115,6 +125,12 @@ class PassResult:
     states: Counter[str] = field(default_factory=Counter)
     #: How long the pass took (a monotonic measurement, for the log).
     seconds: float = 0.0
+    #: "full", or "changed" for a pass given a :class:`Focus`.
+    scope: str = "full"
+    #: Spec files read, and tracks looked at (the rest of a focused pass's
+    #: tracks were ready, and nothing about them changed).
+    specs_read: int = 0
+    tracks_checked: int = 0
 
     @property
     def converged(self) -> bool:
@@ -137,6 +153,16 @@ class PassResult:
         if self.converged or self.in_flight or self.settling:
             return False
         return not (self.queued and not self.blocked)
+
+
+@dataclass(frozen=True)
+class Focus:
+    """What changed since the last pass, as the daemon's watchers saw it."""
+
+    #: Spec files changed, created or deleted: paths relative to the specs folder.
+    specs: frozenset[str] = frozenset()
+    #: Soundtracks with an output file deleted or changed.
+    soundtracks: frozenset[str] = frozenset()
 
 
 class Reconciler:
@@ -191,6 +217,17 @@ class Reconciler:
         ] = {}
         self.desired: Desired | None = None
         self.scan: SpecScan | None = None
+        #: Each spec file's desired tracks, fingerprinted once per version.
+        self._file_tracks: dict[str, FileTracks] = {}
+        #: Soundtracks with a track that was not ready at their last look; None
+        #: before the first pass. A focused pass looks at these whatever changed.
+        self._unsettled: set[str] | None = None
+        #: The soundtracks this pass looks at; None in a full pass.
+        self._focus: frozenset[str] | None = None
+        #: False while pruning was held back (an invalid file): the next pass
+        #: that may prune looks at every output, not only its soundtracks'.
+        self._pruned_all = False
+        self._tagged_changed = False
         #: Output path → ``TrackTags.key`` of the file written there (tags.py).
         self._tagged: dict[str, str] = ledger.get("output_tags") or {}
         #: Output path → the track and clip its tags were last computed from, and
@@ -209,7 +246,8 @@ class Reconciler:
             out.sweep_output_temps(self.settings.out_dir)
         self._started = True
 
-    async def run_pass(self) -> PassResult:
+    async def run_pass(self, focus: Focus | None = None) -> PassResult:
+        """One pass; with ``focus``, over what changed and what has work left (see above)."""
         if not self._started:
             self.startup()
         # status checks the recorded outputs where they were written, whatever
@@ -218,6 +256,15 @@ class Reconciler:
         started = time.perf_counter()
         result = PassResult()
         now = self.clock()
+        previous = self.scan
+        if focus is not None and (
+            previous is None or previous.root_state != "ok" or self._unsettled is None
+        ):
+            focus = None  # nothing to start from: this pass reads everything
+        reread: set[str] | None = None
+        if focus is not None and previous is not None:
+            reread = {*focus.specs, *previous.errors, *previous.settling}
+            result.scope = "changed"
         # Reading and parsing files is the slow part; SQLite stays on this thread.
         scan = await asyncio.to_thread(
             scan_specs,
@@ -226,8 +273,20 @@ class Reconciler:
             limits=self.settings.field_limits,
             reuse=self._last_good,
             settle=Settling(self._observed, now, self.settings.batch_window),
+            changed=reread,
+            last_scan=previous,
         )
-        desired = self._apply_scan(scan)
+        result.specs_read = len(scan.observed) if reread is None else len(reread)
+        whole = self._apply_scan(scan, reread)
+        desired = whole
+        self._focus = None
+        if focus is not None and self._unsettled is not None:
+            self._focus = self._focus_soundtracks(focus, reread or set(), scan)
+            desired = whole.only(self._focus)
+            self.ledger.apply_desired(desired, self._focus)
+        else:
+            self.ledger.apply_desired(whole)
+        result.tracks_checked = len(desired.tracks)
         result.invalid_files = len(scan.errors)
         result.settling = len(scan.settling)
         result.settle_at = scan.settled_by
@@ -241,22 +300,48 @@ class Reconciler:
         await self._submit(desired, result, now)
         await self._poll(result)
         # Read once: the downloads fill in checksums, materialising uses them.
-        usable = self.ledger.usable_clips(self._needed(desired))
+        need = self._needed(desired)
+        if self._focus is None:
+            usable = self.ledger.usable_clips(need)
+        else:
+            usable = self.ledger.usable_clips_of(need)
         usable = await self._download(usable, desired, result)
         await self._materialise(desired, usable, result)
-        self._prune(desired, result)
+        self._prune(whole, desired, result)
         result.seconds = time.perf_counter() - started
-        self._summarise(desired, result)
+        self._summarise(whole, desired, result)
         return result
 
-    def _apply_scan(self, scan: SpecScan) -> Desired:
+    def _focus_soundtracks(self, focus: Focus, reread: set[str], scan: SpecScan) -> frozenset[str]:
+        """The soundtracks a focused pass looks at: those of the files read
+        again (before and after), those whose outputs changed, and those with
+        work left."""
+        assert self._unsettled is not None
+        touched = set(self._unsettled) | focus.soundtracks
+        for path in reread:
+            for spec in (self._last_good.get(path), scan.files.get(path)):
+                if spec is not None:
+                    touched.add(spec.soundtrack)
+        return frozenset(touched)
+
+    def _generations(self, desired: Desired) -> dict[str, Generation]:
+        """The ledger's generations a pass needs: all of them, or in a focused
+        pass those of its tracks plus every one in flight."""
+        if self._focus is None:
+            return self.ledger.generations()
+        return self.ledger.generations_of(desired.fingerprints())
+
+    def _apply_scan(self, scan: SpecScan, reread: set[str] | None = None) -> Desired:
         self.scan = scan
         self._observed = scan.observed
         errors = {p: str(e) for p, e in scan.errors.items()}
         # A settling file is held like an invalid one (its last good version
         # stays in force, nothing is pruned), and status shows why.
         removed = self.ledger.record_specs(
-            scan.files, {**errors, **scan.settling}, complete=scan.root_state == "ok"
+            scan.files,
+            {**errors, **scan.settling},
+            complete=scan.root_state == "ok",
+            only=reread,
         )
         for path, err in scan.errors.items():
             # Report each problem once, not on every pass (law 12).
@@ -271,10 +356,9 @@ class Reconciler:
         for p in removed:
             last_good.pop(p, None)
         held = [*scan.errors, *scan.settling]
-        desired = desired_state(scan.files, held, scan.root_state, last_good)
+        desired = desired_state(scan.files, held, scan.root_state, last_good, self._file_tracks)
         last_good.update(scan.files)
         self._last_good = last_good
-        self.ledger.apply_desired(desired)
         self.desired = desired
         return desired
 
@@ -358,7 +442,7 @@ class Reconciler:
         self.log.warning("submit.paused", reason=allowance.reason, until=until)
 
     async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
-        gens = self.ledger.generations()
+        gens = self._generations(desired)
         held = held_by_suspension(desired, self.ledger.suspension())
         order = tuple(fp for fp in desired.fingerprints() if fp not in held)
         queued = [fp for fp in order if gens[fp].state == "queued"]
@@ -934,11 +1018,17 @@ class Reconciler:
     ) -> None:
         self._outdir = out.OutputFolder(self.settings.out_dir)
         self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
-        records = self.ledger.outputs()
-        gens = self.ledger.generations()
+        if self._focus is None:
+            records = self.ledger.outputs()
+        else:
+            records = self.ledger.outputs_of(self._focus)
+        gens = self._generations(desired)
         previous = self._previous_clips(desired, records)
         entries: dict[str, list[out.TrackOutput]] = {}
         short: dict[str, str] = {}
+        #: Soundtracks with a track not ready after this pass: looked at again next time.
+        unsettled = set(desired.soundtracks)
+        ready: Counter[str] = Counter()
         for done, t in enumerate(desired.tracks):
             if done % YIELD_EVERY == 0:
                 # Writing thousands of files is blocking work: let the loop take
@@ -971,16 +1061,30 @@ class Reconciler:
                     result.invalid_tracks += 1
                 else:
                     result.ready += 1
+                    ready[t.soundtrack] += 1
             if ok:
                 entries.setdefault(t.soundtrack, []).extend(track_entries)
         for soundtrack in desired.soundtracks:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
+        per_soundtrack = Counter(t.soundtrack for t in desired.tracks)
+        unsettled = {s for s, n in per_soundtrack.items() if ready[s] < n}
+        if self._focus is None or self._unsettled is None:
+            self._unsettled = unsettled
+        else:
+            self._unsettled = (self._unsettled - self._focus) | unsettled
         # For status, which runs in another process; put() writes only changes.
+        # A focused pass's failures and short tracks are all there are: their
+        # soundtracks are never settled, so every focused pass looks at them.
         self.ledger.put("output_errors", self._failed_outputs)
-        wanted = {p for t in desired.tracks for p in t.outputs}
-        self._tagged = {p: k for p, k in self._tagged.items() if p in wanted}
-        self._tag_memo = {p: m for p, m in self._tag_memo.items() if p in wanted}
-        self.ledger.put("output_tags", self._tagged)
+        if self._focus is None:
+            wanted = {p for t in desired.tracks for p in t.outputs}
+            tagged = {p: k for p, k in self._tagged.items() if p in wanted}
+            self._tagged_changed |= len(tagged) != len(self._tagged)
+            self._tagged = tagged
+            self._tag_memo = {p: m for p, m in self._tag_memo.items() if p in wanted}
+        if self._tagged_changed:
+            self.ledger.put("output_tags", self._tagged)
+            self._tagged_changed = False
         self.ledger.put("short_generations", short)
 
     def _previous_clips(
@@ -998,7 +1102,7 @@ class Reconciler:
             and rec.fingerprint is not None
             and rec.fingerprint != t.fingerprint
         }
-        return self.ledger.usable_clips(older) if older else {}
+        return self.ledger.usable_clips_of(older) if older else {}
 
     def _still_listed(
         self,
@@ -1088,6 +1192,7 @@ class Reconciler:
                     # Already what we would write (a crash after the rename): keep it.
                     self.ledger.output_written(self._record_for(t, n, rel, sha, state), event=None)
                     self._tagged[rel] = tags.key(clip.sha256)
+                    self._tagged_changed = True
                     return True
                 if state is not None and rec is None:
                     # Not ours: keep the person's file in the trash, never overwrite it silently.
@@ -1104,6 +1209,7 @@ class Reconciler:
             self._failed_outputs[rel] = str(exc)
             return False
         self._tagged[rel] = tags.key(clip.sha256)
+        self._tagged_changed = True
         event = "output.written"
         if rec is not None and rec.sha256 == sha:
             event = "output.restored"
@@ -1187,15 +1293,25 @@ class Reconciler:
 
     # -- prune (law 5) ------------------------------------------------------------------
 
-    def _prune(self, desired: Desired, result: PassResult) -> None:
+    def _prune(self, whole: Desired, desired: Desired, result: PassResult) -> None:
+        """Move outputs no track wants to the trash; ``desired`` is the part of
+        ``whole`` this pass looks at."""
         if not self.settings.prune:
             return
         now = self.clock()
-        if desired.prune_allowed:
+        if not whole.prune_allowed:
+            self._pruned_all = False
+        else:
+            if self._focus is None or not self._pruned_all:
+                # Held back before (an invalid file): what waited may be anywhere.
+                desired, records = whole, self.ledger.outputs()
+            else:
+                records = self.ledger.outputs_of(self._focus)
+            self._pruned_all = True
             wanted = {p for t in desired.tracks for p in t.outputs}
             wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
             root = self.settings.out_dir
-            for rel, rec in self.ledger.outputs().items():
+            for rel, rec in records.items():
                 if rel in wanted:
                     continue
                 try:
@@ -1223,12 +1339,18 @@ class Reconciler:
         self.ledger.put("unexpected_shapes", dict(counts))
         self._shapes_recorded = Counter(self.api.unexpected)
 
-    def _summarise(self, desired: Desired, result: PassResult) -> None:
-        gens = self.ledger.generations()
-        result.total = len(desired.tracks)
+    def _summarise(self, whole: Desired, desired: Desired, result: PassResult) -> None:
+        gens = self._generations(desired)
+        result.total = len(whole.tracks)
         states: Counter[str] = Counter(
             gens[t.fingerprint].state for t in desired.tracks if t.fingerprint in gens
         )
+        # The tracks a focused pass did not look at were ready when last looked
+        # at, and nothing about them changed since.
+        settled = result.total - len(desired.tracks)
+        if settled:
+            states["succeeded"] += settled
+            result.ready += settled
         result.states = states
         result.in_flight = sum(n for s, n in states.items() if s in IN_FLIGHT)
         result.queued = states.get("queued", 0)
@@ -1282,6 +1404,9 @@ class Reconciler:
             restored=result.restored,
             pruned=result.pruned,
             seconds=round(result.seconds, 3),
+            scope=result.scope,
+            specs_read=result.specs_read,
+            tracks_checked=result.tracks_checked,
             **summary,
         )
 

@@ -32,7 +32,7 @@ import re
 import stat
 import tomllib
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -284,8 +284,17 @@ def scan_specs(
     limits: FieldLimits = FIELD_LIMITS,
     reuse: Mapping[str, SpecFile] | None = None,
     settle: Settling | None = None,
+    changed: Collection[str] | None = None,
+    last_scan: SpecScan | None = None,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
+
+    With ``changed`` (relative paths a watcher saw change) and ``last_scan``
+    (the last scan, of a completely read folder), only those paths are read
+    again, with the files that were invalid or still changing: every other
+    file keeps its ``last_scan`` result unread, without a walk of the folder.
+    The caller vouches that nothing else changed (a folder event means a
+    full scan); a full scan now and then catches anything missed.
 
     With ``settle``, a file that has not yet looked the same for the settle
     window is held back (neither in ``files`` nor in ``errors``, but in
@@ -307,17 +316,29 @@ def scan_specs(
         return SpecScan("unreadable", {}, {})
     if not stat.S_ISDIR(root_stat.st_mode):
         return SpecScan("unreadable", {}, {})
-    rels, complete = _walk(root)
+    kept: Mapping[str, SpecFile] = {}
+    if changed is not None and last_scan is not None and last_scan.root_state == "ok":
+        rels, kept = _changed_paths(root, last_scan, changed)
+        complete = True
+    else:
+        rels, complete = _walk(root)
     if not rels:
         return SpecScan("empty" if complete else "unreadable", {}, {})
 
     prefix = root.name
-    parsed: list[tuple[str, bytes, SpecFile]] = []
+    parsed: list[tuple[str, bytes | None, SpecFile]] = []
     errors: dict[str, SpecError] = {}
     settling: dict[str, str] = {}
     settled_by: float | None = None
     observed: dict[str, Observation] = {}
     for rel in rels:
+        unread = kept.get(rel)
+        if unread is not None:
+            # Not read (its bytes are None): unchanged since the previous scan.
+            parsed.append((rel, None, unread))
+            if last_scan is not None and rel in last_scan.observed:
+                observed[rel] = last_scan.observed[rel]
+            continue
         label = _label(prefix, rel)
         try:
             data, mtime_ns = _read_spec_bytes(root, rel, label)
@@ -345,7 +366,7 @@ def scan_specs(
             continue
         parsed.append((rel, data, spec))
 
-    def incumbent_first(entry: tuple[str, bytes, SpecFile]) -> tuple[bool, str]:
+    def incumbent_first(entry: tuple[str, bytes | None, SpecFile]) -> tuple[bool, str]:
         # A soundtrack stays with the file whose last good version defined it:
         # a file dropped in later that names it (even one sorting first) is
         # the duplicate, so it can never take over another file's outputs.
@@ -365,13 +386,14 @@ def scan_specs(
         previous = reuse.get(rel) if reuse else None
         if previous is not None and previous.soundtrack not in incumbents:
             owners.setdefault(previous.soundtrack, _label(prefix, rel))
-    for rel, data, spec in sorted(parsed, key=incumbent_first):
+    for rel, body, spec in sorted(parsed, key=incumbent_first):
         label = _label(prefix, rel)
         owner = owners.get(spec.soundtrack)
         if owner is not None:
             # Only now is the line needed; parsing again is cheaper than
             # carrying it on every SpecFile for this rare case.
-            line = _parse(label, data, rel, models, limits)[1]
+            text = body if body is not None else _read_spec_bytes(root, rel, label)[0]
+            line = _parse(label, text, rel, models, limits)[1]
             message = (
                 f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
                 "give this file another `soundtrack:` name"
@@ -384,6 +406,40 @@ def scan_specs(
     errors = {rel: errors[rel] for rel in sorted(errors)}
     root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
     return SpecScan(root_state, files, errors, settling, settled_by, observed)
+
+
+def _changed_paths(
+    root: Path, previous: SpecScan, changed: Collection[str]
+) -> tuple[list[str], dict[str, SpecFile]]:
+    """The candidate files after ``changed`` changed, and the previous results kept.
+
+    Files that were invalid or still changing are read again too: a file
+    is reported invalid once its neighbour claims its soundtrack, and a
+    settling file is read when its window ends, with no event of its own.
+    """
+    again = {*changed, *previous.errors, *previous.settling}
+    kept = {rel: spec for rel, spec in previous.files.items() if rel not in again}
+    listed = [rel for rel in again if _is_listed(root, rel)]
+    return sorted({*kept, *listed}), kept
+
+
+def _is_listed(root: Path, rel: str) -> bool:
+    """Whether the walk of ``root`` (``_walk``) would list ``rel``."""
+    if not is_spec_candidate(Path(rel)):
+        return False
+    path = root
+    for part in rel.split("/")[:-1]:
+        path = path / part
+        # The walk does not enter symlinked folders.
+        if path.is_symlink() or not path.is_dir():
+            return False
+    try:
+        st = (root / rel).lstat()
+    except OSError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        return False
+    return not (stat.S_ISLNK(st.st_mode) and (root / rel).is_dir())
 
 
 def _walk(root: Path) -> tuple[list[str], bool]:
