@@ -16,10 +16,16 @@ systemd how it went, wait for the next reason to run another. The reasons:
   callbacks of one batch cost one poll;
 - the periodic full rescan (``rescan_interval``), and SIGHUP.
 
-File events and webhooks are hints only, never trusted as facts: every pass rescans
-the whole folder and polls for the truth, so a missed or forged event costs
-at most a delay. When converged nothing is due, and the loop sleeps until the
-rescan interval: no requests, no writes while converged.
+File events and webhooks are hints only, never trusted as facts: a pass
+polls for the truth, so a forged event costs at most a delay. The watchers
+name what changed (spec files, soundtracks whose outputs drifted), and the
+passes between two full rescans look only at those and at the soundtracks
+with work left (``Focus``): a save costs that file's tracks, not the folder.
+The start-up pass, the periodic rescan, a reload, a restarted watch, a
+folder event and a failed pass make the next pass a full one, so an event a
+watcher missed costs at most one rescan interval. When converged nothing is
+due, and the loop sleeps until the rescan interval: no requests, no writes
+while converged.
 
 SIGTERM/SIGINT: ``STOPPING=1``, let the running pass finish for a moment, then
 cancel it (every step is recorded in the ledger before and after it happens,
@@ -48,7 +54,7 @@ from reconciler.errors import LedgerError, ReconcilerError
 from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, StateLock
 from reconciler.ops import Metrics, OpsApp
-from reconciler.reconciling import PassResult, Reconciler
+from reconciler.reconciling import Focus, PassResult, Reconciler
 from reconciler.running import api_client
 from reconciler.serving import AppServer
 from reconciler.specs import is_spec_candidate
@@ -138,6 +144,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = False
         self._file_hint_at: float | None = None
+        #: What the watchers saw change since the last pass; ``_full`` when
+        #: they cannot say (a folder event, a restarted watch).
+        self._changed_specs: set[str] = set()
+        self._changed_outputs: set[str] = set()
+        self._full = True
         self._hook_hint_at: float | None = None
         self._pass_task: asyncio.Task[PassResult] | None = None
         self._last_ping = time.monotonic()
@@ -161,7 +172,23 @@ class Daemon:
             self._stop.set()
         self._poke.set()
 
-    def on_file_event(self) -> None:
+    def on_file_event(self, paths: frozenset[str] | None = None) -> None:
+        """Spec files changed (``paths``, relative to the specs folder; None: any may have)."""
+        if paths is None:
+            self._full = True
+        else:
+            self._changed_specs |= paths
+        self._hint_files()
+
+    def on_output_event(self, soundtracks: frozenset[str] | None = None) -> None:
+        """Outputs of ``soundtracks`` were deleted or changed (None: any may have been)."""
+        if soundtracks is None:
+            self._full = True
+        else:
+            self._changed_outputs |= soundtracks
+        self._hint_files()
+
+    def _hint_files(self) -> None:
         if self._file_hint_at is None:
             self._file_hint_at = time.monotonic()
         self._poke.set()
@@ -202,7 +229,7 @@ class Daemon:
         self.watcher = SpecWatcher(s.specs_dir, self.on_file_event)
         self.out_watcher = OutputWatcher(
             s.out_dir,
-            self.on_file_event,
+            self.on_output_event,
             lambda rel: _output_drifted(ledger, self.settings.out_dir, rel),
         )
         try:
@@ -255,13 +282,20 @@ class Daemon:
             if self.receiver is not None:
                 self._apply_hints(ledger)
             started = time.monotonic()
-            result = await self._run_pass()
+            focus = None
+            if not self._full and started < next_rescan:
+                focus = Focus(frozenset(self._changed_specs), frozenset(self._changed_outputs))
+            self._changed_specs, self._changed_outputs, self._full = set(), set(), False
+            result = await self._run_pass(focus)
             if self._stop.is_set():
                 break
             now = time.monotonic()
-            # A failed pass was a full rescan attempt too: the backoff decides the next one.
-            next_rescan = started + self.settings.rescan_interval
+            if focus is None:
+                # A failed pass was a full rescan attempt too: the backoff decides the next one.
+                next_rescan = started + self.settings.rescan_interval
             if result is None:
+                # What the failed pass was to look at is unknown now: read everything.
+                self._full = True
                 failures += 1
                 pass_at = now + min(FAILURE_BACKOFF_CAP, 2.0 ** min(failures - 1, 8))
             else:
@@ -307,10 +341,10 @@ class Daemon:
             delay = max(delay, self.settings.poll_interval)
         return min(settled, now + max(0.0, delay))
 
-    async def _run_pass(self) -> PassResult | None:
+    async def _run_pass(self, focus: Focus | None) -> PassResult | None:
         """One pass as a task, so a stop can give it a grace period and then cancel it."""
         assert self.rec is not None
-        task = asyncio.create_task(self.rec.run_pass())
+        task = asyncio.create_task(self.rec.run_pass(focus))
         self._pass_task = task
         stopping = asyncio.create_task(self._stop.wait())
         try:
@@ -405,6 +439,8 @@ class Daemon:
         if merged.out_dir != self.settings.out_dir and self.out_watcher is not None:
             self.out_watcher.retarget(merged.out_dir)
         self.settings = merged
+        # Limits, models or folders may have changed what every file means.
+        self._full = self._full or bool(changed)
         if self.rec is not None:
             self.rec.settings = merged
             if changed:
@@ -428,7 +464,7 @@ class SpecWatcher:
     watch is itself a hint, since something may have changed unseen.
     """
 
-    def __init__(self, root: Path, on_change: Callable[[], None]) -> None:
+    def __init__(self, root: Path, on_change: Callable[[frozenset[str] | None], None]) -> None:
         # Absolute, because watchfiles reports absolute paths.
         self.root = root.absolute()
         self.on_change = on_change
@@ -484,7 +520,7 @@ class SpecWatcher:
         self._established.set()
         self.log.info("watch.started", mode=mode, path=str(path))
         if hint:
-            self.on_change()
+            self.on_change(None)
 
     async def _watch_root(self, *, hint: bool) -> None:
         root = self.root
@@ -496,8 +532,9 @@ class SpecWatcher:
             async for changes in events:
                 if self._restart or _identity(root) != identity:
                     return
-                if self._relevant(root, changes, dirs):
-                    self.on_change()
+                found = self._relevant(root, changes, dirs)
+                if found is None or found:
+                    self.on_change(found)
 
     async def _watch_ancestor(self, *, hint: bool) -> None:
         root = self.root
@@ -525,12 +562,17 @@ class SpecWatcher:
             recursive=recursive,
         )
 
-    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
-        relevant = False
+    def _relevant(
+        self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]
+    ) -> frozenset[str] | None:
+        """The spec files that changed, relative to ``root``; None when the
+        change may reach any file (the folder itself, a subfolder moved in or out)."""
+        found: set[str] = set()
+        whole = False
         for change, name in changes:
             path = Path(name)
             if path == root:
-                relevant = True
+                whole = True
                 continue
             try:
                 rel = path.relative_to(root)
@@ -540,13 +582,13 @@ class SpecWatcher:
                 continue
             if change != Change.deleted and path.is_dir():
                 dirs.add(rel)
-                relevant = True
+                whole = True
             elif change == Change.deleted and rel in dirs:
                 dirs.discard(rel)
-                relevant = True
+                whole = True
             elif is_spec_candidate(rel):
-                relevant = True
-        return relevant
+                found.add(rel.as_posix())
+        return None if whole else frozenset(found)
 
 
 class OutputWatcher(SpecWatcher):
@@ -560,23 +602,31 @@ class OutputWatcher(SpecWatcher):
     """
 
     def __init__(
-        self, root: Path, on_change: Callable[[], None], drifted: Callable[[str], bool]
+        self,
+        root: Path,
+        on_change: Callable[[frozenset[str] | None], None],
+        drifted: Callable[[str], bool],
     ) -> None:
         super().__init__(root, on_change)
         self.drifted = drifted
 
-    def _relevant(self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]) -> bool:
+    def _relevant(
+        self, root: Path, changes: set[tuple[Change, str]], dirs: set[Path]
+    ) -> frozenset[str] | None:
+        """The soundtracks with a drifted output; None when the folder itself changed."""
+        found: set[str] = set()
         for _, name in changes:
             path = Path(name)
             if path == root:
-                return True
+                return None
             try:
                 rel = path.relative_to(root)
             except ValueError:
                 continue
             if self.drifted(rel.as_posix()):
-                return True
-        return False
+                # The first part of an output's path is its soundtrack's folder.
+                found.add(rel.parts[0])
+        return frozenset(found)
 
 
 def _output_drifted(ledger: Ledger, out_dir: Path, rel: str) -> bool:

@@ -277,11 +277,20 @@ class Reconciler:
             last_scan=previous,
         )
         result.specs_read = len(scan.observed) if reread is None else len(reread)
+        # Before the scan is applied: a file read again may have left its soundtrack.
+        was = {self._last_good[p].soundtrack for p in reread or () if p in self._last_good}
         whole = self._apply_scan(scan, reread)
         desired = whole
         self._focus = None
         if focus is not None and self._unsettled is not None:
-            self._focus = self._focus_soundtracks(focus, reread or set(), scan)
+            self._focus = frozenset(
+                {
+                    *self._unsettled,
+                    *focus.soundtracks,
+                    *was,
+                    *(scan.files[p].soundtrack for p in reread or () if p in scan.files),
+                }
+            )
             desired = whole.only(self._focus)
             self.ledger.apply_desired(desired, self._focus)
         else:
@@ -311,18 +320,6 @@ class Reconciler:
         result.seconds = time.perf_counter() - started
         self._summarise(whole, desired, result)
         return result
-
-    def _focus_soundtracks(self, focus: Focus, reread: set[str], scan: SpecScan) -> frozenset[str]:
-        """The soundtracks a focused pass looks at: those of the files read
-        again (before and after), those whose outputs changed, and those with
-        work left."""
-        assert self._unsettled is not None
-        touched = set(self._unsettled) | focus.soundtracks
-        for path in reread:
-            for spec in (self._last_good.get(path), scan.files.get(path)):
-                if spec is not None:
-                    touched.add(spec.soundtrack)
-        return frozenset(touched)
 
     def _generations(self, desired: Desired) -> dict[str, Generation]:
         """The ledger's generations a pass needs: all of them, or in a focused
