@@ -128,7 +128,7 @@ class TaskRef:
     created_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClipRecord:
     clip_id: str
     task_id: str
@@ -146,7 +146,7 @@ class ClipRecord:
     cover: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutputRecord:
     path: str
     soundtrack: str

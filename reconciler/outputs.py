@@ -538,7 +538,7 @@ def write_text_if_changed(dest: Path, text: str) -> bool:
 # Playlist and tracks.json
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrackOutput:
     """One audio file of a soundtrack, in spec order."""
 

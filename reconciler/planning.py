@@ -55,7 +55,7 @@ def output_names(track: str, clips: int) -> tuple[str, ...]:
     return (first, *(f"{track}-{n}.mp3" for n in range(2, clips + 1)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredTrack:
     soundtrack: str
     name: str
@@ -157,7 +157,7 @@ def desired_state(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileTracks:
     """One spec file's desired tracks and their requests, as ``desired_state`` built them."""
 
@@ -188,7 +188,7 @@ def _file_tracks(path: str, spec: SpecFile) -> FileTracks:
     return FileTracks(spec, tuple(tracks), requests)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Generation:
     """The ledger's record of one fingerprint."""
 

@@ -211,10 +211,10 @@ class Reconciler:
         #: Open batches that have shown a finished task: their cohort is polled whole.
         self._progressed: set[str] = set()
         self._outdir = out.OutputFolder(settings.out_dir)
-        #: soundtrack → the list entries and file states last written, to skip re-rendering.
-        self._lists: dict[
-            str, tuple[tuple[out.TrackOutput, ...], list[tuple[int, int] | None]]
-        ] = {}
+        #: soundtrack → a hash of the list entries and the file states last
+        #: written, to skip re-rendering. A hash rather than the entries: at
+        #: 50,000 tracks the entries would be kept twice over.
+        self._lists: dict[str, tuple[int, list[tuple[int, int] | None]]] = {}
         self.desired: Desired | None = None
         self.scan: SpecScan | None = None
         #: Each spec file's desired tracks, fingerprinted once per version.
@@ -230,9 +230,6 @@ class Reconciler:
         self._tagged_changed = False
         #: Output path → ``TrackTags.key`` of the file written there (tags.py).
         self._tagged: dict[str, str] = ledger.get("output_tags") or {}
-        #: Output path → the track and clip its tags were last computed from, and
-        #: those tags and key: comparing is cheaper than recomputing every pass.
-        self._tag_memo: dict[str, tuple[DesiredTrack, ClipRecord, tagging.TrackTags, str]] = {}
 
     # -- the pass -------------------------------------------------------------------
 
@@ -1078,7 +1075,6 @@ class Reconciler:
             tagged = {p: k for p, k in self._tagged.items() if p in wanted}
             self._tagged_changed |= len(tagged) != len(self._tagged)
             self._tagged = tagged
-            self._tag_memo = {p: m for p, m in self._tag_memo.items() if p in wanted}
         if self._tagged_changed:
             self.ledger.put("output_tags", self._tagged)
             self._tagged_changed = False
@@ -1158,12 +1154,11 @@ class Reconciler:
         assert clip.sha256 is not None
         root = self.settings.out_dir
         soundtrack, filename = rel.split("/", 1)
-        memo = self._tag_memo.get(rel)
-        if memo is None or memo[0] != t or memo[1] != clip:
-            tags = tagging.tags_for(t, clip)
-            memo = (t, clip, tags, tags.key(clip.sha256))
-            self._tag_memo[rel] = memo
-        tags, key = memo[2], memo[3]
+        # Computed afresh (a few microseconds): only a full pass, every rescan
+        # interval, does this for every output, and keeping the tags of every
+        # output between passes cost more memory than the time it saves.
+        tags = tagging.tags_for(t, clip)
+        key = tags.key(clip.sha256)
         try:
             dest = self._outdir.path(soundtrack, filename)
             state = out.file_state(dest)
@@ -1256,7 +1251,9 @@ class Reconciler:
         except OutputError as exc:
             self.log.error("output.failed", path=soundtrack, error=str(exc))
             return
-        key = tuple(entries)
+        # Equal hashes of unequal entries (odds of 2**-64) would keep a stale
+        # list until that soundtrack changes again or its list files are touched.
+        key = hash(tuple(entries))
         states = [out.file_state(d) for d in dests]
         if self._lists.get(soundtrack) == (key, states):
             # Same tracks, files untouched since we wrote them: nothing to render.

@@ -117,7 +117,7 @@ _Loc = tuple[str | int, ...]
 # Public data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrackSpec:
     """One validated track: what to generate and under which name.
 
@@ -137,7 +137,7 @@ class TrackSpec:
     artist: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SpecFile:
     """One valid spec file: a soundtrack and its tracks in file order."""
 
@@ -172,7 +172,7 @@ class SpecScan:
 # Waiting for a file to stop changing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Look:
     """What one read of a spec file shows: enough to tell that it changed."""
 
@@ -181,7 +181,7 @@ class Look:
     digest: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observation:
     """A spec file's look, since when it has looked so, and when it was last read.
 

@@ -52,7 +52,7 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _JPEG = b"\xff\xd8\xff"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrackTags:
     """Everything written into one output's ID3 tag."""
 
