@@ -1,0 +1,35 @@
+"""The ledger package: everything the reconciler keeps in SQLite.
+
+Public names are re-exported here, so callers import ``from reconciler.ledger``
+and not from the module that happens to hold a name today.
+"""
+
+from reconciler.ledger.work import (
+    LOST_ANSWER_PARK,
+    MIGRATIONS,
+    ClipRecord,
+    Ledger,
+    OutputRecord,
+    StateLock,
+    StatusRead,
+    StatusRow,
+    TaskRef,
+    TaskUpdate,
+    spec_from_json,
+    spec_to_json,
+)
+
+__all__ = [
+    "LOST_ANSWER_PARK",
+    "MIGRATIONS",
+    "ClipRecord",
+    "Ledger",
+    "OutputRecord",
+    "StateLock",
+    "StatusRead",
+    "StatusRow",
+    "TaskRef",
+    "TaskUpdate",
+    "spec_from_json",
+    "spec_to_json",
+]
