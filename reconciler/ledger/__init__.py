@@ -4,17 +4,19 @@ Public names are re-exported here, so callers import ``from reconciler.ledger``
 and not from the module that happens to hold a name today.
 """
 
-from reconciler.ledger.work import (
-    LOST_ANSWER_PARK,
-    MIGRATIONS,
+from reconciler.ledger.facts import (
     ClipRecord,
-    Ledger,
     OutputRecord,
-    StateLock,
     StatusRead,
     StatusRow,
     TaskRef,
     TaskUpdate,
+)
+from reconciler.ledger.work import (
+    LOST_ANSWER_PARK,
+    MIGRATIONS,
+    Ledger,
+    StateLock,
     spec_from_json,
     spec_to_json,
 )
