@@ -46,12 +46,13 @@ from reconciler import logs
 from reconciler.config import Settings, settings_summary
 from reconciler.errors import LedgerError, ReconcilerError
 from reconciler.layout import require_layout
-from reconciler.ledger import Ledger, StateLock
+from reconciler.ledger import Ledger
 from reconciler.ops import Metrics, OpsApp
 from reconciler.reconciling import PassResult, Reconciler
 from reconciler.running import api_client
 from reconciler.serving import AppServer
 from reconciler.specs import is_spec_candidate
+from reconciler.statelock import StateLock
 from reconciler.systemd import Notifier, watchdog_interval
 from reconciler.webhooks import WebhookReceiver, WebhookServer, apply_hints
 from reconciler.words import plural

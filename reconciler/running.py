@@ -21,7 +21,7 @@ from reconciler import outputs as out
 from reconciler.config import Settings
 from reconciler.errors import APIError
 from reconciler.layout import require_layout
-from reconciler.ledger import Ledger, StateLock
+from reconciler.ledger import Ledger
 from reconciler.musicapi import MusicAPI
 from reconciler.planning import (
     CREDITS_PER_TASK,
@@ -35,6 +35,7 @@ from reconciler.planning import (
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import Settling, scan_specs
+from reconciler.statelock import StateLock
 from reconciler.words import plural
 
 

@@ -16,7 +16,6 @@ from reconciler.ledger.work import (
     LOST_ANSWER_PARK,
     MIGRATIONS,
     Ledger,
-    StateLock,
     spec_from_json,
     spec_to_json,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "ClipRecord",
     "Ledger",
     "OutputRecord",
-    "StateLock",
     "StatusRead",
     "StatusRow",
     "TaskRef",

@@ -7,23 +7,21 @@ and what was written (output files with checksums), plus an append-only event
 log. Every state transition is one transaction (``Database.atomic``), so a
 crash leaves either the old or the new state, never half of each.
 
-The state directory's lock (law 9) lives here too: writers hold it, ``status``
-opens the database read-only in WAL mode and never waits for it.
+Writers hold the state folder's lock (``statelock``); ``status`` opens the
+database read-only in WAL mode and never waits for it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
-from reconciler.errors import LedgerError, LockedError
+from reconciler.errors import LedgerError
 from reconciler.ledger.facts import (
     ClipRecord,
     OutputRecord,
@@ -122,38 +120,6 @@ ALTER TABLE clips ADD COLUMN cover TEXT;
 
 #: Versioned migrations: index i brings the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
-
-
-class StateLock:
-    """An exclusive ``flock`` on ``<state>/lock``: one writer per state dir (law 9)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "lock"
-        self._file: TextIO | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = self.path.open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise LockedError(
-                f"{self.path.parent} is in use by {holder}; "
-                "stop it first (status works alongside it)"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _dumps(value: Any) -> str:
