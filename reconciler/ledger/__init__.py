@@ -12,9 +12,9 @@ from reconciler.ledger.facts import (
     TaskRef,
     TaskUpdate,
 )
+from reconciler.ledger.store import MIGRATIONS
 from reconciler.ledger.work import (
     LOST_ANSWER_PARK,
-    MIGRATIONS,
     Ledger,
     spec_from_json,
     spec_to_json,
