@@ -12,6 +12,7 @@ from reconciler.ledger.facts import (
     TaskRef,
     TaskUpdate,
 )
+from reconciler.ledger.reports import read_status
 from reconciler.ledger.store import MIGRATIONS
 from reconciler.ledger.work import (
     LOST_ANSWER_PARK,
@@ -30,6 +31,7 @@ __all__ = [
     "StatusRow",
     "TaskRef",
     "TaskUpdate",
+    "read_status",
     "spec_from_json",
     "spec_to_json",
 ]

@@ -60,7 +60,7 @@ StatusRow = tuple[
 
 @dataclass(frozen=True)
 class StatusRead:
-    """Everything ``status`` shows, read in one transaction (``Ledger.read_status``)."""
+    """Everything ``status`` shows, read in one transaction (``reports.read_status``)."""
 
     tracks: list[StatusRow]
     spec_errors: dict[str, str]
