@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reconciler import outputs as out
+from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
 from reconciler.layout import require_layout
@@ -221,7 +222,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
     finally:
         if ledger:
             ledger.close()
-    cache = out.AudioCache(settings.state_dir / "cache")
+    cache = AudioCache(settings.state_dir / "cache")
     folder = out.OutputFolder(settings.out_dir)
     facts: dict[str, OutputFact] = {}
     for p, r in records.items():
