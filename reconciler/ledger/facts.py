@@ -91,3 +91,16 @@ class TaskUpdate:
     clips: Sequence[ClipRecord]
     error: str | None = None
     failure_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A verified callback: something happened to ``task_id`` of ``fingerprint``.
+
+    Either may be unknown: the batch-level URL names no fingerprint, and the
+    documented body names no task, only its clips.
+    """
+
+    fingerprint: str | None
+    task_id: str | None
+    clip_ids: tuple[str, ...] = ()

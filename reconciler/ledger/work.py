@@ -1011,6 +1011,15 @@ class Ledger(Store):
         )
         return {r[0]: OutputRecord(*r) for r in rows}
 
+    def outputs_at(self, rel: str) -> list[OutputRecord]:
+        """The outputs recorded at ``rel`` or under it (a folder)."""
+        rows = self.db.execute(
+            "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns "
+            "FROM outputs WHERE path = ? OR substr(path, 1, ?) = ?",
+            [rel, len(rel) + 1, rel + "/"],
+        )
+        return [OutputRecord(*r) for r in rows]
+
     def output_written(self, rec: OutputRecord, *, event: str | None) -> None:
         with self.transaction():
             self.db.execute(
