@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -97,6 +97,18 @@ class Desired:
     def only(self, soundtracks: Collection[str]) -> Desired:
         """The same state narrowed to the tracks of ``soundtracks``."""
         return replace(self, tracks=tuple(t for t in self.tracks if t.soundtrack in soundtracks))
+
+    def parts(self, size: int) -> Iterator[Desired]:
+        """The same state in parts of whole soundtracks, each of at least ``size``
+        tracks but the last (a soundtrack's tracks are consecutive)."""
+        start = 0
+        tracks = self.tracks
+        for i in range(1, len(tracks) + 1):
+            if i == len(tracks) or (
+                i - start >= size and tracks[i].soundtrack != tracks[i - 1].soundtrack
+            ):
+                yield replace(self, tracks=tracks[start:i])
+                start = i
 
 
 def desired_state(

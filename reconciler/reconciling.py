@@ -88,6 +88,9 @@ DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
 #: Tracks materialised between two yields to the event loop.
 YIELD_EVERY = 100
+#: Tracks whose clips and output records are read and written together: the
+#: pass's memory is that of one part, not of the whole folder.
+PART_TRACKS = 1_000
 #: Upstream failure types that are a verdict on the content, not a hiccup.
 _PERMANENT_FAILURES = frozenset({"forbidden"})
 
@@ -306,14 +309,7 @@ class Reconciler:
             self.log.error("generation.parked", fingerprint=fp, reason="submit answer lost")
         await self._submit(desired, result, now)
         await self._poll(result)
-        # Read once: the downloads fill in checksums, materialising uses them.
-        need = self._needed(desired)
-        if self._focus is None:
-            usable = self.ledger.usable_clips(need)
-        else:
-            usable = self.ledger.usable_clips_of(need)
-        usable = await self._download(usable, desired, result)
-        await self._materialise(desired, usable, result)
+        await self._write_outputs(desired, result)
         self._prune(whole, desired, result)
         result.seconds = time.perf_counter() - started
         self._summarise(whole, desired, result)
@@ -1008,21 +1004,49 @@ class Reconciler:
 
     # -- outputs ------------------------------------------------------------------------
 
-    async def _materialise(
-        self, desired: Desired, usable: dict[str, list[ClipRecord]], result: PassResult
-    ) -> None:
+    async def _write_outputs(self, desired: Desired, result: PassResult) -> None:
+        """Download and write the outputs of ``desired``, whole soundtracks at a
+        time (``PART_TRACKS``), each part's ledger rows read by index."""
         self._outdir = out.OutputFolder(self.settings.out_dir)
         self._logged_outputs, self._failed_outputs = self._failed_outputs, {}
-        if self._focus is None:
-            records = self.ledger.outputs()
-        else:
-            records = self.ledger.outputs_of(self._focus)
-        gens = self._generations(desired)
-        previous = self._previous_clips(desired, records)
-        entries: dict[str, list[out.TrackOutput]] = {}
         short: dict[str, str] = {}
         #: Soundtracks with a track not ready after this pass: looked at again next time.
-        unsettled = set(desired.soundtracks)
+        unsettled: set[str] = set()
+        for part in desired.parts(PART_TRACKS):
+            # Read once: the downloads fill in checksums, materialising uses them.
+            usable = self.ledger.usable_clips_of(self._needed(part))
+            usable = await self._download(usable, part, result)
+            unsettled |= await self._materialise(part, usable, result, short)
+        if self._focus is None or self._unsettled is None:
+            self._unsettled = unsettled
+        else:
+            self._unsettled = (self._unsettled - self._focus) | unsettled
+        # For status, which runs in another process; put() writes only changes.
+        # A focused pass's failures and short tracks are all there are: their
+        # soundtracks are never settled, so every focused pass looks at them.
+        self.ledger.put("output_errors", self._failed_outputs)
+        if self._focus is None:
+            wanted = {p for t in desired.tracks for p in t.outputs}
+            tagged = {p: k for p, k in self._tagged.items() if p in wanted}
+            self._tagged_changed |= len(tagged) != len(self._tagged)
+            self._tagged = tagged
+        if self._tagged_changed:
+            self.ledger.put("output_tags", self._tagged)
+            self._tagged_changed = False
+        self.ledger.put("short_generations", short)
+
+    async def _materialise(
+        self,
+        desired: Desired,
+        usable: dict[str, list[ClipRecord]],
+        result: PassResult,
+        short: dict[str, str],
+    ) -> set[str]:
+        """Write the outputs and lists of whole soundtracks; those with a track not ready."""
+        records = self.ledger.outputs_of(desired.soundtracks)
+        gens = self.ledger.generations_of(desired.fingerprints())
+        previous = self._previous_clips(desired, records)
+        entries: dict[str, list[out.TrackOutput]] = {}
         ready: Counter[str] = Counter()
         for done, t in enumerate(desired.tracks):
             if done % YIELD_EVERY == 0:
@@ -1062,24 +1086,7 @@ class Reconciler:
         for soundtrack in desired.soundtracks:
             self._write_lists(soundtrack, entries.get(soundtrack, []), result)
         per_soundtrack = Counter(t.soundtrack for t in desired.tracks)
-        unsettled = {s for s, n in per_soundtrack.items() if ready[s] < n}
-        if self._focus is None or self._unsettled is None:
-            self._unsettled = unsettled
-        else:
-            self._unsettled = (self._unsettled - self._focus) | unsettled
-        # For status, which runs in another process; put() writes only changes.
-        # A focused pass's failures and short tracks are all there are: their
-        # soundtracks are never settled, so every focused pass looks at them.
-        self.ledger.put("output_errors", self._failed_outputs)
-        if self._focus is None:
-            wanted = {p for t in desired.tracks for p in t.outputs}
-            tagged = {p: k for p, k in self._tagged.items() if p in wanted}
-            self._tagged_changed |= len(tagged) != len(self._tagged)
-            self._tagged = tagged
-        if self._tagged_changed:
-            self.ledger.put("output_tags", self._tagged)
-            self._tagged_changed = False
-        self.ledger.put("short_generations", short)
+        return {s for s, n in per_soundtrack.items() if ready[s] < n}
 
     def _previous_clips(
         self,
@@ -1299,18 +1306,18 @@ class Reconciler:
         else:
             if self._focus is None or not self._pruned_all:
                 # Held back before (an invalid file): what waited may be anywhere.
-                desired, records = whole, self.ledger.outputs()
+                desired, recorded = whole, list(self.ledger.output_fingerprints())
             else:
-                records = self.ledger.outputs_of(self._focus)
+                recorded = list(self.ledger.outputs_of(self._focus))
             self._pruned_all = True
             wanted = {p for t in desired.tracks for p in t.outputs}
             wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
             root = self.settings.out_dir
-            for rel, rec in records.items():
+            for rel in recorded:
                 if rel in wanted:
                     continue
                 try:
-                    path = self._outdir.path(rec.soundtrack, rel.split("/", 1)[1])
+                    path = self._outdir.path(*rel.split("/", 1))
                     moved = self.trash.move(path, root, now) if path.exists() else None
                 except OutputError as exc:
                     self.log.error("prune.failed", path=rel, error=str(exc))

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from itertools import groupby
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import pytest
 from reconciler.config import Flags, load_settings
 from reconciler.ledger import Ledger
 from reconciler.musicapi import MusicAPI
+from reconciler.planning import Desired, DesiredTrack
 from reconciler.reconciling import Focus, PassResult, Reconciler, converge, wait_for_due
 from reconciler.sandbox import SandboxControl
 from reconciler.specs import SpecScan, scan_specs
@@ -278,3 +280,29 @@ def test_a_folder_event_makes_the_next_pass_full(tmp_path: Path, sandbox: Sandbo
         assert passes_after(d, mark)()[0]["scope"] == "full"
         assert os.path.exists(project.out / "b" / "t0.mp3")
         stopped_within(d, 5)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "part", "expected"),
+    [
+        ([3, 2, 4], 1, [[3], [2], [4]]),
+        ([3, 2, 4], 4, [[3, 2], [4]]),
+        ([3, 2, 4], 100, [[3, 2, 4]]),
+        ([1] * 5, 2, [[1, 1], [1, 1], [1]]),
+        ([], 2, []),
+    ],
+)
+def test_a_pass_writes_outputs_in_parts_of_whole_soundtracks(
+    sizes: list[int], part: int, expected: list[list[int]]
+) -> None:
+    """The full pass reads and writes a part at a time; a soundtrack is never split
+    (its lists are written from all its tracks)."""
+    tracks = tuple(
+        DesiredTrack(f"s{s}", f"t{i}", f"fp{s}-{i}", 1, f"s{s}.yaml", i)
+        for s, n in enumerate(sizes)
+        for i in range(n)
+    )
+    parts = list(Desired(tracks=tracks, requests={}).parts(part))
+    shape = [[len(list(g)) for _, g in groupby(p.tracks, lambda t: t.soundtrack)] for p in parts]
+    assert shape == expected
+    assert tuple(t for p in parts for t in p.tracks) == tracks
