@@ -153,7 +153,7 @@ def desired_state(
         claimed.add(spec.soundtrack)
         done = built.get(path) if built is not None else None
         if done is None or done.spec is not spec:
-            done = _file_tracks(path, spec)
+            done = file_tracks(path, spec)
         fresh[path] = done
         tracks.extend(done.tracks)
         # One fingerprint is one request, so the first file's copy is as good as any.
@@ -178,11 +178,13 @@ class FileTracks:
     requests: Mapping[str, Mapping[str, Any]]
 
 
-def _file_tracks(path: str, spec: SpecFile) -> FileTracks:
+def file_tracks(path: str, spec: SpecFile, fingerprints: Sequence[str] | None = None) -> FileTracks:
+    """The desired tracks of one spec file; ``fingerprints`` (one per track,
+    stored with the spec by the ledger) spares hashing them again."""
     tracks = []
     requests: dict[str, Mapping[str, Any]] = {}
     for pos, t in enumerate(spec.tracks):
-        fp = fingerprint(t.request, t.variant)
+        fp = fingerprints[pos] if fingerprints is not None else fingerprint(t.request, t.variant)
         requests.setdefault(fp, t.request)
         tracks.append(
             DesiredTrack(

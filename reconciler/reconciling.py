@@ -189,7 +189,10 @@ class Reconciler:
         self.log = structlog.get_logger("reconciler")
         self.cache = AudioCache(settings.state_dir / "cache")
         self.trash = out.Trash(settings.state_dir / "trash")
-        self._last_good: dict[str, SpecFile] = ledger.last_good()
+        #: Each spec file's desired tracks, fingerprinted once per version
+        #: (the ledger stores the fingerprints of the last good versions).
+        self._file_tracks: dict[str, FileTracks] = ledger.last_good_tracks()
+        self._last_good: dict[str, SpecFile] = {p: f.spec for p, f in self._file_tracks.items()}
         #: How each spec file looked at the last scan, to tell when it stops changing.
         self._observed: Mapping[str, Observation] = {}
         self._batch_unsupported = bool(ledger.get("batch_unsupported"))
@@ -221,8 +224,6 @@ class Reconciler:
         self._lists: dict[str, tuple[int, list[tuple[int, int] | None]]] = {}
         self.desired: Desired | None = None
         self.scan: SpecScan | None = None
-        #: Each spec file's desired tracks, fingerprinted once per version.
-        self._file_tracks: dict[str, FileTracks] = {}
         #: Soundtracks with a track that was not ready at their last look; None
         #: before the first pass. A focused pass looks at these whatever changed.
         self._unsettled: set[str] | None = None

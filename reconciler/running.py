@@ -200,7 +200,10 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
         Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
     )
     try:
-        last_good = ledger.last_good() if ledger else {}
+        # With the fingerprints stored beside them: hashing 50,000 tracks
+        # again would be most of a cold plan.
+        built = ledger.last_good_tracks() if ledger else {}
+        last_good = {p: f.spec for p, f in built.items()}
         # Every file is read as it is now; one written in the last batching
         # window is only noted, since a pass would wait for it to settle.
         settle = Settling({}, time.time(), settings.batch_window, hold=False)
@@ -211,7 +214,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
             reuse=last_good,
             settle=settle,
         )
-        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good)
+        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
         clips = ledger.usable_clips() if ledger else {}

@@ -11,6 +11,7 @@ books; the daemon test runs ``reconciler run`` as a process and reads its log.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -22,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import Flags, load_settings
-from reconciler.ledger import Ledger
+from reconciler.ledger import Ledger, spec_to_json
+from reconciler.ledger.work import file_tracks_from_json
 from reconciler.musicapi import MusicAPI
-from reconciler.planning import Desired, DesiredTrack
+from reconciler.planning import Desired, DesiredTrack, file_tracks
 from reconciler.reconciling import Focus, PassResult, Reconciler, converge, wait_for_due
 from reconciler.sandbox import SandboxControl
 from reconciler.specs import SpecScan, scan_specs
@@ -306,3 +308,19 @@ def test_a_pass_writes_outputs_in_parts_of_whole_soundtracks(
     shape = [[len(list(g)) for _, g in groupby(p.tracks, lambda t: t.soundtrack)] for p in parts]
     assert shape == expected
     assert tuple(t for p in parts for t in p.tracks) == tracks
+
+
+def test_the_fingerprints_stored_with_a_last_good_version_are_the_ones_it_hashes_to(
+    tmp_path: Path,
+) -> None:
+    """A new process takes them from the ledger instead of hashing every track again."""
+    (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute", "oboe"))
+    parsed = scan_specs(tmp_path).files["a.yaml"]
+    body = spec_to_json(parsed)
+    assert file_tracks_from_json("a.yaml", body).tracks == file_tracks("a.yaml", parsed).tracks
+    # A body stored before fingerprints were is hashed when read.
+    old = json.loads(body)
+    for t in old["tracks"]:
+        del t["fingerprint"]
+    read = file_tracks_from_json("a.yaml", json.dumps(old))
+    assert read.tracks == file_tracks("a.yaml", parsed).tracks

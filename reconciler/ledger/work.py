@@ -25,7 +25,17 @@ from reconciler.ledger.facts import (
     TaskUpdate,
 )
 from reconciler.ledger.store import Store, _dumps
-from reconciler.planning import IN_FLIGHT, Desired, Generation, GenState, OpenBatch, Suspension
+from reconciler.planning import (
+    IN_FLIGHT,
+    Desired,
+    FileTracks,
+    Generation,
+    GenState,
+    OpenBatch,
+    Suspension,
+    file_tracks,
+    fingerprint,
+)
 from reconciler.specs import SpecFile, TrackSpec
 
 if TYPE_CHECKING:
@@ -61,11 +71,24 @@ def spec_to_json(spec: SpecFile) -> str:
                     "line": t.line,
                     "album": t.album,
                     "artist": t.artist,
+                    # Stored with the request it hashes, so a new process need
+                    # not hash every track again (most of a cold start).
+                    "fingerprint": fingerprint(t.request, t.variant),
                 }
                 for t in spec.tracks
             ],
         }
     )
+
+
+def file_tracks_from_json(path: str, body: str) -> FileTracks:
+    """A last good version with its desired tracks, by the fingerprints stored
+    with it (a body written before they were is hashed now)."""
+    spec = spec_from_json(path, body)
+    stored = [t.get("fingerprint") for t in json.loads(body)["tracks"]]
+    if None in stored:
+        return file_tracks(path, spec)
+    return file_tracks(path, spec, stored)
 
 
 def spec_from_json(path: str, body: str) -> SpecFile:
@@ -93,6 +116,13 @@ class Ledger(Store):
     """Typed transitions over the SQLite ledger. Time comes from ``clock``."""
 
     # -- spec files and desired state --------------------------------------------
+
+    def last_good_tracks(self) -> dict[str, FileTracks]:
+        """``last_good`` with each file's desired tracks, to seed ``desired_state``."""
+        return {
+            r[0]: file_tracks_from_json(r[0], r[1])
+            for r in self.db.execute("SELECT path, body FROM spec_files WHERE body IS NOT NULL")
+        }
 
     def last_good(self) -> dict[str, SpecFile]:
         return {
