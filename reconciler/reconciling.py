@@ -6,9 +6,9 @@ due (planning), submits in full batches (musicapi), polls what is in flight,
 downloads finished clips into the cache and materialises outputs (outputs),
 recording every step in the ledger before and after it happens (law 2).
 
-Every pass is level-triggered (law 1): it recomputes everything from the
-folder, the ledger and the output files, so a missed event or a crash costs
-nothing but a pass. The daemon and ``sync`` run the same pass.
+Every pass is level-triggered (law 1): it recomputes what it looks at from
+the folder, the ledger and the output files, so a missed event or a crash
+costs nothing but a pass. The daemon and ``sync`` run the same pass.
 
 A pass may be given a :class:`Focus`: the spec files and output folders the
 daemon's watchers saw change. It then reads only those files and looks only
