@@ -159,13 +159,14 @@ def write_specs(root: Path, tracks: int, files: int) -> None:
         (root / f"bench-{f:05d}.yaml").write_text("".join(lines))
 
 
-def write_config(path: Path, *, poll_interval: float, max_in_flight: int) -> None:
-    # The sandbox is on loopback: the default request rate (4 per second, for
-    # the real service) would make converging 50,000 tracks take hours.
-    path.write_text(
-        f"[submit]\nmax_in_flight = {max_in_flight}\n\n[poll]\ninterval = {poll_interval}\n"
-        "\n[api]\nmax_requests_per_second = 1000\n"
-    )
+def write_config(
+    path: Path, *, poll_interval: float, max_in_flight: int, rate: float | None = None
+) -> None:
+    """``rate``: ``[api] max_requests_per_second``, when not the default (4)."""
+    text = f"[submit]\nmax_in_flight = {max_in_flight}\n\n[poll]\ninterval = {poll_interval}\n"
+    if rate is not None:
+        text += f"\n[api]\nmax_requests_per_second = {rate:g}\n"
+    path.write_text(text)
 
 
 @dataclass
