@@ -324,7 +324,7 @@ class Reconciler:
         return self.ledger.generations_of(desired.fingerprints())
 
     def _apply_scan(self, scan: SpecScan, reread: set[str] | None = None) -> Desired:
-        self.scan = scan
+        previous, self.scan = self.scan, scan
         self._observed = scan.observed
         errors = {p: str(e) for p, e in scan.errors.items()}
         # A settling file is held like an invalid one (its last good version
@@ -344,6 +344,10 @@ class Reconciler:
             if self._reported.get(path) != note:
                 self.log.info("spec.settling", path=path, window=self.settings.batch_window)
         self._reported = {**errors, **scan.settling}
+        if previous is not None and scan.files is previous.files and self.desired is not None:
+            # The scan found the files read again as they were (``scan_specs``
+            # then returns the last scan's files): so is what they ask for.
+            return self.desired
         last_good = dict(self._last_good)
         for p in removed:
             last_good.pop(p, None)

@@ -214,14 +214,7 @@ def scan_specs(
     settling: dict[str, str] = {}
     settled_by: float | None = None
     observed: dict[str, Observation] = {}
-    for rel in rels:
-        unread = kept.get(rel)
-        if unread is not None:
-            # Not read (its bytes are None): unchanged since the previous scan.
-            parsed.append((rel, None, unread))
-            if last_scan is not None and rel in last_scan.observed:
-                observed[rel] = last_scan.observed[rel]
-            continue
+    for rel in rels if not kept else [r for r in rels if r not in kept]:
         label = _label(prefix, rel)
         try:
             data, mtime_ns = _read_spec_bytes(root, rel, label)
@@ -248,6 +241,15 @@ def scan_specs(
             errors[rel] = exc
             continue
         parsed.append((rel, data, spec))
+    if last_scan is not None and kept:
+        if _as_before(last_scan, len(kept), parsed, errors, settling):
+            # The files read again are what they were: so is the whole scan.
+            return replace(last_scan, observed={**last_scan.observed, **observed})
+        for rel, unread in kept.items():
+            # Not read (its bytes are None): unchanged since the previous scan.
+            parsed.append((rel, None, unread))
+            if rel in last_scan.observed:
+                observed[rel] = last_scan.observed[rel]
 
     def incumbent_first(entry: tuple[str, bytes | None, SpecFile]) -> tuple[bool, str]:
         # A soundtrack stays with the file whose last good version defined it:
@@ -304,6 +306,22 @@ def _changed_paths(
     kept = {rel: spec for rel, spec in previous.files.items() if rel not in again}
     listed = [rel for rel in again if _is_listed(root, rel)]
     return sorted({*kept, *listed}), kept
+
+
+def _as_before(
+    last_scan: SpecScan,
+    kept: int,
+    parsed: Sequence[tuple[str, bytes | None, SpecFile]],
+    errors: Mapping[str, SpecError],
+    settling: Mapping[str, str],
+) -> bool:
+    """Whether the files read again (``parsed``, ``errors``, ``settling``; the
+    other ``kept`` files were not read) are exactly what ``last_scan`` had."""
+    if errors or settling or last_scan.errors or last_scan.settling:
+        return False
+    if len(parsed) != len(last_scan.files) - kept:
+        return False
+    return all(last_scan.files.get(rel) is spec for rel, _, spec in parsed)
 
 
 def _is_listed(root: Path, rel: str) -> bool:
