@@ -164,6 +164,9 @@ def measure(
                 converge_requests = figures.get("requests")
                 # A fresh sandbox knows none of the tasks: a pass that polls an
                 # old one would be told it is gone. A converged folder polls none.
+                # One unmeasured sync brings an older ledger to this schema
+                # (plan and status read it without migrating).
+                ok(run_cli(["sync", *common], work, api_url=sbx.base_url), 0, "sync")
             else:
                 shutil.rmtree(work, ignore_errors=True)
                 write_specs(work / "specs", tracks, files)
