@@ -69,10 +69,10 @@ from reconciler.errors import (
     RejectedError,
     TemporaryAPIError,
 )
+from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.outcomes import rejection_kind
 
 __all__ = [
-    "MAX_BATCH_ITEMS",
     "Accepted",
     "BatchPoll",
     "BatchProbe",
@@ -92,8 +92,6 @@ __all__ = [
     "read_batch_results",
 ]
 
-MAX_BATCH_ITEMS = 10
-"""The service accepts 1 to 10 items per ``POST /sonic/batch``."""
 
 TaskState = Literal["pending", "running", "succeeded", "failed"]
 

@@ -22,6 +22,7 @@ from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
 from reconciler.ledger import Ledger
+from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.planning import (
     CREDITS_PER_TASK,
     DiskState,
@@ -204,7 +205,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
         "warnings": cost_warnings(
             d.cost, balance=balance, budget=settings.daily_budget, spent_today=spent_today
         ),
-        "submit_calls": -(-len(d.submit) // 10),
+        "submit_calls": -(-len(d.submit) // MAX_BATCH_ITEMS),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
         "settling": sorted(scan.settling),
         "specs_folder": scan.root_state,
