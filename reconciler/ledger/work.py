@@ -156,7 +156,7 @@ class Ledger(Store):
     def apply_desired(self, desired: Desired) -> None:
         """Make the tracks table equal the desired tracks; create queued generations.
 
-        Creating the generation row is the first step of law 2's intent: from
+        Creating the generation row is the first step of rule 2's intent: from
         here on every transition of that fingerprint is recorded.
         """
         now = self.clock()
@@ -242,7 +242,7 @@ class Ledger(Store):
         ).fetchone()
         return int(row[0])
 
-    # -- submits (law 2) ----------------------------------------------------------
+    # -- submits (rule 2) ----------------------------------------------------------
 
     def begin_submit(self, fingerprints: Sequence[str], kind: str) -> int:
         """Record the intent before a submit: the fingerprints become ``submitting``."""
@@ -757,7 +757,7 @@ class Ledger(Store):
         ).fetchone()
         is_current = current is not None and current[1] == update.task_id
         if self._task_unchanged(update):
-            # Most polls of a running task say what the last one said (law 12).
+            # Most polls of a running task say what the last one said (rule 12).
             return
         with self.transaction():
             terminal = update.status in ("succeeded", "failed")
