@@ -1,11 +1,14 @@
-"""The ledger: the only module that touches SQLite (through sqlite-utils).
+"""The ledger's transitions: every change of state, each in one transaction.
 
 Where it sits: plan → submit → track → download → outputs → **ledger** → status.
-It records what was asked for (last good spec files, desired tracks), what was
-paid for (submit intents, batches, tasks), what came back (clips, cached audio)
-and what was written (output files with checksums), plus an append-only event
-log. Every state transition is one transaction (``Database.atomic``), so a
-crash leaves either the old or the new state, never half of each.
+``Ledger`` builds on the store (``store.Store``: connection, schema, events)
+and applies what the pure code decided (``planning``, ``outcomes``). It
+records what was asked for (last good spec files, desired tracks), what was
+paid for (submit intents, batches, tasks), what came back (clips, cached
+audio) and what was written (output files with checksums), plus an
+append-only event log. Every state transition is one transaction
+(``Database.atomic``), so a crash leaves either the old or the new state,
+never half of each.
 
 Writers hold the state folder's lock (``statelock``); ``status`` opens the
 database read-only in WAL mode and never waits for it.
