@@ -251,6 +251,8 @@ class Reconciler:
         self.cache.sweep_temps()
         if self.settings.out_dir.exists():
             out.sweep_output_temps(self.settings.out_dir)
+        # Once, after an upgrade: later processes then read the fingerprints.
+        self.ledger.store_fingerprints(self._file_tracks)
         self._started = True
 
     async def run_pass(self, focus: Focus | None = None) -> PassResult:

@@ -324,3 +324,22 @@ def test_the_fingerprints_stored_with_a_last_good_version_are_the_ones_it_hashes
         del t["fingerprint"]
     read = file_tracks_from_json("a.yaml", json.dumps(old))
     assert read.tracks == file_tracks("a.yaml", parsed).tracks
+
+
+def test_last_good_versions_stored_without_fingerprints_get_them_once(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute"))
+    parsed = scan_specs(tmp_path).files["a.yaml"]
+    ledger = Ledger.open(tmp_path / "ledger.sqlite3")
+    try:
+        ledger.record_specs({"a.yaml": parsed}, {}, complete=True)
+        old = json.loads(spec_to_json(parsed))
+        for t in old["tracks"]:
+            del t["fingerprint"]
+        ledger.db.execute("UPDATE spec_files SET body = ?", [json.dumps(old)])
+        built = ledger.last_good_tracks()
+        ledger.store_fingerprints(built)
+        (body,) = ledger.db.execute("SELECT body FROM spec_files").fetchone()
+        assert body == spec_to_json(parsed)
+        assert ledger.last_good_tracks()["a.yaml"].tracks == built["a.yaml"].tracks
+    finally:
+        ledger.close()

@@ -128,6 +128,25 @@ class Ledger(Store):
             for r in self.db.execute("SELECT path, body FROM spec_files WHERE body IS NOT NULL")
         }
 
+    def store_fingerprints(self, built: Mapping[str, FileTracks]) -> None:
+        """Store the fingerprints of last good versions recorded without them
+        (by an older reconciler), as ``built`` (``last_good_tracks``) has them."""
+        rows = self.db.execute(
+            "SELECT path, body FROM spec_files WHERE body IS NOT NULL "
+            "AND body NOT LIKE '%\"fingerprint\"%'"
+        ).fetchall()
+        # A file without tracks has no fingerprint to store: no write for it.
+        changed = [
+            (path, body)
+            for path, old in rows
+            if path in built and (body := spec_to_json(built[path].spec)) != old
+        ]
+        if not changed:
+            return
+        with self.transaction():
+            for path, body in changed:
+                self.db.execute("UPDATE spec_files SET body = ? WHERE path = ?", [body, path])
+
     def last_good(self) -> dict[str, SpecFile]:
         return {
             r["path"]: spec_from_json(r["path"], r["body"])
