@@ -462,6 +462,11 @@ def main() -> None:
     parser.add_argument(
         "--fixtures", type=Path, help="keep converged folders here and measure them again"
     )
+    parser.add_argument(
+        "--section",
+        default="overhead",
+        help="the section of bench/RESULTS.md to write (one per set of sizes measured apart)",
+    )
     args = parser.parse_args()
     args.command = command_line("bench/overhead.py")
     args.revision = revision()  # at the start: the tree may move during a long run
@@ -478,7 +483,7 @@ def main() -> None:
     text = report(sizes, args, started)
     print(text)
     if not args.quick:
-        write_section("overhead", text)
+        write_section(args.section, text)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,7 @@ def test_a_folder_event_makes_the_next_pass_full(tmp_path: Path, sandbox: Sandbo
     project.write_spec("a.yaml", [track("t0", "harp")])
     with DaemonProc(project) as d:
         d.converged()
+        d.wait_event("pass.completed", lambda e: e["ready"] == 1 and e["in_flight"] == 0)
         mark = d.mark()
         (project.specs / "more").mkdir()
         project.write_spec("more/b.yaml", [track("t0", "oboe")])
