@@ -385,12 +385,16 @@ class Reconciler:
         if not result.queued and suspended:
             # Only held work is left: ``sync`` stops here rather than wait for a resume.
             result.blocked = "suspended (`reconciler resume` lifts it)"
-        elif draft.held_by("unplanned") and not draft.held_by(
-            "paused", "backoff", "in_flight", "budget", "balance", "run"
-        ):
-            # Applying a saved plan, and all of it is sent: the rest waits for a plan.
-            result.blocked = "not in the saved plan"
         self._submit_waits_for_time = True
+        if (
+            not draft.submit
+            and draft.held_by("unplanned")
+            and not draft.held_by("paused", "backoff", "in_flight", "budget", "balance", "run")
+        ):
+            # Applying a saved plan, and all of it is sent: the rest waits for
+            # another plan, not for a time.
+            result.blocked = "not in the saved plan"
+            self._submit_waits_for_time = False
         if draft.held_by("paused"):
             result.blocked = self._block_reason
             self.log.debug("submit.held", queued=result.queued, reason=self._block_reason)

@@ -93,7 +93,7 @@ async def run_sync(settings: Settings, console: Console) -> bool:
         try:
             async with api_client(settings) as (s, api):
                 rec = Reconciler(s, ledger, api)
-                result = await _converge_with_progress(rec, console)
+                result = await converge_with_progress(rec, console)
         finally:
             ledger.close()
     finally:
@@ -102,7 +102,7 @@ async def run_sync(settings: Settings, console: Console) -> bool:
     return result.converged
 
 
-async def _converge_with_progress(rec: Reconciler, console: Console) -> PassResult:
+async def converge_with_progress(rec: Reconciler, console: Console) -> PassResult:
     if not console.is_terminal:
         return await converge(rec)
     with Progress(
