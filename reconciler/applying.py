@@ -24,9 +24,10 @@ from rich.console import Console
 from reconciler.config import Settings
 from reconciler.errors import APIError, PlanFileError
 from reconciler.layout import require_layout
-from reconciler.ledger import Ledger, StateLock
+from reconciler.ledger import Ledger
 from reconciler.reconciling import Reconciler
 from reconciler.running import api_client, converge_with_progress, make_plan, summary_line
+from reconciler.statelock import StateLock
 from reconciler.words import plural
 
 #: What the first keys of a saved plan say, so a foreign JSON file is refused.
