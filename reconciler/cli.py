@@ -217,6 +217,7 @@ def _echo_json(report: dict[str, Any]) -> None:
 @main.command()
 @common_options
 @click.option("--prune/--no-prune", default=None, help="Show what pruning would move.")
+@max_credits_option("Plan as `sync --max-credits N` would run: at most N credits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--save",
@@ -226,7 +227,13 @@ def _echo_json(report: dict[str, Any]) -> None:
     help="Also write the plan to this file, for `reconciler apply FILE`.",
 )
 @_exits_on_errors(1)
-def plan(prune: bool | None, as_json: bool, save_to: Path | None, **opts: Any) -> None:
+def plan(
+    prune: bool | None,
+    max_credits: int | None,
+    as_json: bool,
+    save_to: Path | None,
+    **opts: Any,
+) -> None:
     """Dry run: what the next pass submits now, holds back, reuses, restores, prunes.
 
     Exit 0 no changes, 2 changes.
@@ -238,7 +245,7 @@ def plan(prune: bool | None, as_json: bool, save_to: Path | None, **opts: Any) -
     from reconciler.layout import require_layout
     from reconciler.running import account_balance, make_plan, render_plan
 
-    settings = _settings(prune=prune, **opts)
+    settings = _settings(prune=prune, max_credits=max_credits, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     report = make_plan(settings, balance=asyncio.run(account_balance(settings)))

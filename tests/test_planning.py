@@ -300,6 +300,13 @@ HOLD_CASES: dict[str, tuple[Snapshot, range, dict[int, str]]] = {
         range(0),
         {i: "balance" for i in range(12)},
     ),
+    "the run's ceiling (--max-credits) admits one": (
+        Snapshot(
+            {}, allowance=Allowance(1, "--max-credits reached (0/15 credits this run)", "run")
+        ),
+        range(1),
+        {i: "run" for i in range(1, 12)},
+    ),
     "the in-flight cap keeps whole batches": (
         Snapshot({}, in_flight=9),
         range(10),
