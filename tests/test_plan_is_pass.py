@@ -4,7 +4,8 @@ What ``reconciler plan`` lists as submitted now is what the next ``sync``
 submits first, call by call (the sandbox books every submit call's charged
 items in order), and what it holds back is not sent for the reasons it gives.
 Saved plans: ``apply`` carries out exactly the saved plan, or refuses and
-spends nothing. Real CLI subprocesses, the real sandbox, real files.
+spends nothing. Real CLI subprocesses, the real sandbox, real files; the
+reading of plan files and the comparison ``apply`` makes are tables.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from reconciler.applying import load_plan, what_changed
+from reconciler.errors import PlanFileError
 from reconciler.ledger import Ledger
 from reconciler.sandbox import SandboxControl
 from reconciler.sandbox.state import fingerprint as books_key
@@ -226,15 +229,73 @@ def test_apply_refuses_a_plan_that_no_longer_holds_and_spends_nothing(
         (None, "cannot read the plan"),
     ],
 )
-def test_apply_refuses_what_is_not_a_saved_plan(
-    project: Project, sandbox: SandboxControl, tmp_path: Path, content: str | None, says: str
+def test_what_is_not_a_saved_plan_is_refused_by_name(
+    tmp_path: Path, content: str | None, says: str
 ) -> None:
-    project.write_spec("mix.yaml", tracks("t", 1))
     path = tmp_path / "plan.json"
     if content is not None:
         path.write_text(content)
+    with pytest.raises(PlanFileError) as caught:
+        load_plan(path)
+    assert str(caught.value).startswith(f"{path}: {says}")
+
+
+def test_apply_of_a_foreign_file_exits_1_and_spends_nothing(
+    project: Project, sandbox: SandboxControl, tmp_path: Path
+) -> None:
+    project.write_spec("mix.yaml", tracks("t", 1))
+    path = tmp_path / "plan.json"
+    path.write_text('{"submit": []}')
     books = Books(sandbox)
     proc = project.cli("apply", str(path))
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"reconciler: {path}: {says}"), proc.stderr
+    assert proc.stderr.startswith(f"reconciler: {path}: not a saved plan"), proc.stderr
     assert books.since() == ([], 0)
+
+
+SAVED = {
+    "specs_digest": "s",
+    "ledger_digest": "l",
+    "balance": 100,
+    "submit": [{"fingerprint": "a", "tracks": ["m/a"]}, {"fingerprint": "b", "tracks": ["m/b"]}],
+    "held": [],
+    "failed": [],
+    "prune": [],
+}
+CHANGES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "nothing changed": ({}, []),
+    "a ledger or balance change that keeps the plan": ({"ledger_digest": "x", "balance": 9}, []),
+    "a spec edit": ({"specs_digest": "x"}, ["the specs changed since the plan was made"]),
+    "the balance no longer pays": (
+        {
+            "submit": SAVED["submit"][:1],
+            "held": [{"fingerprint": "b", "detail": "account balance too low (15 credits)"}],
+            "balance": 15,
+        },
+        [
+            "m/b would not be submitted now: account balance too low (15 credits)",
+            "the balance is 15 credits; the plan assumed 100 credits",
+        ],
+    ),
+    "submitted meanwhile": (
+        {"submit": [], "ledger_digest": "x"},
+        [
+            "m/a would not be submitted now: already submitted, or no spec asks for it",
+            "m/b would not be submitted now: already submitted, or no spec asks for it",
+            "the ledger changed since the plan was made (a sync, the daemon, retry)",
+        ],
+    ),
+    "parked meanwhile": (
+        {"submit": SAVED["submit"][1:], "failed": [{"fingerprint": "a"}]},
+        ["m/a would not be submitted now: failed (parked)"],
+    ),
+    "other files to prune": (
+        {"prune": ["m/old.mp3"]},
+        ["it would prune 1 file now, not the 0 planned"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("now", "found"), list(CHANGES.values()), ids=list(CHANGES))
+def test_what_changed_names_what_alters_the_plan(now: dict[str, Any], found: list[str]) -> None:
+    assert what_changed(SAVED, {**SAVED, **now}) == found
