@@ -83,22 +83,37 @@ def load_plan(path: Path) -> dict[str, Any]:
         )
     try:
         _check_shape(doc)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlanFileError(f"{path}: a damaged saved plan ({exc!r})") from exc
+    except ValueError as exc:
+        raise PlanFileError(f"{path}: a damaged saved plan ({exc})") from exc
     return doc
 
 
+#: The keys ``apply`` relies on, and their types.
+_SHAPE: dict[str, type] = {
+    "folders": dict,
+    "prune_enabled": bool,
+    "specs_digest": str,
+    "ledger_digest": str,
+    "submit": list,
+    "held": list,
+    "failed": list,
+    "prune": list,
+    "credits": int,
+}
+
+
 def _check_shape(doc: dict[str, Any]) -> None:
-    """The keys ``apply`` relies on, with the types it relies on."""
+    """Raise ValueError naming the first key ``apply`` relies on that is missing or wrong."""
+    for key, kind in _SHAPE.items():
+        if not isinstance(doc.get(key), kind):
+            raise ValueError(f"{key}: missing, or not a JSON {kind.__name__}")
     for item in doc["submit"]:
-        str(item["fingerprint"]).encode()
-        list(item["tracks"])
-    for key in ("prune", "restore"):
-        list(doc[key])
-    int(doc["credits"])
-    dict(doc["folders"])
-    bool(doc["prune_enabled"])
-    str(doc["specs_digest"]), str(doc["ledger_digest"])
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("fingerprint"), str)
+            and isinstance(item.get("tracks"), list)
+        ):
+            raise ValueError("submit: an item without a fingerprint and tracks")
 
 
 def planned(doc: dict[str, Any]) -> frozenset[str]:
