@@ -21,13 +21,11 @@ from typing import Any
 
 from rich.console import Console
 
+from reconciler.app import open_app
 from reconciler.config import Settings
 from reconciler.errors import APIError, PlanFileError
-from reconciler.layout import require_layout
-from reconciler.ledger import Ledger
 from reconciler.reconciling import Reconciler
-from reconciler.running import api_client, converge_with_progress, make_plan, summary_line
-from reconciler.statelock import StateLock
+from reconciler.running import converge_with_progress, make_plan, summary_line
 from reconciler.words import plural
 
 #: What the first keys of a saved plan say, so a foreign JSON file is refused.
@@ -178,38 +176,27 @@ async def apply_plan(settings: Settings, path: Path, console: Console) -> bool:
     # Only the saved fingerprints, for at most the saved credits: a failed
     # task's retry would cost more than planned, so it waits for a new plan.
     settings = replace(settings, prune=bool(saved["prune_enabled"]), max_credits=ceiling)
-    require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
-    lock = StateLock(settings.state_dir)
-    lock.acquire()
-    try:
-        async with api_client(settings) as (s, api):
-            try:
-                balance: int | None = (await api.get_credits()).total
-            except APIError:
-                balance = None  # the service refuses per item what the account cannot pay
-            # Under the lock: nothing else can change the ledger before the passes.
-            now = make_plan(s, balance, only=fingerprints)
-            problems = what_changed(saved, now)
-            if problems:
-                raise PlanFileError(
-                    "\n".join(
-                        [
-                            f"{path}: the saved plan no longer holds; nothing was submitted:",
-                            *(f"  {line}" for line in problems),
-                            "make a new plan with `reconciler plan --save FILE`",
-                        ]
-                    )
+    async with open_app(settings) as app:
+        try:
+            balance: int | None = (await app.api.get_credits()).total
+        except APIError:
+            balance = None  # the service refuses per item what the account cannot pay
+        # Under the lock: nothing else can change the ledger before the passes.
+        now = make_plan(app.settings, balance, only=fingerprints)
+        problems = what_changed(saved, now)
+        if problems:
+            raise PlanFileError(
+                "\n".join(
+                    [
+                        f"{path}: the saved plan no longer holds; nothing was submitted:",
+                        *(f"  {line}" for line in problems),
+                        "make a new plan with `reconciler plan --save FILE`",
+                    ]
                 )
-            ledger = Ledger.open(s.ledger_path)
-            try:
-                result = await converge_with_progress(
-                    Reconciler(s, ledger, api, only=fingerprints), console
-                )
-                states = ledger.generations()
-            finally:
-                ledger.close()
-    finally:
-        lock.release()
+            )
+        rec = Reconciler(app.settings, app.ledger, app.api, only=fingerprints)
+        result = await converge_with_progress(rec, console)
+        states = app.ledger.generations()
     ready = sum(1 for fp in fingerprints if fp in states and states[fp].state == "succeeded")
     done = ready == len(fingerprints) and not result.output_failures
     console.print(

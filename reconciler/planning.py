@@ -1,4 +1,4 @@
-"""Pure planning: fingerprints, desired state, the diff against the ledger, batches.
+"""Pure planning: fingerprints, desired state, what a pass submits and holds back, batches.
 
 Where it sits: spec files → validated specs → **desired state → plan** →
 submit → track → download → outputs. Nothing here does I/O or reads a clock:
@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.specs import SpecFile
 
 #: Credits one accepted task costs (protocol doc); a task yields two clips.
 CREDITS_PER_TASK = 15
-#: Items one batch submit carries at most.
-BATCH_SIZE = 10
 
 GenState = Literal["queued", "submitting", "unknown", "running", "succeeded", "parked"]
 #: States in which a fingerprint is paid for or may be: never submit these again.
@@ -182,7 +181,7 @@ def due_submissions(
     in_flight: int,
     max_in_flight: int,
     affordable: int | None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = MAX_BATCH_ITEMS,
 ) -> tuple[str, ...]:
     """Fingerprints to submit now, in spec order.
 
@@ -211,7 +210,7 @@ def due_submissions(
     return tuple(eligible[:n])
 
 
-def batches(fingerprints: Sequence[str], size: int = BATCH_SIZE) -> list[tuple[str, ...]]:
+def batches(fingerprints: Sequence[str], size: int = MAX_BATCH_ITEMS) -> list[tuple[str, ...]]:
     """Split into full batches: G items cost ceil(G/size) submit calls."""
     return [tuple(fingerprints[i : i + size]) for i in range(0, len(fingerprints), size)]
 
@@ -298,7 +297,7 @@ def affordable_tasks(
     spent_in_run: int = 0,
     max_credits: int | None = None,
 ) -> Allowance:
-    """How many tasks may still be submitted without passing any ceiling (law 8).
+    """How many tasks may still be submitted without passing any ceiling (rule 8).
 
     Spent figures count every credit that *may* have been spent, so a lost
     answer can never let a submit through that the ceiling would refuse.
@@ -441,7 +440,7 @@ class Limits:
 
     max_in_flight: int
     prune: bool = False
-    batch_size: int = BATCH_SIZE
+    batch_size: int = MAX_BATCH_ITEMS
 
 
 @dataclass(frozen=True)
@@ -481,7 +480,7 @@ class Plan:
     prune: tuple[str, ...]
     parked: tuple[str, ...]
     waiting: tuple[str, ...] = ()
-    batch_size: int = BATCH_SIZE
+    batch_size: int = MAX_BATCH_ITEMS
 
     @property
     def batches(self) -> list[tuple[str, ...]]:
