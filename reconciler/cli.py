@@ -20,6 +20,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import click
 
+from reconciler import __version__
 from reconciler.config import Flags, Settings, load_settings
 from reconciler.errors import ConfigError, ReconcilerError, SpecError
 from reconciler.words import plural
@@ -147,7 +148,9 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="reconciler")
+# The version is given rather than looked up: importlib.metadata alone would
+# cost ``--version`` more start-up than all the rest of it.
+@click.version_option(version=__version__, prog_name="reconciler")
 def main() -> None:
     """Make a folder of generated music converge to a folder of spec files."""
 
@@ -348,12 +351,17 @@ def status(as_json: bool, watch: bool, interval: float, selector: str | None, **
     report = build_report(settings, time.time(), selector)
     if as_json:
         _echo_json(report)
-    else:
+    elif sys.stdout.isatty():
+        # Colours and the terminal's width: rich, imported only for a terminal.
         from rich.console import Console
 
         from reconciler.status import render
 
         render(report, Console())
+    else:
+        from reconciler.status import render
+
+        render(report)
     sys.exit(1 if failed(report) else 0)
 
 

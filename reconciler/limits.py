@@ -12,6 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+#: The models a spec may name unless the config lists others (``models``).
+DEFAULT_MODELS: tuple[str, ...] = (
+    "sonic-v3-5",
+    "sonic-v4",
+    "sonic-v4-5",
+    "sonic-v4-5-plus",
+    "sonic-v5",
+)
+
 #: The text fields that have a length limit, in the order requests list them.
 TEXT_FIELDS: tuple[str, ...] = (
     "prompt",

@@ -40,7 +40,14 @@ from typing import Any, Literal
 import yaml
 
 from reconciler.errors import SpecError, SpecProblem
-from reconciler.limits import FIELD_LIMITS, TEXT_FIELDS, FieldLimits, limits_for, loosest
+from reconciler.limits import (
+    DEFAULT_MODELS,
+    FIELD_LIMITS,
+    TEXT_FIELDS,
+    FieldLimits,
+    limits_for,
+    loosest,
+)
 
 try:  # libyaml is an order of magnitude faster; the pure-Python loader keeps marks too
     from yaml import CSafeLoader as _BaseYamlLoader
@@ -64,13 +71,6 @@ __all__ = [
     "scan_specs",
 ]
 
-DEFAULT_MODELS: tuple[str, ...] = (
-    "sonic-v3-5",
-    "sonic-v4",
-    "sonic-v4-5",
-    "sonic-v4-5-plus",
-    "sonic-v5",
-)
 SPEC_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 
