@@ -320,13 +320,14 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
     def say(text: str, style: str | None = None) -> None:
         if console is None:
             file.write(text + "\n")
-        else:
-            # rich highlights numbers with a set of regular expressions; into a
-            # pipe it writes no colours, so that is skipped there. No markup:
-            # a path or a message may hold square brackets.
-            console.print(
-                text, style=style, markup=False, highlight=console.is_terminal, soft_wrap=True
-            )
+            return
+        # rich highlights numbers with a set of regular expressions; into a
+        # pipe it writes no colours, so that is skipped there. No markup or
+        # emoji codes: a path or a message may hold "[x]" or ":x:".
+        line = console.render_str(text, markup=False, emoji=False, highlight=console.is_terminal)
+        if style:
+            line.stylize(style)  # over the highlights: numbers stay bold, in the line's colour
+        console.print(line, soft_wrap=True)
 
     s = report["summary"]
     counts = ", ".join(f"{s[k]} {k}" for k in TRACK_STATES if s[k])
