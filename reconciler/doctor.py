@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reconciler.audio import probe_audio
 from reconciler.config import KEY_HELP, Secret, Settings, WebhookSettings
 from reconciler.errors import (
     AmbiguousSubmitError,
@@ -60,7 +61,6 @@ from reconciler.musicapi import (
     Rejected,
     TaskStatus,
 )
-from reconciler.outputs import probe_audio
 from reconciler.planning import CREDITS_PER_TASK, utc_day_start
 from reconciler.running import api_client, make_plan
 from reconciler.specs import scan_specs
