@@ -8,8 +8,6 @@ only make the polls that find the facts come sooner.
 
 from __future__ import annotations
 
-import structlog
-
 from reconciler.ledger.facts import Hint
 from reconciler.ledger.work import Ledger
 
@@ -26,6 +24,10 @@ def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
     signature covers the body, not the URL. Whatever names nothing known polls
     the open batches now.
     """
+    # Here, not at the top: the package loads this module, and ``status`` and
+    # ``--version`` would pay for structlog (and the rich it imports) unused.
+    import structlog
+
     log = structlog.get_logger("reconciler")
     changed = 0
     for hint in hints:
