@@ -55,7 +55,7 @@ HEAVY = (
 def run_importing(
     project: Project, *args: str
 ) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    """Run ``reconciler ARGS`` without a config file; its result and the modules it imported."""
+    """Run ``reconciler ARGS`` (no config file unless named); its result and modules imported."""
     if args[0] == "status":
         args = (*args, "--specs", str(project.specs), "--out", str(project.out))
         args = (*args, "--state", str(project.state))
@@ -92,10 +92,12 @@ def synced(tmp_path_factory: pytest.TempPathFactory, sandbox_server: SandboxServ
 
 @pytest.mark.parametrize(
     "args",
-    [("--version",), ("--help",), ("status",), ("status", "--json")],
-    ids=["version", "help", "status", "status-json"],
+    [("--version",), ("--help",), ("status",), ("status", "--json"), ("status", "--config")],
+    ids=["version", "help", "status", "status-json", "status-config-file"],
 )
 def test_light_commands_import_no_heavy_library(synced: Project, args: tuple[str, ...]) -> None:
+    if args[-1] == "--config":
+        args = (*args, str(synced.config))
     proc, modules = run_importing(synced, *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reconciler.cli" in modules  # the listing works: the CLI itself shows up
