@@ -24,8 +24,8 @@ def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
     signature covers the body, not the URL. Whatever names nothing known polls
     the open batches now.
     """
-    # Here, not at the top: the package loads this module, and ``status`` and
-    # ``--version`` would pay for structlog (and the rich it imports) unused.
+    # Imported here: ``status`` imports this package, and structlog's import
+    # costs a large part of that short command's start-up; the daemon has it.
     import structlog
 
     log = structlog.get_logger("reconciler")
