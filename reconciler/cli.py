@@ -260,10 +260,27 @@ def _echo_json(report: dict[str, Any]) -> None:
 @main.command()
 @common_options
 @click.option("--prune/--no-prune", default=None, help="Show what pruning would move.")
+@max_credits_option("Plan as `sync --max-credits N` would run: at most N credits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--save",
+    "save_to",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the plan to this file, for `reconciler apply FILE`.",
+)
 @_exits_on_errors(1)
-def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
-    """Dry run: what would be submitted, reused, restored, pruned. Exit 0 none, 2 changes."""
+def plan(
+    prune: bool | None,
+    max_credits: int | None,
+    as_json: bool,
+    save_to: Path | None,
+    **opts: Any,
+) -> None:
+    """Dry run: what the next pass submits now, holds back, reuses, restores, prunes.
+
+    Exit 0 no changes, 2 changes.
+    """
     import asyncio
 
     from rich.console import Console
@@ -271,7 +288,7 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
     from reconciler.layout import require_layout
     from reconciler.running import account_balance, make_plan, render_plan
 
-    settings = _settings(prune=prune, **opts)
+    settings = _settings(prune=prune, max_credits=max_credits, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     report = make_plan(settings, balance=asyncio.run(account_balance(settings)))
@@ -281,14 +298,40 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
             f"the specs folder {settings.specs_dir} is {report['specs_folder']} "
             "(--specs, or `specs` in the config)"
         )
+    if save_to is not None:
+        from reconciler.applying import save_plan
+
+        save_plan(report, settings, save_to)
     if as_json:
         _echo_json(report)
     else:
         # Lines are never wrapped: a pipe or a log keeps one line per item.
         render_plan(report, Console(soft_wrap=True))
+        if save_to is not None:
+            click.echo(f"plan saved to {save_to}: `reconciler apply {save_to}` carries it out")
     if report["invalid_files"]:
         sys.exit(1)
     sys.exit(2 if report["changes"] else 0)
+
+
+@main.command()
+@common_options
+@click.argument("plan_file", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False))
+@_exits_on_errors(1)
+def apply(plan_file: Path, **opts: Any) -> None:
+    """Carry out a plan saved with `plan --save FILE`, or refuse if it no longer holds.
+
+    Exit 0 every planned generation ready; 1 otherwise, or when it refuses.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from reconciler.applying import apply_plan
+
+    settings = _settings(**opts)
+    ok = asyncio.run(apply_plan(settings, plan_file, Console(stderr=True, soft_wrap=True)))
+    sys.exit(0 if ok else 1)
 
 
 @main.command()

@@ -981,7 +981,7 @@ async def run_doctor(
     cost: int | None
     spent = 0
     try:
-        cost = int(make_plan(settings)["credits"])
+        cost = int(make_plan(settings)["credits_queued"])
         spent = _spent_today(settings, clock())
     except ReconcilerError:
         cost = None  # the specs or folders line says why
