@@ -209,8 +209,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     initial = retry.get("backoff_initial", default("retry", "backoff_initial"))
     if retry.get("backoff_cap", default("retry", "backoff_cap")) < initial:
         raise ConfigError(f"{path}: retry.backoff_cap must be >= retry.backoff_initial")
-    if not top.get("models", True):
-        del top["models"]  # an empty list: the default models
+    if top.get("models") == ():  # an empty list: the default models
+        del top["models"]
     models = top.get("models", default("", "models"))
     unknown = [m for m in limits if m not in models]
     if unknown:
