@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reconciler.audio import probe_audio
 from reconciler.config import KEY_HELP, Settings, WebhookSettings
 from reconciler.errors import (
     AmbiguousSubmitError,
@@ -61,7 +62,6 @@ from reconciler.musicapi import (
     Rejected,
     TaskStatus,
 )
-from reconciler.outputs import probe_audio
 from reconciler.planning import CREDITS_PER_TASK, utc_day_start
 from reconciler.running import api_client, make_plan
 from reconciler.specs import scan_specs

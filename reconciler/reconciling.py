@@ -27,6 +27,7 @@ import structlog
 
 from reconciler import outputs as out
 from reconciler import tags as tagging
+from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import (
     AmbiguousSubmitError,
@@ -157,7 +158,7 @@ class Reconciler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.log = structlog.get_logger("reconciler")
-        self.cache = out.AudioCache(settings.state_dir / "cache")
+        self.cache = AudioCache(settings.state_dir / "cache")
         self.trash = out.Trash(settings.state_dir / "trash")
         self._last_good: dict[str, SpecFile] = ledger.last_good()
         #: How each spec file looked at the last scan, to tell when it stops changing.

@@ -18,10 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reconciler import outputs as out
+from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
 from reconciler.layout import require_layout
-from reconciler.ledger import Ledger, StateLock
+from reconciler.ledger import Ledger
 from reconciler.musicapi import MusicAPI
 from reconciler.planning import (
     CREDITS_PER_TASK,
@@ -35,6 +36,7 @@ from reconciler.planning import (
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import Settling, scan_specs
+from reconciler.statelock import StateLock
 from reconciler.words import plural
 
 
@@ -220,7 +222,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
     finally:
         if ledger:
             ledger.close()
-    cache = out.AudioCache(settings.state_dir / "cache")
+    cache = AudioCache(settings.state_dir / "cache")
     folder = out.OutputFolder(settings.out_dir)
     facts: dict[str, OutputFact] = {}
     for p, r in records.items():

@@ -1,7 +1,7 @@
 """The report behind ``reconciler status``: where every track stands.
 
 Where it sits: the end of the flow. It only reads the ledger (opened read-only
-in WAL mode, no lock, one transaction through ``Ledger.read_status``), so it
+in WAL mode, no lock, one transaction through ``ledger.read_status``), so it
 answers while a daemon or sync is writing. The JSON form is a documented,
 stable schema (``SCHEMA_VERSION``; fields are only ever added): see the README.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.config import Settings
 from reconciler.errors import UnknownNameError
 from reconciler.layout import check_layout
-from reconciler.ledger import Ledger, StatusRow
+from reconciler.ledger import StatusRow, read_status
 from reconciler.planning import CREDITS_PER_TASK, Suspension, output_names, utc_day_start
 from reconciler.words import did_you_mean, plural
 
@@ -134,7 +134,7 @@ def _folder_state(path: Path) -> str:
 def build_report(settings: Settings, now: float, selector: str | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain JSON-ready data."""
     sel_st, _, sel_track = (selector or "").partition("/")
-    read = Ledger.read_status(settings.ledger_path, utc_day_start(now), (sel_st, sel_track))
+    read = read_status(settings.ledger_path, utc_day_start(now), (sel_st, sel_track))
     if selector and not read.tracks:
         known: dict[str, set[str]] = {}
         for soundtrack, name in read.names:

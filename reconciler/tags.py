@@ -36,10 +36,10 @@ from mutagen.id3 import (
     PictureType,
 )
 
+from reconciler.audio import AudioCache
 from reconciler.errors import APIError, OutputError
 from reconciler.ledger import ClipRecord
 from reconciler.musicapi import MusicAPI
-from reconciler.outputs import AudioCache
 from reconciler.planning import DesiredTrack
 
 #: Bumped when the way tags are written changes, so every output is rewritten once.

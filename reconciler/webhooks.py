@@ -30,7 +30,7 @@ A verified callback is queued as a :class:`Hint` (the fingerprint from the
 URL, the task id and clip ids found anywhere in the body: the documented body
 carries no top-level ``task_id``) and wakes the daemon; the body's clip data
 is never used as a fact. The daemon applies the
-hints to the ledger between passes (:func:`apply_hints`), never during one: a
+hints to the ledger between passes (``ledger.apply_hints``), never during one: a
 pass holds ledger reads across awaits (a batch poll in flight would
 overwrite a "poll now" written under it), and one writer at a time keeps that
 simple. Applying means: a known task's batch is polled now; an unknown task
@@ -49,7 +49,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -59,7 +58,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reconciler.config import WebhookSettings
-from reconciler.ledger import Ledger
+from reconciler.ledger import Hint
 from reconciler.serving import AppServer
 
 Clock = Callable[[], float]
@@ -72,19 +71,6 @@ _TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 SEEN_CAPACITY = 8192
 #: Hints waiting for the next pass; one per task at most, so this bounds a flood.
 MAX_PENDING = 50_000
-
-
-@dataclass(frozen=True)
-class Hint:
-    """A verified callback: something happened to ``task_id`` of ``fingerprint``.
-
-    Either may be unknown: the batch-level URL names no fingerprint, and the
-    documented body names no task, only its clips.
-    """
-
-    fingerprint: str | None
-    task_id: str | None
-    clip_ids: tuple[str, ...] = ()
 
 
 class _Rejection(Exception):
@@ -271,52 +257,6 @@ def _named(body: bytes) -> tuple[str | None, tuple[str, ...]]:
         found for c in clips if isinstance(c, dict) and (found := _an_id(c.get("clip_id")))
     )
     return task_id, clip_ids
-
-
-def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
-    """Turn hints into "poll now" in the ledger; returns how many changed something.
-
-    A task the ledger knows (by id, or by a clip id an earlier poll recorded)
-    has its batch (or itself) polled now. A task it does not know is claimed
-    when its generation is waiting on a lost submit answer (``unknown``): the
-    callback proves the task exists and is paid for. A callback for such a
-    generation that names no task marks it paid, so it is never sent again on
-    its own. A task naming another fingerprint than its URL is refused: the
-    signature covers the body, not the URL. Whatever names nothing known polls
-    the open batches now.
-    """
-    log = structlog.get_logger("reconciler")
-    changed = 0
-    for hint in hints:
-        task_id = hint.task_id or next(
-            (t for c in hint.clip_ids if (t := ledger.task_of_clip(c)) is not None), None
-        )
-        ref = ledger.task_ref(task_id) if task_id else None
-        if ref is not None:
-            if hint.fingerprint is not None and ref.fingerprint != hint.fingerprint:
-                log.warning(
-                    "webhook.mismatch",
-                    fingerprint=hint.fingerprint,
-                    task_id=task_id,
-                    task_fingerprint=ref.fingerprint,
-                )
-                continue
-            ledger.wake(ref.batch_id, ref.task_id)
-            changed += 1
-            continue
-        if hint.fingerprint is not None and task_id is not None:
-            if ledger.claim(hint.fingerprint, task_id, now):
-                log.warning("webhook.claimed", fingerprint=hint.fingerprint, task_id=task_id)
-                changed += 1
-                continue
-        elif hint.fingerprint is not None and ledger.paid_hint(hint.fingerprint):
-            log.warning("webhook.paid_unnamed", fingerprint=hint.fingerprint)
-            changed += 1
-        # Nothing known: something finished somewhere, and the polls find it.
-        woken = ledger.wake_open()
-        log.info("webhook.unmatched", fingerprint=hint.fingerprint, task_id=task_id, woken=woken)
-        changed += bool(woken)
-    return changed
 
 
 class WebhookServer(AppServer):

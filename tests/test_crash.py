@@ -13,7 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from reconciler.outputs import TEMP_PREFIX, probe_audio
+from reconciler.audio import probe_audio
+from reconciler.durable import TEMP_PREFIX
 from reconciler.sandbox import SandboxControl
 from tests.project import Project, track, wait_until
 

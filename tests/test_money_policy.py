@@ -40,14 +40,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pydantic import SecretStr
 
 from reconciler.config import Settings
-from reconciler.ledger import Ledger
+from reconciler.ledger import Hint, Ledger, apply_hints
 from reconciler.musicapi import MusicAPI
 from reconciler.reconciling import Reconciler
 from reconciler.sandbox.app import Connections, create_app
 from reconciler.sandbox.config import SandboxConfig
 from reconciler.sandbox.state import ManualClock, SandboxState
 from reconciler.sandbox.state import fingerprint as item_hash
-from reconciler.webhooks import Hint, apply_hints
 
 BASE = "http://sandbox.test"
 KEY = "sandbox-key"

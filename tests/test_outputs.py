@@ -14,16 +14,15 @@ import lameenc
 import numpy as np
 import pytest
 
+from reconciler.audio import AudioCache, probe_audio
 from reconciler.errors import InvalidAudioError, OutputError
 from reconciler.outputs import (
-    AudioCache,
     TrackOutput,
     Trash,
     commit,
     file_state,
     output_path,
     prepare,
-    probe_audio,
     render_playlist,
     render_tracks_json,
     sha256_file,

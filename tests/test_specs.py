@@ -1101,7 +1101,7 @@ def test_scan_reuses_unchanged_files_by_digest(tmp_path: Path) -> None:
     assert second.files["b.yaml"] is not first.files["b.yaml"]
     assert second.files["b.yaml"].tracks == first.files["b.yaml"].tracks
     assert scan_specs(tmp_path, reuse={"a.yaml": stale}).files["a.yaml"] == first.files["a.yaml"]
-    with mock.patch.object(specs, "_parse", side_effect=AssertionError("parsed again")):
+    with mock.patch.object(specs.files, "_parse", side_effect=AssertionError("parsed again")):
         assert scan_specs(tmp_path, reuse=second.files).files == second.files
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.outputs import probe_audio
+from reconciler.audio import probe_audio
 from reconciler.sandbox import SandboxControl
 from tests.project import FAST_CONFIG, Project, track, wait_until
 

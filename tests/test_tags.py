@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from mutagen.id3 import ID3
 
+from reconciler.audio import AudioCache, probe_audio
 from reconciler.ledger import ClipRecord
 from reconciler.musicapi import MusicAPI
-from reconciler.outputs import AudioCache, probe_audio, sha256_file
+from reconciler.outputs import sha256_file
 from reconciler.planning import DesiredTrack, fingerprint
 from reconciler.sandbox import SandboxControl
 from reconciler.sandbox.audio import cover_png

@@ -26,12 +26,12 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from reconciler.config import WebhookSettings
-from reconciler.ledger import Ledger
+from reconciler.ledger import Hint, Ledger, apply_hints
 from reconciler.ops import Metrics
 from reconciler.planning import desired_state
 from reconciler.sandbox import SandboxControl
 from reconciler.specs import scan_specs
-from reconciler.webhooks import Hint, WebhookReceiver, apply_hints, signature
+from reconciler.webhooks import WebhookReceiver, signature
 from tests.daemonproc import DaemonProc, daemon_project, free_port
 from tests.project import Project, track, wait_until
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import revision
-from reconciler.outputs import TEMP_PREFIX, probe_audio
+from reconciler.audio import probe_audio
+from reconciler.durable import TEMP_PREFIX
 from reconciler.sandbox import SandboxServer, fingerprint
 from reconciler.sandbox.state import TASK_COST, SandboxState
 

@@ -7,31 +7,30 @@ and what was written (output files with checksums), plus an append-only event
 log. Every state transition is one transaction (``Database.atomic``), so a
 crash leaves either the old or the new state, never half of each.
 
-The state directory's lock (law 9) lives here too: writers hold it, ``status``
-opens the database read-only in WAL mode and never waits for it.
+Writers hold the state folder's lock (``statelock``); ``status`` opens the
+database read-only in WAL mode and never waits for it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import sqlite3
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from reconciler.errors import LedgerError, LockedError
+from reconciler.errors import LedgerError
+from reconciler.ledger.facts import (
+    ClipRecord,
+    OutputRecord,
+    TaskRef,
+    TaskUpdate,
+)
+from reconciler.ledger.store import Store, _dumps
 from reconciler.planning import Desired, Generation, GenState, OpenBatch, Suspension
 from reconciler.specs import SpecFile, TrackSpec
 
 if TYPE_CHECKING:
-    import sqlite_utils
+    pass
 
-Clock = Callable[[], float]
 
 #: An unknown generation none of whose submit's orphan tasks is still being read.
 _NOT_MATCHING = (
@@ -44,196 +43,6 @@ LOST_ANSWER_PARK = (
     "generation, so it is not sent again on its own: `reconciler retry` sends it "
     "again at the risk of paying twice"
 )
-
-_SCHEMA_V1 = """
-CREATE TABLE spec_files (
-    path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, digest TEXT NOT NULL,
-    body TEXT, error TEXT, updated_at REAL NOT NULL);
-CREATE TABLE tracks (
-    soundtrack TEXT NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    clips INTEGER NOT NULL, source TEXT NOT NULL, position INTEGER NOT NULL,
-    updated_at REAL NOT NULL, PRIMARY KEY (soundtrack, name));
-CREATE INDEX tracks_fingerprint ON tracks (fingerprint);
-CREATE TABLE generations (
-    fingerprint TEXT PRIMARY KEY, request TEXT NOT NULL, state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
-    reason TEXT, task_id TEXT, batch_id TEXT, submit_id INTEGER,
-    possible_double INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL);
-CREATE INDEX generations_state ON generations (state);
-CREATE TABLE submits (
-    id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
-    batch_id TEXT, fingerprints TEXT NOT NULL, error TEXT);
-CREATE TABLE batches (
-    batch_id TEXT PRIMARY KEY, submit_id INTEGER NOT NULL, at REAL NOT NULL,
-    open INTEGER NOT NULL, next_poll REAL NOT NULL, last_poll REAL);
-CREATE TABLE tasks (
-    task_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, batch_id TEXT, idx INTEGER,
-    state TEXT NOT NULL, at REAL NOT NULL, next_poll REAL, error TEXT);
-CREATE INDEX tasks_fingerprint ON tasks (fingerprint);
-CREATE TABLE clips (
-    clip_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    position INTEGER NOT NULL, state TEXT NOT NULL, audio_url TEXT, duration REAL,
-    title TEXT, lyrics TEXT, tags TEXT, sha256 TEXT, updated_at REAL NOT NULL);
-CREATE INDEX clips_fingerprint ON clips (fingerprint);
-CREATE TABLE outputs (
-    path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, track TEXT, clip INTEGER,
-    fingerprint TEXT, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, at REAL NOT NULL);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY, at REAL NOT NULL, event TEXT NOT NULL,
-    fingerprint TEXT, soundtrack TEXT, track TEXT, data TEXT);
-CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-# Money safety against answers the client cannot attribute:
-# - submits.unsettled: items of that submit that may have been charged but
-#   belong to no recorded task (in flight, answer lost, left out of the answer);
-#   the budget counts them until a claim settles them.
-# - generations.resubmits: resubmits after lost answers, held to the allowance.
-# - generations.paid_hint: a signed callback proved a lost submit created a
-#   task, so it is never sent again on its own.
-# - orphans: task ids an answer named without saying whose; polled through the
-#   task endpoint until their clips say which item they are.
-_SCHEMA_V2 = """
-ALTER TABLE submits ADD COLUMN unsettled INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE generations ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE generations ADD COLUMN paid_hint INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE orphans (
-    task_id TEXT PRIMARY KEY, submit_id INTEGER NOT NULL, batch_id TEXT,
-    at REAL NOT NULL, next_poll REAL, state TEXT NOT NULL);
-UPDATE submits SET unsettled = json_array_length(fingerprints)
-    WHERE state IN ('intent', 'ambiguous');
-"""
-
-# Version 3: a clip's cover image for the output's ID3 tags. ``cover`` is the
-# sha256 of the image in the cache, '' when the clip has none to fetch, NULL
-# until it was tried.
-_SCHEMA_V3 = """
-ALTER TABLE clips ADD COLUMN image_url TEXT;
-ALTER TABLE clips ADD COLUMN cover TEXT;
-"""
-
-#: Versioned migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
-
-
-@dataclass(frozen=True)
-class TaskRef:
-    task_id: str
-    fingerprint: str
-    batch_id: str | None
-    created_at: float
-
-
-@dataclass(frozen=True)
-class ClipRecord:
-    clip_id: str
-    task_id: str
-    fingerprint: str
-    position: int
-    state: str
-    audio_url: str | None
-    duration: float | None
-    title: str | None
-    lyrics: str | None
-    tags: str | None
-    sha256: str | None
-    image_url: str | None = None
-    #: The cover's sha256 in the cache; '' none to be had; None not fetched yet.
-    cover: str | None = None
-
-
-@dataclass(frozen=True)
-class OutputRecord:
-    path: str
-    soundtrack: str
-    track: str | None
-    clip: int | None
-    fingerprint: str | None
-    sha256: str
-    size: int
-    mtime_ns: int
-
-
-#: One track as ``status`` reads it: soundtrack, name, fingerprint, clips,
-#: source, when it last changed, and its generation's state, reason, attempts,
-#: next attempt and whether a callback proved a lost submit paid (the
-#: generation's fields are None before the first plan).
-StatusRow = tuple[
-    str, str, str, int, str, float, str | None, str | None, int | None, float | None, int | None
-]
-
-
-@dataclass(frozen=True)
-class StatusRead:
-    """Everything ``status`` shows, read in one transaction (``Ledger.read_status``)."""
-
-    tracks: list[StatusRow]
-    spec_errors: dict[str, str]
-    #: Output path → (the fingerprint its file holds, its size and mtime_ns when written).
-    outputs: dict[str, tuple[str | None, int, int]]
-    #: The ``kv`` facts it shows (output errors, submit block, last pass, API
-    #: health, short generations, unexpected shapes, suspension, output folder).
-    facts: dict[str, Any]
-    open_batches: int
-    ambiguous_submits: int
-    possible_double_spend: int
-    #: Credits' worth of tasks that may have been charged since ``since``, as ``spent_since``.
-    spent: int
-    #: Generations paid for or possibly so and not finished (the in-flight cap counts these).
-    in_flight: int
-    #: Orphan tasks still being matched, or finished without an owner.
-    orphans: int
-    #: Every (soundtrack, track), read only when a selector matched nothing.
-    names: list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class TaskUpdate:
-    """What one poll (or verified webhook) said about one task."""
-
-    task_id: str
-    status: str
-    clips: Sequence[ClipRecord]
-    error: str | None = None
-    failure_type: str | None = None
-
-
-class StateLock:
-    """An exclusive ``flock`` on ``<state>/lock``: one writer per state dir (law 9)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "lock"
-        self._file: TextIO | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = self.path.open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise LockedError(
-                f"{self.path.parent} is in use by {holder}; "
-                "stop it first (status works alongside it)"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def spec_to_json(spec: SpecFile) -> str:
@@ -278,122 +87,8 @@ def spec_from_json(path: str, body: str) -> SpecFile:
     )
 
 
-def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open for ``status``, which must work for operators who cannot write the state folder.
-
-    A WAL reader normally creates the ``-shm`` file; a user without write
-    access cannot, and gets "attempt to write a readonly database". With no
-    ``-wal`` file (the daemon stopped cleanly) the database is whole and
-    unchanging, so it can be read as immutable instead.
-    """
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        conn.execute("PRAGMA user_version").fetchone()
-    except sqlite3.OperationalError:
-        conn.close()
-        if Path(f"{path}-wal").exists():
-            raise
-        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
-    return conn
-
-
-class Ledger:
+class Ledger(Store):
     """Typed transitions over the SQLite ledger. Time comes from ``clock``."""
-
-    def __init__(self, db: sqlite_utils.Database, clock: Clock = time.time) -> None:
-        self.db = db
-        self.clock = clock
-
-    @classmethod
-    def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Ledger:
-        # Imported here, not at the top: sqlite-utils pulls in numpy, a tenth
-        # of a second that ``status`` (which reads through ``read_status``) skips.
-        import sqlite_utils
-
-        try:
-            if readonly:
-                if not path.exists():
-                    raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
-                conn = _connect_readonly(path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, timeout=30.0)
-            db = sqlite_utils.Database(conn)
-            if not readonly:
-                db.execute("PRAGMA journal_mode=WAL")
-                # NORMAL is durable across process crashes in WAL mode, which
-                # is the failure law 2 is about; FULL only adds power-loss
-                # safety for the last transaction at a large cost per write.
-                db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            ledger = cls(db, clock)
-            ledger._migrate(readonly)
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
-        return ledger
-
-    def close(self) -> None:
-        self.db.close()
-
-    def _migrate(self, readonly: bool) -> None:
-        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise LedgerError(
-                f"ledger schema version {version} is newer than this reconciler "
-                f"({len(MIGRATIONS)}); upgrade reconciler"
-            )
-        if version == len(MIGRATIONS):
-            return
-        if readonly:
-            raise LedgerError("ledger needs a migration; run `reconciler sync` once")
-        for i in range(version, len(MIGRATIONS)):
-            # One script per step, schema and version together: DDL is
-            # transactional in SQLite, so a crash leaves the old version whole.
-            self.db.conn.executescript(
-                f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; COMMIT;"
-            )
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        try:
-            with self.db.atomic():
-                yield
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"ledger write failed: {exc}") from exc
-
-    def _event(
-        self,
-        event: str,
-        *,
-        fingerprint: str | None = None,
-        soundtrack: str | None = None,
-        track: str | None = None,
-        **data: Any,
-    ) -> None:
-        self.db.execute(
-            "INSERT INTO events (at, event, fingerprint, soundtrack, track, data) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [self.clock(), event, fingerprint, soundtrack, track, _dumps(data) if data else None],
-        )
-
-    # -- key/value facts (API health, pass summaries, pauses) --------------------
-
-    def get(self, key: str) -> Any:
-        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    def put(self, key: str, value: Any) -> None:
-        """Write a fact only when it changed (law 12: quiet when converged)."""
-        encoded = _dumps(value)
-        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
-        if row is not None and row[0] == encoded:
-            return
-        with self.transaction():
-            self.db.execute(
-                "INSERT INTO kv (key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [key, encoded],
-            )
 
     # -- spec files and desired state --------------------------------------------
 
@@ -1316,6 +1011,15 @@ class Ledger:
         )
         return {r[0]: OutputRecord(*r) for r in rows}
 
+    def outputs_at(self, rel: str) -> list[OutputRecord]:
+        """The outputs recorded at ``rel`` or under it (a folder)."""
+        rows = self.db.execute(
+            "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns "
+            "FROM outputs WHERE path = ? OR substr(path, 1, ?) = ?",
+            [rel, len(rel) + 1, rel + "/"],
+        )
+        return [OutputRecord(*r) for r in rows]
+
     def output_written(self, rec: OutputRecord, *, event: str | None) -> None:
         with self.transaction():
             self.db.execute(
@@ -1368,107 +1072,3 @@ class Ledger:
                 [_dumps(suspension.to_json())],
             )
             self._event(event, soundtrack=soundtrack, all=soundtrack is None)
-
-    # -- reporting -----------------------------------------------------------------------
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Read-only rows for ``status``."""
-        return list(self.db.query(sql, list(params)))
-
-    @staticmethod
-    def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
-        """What ``status`` shows, over a plain read-only connection, in one transaction.
-
-        ``status`` is a short command a person waits for: it skips sqlite-utils
-        (and the numpy it imports) and the row dicts of ``query``, and reads
-        each table once. ``selector`` is (soundtrack, track); an empty part
-        matches all.
-        """
-        if not path.exists():
-            raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
-        try:
-            conn = _connect_readonly(path)
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > len(MIGRATIONS):
-                raise LedgerError(
-                    f"ledger schema version {version} is newer than this reconciler "
-                    f"({len(MIGRATIONS)}); upgrade reconciler"
-                )
-            if version < len(MIGRATIONS):
-                raise LedgerError("ledger needs a migration; run `reconciler sync` once")
-            # Only the conditions asked for: an "?1 = '' OR ..." form would
-            # double the cost of reading every track.
-            asked = [
-                (c, v)
-                for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True)
-                if v
-            ]
-            where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
-            tracks = conn.execute(
-                "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
-                "max(t.updated_at, coalesce(g.updated_at, 0)), g.state, g.reason, g.attempts, "
-                "g.next_attempt, g.paid_hint "
-                "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
-                + where
-                + " ORDER BY t.soundtrack, t.position",
-                [v for _, v in asked],
-            ).fetchall()
-            spec_errors = dict(
-                conn.execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
-            )
-            outputs = {
-                path: (fingerprint, size, mtime_ns)
-                for path, fingerprint, size, mtime_ns in conn.execute(
-                    "SELECT path, fingerprint, size, mtime_ns FROM outputs"
-                )
-            }
-            facts = {
-                key: json.loads(value)
-                for key, value in conn.execute(
-                    "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
-                    "'last_pass_at', 'api_health', 'batch_unsupported', 'short_generations', "
-                    "'unexpected_shapes', 'suspended', 'out_dir')"
-                )
-            }
-            batches, ambiguous, doubles, spent, in_flight, orphans = conn.execute(
-                "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
-                "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
-                "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
-                # The same count as spent_since: what the budget sees.
-                "(SELECT count(*) FROM tasks WHERE at >= ?1) + "
-                "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?1), "
-                "(SELECT count(*) FROM generations "
-                "WHERE state IN ('submitting', 'unknown', 'running')), "
-                "(SELECT count(*) FROM orphans WHERE state IN ('open', 'unmatched'))",
-                [since],
-            ).fetchone()
-            names = (
-                conn.execute("SELECT soundtrack, name FROM tracks").fetchall()
-                if asked and not tracks
-                else []
-            )
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
-        finally:
-            conn.close()
-        return StatusRead(
-            tracks=tracks,
-            spec_errors=spec_errors,
-            outputs=outputs,
-            facts=facts,
-            open_batches=batches,
-            ambiguous_submits=ambiguous,
-            possible_double_spend=doubles,
-            spent=spent,
-            in_flight=in_flight,
-            orphans=orphans,
-            names=names,
-        )
-
-    def integrity_ok(self) -> bool:
-        return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")

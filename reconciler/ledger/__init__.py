@@ -1,0 +1,41 @@
+"""The ledger package: everything the reconciler keeps in SQLite.
+
+Public names are re-exported here, so callers import ``from reconciler.ledger``
+and not from the module that happens to hold a name today.
+"""
+
+from reconciler.ledger.facts import (
+    ClipRecord,
+    Hint,
+    OutputRecord,
+    StatusRead,
+    StatusRow,
+    TaskRef,
+    TaskUpdate,
+)
+from reconciler.ledger.hints import apply_hints
+from reconciler.ledger.reports import read_status
+from reconciler.ledger.store import MIGRATIONS
+from reconciler.ledger.work import (
+    LOST_ANSWER_PARK,
+    Ledger,
+    spec_from_json,
+    spec_to_json,
+)
+
+__all__ = [
+    "LOST_ANSWER_PARK",
+    "MIGRATIONS",
+    "ClipRecord",
+    "Hint",
+    "Ledger",
+    "OutputRecord",
+    "StatusRead",
+    "StatusRow",
+    "TaskRef",
+    "TaskUpdate",
+    "apply_hints",
+    "read_status",
+    "spec_from_json",
+    "spec_to_json",
+]

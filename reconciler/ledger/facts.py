@@ -1,0 +1,106 @@
+"""Typed facts the ledger hands out and takes in: tasks, clips, outputs, status reads.
+
+Where it sits: plain records shared by the ledger's writers (``work``), its
+reports (``reports``) and their callers; no I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    task_id: str
+    fingerprint: str
+    batch_id: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    clip_id: str
+    task_id: str
+    fingerprint: str
+    position: int
+    state: str
+    audio_url: str | None
+    duration: float | None
+    title: str | None
+    lyrics: str | None
+    tags: str | None
+    sha256: str | None
+    image_url: str | None = None
+    #: The cover's sha256 in the cache; '' none to be had; None not fetched yet.
+    cover: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    path: str
+    soundtrack: str
+    track: str | None
+    clip: int | None
+    fingerprint: str | None
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+#: One track as ``status`` reads it: soundtrack, name, fingerprint, clips,
+#: source, when it last changed, and its generation's state, reason, attempts,
+#: next attempt and whether a callback proved a lost submit paid (the
+#: generation's fields are None before the first plan).
+StatusRow = tuple[
+    str, str, str, int, str, float, str | None, str | None, int | None, float | None, int | None
+]
+
+
+@dataclass(frozen=True)
+class StatusRead:
+    """Everything ``status`` shows, read in one transaction (``reports.read_status``)."""
+
+    tracks: list[StatusRow]
+    spec_errors: dict[str, str]
+    #: Output path → (the fingerprint its file holds, its size and mtime_ns when written).
+    outputs: dict[str, tuple[str | None, int, int]]
+    #: The ``kv`` facts it shows (output errors, submit block, last pass, API
+    #: health, short generations, unexpected shapes, suspension, output folder).
+    facts: dict[str, Any]
+    open_batches: int
+    ambiguous_submits: int
+    possible_double_spend: int
+    #: Credits' worth of tasks that may have been charged since ``since``, as ``spent_since``.
+    spent: int
+    #: Generations paid for or possibly so and not finished (the in-flight cap counts these).
+    in_flight: int
+    #: Orphan tasks still being matched, or finished without an owner.
+    orphans: int
+    #: Every (soundtrack, track), read only when a selector matched nothing.
+    names: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    """What one poll (or verified webhook) said about one task."""
+
+    task_id: str
+    status: str
+    clips: Sequence[ClipRecord]
+    error: str | None = None
+    failure_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A verified callback: something happened to ``task_id`` of ``fingerprint``.
+
+    Either may be unknown: the batch-level URL names no fingerprint, and the
+    documented body names no task, only its clips.
+    """
+
+    fingerprint: str | None
+    task_id: str | None
+    clip_ids: tuple[str, ...] = ()

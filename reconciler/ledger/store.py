@@ -1,0 +1,227 @@
+"""The ledger's store: the SQLite connection, WAL, the schema and its migrations,
+the event log and the key/value facts.
+
+Where it sits: the bottom of the ``ledger`` package. ``work`` builds the state
+transitions on ``Store``; ``reports`` reads through ``connect_readonly``. Only
+this package touches SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from reconciler.errors import LedgerError
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+Clock = Callable[[], float]
+
+_SCHEMA_V1 = """
+CREATE TABLE spec_files (
+    path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, digest TEXT NOT NULL,
+    body TEXT, error TEXT, updated_at REAL NOT NULL);
+CREATE TABLE tracks (
+    soundtrack TEXT NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    clips INTEGER NOT NULL, source TEXT NOT NULL, position INTEGER NOT NULL,
+    updated_at REAL NOT NULL, PRIMARY KEY (soundtrack, name));
+CREATE INDEX tracks_fingerprint ON tracks (fingerprint);
+CREATE TABLE generations (
+    fingerprint TEXT PRIMARY KEY, request TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
+    reason TEXT, task_id TEXT, batch_id TEXT, submit_id INTEGER,
+    possible_double INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX generations_state ON generations (state);
+CREATE TABLE submits (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+    batch_id TEXT, fingerprints TEXT NOT NULL, error TEXT);
+CREATE TABLE batches (
+    batch_id TEXT PRIMARY KEY, submit_id INTEGER NOT NULL, at REAL NOT NULL,
+    open INTEGER NOT NULL, next_poll REAL NOT NULL, last_poll REAL);
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, batch_id TEXT, idx INTEGER,
+    state TEXT NOT NULL, at REAL NOT NULL, next_poll REAL, error TEXT);
+CREATE INDEX tasks_fingerprint ON tasks (fingerprint);
+CREATE TABLE clips (
+    clip_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    position INTEGER NOT NULL, state TEXT NOT NULL, audio_url TEXT, duration REAL,
+    title TEXT, lyrics TEXT, tags TEXT, sha256 TEXT, updated_at REAL NOT NULL);
+CREATE INDEX clips_fingerprint ON clips (fingerprint);
+CREATE TABLE outputs (
+    path TEXT PRIMARY KEY, soundtrack TEXT NOT NULL, track TEXT, clip INTEGER,
+    fingerprint TEXT, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, at REAL NOT NULL);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, event TEXT NOT NULL,
+    fingerprint TEXT, soundtrack TEXT, track TEXT, data TEXT);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# Money safety against answers the client cannot attribute:
+# - submits.unsettled: items of that submit that may have been charged but
+#   belong to no recorded task (in flight, answer lost, left out of the answer);
+#   the budget counts them until a claim settles them.
+# - generations.resubmits: resubmits after lost answers, held to the allowance.
+# - generations.paid_hint: a signed callback proved a lost submit created a
+#   task, so it is never sent again on its own.
+# - orphans: task ids an answer named without saying whose; polled through the
+#   task endpoint until their clips say which item they are.
+_SCHEMA_V2 = """
+ALTER TABLE submits ADD COLUMN unsettled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE generations ADD COLUMN resubmits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE generations ADD COLUMN paid_hint INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE orphans (
+    task_id TEXT PRIMARY KEY, submit_id INTEGER NOT NULL, batch_id TEXT,
+    at REAL NOT NULL, next_poll REAL, state TEXT NOT NULL);
+UPDATE submits SET unsettled = json_array_length(fingerprints)
+    WHERE state IN ('intent', 'ambiguous');
+"""
+
+# Version 3: a clip's cover image for the output's ID3 tags. ``cover`` is the
+# sha256 of the image in the cache, '' when the clip has none to fetch, NULL
+# until it was tried.
+_SCHEMA_V3 = """
+ALTER TABLE clips ADD COLUMN image_url TEXT;
+ALTER TABLE clips ADD COLUMN cover TEXT;
+"""
+
+#: Versioned migrations: index i brings the schema from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open for ``status``, which must work for operators who cannot write the state folder.
+
+    A WAL reader normally creates the ``-shm`` file; a user without write
+    access cannot, and gets "attempt to write a readonly database". With no
+    ``-wal`` file (the daemon stopped cleanly) the database is whole and
+    unchanging, so it can be read as immutable instead.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.OperationalError:
+        conn.close()
+        if Path(f"{path}-wal").exists():
+            raise
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    return conn
+
+
+class Store:
+    """The open database and the clock every write is stamped with."""
+
+    def __init__(self, db: sqlite_utils.Database, clock: Clock = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    @classmethod
+    def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Self:
+        # Imported here, not at the top: sqlite-utils pulls in numpy, a tenth
+        # of a second that ``status`` (which reads through ``read_status``) skips.
+        import sqlite_utils
+
+        try:
+            if readonly:
+                if not path.exists():
+                    raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
+                conn = connect_readonly(path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, timeout=30.0)
+            db = sqlite_utils.Database(conn)
+            if not readonly:
+                db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL is durable across process crashes in WAL mode, which
+                # is the failure law 2 is about; FULL only adds power-loss
+                # safety for the last transaction at a large cost per write.
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            store = cls(db, clock)
+            store._migrate(readonly)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self, readonly: bool) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise LedgerError(
+                f"ledger schema version {version} is newer than this reconciler "
+                f"({len(MIGRATIONS)}); upgrade reconciler"
+            )
+        if version == len(MIGRATIONS):
+            return
+        if readonly:
+            raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+        for i in range(version, len(MIGRATIONS)):
+            # One script per step, schema and version together: DDL is
+            # transactional in SQLite, so a crash leaves the old version whole.
+            self.db.conn.executescript(
+                f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; COMMIT;"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        try:
+            with self.db.atomic():
+                yield
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"ledger write failed: {exc}") from exc
+
+    def _event(
+        self,
+        event: str,
+        *,
+        fingerprint: str | None = None,
+        soundtrack: str | None = None,
+        track: str | None = None,
+        **data: Any,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO events (at, event, fingerprint, soundtrack, track, data) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [self.clock(), event, fingerprint, soundtrack, track, _dumps(data) if data else None],
+        )
+
+    # -- key/value facts (API health, pass summaries, pauses) --------------------
+
+    def get(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        """Write a fact only when it changed (law 12: quiet when converged)."""
+        encoded = _dumps(value)
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+        if row is not None and row[0] == encoded:
+            return
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, encoded],
+            )
+
+    # -- reading -----------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Read-only rows for ``status``."""
+        return list(self.db.query(sql, list(params)))
+
+    def integrity_ok(self) -> bool:
+        return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")

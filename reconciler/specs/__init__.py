@@ -1,0 +1,36 @@
+"""The specs package: spec files → validated specs, the first step of every pass.
+
+Public names are re-exported here, so callers import ``from reconciler.specs``
+and not from the module that happens to hold a name today.
+"""
+
+from reconciler.specs.files import (
+    MAX_SPEC_BYTES,
+    Look,
+    Observation,
+    Settling,
+    SpecScan,
+    is_spec_candidate,
+    load_spec_file,
+    observe,
+    scan_specs,
+)
+from reconciler.specs.formats import SPEC_SUFFIXES
+from reconciler.specs.rules import DEFAULT_MODELS, SpecFile, TrackSpec, parse_spec
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MAX_SPEC_BYTES",
+    "SPEC_SUFFIXES",
+    "Look",
+    "Observation",
+    "Settling",
+    "SpecFile",
+    "SpecScan",
+    "TrackSpec",
+    "is_spec_candidate",
+    "load_spec_file",
+    "observe",
+    "parse_spec",
+    "scan_specs",
+]

@@ -1,0 +1,359 @@
+"""Spec files: find the candidates, wait until each has stopped changing, read it safely.
+
+Where it sits: the first step of every pass::
+
+    spec files → validated specs → desired state → plan → submit → track
+    → download → outputs → ledger → status
+
+This module owns the first arrow's reading half. It finds the candidate files
+under the specs folder and reads each one defensively (no symlinks out of the
+folder, no special or oversized files, no half-written files, and for a pass
+none that is still changing: see ``observe``), then hands the bytes to
+``rules`` (through ``formats``) and gathers the folder into one :class:`SpecScan`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from reconciler.errors import SpecError, SpecProblem
+from reconciler.limits import FIELD_LIMITS, FieldLimits
+from reconciler.specs.formats import SPEC_SUFFIXES
+from reconciler.specs.rules import DEFAULT_MODELS, SpecFile, _parse
+
+MAX_SPEC_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SpecScan:
+    """The whole specs folder as one pass sees it.
+
+    ``root_state`` tells the planner whether pruning is safe: only ``"ok"``
+    means the folder was read completely. A folder with a subfolder that
+    cannot be listed is ``"unreadable"``, because the tracks in it are unknown,
+    not gone, and a bad spec must remove nothing.
+    """
+
+    root_state: Literal["ok", "missing", "unreadable", "empty"]
+    files: Mapping[str, SpecFile]
+    errors: Mapping[str, SpecError]
+    #: Files still changing (see :class:`Settling`), with the note to show for each.
+    settling: Mapping[str, str] = field(default_factory=dict)
+    #: When the first of them may be read: the end of its window, on the scan's clock.
+    settled_by: float | None = None
+    #: How every file read looked, to pass as ``Settling.previous`` next time.
+    observed: Mapping[str, Observation] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Waiting for a file to stop changing
+
+
+@dataclass(frozen=True)
+class Look:
+    """What one read of a spec file shows: enough to tell that it changed."""
+
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A spec file's look, since when it has looked so, and when it was last read.
+
+    Times are on the clock of the scans; the file is stable once
+    ``since + window <= now``.
+    """
+
+    look: Look
+    since: float
+    seen: float
+
+
+def observe(previous: Observation | None, look: Look, now: float, window: float) -> Observation:
+    """The file's observation after reading ``look`` at ``now``.
+
+    A file that looks as it did keeps its ``since``. Otherwise its mtime is
+    believed when it is already ``window`` old and later than the last read
+    (or there was none): the file has not changed since, so a folder nobody
+    is writing to is read at once, and so is a file saved once, found by the
+    pass its save scheduled. The tools that set an old mtime on purpose
+    (``cp -p``, ``tar``, ``rsync -t``) set it after the last byte, so at
+    worst they make a changed file look older than our last read: then, as
+    for a young or future mtime, the window starts now.
+    """
+    if previous is not None and previous.look == look:
+        return replace(previous, seen=now)
+    modified = look.mtime_ns / 1e9
+    after_last_read = previous is None or modified > previous.seen
+    if after_last_read and now - modified >= window:
+        return Observation(look, modified, now)
+    return Observation(look, now, now)
+
+
+@dataclass(frozen=True)
+class Settling:
+    """Read a file only once it has stopped changing (paying for a half-written
+    prompt is paying twice): ``scan_specs`` holds back a file until it has
+    looked the same (size, mtime, content digest) for ``window`` seconds.
+
+    ``previous`` is the last scan's ``observed``; ``now`` the scan's time.
+    With ``hold`` False the settling files are read all the same and only
+    reported (``plan`` shows what the folder says now).
+    """
+
+    previous: Mapping[str, Observation]
+    now: float
+    window: float
+    hold: bool = True
+
+
+# ---------------------------------------------------------------------------
+# Finding and reading files
+
+# Editors and sync tools write these next to the real file; the suffix test
+# already excludes "x.yaml~", "#x.yaml#", "x.yaml.swp" and vim's "4913" probe.
+_TEMP_SUFFIXES = frozenset({".swp", ".swx", ".tmp", ".bak", ".orig", ".part"})
+
+
+def is_spec_candidate(path: Path) -> bool:
+    """Whether ``path`` (relative to the specs root) should be read as a spec.
+
+    Hidden files and folders, editor swap/backup files and partial downloads
+    are not candidates, so saving a file in an editor never shows a
+    half-written neighbour to the reconciler.
+    """
+    name = path.name
+    if path.suffix.lower() not in SPEC_SUFFIXES:
+        return False
+    if any(part.startswith(".") for part in path.parts):
+        return False
+    if name.startswith("#"):  # emacs auto-save "#x.yaml" variants
+        return False
+    return not any(s.lower() in _TEMP_SUFFIXES for s in path.suffixes[:-1])
+
+
+def load_spec_file(
+    root: Path,
+    path: Path,
+    *,
+    models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
+    label_root: str | None = None,
+) -> SpecFile:
+    """Read and validate one spec file under ``root``.
+
+    ``path`` is either inside ``root`` (``root / "a.yaml"``) or relative to it
+    (``"a.yaml"``). Errors are labelled ``f"{label_root or root.name}/{rel}"``.
+    Raises :class:`SpecError` for anything wrong, reading included.
+    """
+    rel = _relative(root, path)
+    label = _label(root.name if label_root is None else label_root, rel)
+    data, _ = _read_spec_bytes(root, rel, label)
+    return _parse(label, data, rel, models, limits)[0]
+
+
+def scan_specs(
+    root: Path,
+    *,
+    models: Sequence[str] = DEFAULT_MODELS,
+    limits: FieldLimits = FIELD_LIMITS,
+    reuse: Mapping[str, SpecFile] | None = None,
+    settle: Settling | None = None,
+) -> SpecScan:
+    """Read every candidate file under ``root``, sorted by relative path.
+
+    With ``settle``, a file that has not yet looked the same for the settle
+    window is held back (neither in ``files`` nor in ``errors``, but in
+    ``settling``): the caller keeps its last good version in force.
+
+    A file whose bytes hash to ``reuse[rel].digest`` is not parsed again: the
+    earlier object is returned, which keeps a pass over an unchanged folder
+    cheap. Pass ``reuse`` only from scans made with the same ``models`` and ``limits``.
+    ``reuse`` also settles two files naming one soundtrack: the file whose
+    earlier version named it keeps it; otherwise the first by path does.
+    Symlinked folders are not followed (they could leave the root or loop);
+    symlinked files are read when they resolve inside the root.
+    """
+    try:
+        root_stat = root.stat()
+    except FileNotFoundError:
+        return SpecScan("missing", {}, {})
+    except OSError:
+        return SpecScan("unreadable", {}, {})
+    if not stat.S_ISDIR(root_stat.st_mode):
+        return SpecScan("unreadable", {}, {})
+    rels, complete = _walk(root)
+    if not rels:
+        return SpecScan("empty" if complete else "unreadable", {}, {})
+
+    prefix = root.name
+    parsed: list[tuple[str, bytes, SpecFile]] = []
+    errors: dict[str, SpecError] = {}
+    settling: dict[str, str] = {}
+    settled_by: float | None = None
+    observed: dict[str, Observation] = {}
+    for rel in rels:
+        label = _label(prefix, rel)
+        try:
+            data, mtime_ns = _read_spec_bytes(root, rel, label)
+            digest = hashlib.sha256(data).hexdigest()
+            if settle is not None:
+                look = Look(len(data), mtime_ns, digest)
+                seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
+                observed[rel] = seen
+                ready_at = seen.since + settle.window
+                if ready_at > settle.now:
+                    settling[rel] = (
+                        f"{label}: is still changing; it is read once it has been "
+                        f"unchanged for {settle.window:g} s"
+                    )
+                    settled_by = ready_at if settled_by is None else min(settled_by, ready_at)
+                    if settle.hold:
+                        continue
+            previous = reuse.get(rel) if reuse else None
+            if previous is not None and previous.digest == digest:
+                spec = previous
+            else:
+                spec = _parse(label, data, rel, models, limits)[0]
+        except SpecError as exc:
+            errors[rel] = exc
+            continue
+        parsed.append((rel, data, spec))
+
+    def incumbent_first(entry: tuple[str, bytes, SpecFile]) -> tuple[bool, str]:
+        # A soundtrack stays with the file whose last good version defined it:
+        # a file dropped in later that names it (even one sorting first) is
+        # the duplicate, so it can never take over another file's outputs.
+        rel, _, spec = entry
+        previous = reuse.get(rel) if reuse else None
+        return (previous is None or previous.soundtrack != spec.soundtrack, rel)
+
+    files: dict[str, SpecFile] = {}
+    owners: dict[str, str] = {}  # soundtrack name -> label of the file that defines it
+    # An invalid file keeps its last good version in force, and with it its
+    # soundtrack: another file naming it is the duplicate (and is reported),
+    # unless that file defined it itself last time.
+    incumbents = {
+        spec.soundtrack for rel, _, spec in parsed if not incumbent_first((rel, b"", spec))[0]
+    }
+    for rel in errors:
+        previous = reuse.get(rel) if reuse else None
+        if previous is not None and previous.soundtrack not in incumbents:
+            owners.setdefault(previous.soundtrack, _label(prefix, rel))
+    for rel, data, spec in sorted(parsed, key=incumbent_first):
+        label = _label(prefix, rel)
+        owner = owners.get(spec.soundtrack)
+        if owner is not None:
+            # Only now is the line needed; parsing again is cheaper than
+            # carrying it on every SpecFile for this rare case.
+            line = _parse(label, data, rel, models, limits)[1]
+            message = (
+                f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
+                "give this file another `soundtrack:` name"
+            )
+            errors[rel] = SpecError([SpecProblem(label, line, "soundtrack", message)])
+            continue
+        owners[spec.soundtrack] = label
+        files[rel] = spec
+    files = {rel: files[rel] for rel in sorted(files)}
+    errors = {rel: errors[rel] for rel in sorted(errors)}
+    root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
+    return SpecScan(root_state, files, errors, settling, settled_by, observed)
+
+
+def _walk(root: Path) -> tuple[list[str], bool]:
+    """Candidate files under ``root`` as sorted POSIX relative paths.
+
+    The flag is False when some folder could not be listed.
+    """
+    found: list[str] = []
+    complete = True
+    pending: list[tuple[str, str]] = [(os.fspath(root), "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    rel = prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        if not entry.name.startswith("."):
+                            pending.append((entry.path, rel + "/"))
+                    elif is_spec_candidate(Path(rel)) and not (
+                        entry.is_symlink() and entry.is_dir()
+                    ):
+                        found.append(rel)
+        except OSError:
+            complete = False
+    found.sort()
+    return found, complete
+
+
+def _relative(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _label(prefix: str, rel: str) -> str:
+    label = f"{prefix}/{rel}" if prefix else rel
+    # A file name may hold a newline: escaped, the report stays one line per problem.
+    return label if label.isprintable() else repr(label)
+
+
+def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
+    """The file's bytes and mtime_ns, read only if it is a regular file inside ``root``."""
+
+    def refuse(message: str) -> SpecError:
+        return SpecError([SpecProblem(label, None, None, message)])
+
+    try:
+        real_root = root.resolve(strict=True)
+        real = (root / rel).resolve(strict=True)
+        if not real.is_relative_to(real_root):
+            raise refuse(f"points to {real}, outside the specs folder")
+        before = real.stat()
+        if not stat.S_ISREG(before.st_mode):
+            raise refuse("is not a regular file")
+        if before.st_size > MAX_SPEC_BYTES:
+            raise refuse(_too_large(before.st_size))
+        # O_NOFOLLOW: the path was resolved above, so a symlink here means it
+        # was swapped in since; O_NONBLOCK: a FIFO swapped in cannot hang us.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(real, flags)
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+                raise refuse(_CHANGING)
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := os.read(fd, 1 << 20):
+                size += len(chunk)
+                if size > MAX_SPEC_BYTES:
+                    raise refuse(_too_large(size))
+                chunks.append(chunk)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    if (opened.st_size, opened.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+        size != after.st_size
+    ):
+        raise refuse(_CHANGING)
+    return b"".join(chunks), after.st_mtime_ns
+
+
+_CHANGING = "is changing while being read; it will be read again on the next pass"
+
+
+def _too_large(size: int) -> str:
+    return f"is too large ({size} bytes; spec files may be at most {MAX_SPEC_BYTES} bytes)"
