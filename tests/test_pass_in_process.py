@@ -1,37 +1,21 @@
 """Whole passes in process: a real ``Reconciler`` and ledger against the sandbox app.
 
-The sandbox's ASGI app runs in this process behind ``httpx.ASGITransport``
-on a manual clock, so generation takes no wall time and nothing waits: each
-pass moves both clocks on by the poll interval. What a user depends on is
-read from the outside: the output folder's files and ``tracks.json``, and
+See ``tests/inprocess.py``: no process, no port and no wall-clock wait, so
+each pass moves both clocks on by the poll interval. What a user depends on
+is read from the outside: the output folder's files and ``tracks.json``, and
 the sandbox's own books of what it charged.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-import structlog
-from pydantic import SecretStr
 
-from reconciler.config import Settings
-from reconciler.ledger import Ledger
-from reconciler.musicapi import MusicAPI
-from reconciler.reconciling import PassResult, Reconciler
-from reconciler.sandbox.app import Connections, create_app
-from reconciler.sandbox.config import SandboxConfig
-from reconciler.sandbox.state import ManualClock, SandboxState
 from tests.daemonproc import expected_tracks, materialised
+from tests.inprocess import LATENCY, POLL, World
 from tests.reliability.support import accounting, assert_outputs_whole
-
-BASE = "http://sandbox.test"
-KEY = "sandbox-key"
-POLL = 1.0
-LATENCY = 3.0
 
 SPECS = {
     "study.yaml": """\
@@ -56,71 +40,9 @@ tracks:
 }
 
 
-class World:
-    """The sandbox app, a reconciler over a real ledger file, and one clock for both."""
-
-    def __init__(self, root: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.now = 1_800_000_000.0
-        self.sandbox_clock = ManualClock()
-        self.sandbox = SandboxState(
-            SandboxConfig(latency=LATENCY, seed=1), clock=self.sandbox_clock
-        )
-        self.sandbox.public_base = BASE
-        self.settings = Settings(
-            specs_dir=root / "specs",
-            out_dir=root / "tracks",
-            state_dir=root / "state",
-            api_url=f"{BASE}/api/v1",
-            api_key=SecretStr(KEY),
-            batch_window=0.0,
-            poll_interval=POLL,
-        )
-        self.settings.specs_dir.mkdir()
-        for name, text in SPECS.items():
-            (self.settings.specs_dir / name).write_text(text)
-        self.api = MusicAPI(
-            self.settings.api_url,
-            KEY,
-            transport=httpx.ASGITransport(app=create_app(self.sandbox, Connections())),
-            max_requests_per_second=1e6,
-            log=structlog.get_logger("test"),
-        )
-        self.ledger = Ledger.open(self.settings.ledger_path, clock=self.clock)
-        self.reconciler = Reconciler(self.settings, self.ledger, self.api, clock=self.clock)
-
-    def clock(self) -> float:
-        return self.now
-
-    def later(self, seconds: float) -> None:
-        self.now += seconds
-        self.sandbox_clock.advance(seconds)
-
-    async def converge(self, max_passes: int = 20) -> list[PassResult]:
-        """Passes, the clocks a poll interval apart, until every track is ready."""
-        results = []
-        for _ in range(max_passes):
-            results.append(await self.reconciler.run_pass())
-            if results[-1].converged:
-                return results
-            self.later(POLL)
-        raise AssertionError(f"not converged after {max_passes} passes: {results[-1]}")
-
-    def run(self, passes: int = 20) -> list[PassResult]:
-        return self.loop.run_until_complete(self.converge(passes))
-
-    def one_pass(self) -> PassResult:
-        return self.loop.run_until_complete(self.reconciler.run_pass())
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.api.aclose())
-        self.loop.close()
-        self.ledger.close()
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
+    w = World(tmp_path, SPECS)
     yield w
     w.close()
 
