@@ -137,7 +137,6 @@ class Settings:
     models: tuple[str, ...] = DEFAULT_MODELS
     #: model → text field → most characters allowed (limits.py, with the config's overrides).
     field_limits: FieldLimits = field(default_factory=lambda: FIELD_LIMITS)
-    batch_size: int = 10
     #: Seconds a burst of saves may share batches, and how long a spec file must
     #: stay unchanged (size, mtime, content) before a pass reads it.
     batch_window: float = 2.0

@@ -1,8 +1,8 @@
 """The daemon behind ``reconciler run``: watch, wait, run the same pass as ``sync``.
 
-Where it sits: between the CLI and reconciling. It takes the state lock (one
-writer per state folder), opens the ledger and the API client (the embedded
-sandbox with ``--sandbox``), and then loops: run one reconcile pass, tell
+Where it sits: between the CLI and reconciling. It gets its reconciler from
+the composition root (``app.open_app``: the state lock, the ledger and the API
+client, the embedded sandbox with ``--sandbox``), and then loops: run one reconcile pass, tell
 systemd how it went, wait for the next reason to run another. The reasons:
 
 - a poll or retry falls due (``PassResult.next_due``, from the ledger);
@@ -41,15 +41,13 @@ from dataclasses import fields, replace
 import structlog
 
 from reconciler import logs
+from reconciler.app import open_app
 from reconciler.config import Settings, settings_summary
 from reconciler.errors import LedgerError, ReconcilerError
-from reconciler.layout import require_layout
 from reconciler.ledger import Ledger, apply_hints
 from reconciler.ops import Metrics, OpsApp
 from reconciler.reconciling import PassResult, Reconciler
-from reconciler.running import api_client
 from reconciler.serving import AppServer
-from reconciler.statelock import StateLock
 from reconciler.systemd import Notifier, watchdog_interval
 from reconciler.watching import OutputWatcher, SpecWatcher, output_drifted
 from reconciler.webhooks import WebhookReceiver, WebhookServer
@@ -162,24 +160,10 @@ class Daemon:
     # -- start and stop --------------------------------------------------------------
 
     async def run(self) -> int:
-        s = self.settings
-        require_layout(s.specs_dir, s.out_dir, s.state_dir)
-        lock = StateLock(self.settings.state_dir)
-        lock.acquire()
-        try:
-            ledger = Ledger.open(self.settings.ledger_path)
-            try:
-                async with api_client(self.settings, on_request=self.metrics.api_request) as (
-                    s,
-                    api,
-                ):
-                    self.settings = s
-                    self.rec = Reconciler(s, ledger, api)
-                    await self._serve(ledger)
-            finally:
-                ledger.close()
-        finally:
-            lock.release()
+        async with open_app(self.settings, on_request=self.metrics.api_request) as app:
+            self.settings = app.settings
+            self.rec = app.reconciler
+            await self._serve(app.ledger)
         self.log.info("daemon.stopped")
         return 0
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reconciler.app import api_client
 from reconciler.audio import probe_audio
 from reconciler.config import KEY_HELP, Settings, WebhookSettings
 from reconciler.errors import (
@@ -63,7 +64,7 @@ from reconciler.musicapi import (
     TaskStatus,
 )
 from reconciler.planning import CREDITS_PER_TASK, utc_day_start
-from reconciler.running import api_client, make_plan
+from reconciler.running import make_plan
 from reconciler.specs import scan_specs
 from reconciler.webhooks import WebhookReceiver, WebhookServer
 from reconciler.words import plural
@@ -967,7 +968,7 @@ async def run_doctor(
     """The preflight, then (with ``live`` and ``confirm``'s yes) the live check.
 
     With ``--sandbox`` the emulator is served in this process meanwhile
-    (``running.api_settings``).
+    (``app.api_settings``).
     """
     report = Report()
 

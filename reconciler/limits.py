@@ -1,4 +1,5 @@
-"""The per-model length limits of the create request's text fields: the one table.
+"""The service's limits: the batch size, and the per-model length limits of the
+create request's text fields (the one table).
 
 Where it sits: beside the spec rules. ``specs.py`` checks every track against
 it before anything is paid for, and the sandbox's request validation answers
@@ -11,6 +12,11 @@ per-model figures), so a deployment can override any entry in the config
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+#: The most create requests one ``POST /sonic/batch`` carries: the service's
+#: limit, and the batch size the reconciler submits, since a full batch is
+#: the fewest calls (there is nothing to gain from smaller ones).
+MAX_BATCH_ITEMS = 10
 
 #: The text fields that have a length limit, in the order requests list them.
 TEXT_FIELDS: tuple[str, ...] = (

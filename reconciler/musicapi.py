@@ -69,9 +69,10 @@ from reconciler.errors import (
     RejectedError,
     TemporaryAPIError,
 )
+from reconciler.limits import MAX_BATCH_ITEMS
+from reconciler.outcomes import rejection_kind
 
 __all__ = [
-    "MAX_BATCH_ITEMS",
     "Accepted",
     "BatchPoll",
     "BatchProbe",
@@ -89,11 +90,8 @@ __all__ = [
     "parse_retry_after",
     "read_batch_poll",
     "read_batch_results",
-    "rejection_kind",
 ]
 
-MAX_BATCH_ITEMS = 10
-"""The service accepts 1 to 10 items per ``POST /sonic/batch``."""
 
 TaskState = Literal["pending", "running", "succeeded", "failed"]
 
@@ -400,35 +398,6 @@ def _entry_index(entry: Any) -> int | None:
     if isinstance(index, int) and not isinstance(index, bool):
         return index
     return None
-
-
-#: A rejection's words, when it names no type: money pauses, the rest parks.
-#: (A 403 is about money when its reason says so too; anything else is moderation.)
-_CREDIT_WORDS = re.compile(
-    r"credit|subscri|balance|insufficient|quota|billing|payment", re.IGNORECASE
-)
-_CONTENT_WORDS = re.compile(
-    r"moderat|copyright|inappropriate|forbidden|policy|violat|invalid|must|required|too long|"
-    r"exceed|characters|unknown|not allowed|not supported|bad request|validation",
-    re.IGNORECASE,
-)
-
-
-def rejection_kind(type_: str | None, message: str) -> str:
-    """What a refused item means for the caller: ``credits``, ``content`` or ``unknown``.
-
-    The service's ``type`` decides when it names one we know; otherwise the
-    message's words do (a rejection may carry only a message).
-    """
-    if type_ in ("insufficient_credits", "payment_required"):
-        return "credits"
-    if type_ in ("bad_request", "forbidden", "moderation", "invalid_request"):
-        return "content"
-    if _CREDIT_WORDS.search(message):
-        return "credits"
-    if _CONTENT_WORDS.search(message):
-        return "content"
-    return "unknown"
 
 
 def _index_base(indexes: Sequence[int], slots: Collection[int]) -> int | None:
@@ -753,7 +722,7 @@ def _classify(
         return NotFoundError(message, status=status, request_id=request_id)
     if status == 401:
         return AuthError(message, status=status, request_id=request_id)
-    if status == 402 or (status == 403 and _CREDIT_WORDS.search(message)):
+    if status == 402 or (status == 403 and rejection_kind(None, message) == "credits"):
         return InsufficientCreditsError(message, status=status, request_id=request_id)
     if status in (400, 403, 413, 422):
         return RejectedError(message, status=status, request_id=request_id)

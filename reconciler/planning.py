@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.specs import SpecFile
 
 #: Credits one accepted task costs (protocol doc); a task yields two clips.
 CREDITS_PER_TASK = 15
-#: Items one batch submit carries at most.
-BATCH_SIZE = 10
 
 GenState = Literal["queued", "submitting", "unknown", "running", "succeeded", "parked"]
 #: States in which a fingerprint is paid for or may be: never submit these again.
@@ -258,7 +257,7 @@ def due_submissions(
     in_flight: int,
     max_in_flight: int,
     affordable: int | None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = MAX_BATCH_ITEMS,
 ) -> tuple[str, ...]:
     """Fingerprints to submit now, in spec order.
 
@@ -287,7 +286,7 @@ def due_submissions(
     return tuple(eligible[:n])
 
 
-def batches(fingerprints: Sequence[str], size: int = BATCH_SIZE) -> list[tuple[str, ...]]:
+def batches(fingerprints: Sequence[str], size: int = MAX_BATCH_ITEMS) -> list[tuple[str, ...]]:
     """Split into full batches: G items cost ceil(G/size) submit calls."""
     return [tuple(fingerprints[i : i + size]) for i in range(0, len(fingerprints), size)]
 

@@ -49,7 +49,16 @@ from reconciler.musicapi import (
     Rejected,
     TaskStatus,
     Unconfirmed,
+)
+from reconciler.outcomes import (
+    Abandon,
+    Park,
+    Poll,
+    Requeue,
+    failure_reason,
+    rejected_item,
     rejection_kind,
+    task_outcome,
 )
 from reconciler.planning import (
     CREDITS_PER_TASK,
@@ -71,15 +80,11 @@ from reconciler.planning import (
 )
 from reconciler.specs import Observation, Settling, SpecFile, SpecScan, scan_specs
 
-#: How often an upstream failure is retried before the fingerprint is parked.
-MAX_UPSTREAM_ATTEMPTS = 3
 #: Downloads in parallel: enough to stream results, few enough to be polite.
 DOWNLOAD_CONCURRENCY = 4
 POLL_CONCURRENCY = 8
 #: Tracks materialised between two yields to the event loop.
 YIELD_EVERY = 100
-#: Upstream failure types that are a verdict on the content, not a hiccup.
-_PERMANENT_FAILURES = frozenset({"forbidden"})
 
 
 @dataclass
@@ -311,7 +316,6 @@ class Reconciler:
             balance = (await self.api.get_credits()).total
         except AuthError as exc:
             self._api_health(exc)
-            self._pause_submissions(f"API key rejected (401): {exc.message}")
             return 0
         except APIError as exc:
             # Without a balance the budgets still hold; the service refuses
@@ -528,12 +532,13 @@ class Reconciler:
         refusal nobody can classify is tried a few times, then parked."""
         reason = f"rejected ({res.type}): {res.error}"
         kind = rejection_kind(None if res.type == "rejected" else res.type, res.error)
-        if kind == "content" or (kind == "unknown" and attempts + 1 >= MAX_UPSTREAM_ATTEMPTS):
-            parked[fp] = reason
+        outcome = rejected_item(kind, reason, attempts=attempts, retry_at=self._retry_at(attempts))
+        if isinstance(outcome, Park):
+            parked[fp] = outcome.reason
             return
         if kind == "credits":
             self._pause_submissions("insufficient credits on the account")
-        requeue[fp] = (self._retry_at(attempts), reason)
+        requeue[fp] = (outcome.at, outcome.reason)
 
     async def _submit_single(self, fp: str, result: PassResult) -> bool:
         submit_id = self.ledger.begin_submit([fp], "single")
@@ -572,7 +577,6 @@ class Reconciler:
             self.log.warning("generation.parked", fingerprint=fp, reason=exc.message)
             return True
         if isinstance(exc, AuthError):
-            self._pause_submissions(f"API key rejected (401): {exc.message}")
             self.ledger.submit_not_sent(submit_id, 0.0, exc.message)
             result.blocked = self._block_reason
             return False
@@ -606,6 +610,9 @@ class Reconciler:
             health["last_error"] = now
             health["last_error_message"] = f"{type(exc).__name__}: {exc.message}"
         self.ledger.put("api_health", health)
+        if isinstance(exc, AuthError):
+            # A rejected key needs a person, whichever request found it out.
+            self._pause_submissions(f"API key rejected (401): {exc.message}")
 
     # -- poll ---------------------------------------------------------------------------
 
@@ -781,8 +788,6 @@ class Reconciler:
 
     def _poll_failed(self, exc: APIError) -> None:
         self._api_health(exc)
-        if isinstance(exc, AuthError):
-            self._pause_submissions(f"API key rejected (401): {exc.message}")
         self.log.warning("poll.failed", error=exc.message, status=exc.status)
 
     def _record(self, status: TaskStatus) -> bool:
@@ -814,38 +819,27 @@ class Reconciler:
         ref = self.ledger.task_ref(status.task_id)
         if ref is None:
             return False
-        if status.status == "succeeded":
-            self.ledger.record_task(update)
-            return False
         attempts = self.ledger.attempts([ref.fingerprint])[ref.fingerprint]
-        if status.status != "failed":
-            if self.clock() - ref.created_at <= self.settings.task_timeout:
-                self.ledger.record_task(update)
-                return True
-            # The service normally times a task out itself (a refunded
-            # "timeout" failure); one that never ends is given up on, and
-            # sending it again counts as possible double spend: it was charged.
-            reason = f"did not finish within {self.settings.task_timeout:.0f} s"
+        outcome = task_outcome(
+            status.status,
+            error=status.error,
+            failure_type=status.failure_type,
+            age=self.clock() - ref.created_at,
+            timeout=self.settings.task_timeout,
+            attempts=attempts,
+            retry_at=self._retry_at(attempts),
+        )
+        if isinstance(outcome, Abandon):
             self.ledger.abandon_task(
-                status.task_id,
-                requeue_at=self._retry_at(attempts)
-                if attempts + 1 < MAX_UPSTREAM_ATTEMPTS
-                else None,
-                reason=reason,
+                status.task_id, requeue_at=outcome.requeue_at, reason=outcome.reason
             )
-            self.log.warning("task.abandoned", task_id=status.task_id, reason=reason)
+            self.log.warning("task.abandoned", task_id=status.task_id, reason=outcome.reason)
             return False
-        reason = status.error or status.failure_type or "failed upstream"
-        if status.failure_type in _PERMANENT_FAILURES:
-            self.ledger.record_task(update, park_reason=f"{status.failure_type}: {reason}")
-        elif attempts + 1 >= MAX_UPSTREAM_ATTEMPTS:
-            self.ledger.record_task(
-                update, park_reason=f"failed upstream {attempts + 1} times: {reason}"
-            )
-        else:
-            self.ledger.record_task(update, requeue_at=self._retry_at(attempts))
-        self.log.warning("task.failed", task_id=status.task_id, reason=reason)
-        return False
+        self.ledger.record_task(update, outcome)
+        if isinstance(outcome, Park | Requeue):
+            reason = failure_reason(status.error, status.failure_type)
+            self.log.warning("task.failed", task_id=status.task_id, reason=reason)
+        return isinstance(outcome, Poll)
 
     # -- download -----------------------------------------------------------------------
 

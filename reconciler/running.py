@@ -1,16 +1,15 @@
 """``sync`` and ``plan``: the one-shot commands around the reconcile pass.
 
-Where it sits: between the CLI and reconciling. ``run_sync`` takes the state
-lock, opens the ledger and the API client, and converges once with a progress
-bar on a terminal; ``make_plan`` is the dry run: the same scan and diff with
-no lock, no writes and no API calls.
+Where it sits: between the CLI and reconciling. ``run_sync`` gets its
+reconciler from the composition root (``app.open_app``: state lock, ledger,
+API client) and converges once with a progress bar on a terminal;
+``make_plan`` is the dry run: the same scan and diff with no lock, no writes
+and no API calls.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -18,12 +17,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reconciler import outputs as out
+from reconciler.app import api_client, open_app
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
-from reconciler.layout import require_layout
 from reconciler.ledger import Ledger
-from reconciler.musicapi import MusicAPI
+from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.planning import (
     CREDITS_PER_TASK,
     DiskState,
@@ -36,63 +35,13 @@ from reconciler.planning import (
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
 from reconciler.specs import Settling, scan_specs
-from reconciler.statelock import StateLock
 from reconciler.words import plural
-
-
-@asynccontextmanager
-async def api_settings(settings: Settings) -> AsyncIterator[Settings]:
-    """With ``--sandbox``, serve the emulator in this process and point at it."""
-    if not settings.sandbox:
-        settings.require_key()
-        yield settings
-        return
-    from reconciler.sandbox.server import SandboxConfig, SandboxServer
-
-    async with SandboxServer(SandboxConfig(port=0)) as server:
-        structlog.get_logger("reconciler").info("sandbox.started", url=server.base_url)
-        yield settings.with_api(server.base_url, server.key)
-
-
-@asynccontextmanager
-async def api_client(
-    settings: Settings,
-    *,
-    max_attempts: int = 3,
-    on_request: Callable[[str, str, float], None] | None = None,
-) -> AsyncIterator[tuple[Settings, MusicAPI]]:
-    """The settings in force and the API client they point at (the in-process
-    sandbox with ``--sandbox``): the one place a command's client is built.
-    ``on_request`` is the daemon's metrics hook (``MusicAPI``)."""
-    async with (
-        api_settings(settings) as s,
-        MusicAPI(
-            s.api_url,
-            s.require_key(),
-            timeout=s.request_timeout,
-            max_requests_per_second=s.max_requests_per_second,
-            max_attempts=max_attempts,
-            on_request=on_request,
-        ) as api,
-    ):
-        yield s, api
 
 
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
-    require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
-    lock = StateLock(settings.state_dir)
-    lock.acquire()
-    try:
-        ledger = Ledger.open(settings.ledger_path)
-        try:
-            async with api_client(settings) as (s, api):
-                rec = Reconciler(s, ledger, api)
-                result = await _converge_with_progress(rec, console)
-        finally:
-            ledger.close()
-    finally:
-        lock.release()
+    async with open_app(settings) as app:
+        result = await _converge_with_progress(app.reconciler, console)
     console.print(summary_line(result), soft_wrap=True)
     return result.converged
 
@@ -256,7 +205,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
         "warnings": cost_warnings(
             d.cost, balance=balance, budget=settings.daily_budget, spent_today=spent_today
         ),
-        "submit_calls": -(-len(d.submit) // 10),
+        "submit_calls": -(-len(d.submit) // MAX_BATCH_ITEMS),
         "invalid_files": {p: str(e) for p, e in scan.errors.items()},
         "settling": sorted(scan.settling),
         "specs_folder": scan.root_state,

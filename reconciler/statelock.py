@@ -1,8 +1,8 @@
 """The state directory's lock: one writer per state folder.
 
-Where it sits: taken first by ``sync`` and the daemon, before the ledger is
-opened for writing; ``status`` never takes it (it reads the ledger in WAL
-mode alongside a running daemon).
+Where it sits: taken first by the composition root (``app.open_app``), before
+the ledger is opened for writing; ``status`` never takes it (it reads the
+ledger in WAL mode alongside a running daemon).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from reconciler.ledger.facts import (
     TaskUpdate,
 )
 from reconciler.ledger.store import Store, _dumps
+from reconciler.outcomes import Done, Outcome, Park, Requeue, lost_task
 from reconciler.planning import Desired, Generation, GenState, OpenBatch, Suspension
 from reconciler.specs import SpecFile, TrackSpec
 
@@ -740,18 +741,12 @@ class Ledger(Store):
                 [next_poll, task_id],
             )
 
-    def record_task(
-        self,
-        update: TaskUpdate,
-        *,
-        requeue_at: float | None = None,
-        park_reason: str | None = None,
-    ) -> None:
-        """Store what a poll said about a task and move its generation on.
+    def record_task(self, update: TaskUpdate, outcome: Outcome) -> None:
+        """Store what a poll said about a task and apply its ``outcome`` (decided
+        by ``outcomes.task_outcome``) to the generation it is current for.
 
-        Clips are upserted as they are; a finished task's generation becomes
-        ``succeeded``. A failed task requeues its generation (upstream failures
-        are refunded) or parks it, as the caller's policy decided.
+        Clips are upserted as they are. Only the generation's current, running
+        task moves it on: an older task's answer is kept, and changes nothing.
         """
         now = self.clock()
         ref = self.task_ref(update.task_id)
@@ -800,19 +795,17 @@ class Ledger(Store):
                 )
             if not is_current or current is None or current[0] != "running":
                 return
-            if update.status == "succeeded":
+            if isinstance(outcome, Done):
                 self.db.execute(
                     "UPDATE generations SET state = 'succeeded', reason = NULL, updated_at = ? "
                     "WHERE fingerprint = ?",
                     [now, ref.fingerprint],
                 )
                 self._event("task.succeeded", fingerprint=ref.fingerprint, task_id=update.task_id)
-            elif update.status == "failed":
-                reason = update.error or update.failure_type or "failed upstream"
-                if park_reason is not None:
-                    self._park(ref.fingerprint, park_reason, now)
-                elif requeue_at is not None:
-                    self._requeue(ref.fingerprint, requeue_at, reason, now)
+            elif isinstance(outcome, Park):
+                self._park(ref.fingerprint, outcome.reason, now)
+            elif isinstance(outcome, Requeue):
+                self._requeue(ref.fingerprint, outcome.at, outcome.reason, now)
 
     def _task_unchanged(self, update: TaskUpdate) -> bool:
         row = self.db.execute(
@@ -831,13 +824,9 @@ class Ledger(Store):
     def task_lost(
         self, task_id: str, requeue_at: float, reason: str, *, max_resubmits: int
     ) -> None:
-        """The service says it does not know a task it handed out (404).
-
-        The task was charged and may still exist (a 404 can be wrong), so
-        sending the generation again is possible double spend: it is counted,
-        and held to the same allowance as a lost submit answer; past it the
-        generation waits for a person.
-        """
+        """The service says it does not know a task it handed out (404): the
+        generation is requeued, counted as possible double spend, or parked, as
+        ``outcomes.lost_task`` decides from its resubmits so far."""
         now = self.clock()
         ref = self.task_ref(task_id)
         if ref is None:
@@ -852,14 +841,18 @@ class Ledger(Store):
             ).fetchone()
             if row is None or row[1] != task_id:
                 return  # an older task of a generation that has moved on
-            if row[0] >= max_resubmits:
-                self._park(
-                    ref.fingerprint,
-                    f"task {task_id} unknown to the service; {LOST_ANSWER_PARK}",
-                    now,
-                )
+            outcome = lost_task(
+                task_id,
+                reason,
+                resubmits=row[0],
+                max_resubmits=max_resubmits,
+                retry_at=requeue_at,
+                park=LOST_ANSWER_PARK,
+            )
+            if isinstance(outcome, Park):
+                self._park(ref.fingerprint, outcome.reason, now)
                 return
-            self._requeue(ref.fingerprint, requeue_at, reason, now)
+            self._requeue(ref.fingerprint, outcome.at, outcome.reason, now)
             self.db.execute(
                 "UPDATE generations SET possible_double = possible_double + 1, "
                 "resubmits = resubmits + 1 WHERE fingerprint = ?",

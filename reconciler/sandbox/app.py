@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.sandbox.faults import FaultProfileError, FaultRule
 from reconciler.sandbox.shapes import batch_problem, poll_answer, submit_body
 from reconciler.sandbox.state import SandboxState, Task
@@ -45,7 +46,6 @@ from reconciler.sandbox.validation import validate_webhook
 from reconciler.sandbox.webhooks import WebhookSender
 
 API = "/api/v1"
-MAX_BATCH = 10
 # The ticker re-reads the clock at least this often, so an injected clock that
 # jumps (tests) still gets its refunds and webhooks on time.
 TICK_SECONDS = 0.05
@@ -316,10 +316,14 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
             return _error(400, "bad_request", "body: expected a JSON object")
         items = body.get("items")
         if not isinstance(items, list):
-            return _error(400, "bad_request", "items: required, a list of 1 to 10 requests")
-        if not 1 <= len(items) <= MAX_BATCH:
             return _error(
-                400, "bad_request", f"items: {len(items)} given, a batch holds 1 to {MAX_BATCH}"
+                400, "bad_request", f"items: required, a list of 1 to {MAX_BATCH_ITEMS} requests"
+            )
+        if not 1 <= len(items) <= MAX_BATCH_ITEMS:
+            return _error(
+                400,
+                "bad_request",
+                f"items: {len(items)} given, a batch holds 1 to {MAX_BATCH_ITEMS}",
             )
         problem = validate_webhook(body)
         if problem is None and "batch-400-one-bad" in state.config.shapes:
