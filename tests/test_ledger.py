@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.ledger import LOST_ANSWER_PARK, ClipRecord, Ledger, TaskUpdate
+from reconciler.outcomes import Done, Outcome, Park, Poll, Requeue
 from reconciler.planning import desired_state
 from reconciler.specs import scan_specs
 
@@ -219,14 +220,9 @@ class Walk:
             self.submit_id, batch, {self.a: (task, 0)}, {}, {}, poll_at=self.clock.now + 5
         )
 
-    def poll(
-        self,
-        status: str,
-        task: str = "task-a",
-        *,
-        requeue_at: float | None = None,
-        park_reason: str | None = None,
-    ) -> None:
+    def poll(self, status: str, task: str = "task-a", outcome: Outcome | None = None) -> None:
+        """A poll of ``task`` saying ``status``, applied as ``outcome`` (what
+        ``outcomes.task_outcome`` decided; by default keep polling or done)."""
         clips = [
             ClipRecord(
                 clip_id=f"{task}-clip",
@@ -243,11 +239,9 @@ class Walk:
             )
         ]
         error = "upstream error" if status == "failed" else None
-        self.ledger.record_task(
-            TaskUpdate(task, status, clips, error=error),
-            requeue_at=requeue_at,
-            park_reason=park_reason,
-        )
+        if outcome is None:
+            outcome = Done() if status == "succeeded" else Poll()
+        self.ledger.record_task(TaskUpdate(task, status, clips, error=error), outcome)
 
     def later(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -372,13 +366,17 @@ TRANSITIONS = [
     ),
     Transition(
         "task failed upstream (refunded): running -> queued with a retry time",
-        [Walk.submit, Walk.accepted, lambda w: w.poll("failed", requeue_at=NOW + 20)],
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.poll("failed", outcome=Requeue(NOW + 20, "upstream error")),
+        ],
         {"state": "queued", "attempts": 1, "next_attempt": NOW + 20, "reason": "upstream error"},
         1,
     ),
     Transition(
         "task failed for good: running -> parked with the policy's reason",
-        [Walk.submit, Walk.accepted, lambda w: w.poll("failed", park_reason="forbidden: lyrics")],
+        [Walk.submit, Walk.accepted, lambda w: w.poll("failed", outcome=Park("forbidden: lyrics"))],
         {"state": "parked", "reason": "forbidden: lyrics"},
         1,
     ),
@@ -387,7 +385,7 @@ TRANSITIONS = [
         [
             Walk.submit,
             Walk.accepted,
-            lambda w: w.poll("failed", requeue_at=NOW),
+            lambda w: w.poll("failed", outcome=Requeue(NOW, "upstream error")),
             Walk.submit,
             lambda w: w.accepted(task="task-a2", batch="batch-2"),
             lambda w: w.poll("succeeded", task="task-a"),
