@@ -321,7 +321,9 @@ def test_never_valid_file_shows_in_status_and_goes_when_deleted(project: Project
 
 
 def test_status_answers_while_sync_writes(project: Project) -> None:
-    project.sandbox.configure(latency=1.5)
+    # Generation takes 4 s: a status process started on a busy machine (a
+    # second or more) must still find both batches in flight.
+    project.sandbox.configure(latency=4.0)
     project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(15)])
     proc = subprocess.Popen(project.args("sync"), env=project.env(), stderr=subprocess.DEVNULL)
     try:
