@@ -411,7 +411,7 @@ def validate(paths: tuple[Path, ...], specs: Path | None, config: Path | None) -
 @_exits_on_errors(1)
 def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
     """Make parked failures eligible again (works while the daemon runs)."""
-    from reconciler.ledger import Ledger
+    from reconciler.ledger import Ledger, reports
     from reconciler.status import check_selector
 
     if not tracks and not all_failed:
@@ -422,8 +422,8 @@ def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
         fps: list[str] = ledger.parked_fingerprints() if all_failed else []
         if tracks:
             known: dict[str, set[str]] = {}
-            for row in ledger.query("SELECT soundtrack, name FROM tracks"):
-                known.setdefault(row["soundtrack"], set()).add(row["name"])
+            for soundtrack, track_name in reports.track_names(ledger):
+                known.setdefault(soundtrack, set()).add(track_name)
             for name in tracks:
                 check_selector(known, name)
                 st, _, track = name.partition("/")

@@ -25,6 +25,7 @@ from reconciler import outputs as out
 from reconciler.config import Settings
 from reconciler.errors import UnknownNameError
 from reconciler.ledger import Ledger
+from reconciler.ledger import reports as ledger_reports
 from reconciler.planning import CREDITS_PER_TASK, output_names
 from reconciler.status import build_report, render
 from reconciler.words import did_you_mean
@@ -55,11 +56,7 @@ def unknown_name(
 
 
 def known_soundtracks(ledger: Ledger) -> set[str]:
-    rows = ledger.query(
-        "SELECT soundtrack FROM tracks "
-        "UNION SELECT soundtrack FROM spec_files WHERE soundtrack != ''"
-    )
-    return {r["soundtrack"] for r in rows}
+    return ledger_reports.soundtracks(ledger)
 
 
 def check_selector(ledger: Ledger, selector: str) -> tuple[str, str | None]:
@@ -69,10 +66,7 @@ def check_selector(ledger: Ledger, selector: str) -> tuple[str, str | None]:
         raise unknown_name("soundtrack", soundtrack, known_soundtracks(ledger))
     if not track:
         return soundtrack, None
-    names = [
-        r["name"]
-        for r in ledger.query("SELECT name FROM tracks WHERE soundtrack = ?", [soundtrack])
-    ]
+    names = [n for _, n in ledger_reports.track_names(ledger, soundtrack)]
     if track not in names:
         raise unknown_name("track", selector, (f"{soundtrack}/{n}" for n in names))
     return soundtrack, track
@@ -86,21 +80,12 @@ def describe_report(ledger: Ledger, settings: Settings, selector: str) -> dict[s
     soundtrack, name = check_selector(ledger, selector)
     if name is None:
         raise UnknownNameError(f"name one track as SOUNDTRACK/TRACK, not {selector!r}")
-    t = ledger.query(
-        "SELECT fingerprint, clips, source, position, updated_at FROM tracks "
-        "WHERE soundtrack = ? AND name = ?",
-        [soundtrack, name],
-    )[0]
+    t = ledger_reports.track_row(ledger, soundtrack, name)
+    assert t is not None  # check_selector found it
     fp = t["fingerprint"]
-    gens = ledger.query("SELECT * FROM generations WHERE fingerprint = ?", [fp])
-    gen = gens[0] if gens else None
-    tasks = ledger.query("SELECT * FROM tasks WHERE fingerprint = ? ORDER BY at", [fp])
-    clips = ledger.query(
-        "SELECT c.clip_id, c.task_id, c.position, c.state, c.duration, c.sha256 "
-        "FROM clips c JOIN tasks k ON k.task_id = c.task_id WHERE c.fingerprint = ? "
-        "ORDER BY k.at, c.position",
-        [fp],
-    )
+    gen = ledger_reports.generation_row(ledger, fp)
+    tasks = ledger_reports.task_rows(ledger, fp)
+    clips = ledger_reports.clip_rows(ledger, fp)
     current_task = gen["task_id"] if gen else None
     return {
         "soundtrack": soundtrack,
@@ -139,13 +124,13 @@ def describe_report(ledger: Ledger, settings: Settings, selector: str) -> dict[s
 
 def _spec_location(ledger: Ledger, specs_dir: Path, source: str, name: str) -> dict[str, Any]:
     """The file and line of the track's entry, and its ``variant`` (part of the fingerprint)."""
-    rows = ledger.query("SELECT body, error FROM spec_files WHERE path = ?", [source])
+    row = ledger_reports.spec_file_row(ledger, source)
     entry: dict[str, Any] = {}
     error = None
-    if rows:
-        error = rows[0]["error"]
-        if rows[0]["body"]:
-            body = json.loads(rows[0]["body"])
+    if row:
+        error = row["error"]
+        if row["body"]:
+            body = json.loads(row["body"])
             entry = next((x for x in body["tracks"] if x["name"] == name), {})
     return {
         "file": str(specs_dir / source),
@@ -162,16 +147,8 @@ def _attempts(ledger: Ledger, fp: str, tasks: Sequence[dict[str, Any]]) -> list[
     single create's task is the first batchless one created after it. Tasks
     no submit accounts for were claimed by a webhook after a lost answer.
     """
-    submits = ledger.query(
-        "SELECT id, at, kind, state, batch_id, error FROM submits "
-        "WHERE instr(fingerprints, ?) > 0 ORDER BY id",
-        [f'"{fp}"'],
-    )
-    outcomes = ledger.query(
-        "SELECT at, event, data FROM events WHERE fingerprint = ? "
-        "AND event IN ('generation.parked', 'generation.retrying') ORDER BY id",
-        [fp],
-    )
+    submits = ledger_reports.submit_rows(ledger, fp)
+    outcomes = ledger_reports.verdict_events(ledger, fp)
     unmatched = list(tasks)
     found: list[dict[str, Any]] = []
     for s in submits:
@@ -273,13 +250,7 @@ def _output_checks(
 def _track_events(
     ledger: Ledger, soundtrack: str, name: str, fp: str, clip_ids: Sequence[str]
 ) -> list[dict[str, Any]]:
-    rows = ledger.query(
-        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
-        "WHERE (soundtrack = ? AND track = ?) OR (fingerprint = ? AND track IS NULL) "
-        "OR (event = 'clip.downloaded' "
-        "AND json_extract(data, '$.clip_id') IN (SELECT value FROM json_each(?))) ORDER BY id",
-        [soundtrack, name, fp, json.dumps(list(clip_ids))],
-    )
+    rows = ledger_reports.track_events(ledger, soundtrack, name, fp, clip_ids)
     return [event_json(r) for r in rows]
 
 
@@ -382,20 +353,8 @@ class EventReader:
             self.soundtrack, self.track = check_selector(ledger, selector)
 
     def new(self) -> list[dict[str, Any]]:
-        # Events of a generation name its fingerprint, not its tracks: those of
-        # the selected tracks' fingerprints belong to them too (but not another
-        # soundtrack's track events for a shared fingerprint).
-        rows = self.ledger.query(
-            "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
-            "WHERE id > ? AND (? IS NULL OR at >= ?) AND (? IS NULL "
-            "OR (soundtrack = ? AND (? IS NULL OR track = ?)) OR (track IS NULL AND fingerprint IN "
-            "(SELECT fingerprint FROM tracks WHERE soundtrack = ? AND (? IS NULL OR name = ?)))) "
-            "ORDER BY id",
-            [self.last_id, self.since, self.since]
-            + [self.soundtrack] * 2
-            + [self.track] * 2
-            + [self.soundtrack]
-            + [self.track] * 2,
+        rows = ledger_reports.events_after(
+            self.ledger, self.last_id, self.since, self.soundtrack, self.track
         )
         if rows:
             self.last_id = rows[-1]["id"]

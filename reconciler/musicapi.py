@@ -13,15 +13,15 @@ What this module promises its callers:
 * Only exceptions from :mod:`reconciler.errors` leave it; httpx's never do (and
   are not chained either, because an httpx exception holds the request and so
   the Authorization header).
-* The error's class carries the retry policy (law 7). Submits are never retried
+* The error's class carries the retry policy (rule 7). Submits are never retried
   here: there is no idempotency key, so a submit that may have reached the
   service raises :class:`AmbiguousSubmitError` and the caller applies the
-  protocol's grace-period rule (law 2). A submit cancelled while in flight is
+  protocol's grace-period rule (rule 2). A submit cancelled while in flight is
   just as ambiguous; the caller's recorded intent covers that case.
 * Idempotent GETs (polls, credits, downloads) are retried here with capped
   exponential backoff and jitter, honouring ``Retry-After`` (via stamina).
 * The API key goes into the Authorization header of API calls and nowhere else:
-  not into ``repr``, messages, logs, or requests to other hosts (law 10).
+  not into ``repr``, messages, logs, or requests to other hosts (rule 10).
 * Answers are read leniently: every plausible shape of the partly documented
   batch answers is understood (:func:`read_batch_results`,
   :func:`read_batch_poll`), an item is only matched to a task when that is

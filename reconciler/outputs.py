@@ -164,7 +164,7 @@ def file_state(path: Path) -> tuple[int, int] | None:
 def write_text_if_changed(dest: Path, text: str) -> bool:
     """Write ``text`` (UTF-8) atomically unless dest holds exactly it; True if written.
 
-    Law 12: a converged pass must not even bump an mtime, or the watcher and
+    Rule 12: a converged pass must not even bump an mtime, or the watcher and
     any sync tool downstream would see a change that is not one.
     """
     data = text.encode("utf-8")

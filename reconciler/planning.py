@@ -373,7 +373,7 @@ def affordable_tasks(
     spent_in_run: int = 0,
     max_credits: int | None = None,
 ) -> Allowance:
-    """How many tasks may still be submitted without passing any ceiling (law 8).
+    """How many tasks may still be submitted without passing any ceiling (rule 8).
 
     Spent figures count every credit that *may* have been spent, so a lost
     answer can never let a submit through that the ceiling would refuse.

@@ -4,9 +4,9 @@ Where it sits: this module wires the flow together. A pass reads the spec
 folder (specs), records it (ledger), computes the desired state and what is
 due (planning), submits in full batches (musicapi), polls what is in flight,
 downloads finished clips into the cache and materialises outputs (outputs),
-recording every step in the ledger before and after it happens (law 2).
+recording every step in the ledger before and after it happens (rule 2).
 
-Every pass is level-triggered (law 1): it recomputes everything from the
+Every pass is level-triggered (rule 1): it recomputes everything from the
 folder, the ledger and the output files, so a missed event or a crash costs
 nothing but a pass. The daemon and ``sync`` run the same pass.
 """
@@ -265,7 +265,7 @@ class Reconciler:
             scan.files, {**errors, **scan.settling}, complete=scan.root_state == "ok"
         )
         for path, err in scan.errors.items():
-            # Report each problem once, not on every pass (law 12).
+            # Report each problem once, not on every pass (rule 12).
             if self._reported.get(path) != str(err):
                 for problem in err.problems:
                     self.log.warning("spec.invalid", problem=str(problem))
@@ -350,7 +350,7 @@ class Reconciler:
         self._balance = None
 
     def _spent_out(self, allowance: Allowance, now: float) -> None:
-        """A ceiling is reached: no submit until it can have lifted (law 15: the
+        """A ceiling is reached: no submit until it can have lifted (rule 15: the
         pass waits for that, or for a poll, rather than asking again at once)."""
         self._block_reason = allowance.reason
         if allowance.limit == "budget":
@@ -1180,7 +1180,7 @@ class Reconciler:
             result.written += 1
         self._lists[soundtrack] = (key, [out.file_state(d) for d in dests])
 
-    # -- prune (law 5) ------------------------------------------------------------------
+    # -- prune (rule 5) ------------------------------------------------------------------
 
     def _prune(self, desired: Desired, result: PassResult) -> None:
         if not self.settings.prune:

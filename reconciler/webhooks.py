@@ -1,4 +1,4 @@
-"""The webhook receiver: verified callbacks become hints, never facts (law 11).
+"""The webhook receiver: verified callbacks become hints, never facts (rule 11).
 
 Where it sits: beside the daemon loop. Each submitted item carries its own
 ``webhook_url`` (``<public_url>/hook/<fingerprint>``, see

@@ -1,4 +1,4 @@
-"""Law 2 under SIGKILL: kill `reconciler sync` before, during and after submits
+"""Rule 2 under SIGKILL: kill `reconciler sync` before, during and after submits
 and during downloads, restart it each time, and prove from the sandbox's own
 counters that nothing was paid twice except what `status` reports as possible
 double spend, that every track ends ready and that no partial file ever sits

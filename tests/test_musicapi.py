@@ -1018,7 +1018,7 @@ def test_unwritable_dest_is_an_output_error(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Construction and secrets (law 10)
+# Construction and secrets (rule 10)
 # ---------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """The repository's own checks, run with the suite so CI enforces them:
-ruff (lint and format), mypy --strict, and the example specs validating."""
+ruff (lint and format), mypy --strict, the import-linter contracts in
+pyproject.toml (the layers), and the example specs validating."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
         [sys.executable, "-m", "ruff", "check", "reconciler", "tests", "bench"],
         [sys.executable, "-m", "ruff", "format", "--check", "reconciler", "tests", "bench"],
         [sys.executable, "-m", "mypy"],
+        [str(Path(sys.executable).with_name("lint-imports"))],
         [sys.executable, "-m", "reconciler", "validate", "--specs", "specs"],
     ],
-    ids=["ruff", "ruff-format", "mypy", "example-specs"],
+    ids=["ruff", "ruff-format", "mypy", "import-layers", "example-specs"],
 )
 def test_repository_check_passes(command: list[str]) -> None:
     proc = subprocess.run(

@@ -1,4 +1,11 @@
-"""The ledger package: everything the reconciler keeps in SQLite.
+"""The ledger package: everything the reconciler keeps in SQLite, and the only
+package that touches it (import-linter holds to that).
+
+- ``store``: the connection (WAL), schema and migrations, event log, key/value facts;
+- ``work``: ``Ledger``, the state transitions, each one transaction;
+- ``facts``: the typed records handed in and out;
+- ``reports``: the reads behind ``status``, ``describe``, ``events`` and ``retry``;
+- ``hints``: webhook hints turned into "poll now" between passes.
 
 Public names are re-exported here, so callers import ``from reconciler.ledger``
 and not from the module that happens to hold a name today.

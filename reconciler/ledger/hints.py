@@ -8,8 +8,6 @@ only make the polls that find the facts come sooner.
 
 from __future__ import annotations
 
-import structlog
-
 from reconciler.ledger.facts import Hint
 from reconciler.ledger.work import Ledger
 
@@ -26,6 +24,10 @@ def apply_hints(ledger: Ledger, hints: list[Hint], now: float) -> int:
     signature covers the body, not the URL. Whatever names nothing known polls
     the open batches now.
     """
+    # Imported here: ``status`` imports this package, and structlog's import
+    # costs a large part of that short command's start-up; the daemon has it.
+    import structlog
+
     log = structlog.get_logger("reconciler")
     changed = 0
     for hint in hints:

@@ -1,19 +1,23 @@
-"""The ledger's reports: the reads ``status`` needs, without the writers' machinery.
+"""The ledger's reports: the reads ``status``, ``describe``, ``events`` and ``retry`` need.
 
-Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``.
-``status`` is a short command a person waits for, so this reads over a plain
-read-only ``sqlite3`` connection in one transaction while a daemon may write.
+Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``
+and ``inspection``. ``status`` is a short command a person waits for, so
+:func:`read_status` reads over a plain read-only ``sqlite3`` connection in one
+transaction while a daemon may write; the other reads go through an open
+ledger (read-only for ``describe`` and ``events``).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from reconciler.errors import LedgerError
 from reconciler.ledger.facts import StatusRead
-from reconciler.ledger.store import MIGRATIONS, connect_readonly
+from reconciler.ledger.store import MIGRATIONS, Store, connect_readonly
 
 
 def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
@@ -106,4 +110,117 @@ def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) 
         in_flight=in_flight,
         orphans=orphans,
         names=names,
+    )
+
+
+# -- the reads behind ``describe``, ``events`` and ``retry`` -----------------------------
+#
+# Rows as dicts over the ledger's own connection (these commands open it
+# read-only, or hold it for a write right after): the SQL stays in this package.
+
+
+def soundtracks(store: Store) -> set[str]:
+    """Every soundtrack the ledger knows: with tracks, or named by a spec file."""
+    rows = store.query(
+        "SELECT soundtrack FROM tracks "
+        "UNION SELECT soundtrack FROM spec_files WHERE soundtrack != ''"
+    )
+    return {r["soundtrack"] for r in rows}
+
+
+def track_names(store: Store, soundtrack: str | None = None) -> list[tuple[str, str]]:
+    """(soundtrack, track) of every track, or of one soundtrack's."""
+    if soundtrack is None:
+        rows = store.query("SELECT soundtrack, name FROM tracks")
+    else:
+        rows = store.query("SELECT soundtrack, name FROM tracks WHERE soundtrack = ?", [soundtrack])
+    return [(r["soundtrack"], r["name"]) for r in rows]
+
+
+def track_row(store: Store, soundtrack: str, name: str) -> dict[str, Any] | None:
+    rows = store.query(
+        "SELECT fingerprint, clips, source, position, updated_at FROM tracks "
+        "WHERE soundtrack = ? AND name = ?",
+        [soundtrack, name],
+    )
+    return rows[0] if rows else None
+
+
+def generation_row(store: Store, fingerprint: str) -> dict[str, Any] | None:
+    rows = store.query("SELECT * FROM generations WHERE fingerprint = ?", [fingerprint])
+    return rows[0] if rows else None
+
+
+def task_rows(store: Store, fingerprint: str) -> list[dict[str, Any]]:
+    """The fingerprint's tasks, oldest first."""
+    return store.query("SELECT * FROM tasks WHERE fingerprint = ? ORDER BY at", [fingerprint])
+
+
+def clip_rows(store: Store, fingerprint: str) -> list[dict[str, Any]]:
+    """The fingerprint's clips, by task age then position."""
+    return store.query(
+        "SELECT c.clip_id, c.task_id, c.position, c.state, c.duration, c.sha256 "
+        "FROM clips c JOIN tasks k ON k.task_id = c.task_id WHERE c.fingerprint = ? "
+        "ORDER BY k.at, c.position",
+        [fingerprint],
+    )
+
+
+def spec_file_row(store: Store, path: str) -> dict[str, Any] | None:
+    """A spec file's last good body (JSON) and current error."""
+    rows = store.query("SELECT body, error FROM spec_files WHERE path = ?", [path])
+    return rows[0] if rows else None
+
+
+def submit_rows(store: Store, fingerprint: str) -> list[dict[str, Any]]:
+    """Every submit that carried the fingerprint, oldest first."""
+    return store.query(
+        "SELECT id, at, kind, state, batch_id, error FROM submits "
+        "WHERE instr(fingerprints, ?) > 0 ORDER BY id",
+        [f'"{fingerprint}"'],
+    )
+
+
+def verdict_events(store: Store, fingerprint: str) -> list[dict[str, Any]]:
+    """The fingerprint's parked and retrying events, oldest first."""
+    return store.query(
+        "SELECT at, event, data FROM events WHERE fingerprint = ? "
+        "AND event IN ('generation.parked', 'generation.retrying') ORDER BY id",
+        [fingerprint],
+    )
+
+
+def track_events(
+    store: Store, soundtrack: str, name: str, fingerprint: str, clip_ids: Sequence[str]
+) -> list[dict[str, Any]]:
+    """A track's events, its generation's, and its clips' downloads, oldest first."""
+    return store.query(
+        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
+        "WHERE (soundtrack = ? AND track = ?) OR (fingerprint = ? AND track IS NULL) "
+        "OR (event = 'clip.downloaded' "
+        "AND json_extract(data, '$.clip_id') IN (SELECT value FROM json_each(?))) ORDER BY id",
+        [soundtrack, name, fingerprint, json.dumps(list(clip_ids))],
+    )
+
+
+def events_after(
+    store: Store,
+    last_id: int,
+    since: float | None,
+    soundtrack: str | None,
+    track: str | None,
+) -> list[dict[str, Any]]:
+    """Events after ``last_id`` (and at or after ``since``), of one soundtrack or track.
+
+    Events of a generation name its fingerprint, not its tracks: those of the
+    selected tracks' fingerprints belong to them too (but not another
+    soundtrack's track events for a shared fingerprint).
+    """
+    return store.query(
+        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
+        "WHERE id > ? AND (? IS NULL OR at >= ?) AND (? IS NULL "
+        "OR (soundtrack = ? AND (? IS NULL OR track = ?)) OR (track IS NULL AND fingerprint IN "
+        "(SELECT fingerprint FROM tracks WHERE soundtrack = ? AND (? IS NULL OR name = ?)))) "
+        "ORDER BY id",
+        [last_id, since, since] + [soundtrack] * 2 + [track] * 2 + [soundtrack] + [track] * 2,
     )

@@ -144,7 +144,7 @@ class Store:
             if not readonly:
                 db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL is durable across process crashes in WAL mode, which
-                # is the failure law 2 is about; FULL only adds power-loss
+                # is the failure rule 2 is about; FULL only adds power-loss
                 # safety for the last transaction at a large cost per write.
                 db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
@@ -205,7 +205,7 @@ class Store:
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, value: Any) -> None:
-        """Write a fact only when it changed (law 12: quiet when converged)."""
+        """Write a fact only when it changed (rule 12: quiet when converged)."""
         encoded = _dumps(value)
         row = self.db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
         if row is not None and row[0] == encoded:

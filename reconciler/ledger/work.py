@@ -1,11 +1,14 @@
-"""The ledger: the only module that touches SQLite (through sqlite-utils).
+"""The ledger's transitions: every change of state, each in one transaction.
 
 Where it sits: plan → submit → track → download → outputs → **ledger** → status.
-It records what was asked for (last good spec files, desired tracks), what was
-paid for (submit intents, batches, tasks), what came back (clips, cached audio)
-and what was written (output files with checksums), plus an append-only event
-log. Every state transition is one transaction (``Database.atomic``), so a
-crash leaves either the old or the new state, never half of each.
+``Ledger`` builds on the store (``store.Store``: connection, schema, events)
+and applies what the pure code decided (``planning``, ``outcomes``). It
+records what was asked for (last good spec files, desired tracks), what was
+paid for (submit intents, batches, tasks), what came back (clips, cached
+audio) and what was written (output files with checksums), plus an
+append-only event log. Every state transition is one transaction
+(``Database.atomic``), so a crash leaves either the old or the new state,
+never half of each.
 
 Writers hold the state folder's lock (``statelock``); ``status`` opens the
 database read-only in WAL mode and never waits for it.
@@ -156,7 +159,7 @@ class Ledger(Store):
     def apply_desired(self, desired: Desired) -> None:
         """Make the tracks table equal the desired tracks; create queued generations.
 
-        Creating the generation row is the first step of law 2's intent: from
+        Creating the generation row is the first step of rule 2's intent: from
         here on every transition of that fingerprint is recorded.
         """
         now = self.clock()
@@ -242,7 +245,7 @@ class Ledger(Store):
         ).fetchone()
         return int(row[0])
 
-    # -- submits (law 2) ----------------------------------------------------------
+    # -- submits (rule 2) ----------------------------------------------------------
 
     def begin_submit(self, fingerprints: Sequence[str], kind: str) -> int:
         """Record the intent before a submit: the fingerprints become ``submitting``."""
@@ -757,7 +760,7 @@ class Ledger(Store):
         ).fetchone()
         is_current = current is not None and current[1] == update.task_id
         if self._task_unchanged(update):
-            # Most polls of a running task say what the last one said (law 12).
+            # Most polls of a running task say what the last one said (rule 12).
             return
         with self.transaction():
             terminal = update.status in ("succeeded", "failed")
