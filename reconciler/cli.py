@@ -20,6 +20,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import click
 
+from reconciler import __version__
 from reconciler.config import Flags, Settings, load_settings
 from reconciler.errors import ConfigError, ReconcilerError, SpecError
 from reconciler.words import plural
@@ -125,29 +126,71 @@ class _LazyGroup(click.Group):
     """Loads the sandbox command only when asked for: it pulls in numpy, lameenc
     and the HTTP server, which would add most of a second to every command.
     The operator commands (cli_tools.py) load the same way, so each command
-    imports only what it uses."""
+    imports only what it uses. ``--help`` lists them by the summary kept here
+    (their docstring's first paragraph; a test holds the two equal)."""
 
-    _lazy: ClassVar[dict[str, tuple[str, str]]] = {
-        "sandbox": ("reconciler.sandbox.cli", "sandbox"),
-        **{
-            name: ("reconciler.cli_tools", name)
-            for name in ("describe", "events", "suspend", "resume", "trash")
-        },
+    #: name → (module, attribute, summary)
+    lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "sandbox": (
+            "reconciler.sandbox.cli",
+            "sandbox",
+            "Serve the MusicAPI emulator and print its base URL; stop on SIGTERM or SIGINT.",
+        ),
+        "describe": (
+            "reconciler.cli_tools",
+            "describe",
+            "Everything about one track: spec, request, attempts, clips, files, events.",
+        ),
+        "events": (
+            "reconciler.cli_tools",
+            "events",
+            "The ledger's event log, oldest first; --follow to keep watching it.",
+        ),
+        "suspend": (
+            "reconciler.cli_tools",
+            "suspend",
+            "Stop new submissions (for one SOUNDTRACK or all); polls and downloads go on.",
+        ),
+        "resume": (
+            "reconciler.cli_tools",
+            "resume",
+            "Lift a suspension (of one SOUNDTRACK, or every one); the next pass submits.",
+        ),
+        "trash": (
+            "reconciler.cli_tools",
+            "trash",
+            "What prune moved aside: list it, or put a file back.",
+        ),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self._lazy])
+        return sorted([*super().list_commands(ctx), *self.lazy])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self._lazy:
-            module, attr = self._lazy[cmd_name]
+        if cmd_name in self.lazy:
+            module, attr, _ = self.lazy[cmd_name]
             command: click.Command = getattr(importlib.import_module(module), attr)
             return command
         return super().get_command(ctx, cmd_name)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click lists commands, but the lazy ones by their summary, unloaded."""
+        shown = {
+            name: click.Command(name, help=self.lazy[name][2])
+            if name in self.lazy
+            else self.commands[name]
+            for name in self.list_commands(ctx)
+        }
+        shown = {name: cmd for name, cmd in shown.items() if not cmd.hidden}
+        limit = formatter.width - 6 - max(map(len, shown))
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, cmd.get_short_help_str(limit)) for n, cmd in shown.items()])
+
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="reconciler")
+# The version is given rather than looked up: importlib.metadata alone would
+# cost ``--version`` more start-up than all the rest of it.
+@click.version_option(version=__version__, prog_name="reconciler")
 def main() -> None:
     """Make a folder of generated music converge to a folder of spec files."""
 
@@ -217,10 +260,27 @@ def _echo_json(report: dict[str, Any]) -> None:
 @main.command()
 @common_options
 @click.option("--prune/--no-prune", default=None, help="Show what pruning would move.")
+@max_credits_option("Plan as `sync --max-credits N` would run: at most N credits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--save",
+    "save_to",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the plan to this file, for `reconciler apply FILE`.",
+)
 @_exits_on_errors(1)
-def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
-    """Dry run: what would be submitted, reused, restored, pruned. Exit 0 none, 2 changes."""
+def plan(
+    prune: bool | None,
+    max_credits: int | None,
+    as_json: bool,
+    save_to: Path | None,
+    **opts: Any,
+) -> None:
+    """Dry run: what the next pass submits now, holds back, reuses, restores, prunes.
+
+    Exit 0 no changes, 2 changes.
+    """
     import asyncio
 
     from rich.console import Console
@@ -228,7 +288,7 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
     from reconciler.layout import require_layout
     from reconciler.running import account_balance, make_plan, render_plan
 
-    settings = _settings(prune=prune, **opts)
+    settings = _settings(prune=prune, max_credits=max_credits, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     report = make_plan(settings, balance=asyncio.run(account_balance(settings)))
@@ -238,14 +298,40 @@ def plan(prune: bool | None, as_json: bool, **opts: Any) -> None:
             f"the specs folder {settings.specs_dir} is {report['specs_folder']} "
             "(--specs, or `specs` in the config)"
         )
+    if save_to is not None:
+        from reconciler.applying import save_plan
+
+        save_plan(report, settings, save_to)
     if as_json:
         _echo_json(report)
     else:
         # Lines are never wrapped: a pipe or a log keeps one line per item.
         render_plan(report, Console(soft_wrap=True))
+        if save_to is not None:
+            click.echo(f"plan saved to {save_to}: `reconciler apply {save_to}` carries it out")
     if report["invalid_files"]:
         sys.exit(1)
     sys.exit(2 if report["changes"] else 0)
+
+
+@main.command()
+@common_options
+@click.argument("plan_file", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False))
+@_exits_on_errors(1)
+def apply(plan_file: Path, **opts: Any) -> None:
+    """Carry out a plan saved with `plan --save FILE`, or refuse if it no longer holds.
+
+    Exit 0 every planned generation ready; 1 otherwise, or when it refuses.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from reconciler.applying import apply_plan
+
+    settings = _settings(**opts)
+    ok = asyncio.run(apply_plan(settings, plan_file, Console(stderr=True, soft_wrap=True)))
+    sys.exit(0 if ok else 1)
 
 
 @main.command()
@@ -348,12 +434,17 @@ def status(as_json: bool, watch: bool, interval: float, selector: str | None, **
     report = build_report(settings, time.time(), selector)
     if as_json:
         _echo_json(report)
-    else:
+    elif sys.stdout.isatty():
+        # Colours and the terminal's width: rich, imported only for a terminal.
         from rich.console import Console
 
         from reconciler.status import render
 
         render(report, Console())
+    else:
+        from reconciler.status import render
+
+        render(report)
     sys.exit(1 if failed(report) else 0)
 
 

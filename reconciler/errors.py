@@ -54,6 +54,10 @@ class SpecProblem:
         return f"{where} {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
+class PlanFileError(ReconcilerError):
+    """A saved plan cannot be read, is not one, or no longer holds (``apply``)."""
+
+
 class SpecError(ReconcilerError):
     """A spec file is invalid; ``problems`` lists everything found in it."""
 

@@ -1,4 +1,4 @@
-"""Pure planning: fingerprints, desired state, the diff against the ledger, batches.
+"""Pure planning: fingerprints, desired state, what a pass submits and holds back, batches.
 
 Where it sits: spec files → validated specs → **desired state → plan** →
 submit → track → download → outputs. Nothing here does I/O or reads a clock:
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -171,82 +171,6 @@ class OutputFact:
     disk: DiskState
     #: Its audio is in the cache, so a deleted or drifted copy comes back for free.
     cached: bool = True
-
-
-@dataclass(frozen=True)
-class Diff:
-    """Desired state against the ledger and the output folder (``reconciler plan``)."""
-
-    submit: tuple[str, ...]
-    #: Tracks whose audio is generated or in flight, but not at this path yet.
-    reuse: tuple[DesiredTrack, ...]
-    #: Output paths that are deleted or drifted and come back from the cache.
-    restore: tuple[str, ...]
-    prune: tuple[str, ...]
-    parked: tuple[str, ...]
-    waiting: tuple[str, ...] = field(default=())
-    #: Would be submitted, but ``reconciler suspend`` holds them back.
-    suspended: tuple[str, ...] = field(default=())
-
-    @property
-    def cost(self) -> int:
-        return CREDITS_PER_TASK * len(self.submit)
-
-    @property
-    def changes(self) -> bool:
-        return bool(self.submit or self.reuse or self.restore or self.prune)
-
-
-def diff(
-    desired: Desired,
-    generations: Mapping[str, Generation],
-    outputs: Mapping[str, OutputFact],
-    *,
-    prune: bool,
-    held: frozenset[str] = frozenset(),
-) -> Diff:
-    """What a pass would do, for ``reconciler plan``; ``held`` are suspended fingerprints."""
-    submit: list[str] = []
-    suspended: list[str] = []
-    parked: list[str] = []
-    waiting: list[str] = []
-    for fp in desired.fingerprints():
-        gen = generations.get(fp)
-        if gen is None or gen.state == "queued":
-            (suspended if fp in held else submit).append(fp)
-        elif gen.state == "parked":
-            parked.append(fp)
-        elif gen.state in IN_FLIGHT:
-            waiting.append(fp)
-    reuse: list[DesiredTrack] = []
-    restore: list[str] = []
-    for t in desired.tracks:
-        gen = generations.get(t.fingerprint)
-        if gen is None or gen.state in ("queued", "parked"):
-            continue
-        for path in t.outputs:
-            fact = outputs.get(path)
-            if fact is None or fact.fingerprint != t.fingerprint:
-                reuse.append(t)
-                break
-            if fact.disk != "ok" and fact.cached:
-                restore.append(path)
-    wanted = {p for t in desired.tracks for p in t.outputs}
-    wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
-    pruned = (
-        tuple(sorted(p for p in outputs if p not in wanted))
-        if prune and desired.prune_allowed
-        else ()
-    )
-    return Diff(
-        submit=tuple(submit),
-        reuse=tuple(reuse),
-        restore=tuple(restore),
-        prune=pruned,
-        parked=tuple(parked),
-        waiting=tuple(waiting),
-        suspended=tuple(suspended),
-    )
 
 
 def due_submissions(
@@ -492,3 +416,191 @@ def held_by_suspension(desired: Desired, suspension: Suspension) -> frozenset[st
         return frozenset()
     active = {t.fingerprint for t in desired.tracks if not suspension.covers(t.soundtrack)}
     return frozenset(t.fingerprint for t in desired.tracks if t.fingerprint not in active)
+
+
+HoldReason = Literal[
+    "suspended", "paused", "backoff", "in_flight", "budget", "balance", "run", "unplanned"
+]
+
+
+@dataclass(frozen=True)
+class Held:
+    """A fingerprint the next pass would submit but for one reason, and until when."""
+
+    fingerprint: str
+    reason: HoldReason
+    detail: str
+    #: When the reason lifts by itself (a backoff, a pause, the budget's next day).
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings planning obeys (config and flags, as plain values)."""
+
+    max_in_flight: int
+    prune: bool = False
+    batch_size: int = MAX_BATCH_ITEMS
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the ledger, the output folder and the account say, read once.
+
+    ``reconciler plan`` and a pass build the same value; a pass restricted to
+    some tracks passes their generations only, with the global counts as read.
+    """
+
+    generations: Mapping[str, Generation]
+    #: Tasks submitted and not finished, over every generation (the cap counts all).
+    in_flight: int = 0
+    #: What the budget, the run's ceiling and the balance still pay for.
+    allowance: Allowance = field(default_factory=lambda: Allowance(None))
+    suspension: Suspension = field(default_factory=Suspension)
+    #: Output files the ledger records and how they look; None: not read (a pass
+    #: checks each file as it materialises it, so it plans submissions only).
+    outputs: Mapping[str, OutputFact] | None = None
+    #: A pause after a 401 or an empty account, until then.
+    paused_until: float = 0.0
+    pause_reason: str | None = None
+    #: Applying a saved plan: only these fingerprints may be submitted.
+    only: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the next pass does: submits now, holds back (and why), reuses, restores, prunes."""
+
+    submit: tuple[str, ...]
+    held: tuple[Held, ...]
+    #: Tracks whose audio is generated or in flight, but not at this path yet.
+    reuse: tuple[DesiredTrack, ...]
+    #: Output paths that are deleted or drifted and come back from the cache.
+    restore: tuple[str, ...]
+    prune: tuple[str, ...]
+    parked: tuple[str, ...]
+    waiting: tuple[str, ...] = ()
+    batch_size: int = MAX_BATCH_ITEMS
+
+    @property
+    def batches(self) -> list[tuple[str, ...]]:
+        return batches(self.submit, self.batch_size)
+
+    @property
+    def cost(self) -> int:
+        return CREDITS_PER_TASK * len(self.submit)
+
+    @property
+    def changes(self) -> bool:
+        """Work the specs ask for: also what waits for the budget or a retry (a
+        CI gate must not pass because today's budget is spent), not what a
+        person suspended."""
+        waiting = len(self.held) > len(self.held_by("suspended"))
+        return bool(self.submit or waiting or self.reuse or self.restore or self.prune)
+
+    def held_by(self, *reasons: HoldReason) -> tuple[str, ...]:
+        return tuple(h.fingerprint for h in self.held if h.reason in reasons)
+
+
+def plan(desired: Desired, snapshot: Snapshot, now: float, limits: Limits) -> Plan:
+    """The one decision of what a pass does, for ``reconciler plan`` and the pass alike.
+
+    Queued fingerprints go out in spec order unless something holds them: a
+    suspension, a pause, a backoff, the in-flight cap, then the budget, the
+    run's ceiling or the balance (``due_submissions`` says how many fit). Each
+    held one says which, so ``plan`` tells a person why the next ``sync``
+    will not send it.
+    """
+    gens = snapshot.generations
+    suspended = held_by_suspension(desired, snapshot.suspension)
+    parked: list[str] = []
+    waiting: list[str] = []
+    held: list[Held] = []
+    eligible: list[str] = []
+    for fp in desired.fingerprints():
+        gen = gens.get(fp)
+        if gen is not None and gen.state == "parked":
+            parked.append(fp)
+        elif gen is not None and gen.state in IN_FLIGHT:
+            waiting.append(fp)
+        elif gen is not None and gen.state != "queued":
+            continue
+        elif fp in suspended:
+            held.append(Held(fp, "suspended", "suspended (`reconciler resume` lifts it)"))
+        elif snapshot.only is not None and fp not in snapshot.only:
+            held.append(Held(fp, "unplanned", "not in the saved plan"))
+        elif now < snapshot.paused_until:
+            reason = snapshot.pause_reason or "submissions paused"
+            held.append(Held(fp, "paused", reason, snapshot.paused_until))
+        elif gen is not None and gen.next_attempt > now:
+            detail = f"retry after: {gen.reason}" if gen.reason else "retry"
+            held.append(Held(fp, "backoff", detail, gen.next_attempt))
+        else:
+            eligible.append(fp)
+    fits = due_submissions(
+        eligible,
+        gens,
+        now,
+        in_flight=snapshot.in_flight,
+        max_in_flight=limits.max_in_flight,
+        affordable=None,
+        batch_size=limits.batch_size,
+    )
+    allowance = snapshot.allowance
+    submit = fits if allowance.tasks is None else fits[: max(0, allowance.tasks)]
+    cap = f"in-flight cap ({snapshot.in_flight} of {limits.max_in_flight} in flight)"
+    for fp in eligible[len(submit) :]:
+        if fp in fits:
+            assert allowance.limit is not None
+            until = utc_day_start(now) + 86_400 if allowance.limit == "budget" else None
+            held.append(Held(fp, allowance.limit, allowance.reason or allowance.limit, until))
+        else:
+            held.append(Held(fp, "in_flight", cap))
+    reuse, restore, prune = _outputs_plan(desired, gens, snapshot.outputs, limits.prune)
+    return Plan(
+        submit=tuple(submit),
+        held=tuple(sorted(held, key=_spec_order(desired))),
+        reuse=reuse,
+        restore=restore,
+        prune=prune,
+        parked=tuple(parked),
+        waiting=tuple(waiting),
+        batch_size=limits.batch_size,
+    )
+
+
+def _spec_order(desired: Desired) -> Callable[[Held], int]:
+    order = {fp: i for i, fp in enumerate(desired.fingerprints())}
+    return lambda h: order[h.fingerprint]
+
+
+def _outputs_plan(
+    desired: Desired,
+    generations: Mapping[str, Generation],
+    outputs: Mapping[str, OutputFact] | None,
+    prune: bool,
+) -> tuple[tuple[DesiredTrack, ...], tuple[str, ...], tuple[str, ...]]:
+    """Reuse, restore and prune: free work on files, from the recorded outputs."""
+    if outputs is None:
+        return (), (), ()
+    reuse: list[DesiredTrack] = []
+    restore: list[str] = []
+    for t in desired.tracks:
+        gen = generations.get(t.fingerprint)
+        if gen is None or gen.state in ("queued", "parked"):
+            continue
+        for path in t.outputs:
+            fact = outputs.get(path)
+            if fact is None or fact.fingerprint != t.fingerprint:
+                reuse.append(t)
+                break
+            if fact.disk != "ok" and fact.cached:
+                restore.append(path)
+    wanted = {p for t in desired.tracks for p in t.outputs}
+    wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
+    pruned = (
+        tuple(sorted(p for p in outputs if p not in wanted))
+        if prune and desired.prune_allowed
+        else ()
+    )
+    return tuple(reuse), tuple(restore), pruned

@@ -67,14 +67,14 @@ from reconciler.planning import (
     Allowance,
     Desired,
     DesiredTrack,
+    Limits,
     OpenBatch,
+    Snapshot,
     affordable_tasks,
     backoff,
-    batches,
     desired_state,
-    due_submissions,
-    held_by_suspension,
     match_orphan,
+    plan,
     poll_cohorts,
     utc_day_start,
 )
@@ -156,8 +156,11 @@ class Reconciler:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        only: frozenset[str] | None = None,
     ) -> None:
         self.settings = settings
+        #: Applying a saved plan: nothing else is submitted (``reconciler apply``).
+        self.only = only
         self.ledger = ledger
         self.api = api
         self.clock = clock
@@ -327,7 +330,7 @@ class Reconciler:
         self._submitted_since_balance = 0
         return balance
 
-    async def _affordable(self, now: float) -> int | None:
+    async def _allowance(self, now: float) -> Allowance:
         balance = await self._read_balance(now)
         allowance = affordable_tasks(
             spent_today=CREDITS_PER_TASK * self.ledger.spent_since(utc_day_start(now)),
@@ -340,7 +343,7 @@ class Reconciler:
             self._spent_out(allowance, now)
         else:
             self._block_reason = None
-        return allowance.tasks
+        return allowance
 
     def reconsider(self) -> None:
         """The settings changed (a reload): a ceiling reached under the old ones may
@@ -362,60 +365,71 @@ class Reconciler:
         self._submit_pause_until = until
         self.log.warning("submit.paused", reason=allowance.reason, until=until)
 
-    async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
+    def _snapshot(self) -> Snapshot:
+        """What the submit step decides on: the ledger's generations, the
+        suspension and this process's pause; the allowance is added only when
+        something is due (the balance costs a request)."""
         gens = self.ledger.generations()
-        held = held_by_suspension(desired, self.ledger.suspension())
-        order = tuple(fp for fp in desired.fingerprints() if fp not in held)
-        queued = [fp for fp in order if gens[fp].state == "queued"]
-        result.queued = len(queued)
-        if not queued and any(gens[fp].state == "queued" for fp in held):
+        return Snapshot(
+            generations=gens,
+            in_flight=sum(1 for g in gens.values() if g.state in IN_FLIGHT),
+            suspension=self.ledger.suspension(),
+            paused_until=self._submit_pause_until,
+            pause_reason=self._block_reason,
+            only=self.only,
+        )
+
+    async def _submit(self, desired: Desired, result: PassResult, now: float) -> None:
+        """Carry out what ``planning.plan`` says the pass submits now: the same
+        decision ``reconciler plan`` shows."""
+        limits = Limits(self.settings.max_in_flight)
+        snapshot = self._snapshot()
+        draft = plan(desired, snapshot, now, limits)
+        suspended = draft.held_by("suspended")
+        result.queued = len(draft.submit) + len(draft.held) - len(suspended)
+        if not result.queued and suspended:
             # Only held work is left: ``sync`` stops here rather than wait for a resume.
             result.blocked = "suspended (`reconciler resume` lifts it)"
         self._submit_waits_for_time = True
-        if now < self._submit_pause_until:
-            result.blocked = self._block_reason
-            self.log.debug("submit.held", queued=len(queued), reason=self._block_reason)
-            return
-        if not any(gens[fp].next_attempt <= now for fp in queued):
-            self.log.debug("submit.nothing_due", queued=len(queued))
-            return
-        in_flight = sum(1 for g in gens.values() if g.state in IN_FLIGHT)
-
-        def due(affordable: int | None) -> tuple[str, ...]:
-            return due_submissions(
-                order,
-                gens,
-                now,
-                in_flight=in_flight,
-                max_in_flight=self.settings.max_in_flight,
-                affordable=affordable,
-            )
-
-        # The balance is asked only when there is something to pay for.
-        if not due(None):
-            # Held back by the in-flight cap: a finished task makes room, and
-            # finished tasks are found by polls, which are scheduled anyway.
+        if (
+            not draft.submit
+            and draft.held_by("unplanned")
+            and not draft.held_by("paused", "backoff", "in_flight", "budget", "balance", "run")
+        ):
+            # Applying a saved plan, and all of it is sent: the rest waits for
+            # another plan, not for a time.
+            result.blocked = "not in the saved plan"
             self._submit_waits_for_time = False
+        if draft.held_by("paused"):
+            result.blocked = self._block_reason
+            self.log.debug("submit.held", queued=result.queued, reason=self._block_reason)
+            return
+        if not draft.submit:
+            if draft.held_by("in_flight"):
+                # Held back by the in-flight cap: a finished task makes room, and
+                # finished tasks are found by polls, which are scheduled anyway.
+                self._submit_waits_for_time = False
+            self.log.debug("submit.nothing_due", queued=result.queued)
             return
         if self._layout_blocks(result):
             return
-        affordable = await self._affordable(now)
-        to_send = due(affordable)
+        # The balance is asked only now that there is something to pay for.
+        final = plan(desired, replace(snapshot, allowance=await self._allowance(now)), now, limits)
         self.log.debug(
             "submit.due",
-            queued=len(queued),
-            due=len(to_send),
-            in_flight=in_flight,
+            queued=result.queued,
+            due=len(final.submit),
+            held=dict(Counter(h.reason for h in final.held)),
+            in_flight=snapshot.in_flight,
             max_in_flight=self.settings.max_in_flight,
-            affordable=affordable,
             held_reason=self._block_reason,
         )
-        if self._block_reason and not to_send:
+        if self._block_reason and not final.submit:
             result.blocked = self._block_reason
             self.ledger.put("submit_block", self._block_reason)
             return
         self.ledger.put("submit_block", None)
-        for group in batches(to_send):
+        for group in final.batches:
             if self._batch_unsupported:
                 for fp in group:
                     if not await self._submit_single(fp, result):

@@ -3,13 +3,18 @@
 Where it sits: between the CLI and reconciling. ``run_sync`` gets its
 reconciler from the composition root (``app.open_app``: state lock, ledger,
 API client) and converges once with a progress bar on a terminal;
-``make_plan`` is the dry run: the same scan and diff with no lock, no writes
-and no API calls.
+``make_plan`` is the dry run: the same scan and the pass's own
+``planning.plan`` with no lock and no writes (the balance, when there is a
+key, is its one API call).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -22,15 +27,17 @@ from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
 from reconciler.ledger import Ledger
-from reconciler.limits import MAX_BATCH_ITEMS
 from reconciler.planning import (
     CREDITS_PER_TASK,
+    IN_FLIGHT,
     DiskState,
+    Limits,
     OutputFact,
+    Snapshot,
     Suspension,
+    affordable_tasks,
     desired_state,
-    diff,
-    held_by_suspension,
+    plan,
     utc_day_start,
 )
 from reconciler.reconciling import PassResult, Reconciler, converge
@@ -41,12 +48,12 @@ from reconciler.words import plural
 async def run_sync(settings: Settings, console: Console) -> bool:
     """Converge once; True when every track is ready."""
     async with open_app(settings) as app:
-        result = await _converge_with_progress(app.reconciler, console)
+        result = await converge_with_progress(app.reconciler, console)
     console.print(summary_line(result), soft_wrap=True)
     return result.converged
 
 
-async def _converge_with_progress(rec: Reconciler, console: Console) -> PassResult:
+async def converge_with_progress(rec: Reconciler, console: Console) -> PassResult:
     if not console.is_terminal:
         return await converge(rec)
     with Progress(
@@ -124,7 +131,7 @@ async def account_balance(settings: Settings) -> int | None:
 def cost_warnings(
     cost: int, *, balance: int | None, budget: int | None, spent_today: int
 ) -> list[str]:
-    """What ``plan`` says when the next submissions cost more than a ceiling allows."""
+    """What ``plan`` says when the queued work costs more than a ceiling allows."""
     found = []
     if budget is not None and cost > budget - spent_today:
         left = max(0, budget - spent_today)
@@ -140,11 +147,32 @@ def cost_warnings(
     return found
 
 
-def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None or not math.isfinite(t):
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def make_plan(
+    settings: Settings,
+    balance: int | None = None,
+    *,
+    only: frozenset[str] | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
     """The dry run behind ``reconciler plan``: no lock, no writes.
 
-    ``balance`` is the account's, when the caller could ask for it.
+    It reads the snapshot a pass reads (generations, suspension, today's
+    spending, and the output files) and calls the pass's own
+    ``planning.plan``; ``balance`` is the account's, when the caller could ask
+    for it. ``only`` restricts it as ``apply`` restricts its passes.
     """
+    now = time.time() if now is None else now
     ledger = (
         Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
     )
@@ -152,7 +180,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
         last_good = ledger.last_good() if ledger else {}
         # Every file is read as it is now; one written in the last batching
         # window is only noted, since a pass would wait for it to settle.
-        settle = Settling({}, time.time(), settings.batch_window, hold=False)
+        settle = Settling({}, now, settings.batch_window, hold=False)
         scan = scan_specs(
             settings.specs_dir,
             models=settings.models,
@@ -165,9 +193,7 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
         records = ledger.outputs() if ledger else {}
         clips = ledger.usable_clips() if ledger else {}
         suspension = ledger.suspension() if ledger else Suspension()
-        spent_today = (
-            CREDITS_PER_TASK * ledger.spent_since(utc_day_start(time.time())) if ledger else 0
-        )
+        spent_today = CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now)) if ledger else 0
     finally:
         if ledger:
             ledger.close()
@@ -182,42 +208,98 @@ def make_plan(settings: Settings, balance: int | None = None) -> dict[str, Any]:
         raw = kept[r.clip - 1].sha256 if r.clip is not None and len(kept) >= r.clip else None
         cached = disk != "ok" and raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
-    d = diff(
-        desired, gens, facts, prune=settings.prune, held=held_by_suspension(desired, suspension)
+    # A new ``sync`` starts unpaused and has spent nothing in its run yet.
+    allowance = affordable_tasks(
+        spent_today=spent_today,
+        daily_budget=settings.daily_budget,
+        balance=balance,
+        max_credits=settings.max_credits,
     )
+    snapshot = Snapshot(
+        generations=gens,
+        in_flight=sum(1 for g in gens.values() if g.state in IN_FLIGHT),
+        allowance=allowance,
+        suspension=suspension,
+        outputs=facts,
+        only=only,
+    )
+    decided = plan(desired, snapshot, now, Limits(settings.max_in_flight, prune=settings.prune))
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks:
         by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
+    held = [
+        {
+            "fingerprint": h.fingerprint,
+            "tracks": by_fp[h.fingerprint],
+            "reason": h.reason,
+            "detail": h.detail,
+            "until": _iso(h.until),
+        }
+        for h in decided.held
+    ]
+    queued = CREDITS_PER_TASK * (
+        len(decided.submit) + len(decided.held) - len(decided.held_by("suspended"))
+    )
+    wanted = set(desired.fingerprints())
     return {
-        "submit": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.submit],
-        "reuse": [f"{t.soundtrack}/{t.name}" for t in d.reuse],
-        "restore": list(d.restore),
-        "prune": list(d.prune),
-        "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.parked],
-        "in_flight": len(d.waiting),
+        "submit": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.submit],
+        "batches": [list(b) for b in decided.batches],
+        "held": held,
+        "reuse": [f"{t.soundtrack}/{t.name}" for t in decided.reuse],
+        "restore": list(decided.restore),
+        "prune": list(decided.prune),
+        "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.parked],
+        "in_flight": len(decided.waiting),
         "suspended": {
             **suspension.to_json(),
-            "held": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in d.suspended],
+            "held": [item for item in held if item["reason"] == "suspended"],
         },
-        "credits": d.cost,
+        "credits": decided.cost,
+        "credits_queued": queued,
         "budget": {"daily_budget": settings.daily_budget, "spent_today": spent_today},
         "balance": balance,
+        "allowance": {"tasks": allowance.tasks, "limit": allowance.limit},
         "warnings": cost_warnings(
-            d.cost, balance=balance, budget=settings.daily_budget, spent_today=spent_today
+            queued, balance=balance, budget=settings.daily_budget, spent_today=spent_today
         ),
-        "submit_calls": -(-len(d.submit) // MAX_BATCH_ITEMS),
-        "invalid_files": {p: str(e) for p, e in scan.errors.items()},
+        "submit_calls": len(decided.batches),
+        "invalid_files": {path: str(e) for path, e in scan.errors.items()},
         "settling": sorted(scan.settling),
         "specs_folder": scan.root_state,
-        "changes": d.changes,
+        "changes": decided.changes,
+        # What the plan was computed from, so ``apply`` can tell what changed.
+        "specs_digest": _digest(
+            [desired.tracks, desired.stale, sorted(scan.errors), sorted(scan.settling)]
+        ),
+        "ledger_digest": _digest(
+            [
+                sorted(
+                    (g.fingerprint, g.state, g.attempts, g.next_attempt)
+                    for fp, g in gens.items()
+                    if fp in wanted
+                ),
+                sorted((f.path, f.fingerprint, f.disk, f.cached) for f in facts.values()),
+                suspension.to_json(),
+                spent_today,
+                snapshot.in_flight,
+            ]
+        ),
     }
 
 
+def _held_line(item: dict[str, Any]) -> str:
+    until = f" until {item['until']}" if item["until"] else ""
+    return f"[yellow]# held[/]    {', '.join(item['tracks'])}  ({item['detail']}{until})"
+
+
 def render_plan(report: dict[str, Any], console: Console) -> None:
+    """One line per item: first what the next pass submits now, then what it holds back."""
     for item in report["submit"]:
         console.print(
             f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]})"
         )
+    for item in report["held"]:
+        console.print(_held_line(item))
     for name in report["reuse"]:
         console.print(f"[cyan]= reuse[/]   {name}  (audio already paid for)")
     for path in report["restore"]:
@@ -226,8 +308,6 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         console.print(f"[red]- prune[/]   {path}  (to the trash)")
     for item in report["failed"]:
         console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
-    for item in report["suspended"]["held"]:
-        console.print(f"[yellow]# held[/]    {', '.join(item['tracks'])}  (suspended)")
     for path, err in report["invalid_files"].items():
         console.print(f"[red]invalid[/]   {path}: {err}")
     for path in report["settling"]:
@@ -240,12 +320,13 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
     if suspended["all"] or suspended["soundtracks"]:
         what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
         console.print(f"[yellow]suspended: {what} (`reconciler resume` lifts it)[/]")
+    held = f"; {len(report['held'])} held back" if report["held"] else ""
     console.print(
         f"{plural(len(report['submit']), 'generation')} to submit in "
         f"{plural(report['submit_calls'], 'call')}, "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
         f"{len(report['restore'])} restored, {plural(len(report['prune']), 'file')} pruned; "
-        f"{report['in_flight']} in flight",
+        f"{report['in_flight']} in flight{held}",
         soft_wrap=True,
     )
     budget = report["budget"]
@@ -256,5 +337,11 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         )
     if report["balance"] is not None:
         console.print(f"account balance: {report['balance']} credits", soft_wrap=True)
+    else:
+        console.print(
+            "account balance: unknown (no API key, or no answer): "
+            "the balance may hold back more than this plan shows",
+            soft_wrap=True,
+        )
     for warning in report["warnings"]:
         console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)

@@ -117,6 +117,48 @@ def test_debug_level_shows_the_decisions_of_a_pass(tmp_path: Path, sandbox: Sand
     assert any(e["event"] == "poll.due" for e in events)
 
 
+@pytest.mark.parametrize(
+    ("text", "field", "value"),
+    [
+        ("[submit]\nbatch_window = '2.5'\n", "batch_window", 2.5),
+        ("[submit]\nbatch_window = 1\n", "batch_window", 1.0),
+        ("[submit]\nmax_in_flight = 20.0\n", "max_in_flight", 20),
+        ("[submit]\nmax_in_flight = ' 5 '\n", "max_in_flight", 5),
+        ("[submit]\nmax_in_flight = '1_000'\n", "max_in_flight", 1000),
+        ("[prune]\nenabled = 'yes'\n", "prune", True),
+        ("[prune]\nenabled = 0\n", "prune", False),
+        ("models = []\n", "models", load_settings(Flags(), env={}).models),
+    ],
+)
+def test_values_as_people_write_them_are_read(
+    tmp_path: Path, text: str, field: str, value: object
+) -> None:
+    """What the file's checks accepted before they were plain code, they still accept."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert getattr(load_settings(Flags(config=path), env={}), field) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[submit]\nmax_in_flight = 1.5\n", "submit.max_in_flight: must be a valid integer"),
+        ("[submit]\nbatch_window = 'soon'\n", "submit.batch_window: must be a valid number"),
+        ("[prune]\nenabled = 'maybe'\n", "prune.enabled: must be a valid boolean"),
+        ("models = 'sonic-v5'\n", "models: must be a list of strings, got 'sonic-v5'"),
+        ("submit = 3\n", "submit: expected a [submit] table, got 3"),
+        ("[limits]\nsonic-v5 = 3\n", "limits.sonic-v5: expected a [limits.sonic-v5] table"),
+        ("[limits.sonic-v5]\npromt = 9\n", "limits.sonic-v5.promt: unknown key (did you mean"),
+        ("[poll]\ninterval = 4000\n", "poll.interval: must be less than or equal to 3600"),
+    ],
+)
+def test_a_wrong_value_is_named_with_what_it_must_be(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    [problem] = config_error(tmp_path, text)
+    assert problem.startswith(expected)
+
+
 # -- flag > environment > config file > default ----------------------------------------
 
 

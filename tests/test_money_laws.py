@@ -139,7 +139,9 @@ def test_plan_shows_the_cost_against_the_balance_and_the_budget(
 
     assert proc.returncode == 2, proc.stderr
     report = json.loads(proc.stdout)
-    assert (report["credits"], report["balance"]) == (75, 60)
+    # The budget admits three now; the other two are held back, and say why.
+    assert (report["credits"], report["credits_queued"], report["balance"]) == (45, 75, 60)
+    assert [h["reason"] for h in report["held"]] == ["budget", "budget"]
     assert report["budget"] == {"daily_budget": 45, "spent_today": 0}
     budget, balance = report["warnings"]
     assert "more than the 45 left of today's budget" in budget
@@ -151,6 +153,10 @@ def test_plan_shows_the_cost_against_the_balance_and_the_budget(
         [*project.args("plan"), "--json"], env=env, capture_output=True, text=True, check=False
     )
     assert json.loads(keyless.stdout)["balance"] is None
+    text = subprocess.run(
+        project.args("plan"), env=env, capture_output=True, text=True, check=False
+    ).stdout
+    assert "account balance: unknown" in text
 
 
 def test_the_daemon_pays_nothing_while_its_output_folder_cannot_take_audio(

@@ -10,17 +10,22 @@ import pytest
 
 from reconciler.planning import (
     CREDITS_PER_TASK,
+    Allowance,
     Generation,
+    Held,
+    Limits,
     OpenBatch,
     OutputFact,
+    Snapshot,
+    Suspension,
     affordable_tasks,
     backoff,
     batches,
     desired_state,
-    diff,
     due_submissions,
     fingerprint,
     match_orphan,
+    plan,
     poll_cohorts,
 )
 from reconciler.specs import SpecFile, TrackSpec
@@ -248,7 +253,7 @@ def test_diff(
     restore: tuple[str, ...],
     prune: tuple[str, ...],
 ) -> None:
-    d = diff(DESIRED, gens, facts, prune=True)
+    d = plan(DESIRED, Snapshot(gens, outputs=facts), 0.0, Limits(200, prune=True))
     assert d.submit == submit
     assert len(d.reuse) == reuse
     assert d.restore == restore
@@ -258,10 +263,112 @@ def test_diff(
 
 def test_prune_needs_opt_in_and_a_healthy_folder() -> None:
     facts = {"study/gone.mp3": fact("study/gone.mp3", "x")}
-    assert diff(DESIRED, {}, facts, prune=False).prune == ()
+
+    def pruned(desired: Any, prune: bool) -> tuple[str, ...]:
+        return plan(desired, Snapshot({}, outputs=facts), 0.0, Limits(200, prune=prune)).prune
+
+    assert pruned(DESIRED, False) == ()
     broken = desired_state({}, ["a.yaml"], "ok", {"a.yaml": A})
-    assert diff(broken, {}, facts, prune=True).prune == ()
-    assert diff(DESIRED, {}, facts, prune=True).prune == ("study/gone.mp3",)
+    assert pruned(broken, True) == ()
+    assert pruned(DESIRED, True) == ("study/gone.mp3",)
+
+
+def test_a_pass_that_reads_no_output_facts_plans_submissions_only() -> None:
+    d = plan(DESIRED, Snapshot(DONE), 0.0, Limits(200, prune=True))
+    assert (d.submit, d.reuse, d.restore, d.prune) == ((), (), (), ())
+
+
+#: Twelve queued tracks in one soundtrack, f00..f11 in spec order.
+TWELVE = desired_state(
+    {"m.yaml": spec("m.yaml", "m", *(track(f"t{i:02}", {**LOFI, "n": i}) for i in range(12)))},
+    [],
+    "ok",
+    {},
+)
+F = TWELVE.fingerprints()
+BUDGET = Allowance(3, "daily budget reached (0/45 credits)", "budget")
+#: Each case: the snapshot, then what is submitted and each held one's reason, by index.
+HOLD_CASES: dict[str, tuple[Snapshot, range, dict[int, str]]] = {
+    "everything fits": (Snapshot({}), range(12), {}),
+    "the daily budget admits three": (
+        Snapshot({}, allowance=BUDGET),
+        range(3),
+        {i: "budget" for i in range(3, 12)},
+    ),
+    "the balance admits none": (
+        Snapshot({}, allowance=Allowance(0, "account balance too low (10 credits)", "balance")),
+        range(0),
+        {i: "balance" for i in range(12)},
+    ),
+    "the run's ceiling (--max-credits) admits one": (
+        Snapshot(
+            {}, allowance=Allowance(1, "--max-credits reached (0/15 credits this run)", "run")
+        ),
+        range(1),
+        {i: "run" for i in range(1, 12)},
+    ),
+    "the in-flight cap keeps whole batches": (
+        Snapshot({}, in_flight=9),
+        range(10),
+        {10: "in_flight", 11: "in_flight"},
+    ),
+    "cap first, then budget": (
+        Snapshot({}, in_flight=9, allowance=BUDGET),
+        range(3),
+        {**{i: "budget" for i in range(3, 10)}, 10: "in_flight", 11: "in_flight"},
+    ),
+    "a backoff holds one until its time": (
+        Snapshot({F[0]: Generation(F[0], "queued", 1, 50.0, "rate limited")}),
+        range(1, 12),
+        {0: "backoff"},
+    ),
+    "a pause holds everything queued": (
+        Snapshot({}, paused_until=99.0, pause_reason="API key rejected (401): no"),
+        range(0),
+        {i: "paused" for i in range(12)},
+    ),
+    "suspended comes first, also over a pause": (
+        Snapshot({}, suspension=Suspension(True), paused_until=99.0),
+        range(0),
+        {i: "suspended" for i in range(12)},
+    ),
+    "a saved plan being applied sends only its own": (
+        Snapshot({}, only=frozenset(F[:2])),
+        range(2),
+        {i: "unplanned" for i in range(2, 12)},
+    ),
+    "in flight, parked and done are neither submitted nor held": (
+        Snapshot(
+            {
+                F[0]: Generation(F[0], "running"),
+                F[1]: Generation(F[1], "parked"),
+                F[2]: Generation(F[2], "succeeded"),
+            }
+        ),
+        range(3, 12),
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "sent", "held"), list(HOLD_CASES.values()), ids=list(HOLD_CASES)
+)
+def test_plan_says_what_is_submitted_and_why_the_rest_waits(
+    snapshot: Snapshot, sent: range, held: dict[int, str]
+) -> None:
+    d = plan(TWELVE, snapshot, 10.0, Limits(max_in_flight=20))
+    assert d.submit == tuple(F[i] for i in sent)
+    assert {F.index(h.fingerprint): h.reason for h in d.held} == held
+    assert d.cost == CREDITS_PER_TASK * len(sent)
+    assert [fp for b in d.batches for fp in b] == list(d.submit)
+
+
+def test_held_ones_say_until_when() -> None:
+    d = plan(TWELVE, HOLD_CASES["a backoff holds one until its time"][0], 10.0, Limits(20))
+    assert d.held == (Held(F[0], "backoff", "retry after: rate limited", 50.0),)
+    budget = plan(TWELVE, Snapshot({}, allowance=BUDGET), 10.0, Limits(20)).held[0]
+    assert (budget.detail, budget.until) == ("daily budget reached (0/45 credits)", 86_400.0)
 
 
 @pytest.mark.parametrize("g", [0, 1, 9, 10, 11, 25, 100, 1001])
@@ -477,3 +584,10 @@ NOW = 10.0
 def test_poll_cohorts(open_batches: list[OpenBatch], expected: list[list[str]]) -> None:
     cohorts = poll_cohorts(open_batches, 5.0, NOW)
     assert [[b.batch_id for b in c] for c in cohorts] == expected
+
+
+def test_work_held_back_is_still_a_change_but_a_suspension_is_not() -> None:
+    spent = plan(TWELVE, Snapshot({}, allowance=Allowance(0, "spent", "budget")), 10.0, Limits(20))
+    assert (spent.submit, spent.changes) == ((), True)
+    suspended = plan(TWELVE, Snapshot({}, suspension=Suspension(True)), 10.0, Limits(20))
+    assert (suspended.submit, suspended.changes) == ((), False)

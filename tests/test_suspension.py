@@ -8,9 +8,11 @@ from reconciler.planning import (
     Desired,
     DesiredTrack,
     Generation,
+    Limits,
+    Snapshot,
     Suspension,
-    diff,
     held_by_suspension,
+    plan,
 )
 
 
@@ -106,7 +108,7 @@ def test_stored_form_round_trips(stored: object, suspension: Suspension) -> None
 
 def test_plan_lists_held_generations_apart_and_charges_only_the_rest() -> None:
     queued = {fp: Generation(fp, "queued", 0, 0.0, None) for fp in ("f1", "f2", "f3")}
-    held = held_by_suspension(SHARED, Suspension(soundtracks=frozenset({"a"})))
-    d = diff(SHARED, queued, {}, prune=False, held=held)
-    assert (d.submit, d.suspended) == (("f2", "f3"), ("f1",))
+    snapshot = Snapshot(queued, suspension=Suspension(soundtracks=frozenset({"a"})))
+    d = plan(SHARED, snapshot, 0.0, Limits(200))
+    assert (d.submit, d.held_by("suspended")) == (("f2", "f3"), ("f1",))
     assert d.cost == 30

@@ -220,7 +220,7 @@ class Store:
     # -- reading -----------------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Read-only rows for ``status``."""
+        """Read-only rows as dicts: the reports (``reports``) read through this."""
         return list(self.db.query(sql, list(params)))
 
     def integrity_ok(self) -> bool:

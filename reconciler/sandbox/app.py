@@ -287,6 +287,7 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
 
     async def create(request: Request) -> Response:
         outcome = state.submit(await _json_body(request), "create")
+        state.charged([outcome])
         if isinstance(outcome, Task):
             return JSONResponse({"message": "success", "task_id": outcome.task_id})
         return _error(outcome.http_status, outcome.type, outcome.error)
@@ -331,6 +332,7 @@ def create_app(state: SandboxState, connections: Connections) -> ASGIApp:
         if problem is not None:
             return _error(400, "bad_request", problem)
         outcomes = [state.submit(item, "batch_submit", body) for item in items]
+        state.charged(outcomes)
         tasks: list[dict[str, Any]] = []
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, Task):

@@ -35,7 +35,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -200,6 +200,8 @@ class Counters:
     batch_submit_calls: int = 0
     tasks_created: int = 0
     tasks_by_fingerprint: dict[str, int] = field(default_factory=dict)
+    #: Per submit call, in order: the keys of the items it charged for.
+    submits: list[list[str]] = field(default_factory=list)
     task_polls: int = 0
     batch_polls: int = 0
     credit_calls: int = 0
@@ -301,6 +303,7 @@ class SandboxState:
             "batch_submit_calls": c.batch_submit_calls,
             "tasks_created": c.tasks_created,
             "tasks_by_fingerprint": dict(c.tasks_by_fingerprint),
+            "submits": [list(keys) for keys in c.submits],
             "task_polls": c.task_polls,
             "batch_polls": c.batch_polls,
             "credit_calls": c.credit_calls,
@@ -386,6 +389,10 @@ class SandboxState:
             for at in task.milestones():
                 self._schedule(at, "webhook", task)
         return task
+
+    def charged(self, outcomes: Sequence[Task | Rejection]) -> None:
+        """Book one submit call: which items it charged for, in the order sent."""
+        self.counters.submits.append([fingerprint(o.item) for o in outcomes if isinstance(o, Task)])
 
     def create_batch(self, outcomes: list[Task | Rejection]) -> str:
         """Record the accepted tasks of one batch submit under a new batch id."""
