@@ -57,53 +57,106 @@ class Secret:
 
 @dataclass(frozen=True)
 class WebhookSettings:
-    """The optional receiver: where it listens, the URL the service calls, the secret."""
+    """The optional receiver (``[webhook]``): where it listens, the URL it is called at."""
 
+    #: Address the receiver binds (``listen``'s host part).
     host: str
+    #: Port the receiver binds (``listen``'s port part).
     port: int
+    #: The URL the service reaches the receiver at; items carry ``<public_url>/hook/<fingerprint>``.
     public_url: str
+    #: Shared secret that signs each delivery (``secret`` or ``secret_file``).
     secret: Secret = field(repr=False)
+    #: Largest accepted request body, in bytes (413 above it).
     max_body: int = 1_000_000
+    #: Seconds a delivery's timestamp may differ from now (401 outside it).
     tolerance: float = 300.0
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a command needs, resolved once. Never holds the key in ``repr``."""
+    """Everything a command needs, resolved once. Never holds the key in ``repr``.
 
-    specs_dir: Path
-    out_dir: Path
-    state_dir: Path
-    api_url: str
-    api_key: Secret | None = field(repr=False)
+    Each field's default here is the only one: the config file states only
+    what it sets (config_file.py), and the README's and the example config's
+    defaults are checked against these (tests/test_config.py). The fields are
+    flat rather than grouped by config-file section because the pass reads
+    them by these names; the comments above each run follow the sections.
+    """
+
+    # Where things are (top level of the config file).
+    #: Folder of spec files (``specs``).
+    specs_dir: Path = Path("specs")
+    #: Folder the generated audio, playlists and tracks.json are written to (``out``).
+    out_dir: Path = Path("tracks")
+    #: Folder of the ledger, the audio cache and the trash (``state``).
+    state_dir: Path = Path(".reconciler")
+    #: MusicAPI base URL, without a trailing slash (``api_url``).
+    api_url: str = DEFAULT_API_URL
+    #: The API key; None when none is configured (``require_key`` says how to set one).
+    api_key: Secret | None = field(default=None, repr=False)
+    #: True with ``--sandbox``: the bundled emulator stands in for the API.
     sandbox: bool = False
+    #: Models a spec may name (``models``).
     models: tuple[str, ...] = DEFAULT_MODELS
-    #: model → text field → most characters allowed (limits.py, with the config's overrides).
+    #: model → text field → most characters allowed (limits.py, with ``[limits.<model>]``).
     field_limits: FieldLimits = field(default_factory=lambda: FIELD_LIMITS)
+    #: Least important log level shown: debug, info, warning or error (``log_level``).
+    log_level: str = "info"
+
+    # [submit]
     #: Seconds a burst of saves may share batches, and how long a spec file must
     #: stay unchanged (size, mtime, content) before a pass reads it.
     batch_window: float = 2.0
+    #: Tasks submitted and not finished, at most.
     max_in_flight: int = 200
+    #: Credits to spend per UTC day at most; None: no budget beyond the balance.
     daily_budget: int | None = None
+    #: Seconds to wait for a webhook to claim items whose submit answer was lost
+    #: before submitting them again.
     ambiguous_grace: float = 900.0
-    #: Resubmits allowed per fingerprint after ambiguous submits (0: park for a person).
+    #: Resubmits allowed per fingerprint after ambiguous submits (0: park for a person)
+    #: (``max_resubmits_per_fingerprint``).
     max_resubmits: int = 1
     #: This run's spending ceiling in credits (``--max-credits``); None: no ceiling.
     max_credits: int | None = None
-    #: Token bucket rate for every request to the API.
+
+    # [api]
+    #: Token bucket rate for every request to the API, in requests per second.
     max_requests_per_second: float = 4.0
+
+    # [poll]
+    #: Seconds between polls of one batch in flight (``interval``); the service
+    #: recommends 15-25. ``--sandbox`` without it polls every SANDBOX_POLL_INTERVAL.
     poll_interval: float = 15.0
+    #: Seconds between full rescans of the specs folder by the daemon, besides file events.
     rescan_interval: float = 300.0
+    #: Seconds a task may run before it is given up on (retried, flagged).
     task_timeout: float = 1800.0
+
+    # [retry]
+    #: Seconds before the first retry of a 429, 5xx or network fault; doubles up to the cap.
     backoff_initial: float = 5.0
+    #: Seconds between retries at most, and how long submitting pauses after a 401
+    #: or an empty account.
     backoff_cap: float = 600.0
+    #: Seconds one HTTP request to the API may take. The official SDK waits 60 s;
+    #: a shorter timeout only manufactures ambiguous submits, which may cost a
+    #: second generation.
     request_timeout: float = 60.0
+
+    # [prune]
+    #: True: outputs no spec asks for any more move to the trash (``enabled``, ``--prune``).
     prune: bool = False
+    #: Seconds a pruned file stays in the trash before it is deleted (``grace``; 7 days).
     prune_grace: float = 7 * 86400.0
+
+    # [webhook], [ops] and where the settings came from.
+    #: The webhook receiver; None when the config file has no ``[webhook]``.
     webhook: WebhookSettings | None = None
     #: The ops listener (metrics, health, dashboard): (host, port), None when off.
     ops_listen: tuple[str, int] | None = None
-    log_level: str = "info"
+    #: The config file these settings were read from; None when there was none.
     config_file: Path | None = None
 
     def with_api(self, url: str, key: str) -> Settings:
@@ -167,8 +220,17 @@ def parse_listen(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: Seconds between polls in a ``--sandbox`` run whose config file sets no
+#: ``[poll] interval``: the emulator finishes in seconds, so the demo feels alive.
+SANDBOX_POLL_INTERVAL = 1.0
+
+
 def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Settings:
-    """Resolve flag > environment > config file > default into one ``Settings``."""
+    """Resolve flag > environment > config file > default into one ``Settings``.
+
+    Only what a flag, a variable or the file gives is passed on; the rest
+    takes the field's default.
+    """
     env = os.environ if env is None else env
     config_path = flags.config or (
         Path(env["RECONCILER_CONFIG"]) if env.get("RECONCILER_CONFIG") else None
@@ -179,45 +241,32 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
 
         conf = read_config_file(config_path)
     source = str(config_path) if config_path else "config"
-
-    def path(flag: Path | None, var: str, from_file: Path | None, default: str) -> Path:
+    for name, flag, var in (
+        ("specs_dir", flags.specs, "RECONCILER_SPECS"),
+        ("out_dir", flags.out, "RECONCILER_OUT"),
+        ("state_dir", flags.state, "RECONCILER_STATE"),
+    ):
         if flag is not None:
-            return flag
-        if env.get(var):
-            return Path(env[var])
-        return from_file or Path(default)
-
-    specs_dir = path(flags.specs, "RECONCILER_SPECS", conf.pop("specs_dir", None), "specs")
-    out_dir = path(flags.out, "RECONCILER_OUT", conf.pop("out_dir", None), "tracks")
-    state_dir = path(flags.state, "RECONCILER_STATE", conf.pop("state_dir", None), ".reconciler")
-    file_url: str | None = conf.pop("api_url", None)
-    api_url = flags.api_url or env.get("MUSICAPI_BASE_URL") or file_url or DEFAULT_API_URL
-    if not api_url.startswith(("http://", "https://")):
-        raise ConfigError(f"API URL must start with http:// or https://, got {api_url!r}")
-    api_key = _api_key(env, conf.pop("api_key_file", None))
+            conf[name] = flag
+        elif env.get(var):
+            conf[name] = Path(env[var])
+    api_url = flags.api_url or env.get("MUSICAPI_BASE_URL") or conf.get("api_url")
+    if api_url is not None:
+        if not api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"API URL must start with http:// or https://, got {api_url!r}")
+        conf["api_url"] = api_url.rstrip("/")
+    conf["api_key"] = _api_key(env, conf.pop("api_key_file", None))
     ops_file = conf.pop("ops_listen", None)
-    # The docs recommend polling every 15-25 s; the sandbox finishes in seconds,
-    # so an unconfigured sandbox run polls faster to feel alive.
-    conf.setdefault("poll_interval", 1.0 if flags.sandbox else 15.0)
+    if flags.ops_listen:
+        conf["ops_listen"] = parse_listen(flags.ops_listen, "--ops-listen")
+    elif ops_file:
+        conf["ops_listen"] = parse_listen(ops_file, f"{source}: ops.listen")
+    if flags.sandbox:
+        conf.setdefault("poll_interval", SANDBOX_POLL_INTERVAL)
     if flags.prune is not None:
         conf["prune"] = flags.prune
     return Settings(
-        specs_dir=specs_dir,
-        out_dir=out_dir,
-        state_dir=state_dir,
-        api_url=api_url.rstrip("/"),
-        api_key=api_key,
-        sandbox=flags.sandbox,
-        max_credits=flags.max_credits,
-        ops_listen=(
-            parse_listen(flags.ops_listen, "--ops-listen")
-            if flags.ops_listen
-            else parse_listen(ops_file, f"{source}: ops.listen")
-            if ops_file
-            else None
-        ),
-        config_file=config_path,
-        **conf,
+        sandbox=flags.sandbox, max_credits=flags.max_credits, config_file=config_path, **conf
     )
 
 

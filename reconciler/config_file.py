@@ -2,7 +2,9 @@
 
 Where it sits: read by ``config.load_settings`` when a config file is given.
 It answers what the file says, as ``Settings`` fields by name; the flags and
-the environment are laid over that in config.py.
+the environment are laid over that in config.py, and what nobody says takes
+the field's default there. No default is stated here: a key the file leaves
+out is left out of the answer.
 
 The checks are a table of small functions rather than a validation library:
 they run at the start of every command given ``--config`` (``status`` among
@@ -18,12 +20,13 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from reconciler.config import Secret, WebhookSettings, read_secret_file
+from reconciler.config import Secret, Settings, WebhookSettings, read_secret_file
 from reconciler.errors import ConfigError
-from reconciler.limits import DEFAULT_MODELS, TEXT_FIELDS, with_overrides
+from reconciler.limits import TEXT_FIELDS, with_overrides
 from reconciler.words import did_you_mean
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -37,8 +40,11 @@ class _Invalid(Exception):
 
 #: A check: the value as TOML typed it → the value to use; raises _Invalid.
 Check = Callable[[Any], Any]
-#: A table's keys: key → (check, default).
-Table = Mapping[str, tuple[Check, Any]]
+#: A table's keys: key → (check, the name its value is answered under). The
+#: names are ``Settings`` fields, ``WebhookSettings`` fields in ``[webhook]``,
+#: or what config.py and ``_webhook`` resolve further (``api_key_file``,
+#: ``ops_listen``, ``listen``, ``secret``, ``secret_file``).
+Table = Mapping[str, tuple[Check, str]]
 
 
 def _bounded(value: float, ge: float | None, gt: float | None, le: float | None) -> None:
@@ -132,65 +138,80 @@ def _log_level(value: Any) -> str:
 
 #: The top level's keys; each of SECTIONS is a table of its own.
 TOP: Table = {
-    "specs": (_path, None),
-    "out": (_path, None),
-    "state": (_path, None),
-    "api_url": (_text, None),
-    "api_key_file": (_path, None),
-    "models": (_texts, None),
-    "log_level": (_log_level, "info"),
+    "specs": (_path, "specs_dir"),
+    "out": (_path, "out_dir"),
+    "state": (_path, "state_dir"),
+    "api_url": (_text, "api_url"),
+    "api_key_file": (_path, "api_key_file"),
+    "models": (_texts, "models"),
+    "log_level": (_log_level, "log_level"),
 }
 SECTIONS: Mapping[str, Table] = {
     "submit": {
-        "batch_window": (_number(ge=0, le=600), 2.0),
-        "max_in_flight": (_integer(ge=1, le=100_000), 200),
-        "daily_budget": (_integer(ge=0), None),
-        "ambiguous_grace": (_number(ge=0), 900.0),
-        "max_resubmits_per_fingerprint": (_integer(ge=0, le=100), 1),
+        "batch_window": (_number(ge=0, le=600), "batch_window"),
+        "max_in_flight": (_integer(ge=1, le=100_000), "max_in_flight"),
+        "daily_budget": (_integer(ge=0), "daily_budget"),
+        "ambiguous_grace": (_number(ge=0), "ambiguous_grace"),
+        "max_resubmits_per_fingerprint": (_integer(ge=0, le=100), "max_resubmits"),
     },
-    "api": {"max_requests_per_second": (_number(gt=0, le=1000), 4.0)},
+    "api": {"max_requests_per_second": (_number(gt=0, le=1000), "max_requests_per_second")},
     "poll": {
-        "interval": (_number(gt=0, le=3600), None),
-        "rescan_interval": (_number(gt=0), 300.0),
-        "task_timeout": (_number(gt=0), 1800.0),
+        "interval": (_number(gt=0, le=3600), "poll_interval"),
+        "rescan_interval": (_number(gt=0), "rescan_interval"),
+        "task_timeout": (_number(gt=0), "task_timeout"),
     },
     "retry": {
-        "backoff_initial": (_number(gt=0), 5.0),
-        "backoff_cap": (_number(gt=0), 600.0),
-        # The official SDK waits 60 s; a shorter timeout only manufactures
-        # ambiguous submits, which may cost a second generation.
-        "request_timeout": (_number(gt=0), 60.0),
+        "backoff_initial": (_number(gt=0), "backoff_initial"),
+        "backoff_cap": (_number(gt=0), "backoff_cap"),
+        "request_timeout": (_number(gt=0), "request_timeout"),
     },
-    "prune": {"enabled": (_switch, False), "grace": (_number(ge=0), 7 * 86400.0)},
+    "prune": {"enabled": (_switch, "prune"), "grace": (_number(ge=0), "prune_grace")},
     "webhook": {
-        "listen": (_text, None),
-        "public_url": (_text, None),
-        "secret": (_secret, None),
-        "secret_file": (_path, None),
-        "max_body": (_integer(gt=0), 1_000_000),
-        "tolerance": (_number(gt=0), 300.0),
+        "listen": (_text, "listen"),
+        "public_url": (_text, "public_url"),
+        "secret": (_secret, "secret"),
+        "secret_file": (_path, "secret_file"),
+        "max_body": (_integer(gt=0), "max_body"),
+        "tolerance": (_number(gt=0), "tolerance"),
     },
-    "ops": {"listen": (_text, None)},
+    "ops": {"listen": (_text, "ops_listen")},
 }
 #: ``[limits.<model>]``: one model's overrides of the text-length table (limits.py).
-LIMITS: Table = {name: (_integer(gt=0), None) for name in TEXT_FIELDS}
+LIMITS: Table = {name: (_integer(gt=0), name) for name in TEXT_FIELDS}
+
+
+def default(section: str, key: str) -> Any:
+    """What ``section.key`` (``section`` "" for the top level) is when nobody sets it.
+
+    Read from the field it sets, the one place a default is stated; None for
+    a key without one (``api_key_file``, ``[webhook] listen``, ...).
+    """
+    name = (SECTIONS[section] if section else TOP)[key][1]
+    owner = WebhookSettings if section == "webhook" else Settings
+    for found in fields(owner):
+        if found.name == name and found.default is not MISSING:
+            return found.default
+    return None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """What the file at ``path`` sets, as ``Settings`` fields by name.
 
-    Paths in it are relative to its folder. Three entries are not resolved
-    here because a flag or the environment may stand in for them:
-    ``api_key_file`` (read only when no key comes from the environment),
-    ``ops_listen`` (parsed only without ``--ops-listen``) and ``poll_interval``
-    (absent when the file leaves it to the sandbox-dependent default).
+    Only the keys the file gives are in the answer. Paths in it are relative
+    to its folder. Two entries are not ``Settings`` fields because a flag or
+    the environment may stand in for them: ``api_key_file`` (read only when
+    no key comes from the environment) and ``ops_listen`` (parsed only
+    without ``--ops-listen``).
     """
     top, sections, limits = _parse(path)
     base = path.parent
-    retry, submit, poll, prune = (sections[s] for s in ("retry", "submit", "poll", "prune"))
-    if retry["backoff_cap"] < retry["backoff_initial"]:
+    retry = sections["retry"]
+    initial = retry.get("backoff_initial", default("retry", "backoff_initial"))
+    if retry.get("backoff_cap", default("retry", "backoff_cap")) < initial:
         raise ConfigError(f"{path}: retry.backoff_cap must be >= retry.backoff_initial")
-    models = top["models"] or DEFAULT_MODELS
+    if top.get("models") == ():  # an empty list: the default models
+        del top["models"]
+    models = top.get("models", default("", "models"))
     unknown = [m for m in limits if m not in models]
     if unknown:
         raise ConfigError(
@@ -200,37 +221,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
                 for m in unknown
             )
         )
-    found: dict[str, Any] = {
-        "models": models,
-        "field_limits": with_overrides(
-            {m: {k: v for k, v in row.items() if v is not None} for m, row in limits.items()}
-        ),
-        "batch_window": submit["batch_window"],
-        "max_in_flight": submit["max_in_flight"],
-        "daily_budget": submit["daily_budget"],
-        "ambiguous_grace": submit["ambiguous_grace"],
-        "max_resubmits": submit["max_resubmits_per_fingerprint"],
-        "max_requests_per_second": sections["api"]["max_requests_per_second"],
-        "rescan_interval": poll["rescan_interval"],
-        "task_timeout": poll["task_timeout"],
-        "backoff_initial": retry["backoff_initial"],
-        "backoff_cap": retry["backoff_cap"],
-        "request_timeout": retry["request_timeout"],
-        "prune": prune["enabled"],
-        "prune_grace": prune["grace"],
-        "webhook": _webhook(sections["webhook"], base, str(path)),
-        "log_level": top["log_level"],
-    }
-    optional = {
-        "specs_dir": _relative_to(base, top["specs"]),
-        "out_dir": _relative_to(base, top["out"]),
-        "state_dir": _relative_to(base, top["state"]),
-        "api_url": top["api_url"],
-        "api_key_file": _relative_to(base, top["api_key_file"]),
-        "ops_listen": sections["ops"]["listen"],
-        "poll_interval": poll["interval"],
-    }
-    return found | {k: v for k, v in optional.items() if v is not None}
+    found: dict[str, Any] = dict(top)
+    for name, values in sections.items():
+        if name != "webhook":
+            found |= values
+    found = {k: _relative_to(base, v) if isinstance(v, Path) else v for k, v in found.items()}
+    if limits:
+        found["field_limits"] = with_overrides(limits)
+    webhook = _webhook(sections["webhook"], base, str(path))
+    return found | ({"webhook": webhook} if webhook else {})
 
 
 Values = dict[str, Any]
@@ -284,18 +283,17 @@ def _table(
     *,
     extra: list[str] | None = None,
 ) -> Values:
-    """``given`` checked against ``keys``; the defaults where it is silent.
+    """``given`` checked against ``keys``, by the names ``keys`` answers under.
 
     ``extra``: the names allowed at this level besides ``keys`` (the top
     level's sections), offered as suggestions too.
     """
     values: Values = {}
-    for key, (check, default) in keys.items():
+    for key, (check, name) in keys.items():
         if key not in given:
-            values[key] = default
             continue
         try:
-            values[key] = check(given[key])
+            values[name] = check(given[key])
         except _Invalid as exc:
             problems.append(f"{prefix}{key}: {_phrase(str(exc), given[key])}")
     allowed = extra if extra is not None else list(keys)
@@ -312,15 +310,13 @@ def _phrase(problem: str, value: Any) -> str:
     return f"{problem}, got {value!r}"
 
 
-def _relative_to(base: Path, value: Path | None) -> Path | None:
+def _relative_to(base: Path, value: Path) -> Path:
     """Paths in a config file are relative to the file's folder, not the cwd."""
-    if value is None or value.is_absolute():
-        return value
-    return base / value
+    return value if value.is_absolute() else base / value
 
 
 def _webhook(hook: Values, base: Path, source: str) -> WebhookSettings | None:
-    listen, public_url = hook["listen"], hook["public_url"]
+    listen, public_url = hook.get("listen"), hook.get("public_url")
     if listen is None and public_url is None:
         return None
     if not (listen and public_url):
@@ -328,8 +324,12 @@ def _webhook(hook: Values, base: Path, source: str) -> WebhookSettings | None:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"{source}: webhook.listen: expected HOST:PORT, got {listen!r}")
-    secret_file = _relative_to(base, hook["secret_file"])
-    secret = read_secret_file(secret_file, "webhook secret") if secret_file else hook["secret"]
+    secret_file = hook.get("secret_file")
+    secret = (
+        read_secret_file(_relative_to(base, secret_file), "webhook secret")
+        if secret_file
+        else hook.get("secret")
+    )
     if secret is None or not secret.get_secret_value():
         raise ConfigError(f"{source}: webhook: a secret (secret or secret_file) is required")
     return WebhookSettings(
@@ -337,6 +337,5 @@ def _webhook(hook: Values, base: Path, source: str) -> WebhookSettings | None:
         port=int(port),
         public_url=public_url.rstrip("/"),
         secret=secret,
-        max_body=hook["max_body"],
-        tolerance=hook["tolerance"],
+        **{k: v for k, v in hook.items() if k in ("max_body", "tolerance")},
     )
