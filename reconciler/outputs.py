@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISLNK
 
 from reconciler.audio import probe_audio
 from reconciler.durable import atomic_write, fsync_dir, make_dirs, sweep_temps, temp_in
@@ -90,10 +91,24 @@ class OutputFolder:
         parent = self._parents.get(soundtrack)
         if parent is None:
             parent = self.root / soundtrack
-            if not parent.resolve().is_relative_to(self._resolved_root):
+            # A plain name that is not a symlink (or not there yet) resolves
+            # beneath the resolved root: one lstat instead of a realpath walk
+            # of every component, which cost a cold plan 0.6 s at 5,000
+            # soundtracks.
+            if _may_escape(parent) and not parent.resolve().is_relative_to(self._resolved_root):
                 raise OutputError(f"{parent} resolves to {parent.resolve()}, outside {self.root}")
             self._parents[soundtrack] = parent
         return parent / filename
+
+
+def _may_escape(path: Path) -> bool:
+    """Whether ``path`` must be resolved to know where it leads: a symlink, or unknown."""
+    try:
+        return S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 def prepare(src: Path, dest: Path, finish: Callable[[Path], None]) -> Path:

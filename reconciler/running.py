@@ -194,22 +194,30 @@ def make_plan(
         desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
         gens = ledger.generations() if ledger else {}
         records = ledger.outputs() if ledger else {}
-        clips = ledger.usable_clips() if ledger else {}
+        folder = out.OutputFolder(settings.out_dir)
+        disks = {
+            p: _disk_state(folder, p, r.size, r.mtime_ns, r.sha256) for p, r in records.items()
+        }
+        # Only a file to restore needs its clip (to ask the cache for it): by
+        # index, not a read of every clip in the ledger.
+        to_restore = {
+            r.fingerprint for p, r in records.items() if r.fingerprint and disks[p] != "ok"
+        }
+        clips = ledger.usable_clips_of(to_restore) if ledger and to_restore else {}
         suspension = ledger.suspension() if ledger else Suspension()
         spent_today = CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now)) if ledger else 0
     finally:
         if ledger:
             ledger.close()
     cache = AudioCache(settings.state_dir / "cache")
-    folder = out.OutputFolder(settings.out_dir)
     facts: dict[str, OutputFact] = {}
     for p, r in records.items():
-        disk = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
+        disk = disks[p]
         # The cache only matters for a file to restore: no stat for the rest. It
         # holds the raw audio; the output is that plus its tags (tags.py).
-        kept = clips.get(r.fingerprint or "", [])
+        kept = clips.get(r.fingerprint or "", []) if disk != "ok" else []
         raw = kept[r.clip - 1].sha256 if r.clip is not None and len(kept) >= r.clip else None
-        cached = disk != "ok" and raw is not None and cache.has(raw)
+        cached = raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(

@@ -1036,41 +1036,11 @@ class Ledger(Store):
 
     # -- clips and audio ------------------------------------------------------------
 
-    def usable_clips(
-        self, fingerprints: Iterable[str] | None = None
-    ) -> dict[str, list[ClipRecord]]:
-        """Finished clips of each fingerprint's current task, in position order."""
-        rows = self.db.query(
-            "SELECT c.* FROM clips c JOIN generations g ON g.task_id = c.task_id "
-            "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
-            "ORDER BY c.fingerprint, c.position"
-        )
-        wanted = set(fingerprints) if fingerprints is not None else None
-        out: dict[str, list[ClipRecord]] = {}
-        for r in rows:
-            if wanted is not None and r["fingerprint"] not in wanted:
-                continue
-            out.setdefault(r["fingerprint"], []).append(
-                ClipRecord(
-                    clip_id=r["clip_id"],
-                    task_id=r["task_id"],
-                    fingerprint=r["fingerprint"],
-                    position=r["position"],
-                    state=r["state"],
-                    audio_url=r["audio_url"],
-                    duration=r["duration"],
-                    title=r["title"],
-                    lyrics=r["lyrics"],
-                    tags=r["tags"],
-                    sha256=r["sha256"],
-                    image_url=r["image_url"],
-                    cover=r["cover"],
-                )
-            )
-        return out
-
     def usable_clips_of(self, fingerprints: Collection[str]) -> dict[str, list[ClipRecord]]:
-        """``usable_clips`` for a few fingerprints, by index rather than a full read."""
+        """Finished clips of each fingerprint's current task, in position order.
+
+        By index: a pass or a plan asks only for the few it needs.
+        """
         rows = self._rows_in(
             "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
             "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
