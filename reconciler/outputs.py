@@ -79,17 +79,25 @@ class OutputFolder:
     def __init__(self, out_root: Path) -> None:
         self.root = Path(os.path.abspath(out_root))
         self._resolved_root = self.root.resolve()
-        self._parents: dict[str, Path] = {}
+        self._parents: dict[str, tuple[Path, str]] = {}
 
     def path(self, soundtrack: str, filename: str) -> Path:
+        return self._parent(soundtrack, filename)[0] / filename
+
+    def state(self, soundtrack: str, filename: str) -> tuple[int, int] | None:
+        """:func:`file_state` of :meth:`path`, without building a ``Path``
+        (a plan stats every output; 60,000 ``Path`` objects cost 0.4 s)."""
+        return file_state(f"{self._parent(soundtrack, filename)[1]}/{filename}")
+
+    def _parent(self, soundtrack: str, filename: str) -> tuple[Path, str]:
         for what, name in (("soundtrack", soundtrack), ("file name", filename)):
             if not name or "/" in name or "\0" in name or name.startswith("."):
                 raise OutputError(
                     f"{what} {name!r} is not a plain name: output paths must stay inside "
                     f"{self.root}"
                 )
-        parent = self._parents.get(soundtrack)
-        if parent is None:
+        known = self._parents.get(soundtrack)
+        if known is None:
             parent = self.root / soundtrack
             # A plain name that is not a symlink (or not there yet) resolves
             # beneath the resolved root: one lstat instead of a realpath walk
@@ -97,8 +105,8 @@ class OutputFolder:
             # soundtracks.
             if _may_escape(parent) and not parent.resolve().is_relative_to(self._resolved_root):
                 raise OutputError(f"{parent} resolves to {parent.resolve()}, outside {self.root}")
-            self._parents[soundtrack] = parent
-        return parent / filename
+            known = self._parents[soundtrack] = (parent, str(parent))
+        return known
 
 
 def _may_escape(path: Path) -> bool:
@@ -165,7 +173,7 @@ def sweep_output_temps(out_root: Path) -> int:
         raise OutputError(f"cannot sweep temp files in {out_root}: {e.strerror or e}") from e
 
 
-def file_state(path: Path) -> tuple[int, int] | None:
+def file_state(path: str | Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file, None when it is missing; one stat call."""
     try:
         stat = os.stat(path)

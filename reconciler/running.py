@@ -103,11 +103,10 @@ def _disk_state(
     folder: out.OutputFolder, path: str, size: int, mtime_ns: int, sha: str
 ) -> DiskState:
     soundtrack, name = path.split("/", 1)
-    dest = folder.path(soundtrack, name)
-    state = out.file_state(dest)
+    state = folder.state(soundtrack, name)
     if state is None:
         return "missing"
-    if state == (size, mtime_ns) or out.sha256_file(dest) == sha:
+    if state == (size, mtime_ns) or out.sha256_file(folder.path(soundtrack, name)) == sha:
         return "ok"
     return "drifted"
 

@@ -88,15 +88,19 @@ def spec_to_json(spec: SpecFile) -> str:
 def file_tracks_from_json(path: str, body: str) -> FileTracks:
     """A last good version with its desired tracks, by the fingerprints stored
     with it (a body written before they were is hashed now)."""
-    spec = spec_from_json(path, body)
-    stored = [t.get("fingerprint") for t in json.loads(body)["tracks"]]
+    data = json.loads(body)
+    spec = _spec_from_data(path, data)
+    stored = [t.get("fingerprint") for t in data["tracks"]]
     if None in stored:
         return file_tracks(path, spec)
     return file_tracks(path, spec, stored)
 
 
 def spec_from_json(path: str, body: str) -> SpecFile:
-    data = json.loads(body)
+    return _spec_from_data(path, json.loads(body))
+
+
+def _spec_from_data(path: str, data: dict[str, Any]) -> SpecFile:
     return SpecFile(
         path=path,
         soundtrack=data["soundtrack"],
