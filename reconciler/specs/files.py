@@ -391,7 +391,7 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
 
     try:
         real_root = root.resolve(strict=True)
-        real = (root / rel).resolve(strict=True)
+        real = _resolve_under(real_root, root, rel)
         if not real.is_relative_to(real_root):
             raise refuse(f"points to {real}, outside the specs folder")
         before = real.stat()
@@ -424,6 +424,24 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
     ):
         raise refuse(_CHANGING)
     return b"".join(chunks), after.st_mtime_ns
+
+
+def _resolve_under(real_root: Path, root: Path, rel: str) -> Path:
+    """``(root / rel).resolve(strict=True)``, where ``real_root`` is ``root`` resolved.
+
+    When no component of ``rel`` is a symlink or a dot, that is ``real_root /
+    rel``: an lstat per component instead of a realpath walk of the whole
+    path (half of reading 5,000 spec files in a cold plan).
+    """
+    parts = rel.split("/")
+    if not {"", ".", ".."}.isdisjoint(parts):
+        return (root / rel).resolve(strict=True)
+    path = real_root
+    for part in parts:
+        path = path / part
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return (root / rel).resolve(strict=True)
+    return path
 
 
 _CHANGING = "is changing while being read; it will be read again on the next pass"
