@@ -17,7 +17,6 @@ database read-only in WAL mode and never waits for it.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +93,7 @@ def file_tracks_from_json(path: str, body: str) -> FileTracks:
     stored = [t.get("fingerprint") for t in data["tracks"]]
     if None in stored:
         return file_tracks(path, spec)
-    return file_tracks(path, spec, [sys.intern(fp) for fp in stored])
+    return file_tracks(path, spec, stored)
 
 
 def spec_from_json(path: str, body: str) -> SpecFile:
@@ -118,23 +117,6 @@ def _spec_from_data(path: str, data: dict[str, Any]) -> SpecFile:
             )
             for t in data["tracks"]
         ),
-    )
-
-
-def _interned(fingerprint: str | None) -> str | None:
-    """One string object per fingerprint, shared by the records that name it.
-
-    A full pass at 50,000 tracks holds each fingerprint in its desired track,
-    its generation and its outputs' records: 64 characters (113 bytes) each,
-    read as separate copies from SQLite and JSON unless interned.
-    """
-    return None if fingerprint is None else sys.intern(fingerprint)
-
-
-def _output_record(row: tuple[Any, ...]) -> OutputRecord:
-    path, soundtrack, track, clip, fp, sha256, size, mtime_ns = row
-    return OutputRecord(
-        path, sys.intern(soundtrack), track, clip, _interned(fp), sha256, size, mtime_ns
     )
 
 
@@ -307,7 +289,7 @@ class Ledger(Store):
         rows = self.db.execute(
             "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
         )
-        return {(fp := sys.intern(r[0])): Generation(fp, *r[1:]) for r in rows}
+        return {r[0]: Generation(*r) for r in rows}
 
     def generations_of(self, fingerprints: Collection[str]) -> dict[str, Generation]:
         """The generations of ``fingerprints``, and every one in flight (the
@@ -1108,7 +1090,7 @@ class Ledger(Store):
         rows = self.db.execute(
             "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
         )
-        return {r[0]: _output_record(r) for r in rows}
+        return {r[0]: OutputRecord(*r) for r in rows}
 
     def outputs_of(self, soundtracks: Collection[str]) -> dict[str, OutputRecord]:
         """``outputs`` of a few soundtracks, by index rather than a full read."""
@@ -1121,7 +1103,7 @@ class Ledger(Store):
                 "FROM outputs WHERE path >= ? AND path < ?",
                 [f"{soundtrack}/", f"{soundtrack}0"],
             )
-            found.update((r[0], _output_record(r)) for r in rows)
+            found.update((r[0], OutputRecord(*r)) for r in rows)
         return found
 
     def outputs_at(self, rel: str) -> list[OutputRecord]:
