@@ -231,27 +231,30 @@ class Ledger(Store):
         """
         now = self.clock()
         columns = "SELECT soundtrack, name, fingerprint, clips, source, position FROM tracks"
+        rows: Iterable[tuple[Any, ...]]
         if soundtracks is None:
-            rows = self.db.execute(columns).fetchall()
-            known = {r[0] for r in self.db.execute("SELECT fingerprint FROM generations")}
+            # Row by row from the cursor: at 50,000 tracks the table read whole
+            # and keyed, with every generation's fingerprint beside it, was
+            # about 35 MiB at once, the daemon's peak (its start-up pass).
+            rows = self.db.execute(columns)
         else:
             rows = self._rows_in(f"{columns} WHERE soundtrack", soundtracks)
-            known = {
-                r[0]
-                for r in self._rows_in(
-                    "SELECT fingerprint FROM generations WHERE fingerprint",
-                    desired.fingerprints(),
-                )
-            }
-        current = {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in rows}
         wanted = {(t.soundtrack, t.name): t for t in desired.tracks}
-        new_fps = [fp for fp in desired.fingerprints() if fp not in known]
-        changed = [
-            t
-            for key, t in wanted.items()
-            if current.get(key) != (t.fingerprint, t.clips, t.source, t.position)
-        ]
-        gone = [key for key in current if key not in wanted]
+        unseen = set(wanted)
+        #: The tracks whose row differs: their fingerprint before.
+        previous: dict[tuple[str, str], str] = {}
+        gone = []
+        for r in rows:
+            key = (r[0], r[1])
+            t = wanted.get(key)
+            if t is None:
+                gone.append(key)
+                continue
+            unseen.discard(key)
+            if (r[2], r[3], r[4], r[5]) != (t.fingerprint, t.clips, t.source, t.position):
+                previous[key] = r[2]
+        changed = [t for key, t in wanted.items() if key in unseen or key in previous]
+        new_fps = self._without_generation(desired.fingerprints())
         if not (new_fps or changed or gone):
             return
         with self.transaction():
@@ -262,7 +265,7 @@ class Ledger(Store):
                     [fp, _dumps(dict(desired.requests[fp])), now, now],
                 )
             for t in changed:
-                before = current.get((t.soundtrack, t.name))
+                before = previous.get((t.soundtrack, t.name))
                 self.db.execute(
                     "INSERT INTO tracks (soundtrack, name, fingerprint, clips, source, position, "
                     "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(soundtrack, name) DO "
@@ -271,17 +274,32 @@ class Ledger(Store):
                     "updated_at = excluded.updated_at",
                     [t.soundtrack, t.name, t.fingerprint, t.clips, t.source, t.position, now],
                 )
-                if before is None or before[0] != t.fingerprint:
+                if before != t.fingerprint:
                     self._event(
                         "track.desired",
                         fingerprint=t.fingerprint,
                         soundtrack=t.soundtrack,
                         track=t.name,
-                        previous=before[0] if before else None,
+                        previous=before,
                     )
             for st, name in gone:
                 self.db.execute("DELETE FROM tracks WHERE soundtrack = ? AND name = ?", [st, name])
                 self._event("track.removed", soundtrack=st, track=name)
+
+    def _without_generation(self, fingerprints: Sequence[str]) -> list[str]:
+        """``fingerprints`` that have no generation row yet, in their order; by
+        index a chunk at a time, not a read of every generation."""
+        new: list[str] = []
+        for i in range(0, len(fingerprints), _IN_CHUNK):
+            chunk = fingerprints[i : i + _IN_CHUNK]
+            have = {
+                r[0]
+                for r in self._rows_in(
+                    "SELECT fingerprint FROM generations WHERE fingerprint", chunk
+                )
+            }
+            new.extend(fp for fp in chunk if fp not in have)
+        return new
 
     def generations(self) -> dict[str, Generation]:
         # Plain tuples in the dataclass's field order: building a dict per row
