@@ -20,6 +20,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import click
 
+from reconciler import __version__
 from reconciler.config import Flags, Settings, load_settings
 from reconciler.errors import ConfigError, ReconcilerError, SpecError
 from reconciler.words import plural
@@ -125,29 +126,71 @@ class _LazyGroup(click.Group):
     """Loads the sandbox command only when asked for: it pulls in numpy, lameenc
     and the HTTP server, which would add most of a second to every command.
     The operator commands (cli_tools.py) load the same way, so each command
-    imports only what it uses."""
+    imports only what it uses. ``--help`` lists them by the summary kept here
+    (their docstring's first paragraph; a test holds the two equal)."""
 
-    _lazy: ClassVar[dict[str, tuple[str, str]]] = {
-        "sandbox": ("reconciler.sandbox.cli", "sandbox"),
-        **{
-            name: ("reconciler.cli_tools", name)
-            for name in ("describe", "events", "suspend", "resume", "trash")
-        },
+    #: name → (module, attribute, summary)
+    lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "sandbox": (
+            "reconciler.sandbox.cli",
+            "sandbox",
+            "Serve the MusicAPI emulator and print its base URL; stop on SIGTERM or SIGINT.",
+        ),
+        "describe": (
+            "reconciler.cli_tools",
+            "describe",
+            "Everything about one track: spec, request, attempts, clips, files, events.",
+        ),
+        "events": (
+            "reconciler.cli_tools",
+            "events",
+            "The ledger's event log, oldest first; --follow to keep watching it.",
+        ),
+        "suspend": (
+            "reconciler.cli_tools",
+            "suspend",
+            "Stop new submissions (for one SOUNDTRACK or all); polls and downloads go on.",
+        ),
+        "resume": (
+            "reconciler.cli_tools",
+            "resume",
+            "Lift a suspension (of one SOUNDTRACK, or every one); the next pass submits.",
+        ),
+        "trash": (
+            "reconciler.cli_tools",
+            "trash",
+            "What prune moved aside: list it, or put a file back.",
+        ),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self._lazy])
+        return sorted([*super().list_commands(ctx), *self.lazy])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self._lazy:
-            module, attr = self._lazy[cmd_name]
+        if cmd_name in self.lazy:
+            module, attr, _ = self.lazy[cmd_name]
             command: click.Command = getattr(importlib.import_module(module), attr)
             return command
         return super().get_command(ctx, cmd_name)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """As click lists commands, but the lazy ones by their summary, unloaded."""
+        shown = {
+            name: click.Command(name, help=self.lazy[name][2])
+            if name in self.lazy
+            else self.commands[name]
+            for name in self.list_commands(ctx)
+        }
+        shown = {name: cmd for name, cmd in shown.items() if not cmd.hidden}
+        limit = formatter.width - 6 - max(map(len, shown))
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, cmd.get_short_help_str(limit)) for n, cmd in shown.items()])
+
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="reconciler")
+# The version is given rather than looked up: importlib.metadata alone would
+# cost ``--version`` more start-up than all the rest of it.
+@click.version_option(version=__version__, prog_name="reconciler")
 def main() -> None:
     """Make a folder of generated music converge to a folder of spec files."""
 
@@ -391,12 +434,17 @@ def status(as_json: bool, watch: bool, interval: float, selector: str | None, **
     report = build_report(settings, time.time(), selector)
     if as_json:
         _echo_json(report)
-    else:
+    elif sys.stdout.isatty():
+        # Colours and the terminal's width: rich, imported only for a terminal.
         from rich.console import Console
 
         from reconciler.status import render
 
         render(report, Console())
+    else:
+        from reconciler.status import render
+
+        render(report)
     sys.exit(1 if failed(report) else 0)
 
 

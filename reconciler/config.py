@@ -1,28 +1,22 @@
 """Settings: the one frozen object every other module receives.
 
 Flag > environment > config file > default is resolved here and nowhere else;
-the CLI hands in the flags it parsed, this module reads the environment and the
-TOML config file, validates everything with pydantic, and returns ``Settings``.
-Errors name the source (flag, variable or ``file: section.key``) so a person
-can fix them.
+the CLI hands in the flags it parsed, this module reads the environment and
+lays both over what the TOML config file says (config_file.py, imported only
+when there is a file), and returns ``Settings``. Errors name the source
+(flag, variable or ``file: section.key``) so a person can fix them.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_core import ErrorDetails
+from typing import Any
 
 from reconciler.errors import ConfigError
-from reconciler.limits import FIELD_LIMITS, FieldLimits, with_overrides
-from reconciler.specs import DEFAULT_MODELS
-from reconciler.words import did_you_mean
+from reconciler.limits import DEFAULT_MODELS, FIELD_LIMITS, FieldLimits
 
 DEFAULT_API_URL = "https://api.musicapi.ai/api/v1"
 CREDENTIAL_NAME = "musicapi-key"
@@ -33,141 +27,143 @@ KEY_HELP = (
 )
 
 
-LogLevel = Literal["debug", "info", "warning", "error"]
+class Secret:
+    """A key or webhook secret: equal by value, never shown by ``repr`` or ``str``.
 
+    Plain rather than pydantic's ``SecretStr`` (same interface): resolving
+    settings imports no validation library, a tenth of a second of start-up.
+    """
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    __slots__ = ("_value",)
 
+    def __init__(self, value: str) -> None:
+        self._value = value
 
-class _Submit(_Section):
-    batch_window: float = Field(2.0, ge=0, le=600)
-    max_in_flight: int = Field(200, ge=1, le=100_000)
-    daily_budget: int | None = Field(None, ge=0)
-    ambiguous_grace: float = Field(900.0, ge=0)
-    max_resubmits_per_fingerprint: int = Field(1, ge=0, le=100)
+    def get_secret_value(self) -> str:
+        return self._value
 
+    def __repr__(self) -> str:
+        return f"Secret('{self}')"
 
-class _Api(_Section):
-    max_requests_per_second: float = Field(4.0, gt=0, le=1000)
+    def __str__(self) -> str:
+        return "**********" if self._value else ""
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
 
-class _Poll(_Section):
-    interval: float | None = Field(None, gt=0, le=3600)
-    rescan_interval: float = Field(300.0, gt=0)
-    task_timeout: float = Field(1800.0, gt=0)
-
-
-class _Retry(_Section):
-    backoff_initial: float = Field(5.0, gt=0)
-    backoff_cap: float = Field(600.0, gt=0)
-    # The official SDK waits 60 s; a shorter timeout only manufactures
-    # ambiguous submits, which may cost a second generation.
-    request_timeout: float = Field(60.0, gt=0)
-
-
-class _Prune(_Section):
-    enabled: bool = False
-    grace: float = Field(7 * 86400.0, ge=0)
-
-
-class _Webhook(_Section):
-    listen: str | None = None
-    public_url: str | None = None
-    secret: SecretStr | None = None
-    secret_file: Path | None = None
-    max_body: int = Field(1_000_000, gt=0)
-    tolerance: float = Field(300.0, gt=0)
-
-
-class _Ops(_Section):
-    listen: str | None = None
-
-
-class _Limits(_Section):
-    """One model's overrides of the text-length table (limits.py)."""
-
-    prompt: int | None = Field(None, gt=0)
-    gpt_description_prompt: int | None = Field(None, gt=0)
-    title: int | None = Field(None, gt=0)
-    tags: int | None = Field(None, gt=0)
-    negative_tags: int | None = Field(None, gt=0)
-
-
-class _File(_Section):
-    specs: Path | None = None
-    out: Path | None = None
-    state: Path | None = None
-    api_url: str | None = None
-    api_key_file: Path | None = None
-    models: tuple[str, ...] | None = None
-    log_level: LogLevel = "info"
-    submit: _Submit = _Submit()
-    api: _Api = _Api()
-    poll: _Poll = _Poll()
-    retry: _Retry = _Retry()
-    prune: _Prune = _Prune()
-    webhook: _Webhook = _Webhook()
-    ops: _Ops = _Ops()
-    limits: dict[str, _Limits] = Field(default_factory=dict)
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
 @dataclass(frozen=True)
 class WebhookSettings:
-    """The optional receiver: where it listens, the URL the service calls, the secret."""
+    """The optional receiver (``[webhook]``): where it listens, the URL it is called at."""
 
+    #: Address the receiver binds (``listen``'s host part).
     host: str
+    #: Port the receiver binds (``listen``'s port part).
     port: int
+    #: The URL the service reaches the receiver at; items carry ``<public_url>/hook/<fingerprint>``.
     public_url: str
-    secret: SecretStr = field(repr=False)
+    #: Shared secret that signs each delivery (``secret`` or ``secret_file``).
+    secret: Secret = field(repr=False)
+    #: Largest accepted request body, in bytes (413 above it).
     max_body: int = 1_000_000
+    #: Seconds a delivery's timestamp may differ from now (401 outside it).
     tolerance: float = 300.0
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a command needs, resolved once. Never holds the key in ``repr``."""
+    """Everything a command needs, resolved once. Never holds the key in ``repr``.
 
-    specs_dir: Path
-    out_dir: Path
-    state_dir: Path
-    api_url: str
-    api_key: SecretStr | None = field(repr=False)
+    Each field's default here is the only one: the config file states only
+    what it sets (config_file.py), and the README's and the example config's
+    defaults are checked against these (tests/test_config.py). The fields are
+    flat rather than grouped by config-file section because the pass reads
+    them by these names; the comments above each run follow the sections.
+    """
+
+    # Where things are (top level of the config file).
+    #: Folder of spec files (``specs``).
+    specs_dir: Path = Path("specs")
+    #: Folder the generated audio, playlists and tracks.json are written to (``out``).
+    out_dir: Path = Path("tracks")
+    #: Folder of the ledger, the audio cache and the trash (``state``).
+    state_dir: Path = Path(".reconciler")
+    #: MusicAPI base URL, without a trailing slash (``api_url``).
+    api_url: str = DEFAULT_API_URL
+    #: The API key; None when none is configured (``require_key`` says how to set one).
+    api_key: Secret | None = field(default=None, repr=False)
+    #: True with ``--sandbox``: the bundled emulator stands in for the API.
     sandbox: bool = False
+    #: Models a spec may name (``models``).
     models: tuple[str, ...] = DEFAULT_MODELS
-    #: model → text field → most characters allowed (limits.py, with the config's overrides).
+    #: model → text field → most characters allowed (limits.py, with ``[limits.<model>]``).
     field_limits: FieldLimits = field(default_factory=lambda: FIELD_LIMITS)
+    #: Least important log level shown: debug, info, warning or error (``log_level``).
+    log_level: str = "info"
+
+    # [submit]
     #: Seconds a burst of saves may share batches, and how long a spec file must
     #: stay unchanged (size, mtime, content) before a pass reads it.
     batch_window: float = 2.0
+    #: Tasks submitted and not finished, at most.
     max_in_flight: int = 200
+    #: Credits to spend per UTC day at most; None: no budget beyond the balance.
     daily_budget: int | None = None
+    #: Seconds to wait for a webhook to claim items whose submit answer was lost
+    #: before submitting them again.
     ambiguous_grace: float = 900.0
-    #: Resubmits allowed per fingerprint after ambiguous submits (0: park for a person).
+    #: Resubmits allowed per fingerprint after ambiguous submits (0: park for a person)
+    #: (``max_resubmits_per_fingerprint``).
     max_resubmits: int = 1
     #: This run's spending ceiling in credits (``--max-credits``); None: no ceiling.
     max_credits: int | None = None
-    #: Token bucket rate for every request to the API.
+
+    # [api]
+    #: Token bucket rate for every request to the API, in requests per second.
     max_requests_per_second: float = 4.0
+
+    # [poll]
+    #: Seconds between polls of one batch in flight (``interval``); the service
+    #: recommends 15-25. ``--sandbox`` without it polls every SANDBOX_POLL_INTERVAL.
     poll_interval: float = 15.0
+    #: Seconds between full rescans of the specs folder by the daemon, besides file events.
     rescan_interval: float = 300.0
+    #: Seconds a task may run before it is given up on (retried, flagged).
     task_timeout: float = 1800.0
+
+    # [retry]
+    #: Seconds before the first retry of a 429, 5xx or network fault; doubles up to the cap.
     backoff_initial: float = 5.0
+    #: Seconds between retries at most, and how long submitting pauses after a 401
+    #: or an empty account.
     backoff_cap: float = 600.0
+    #: Seconds one HTTP request to the API may take. The official SDK waits 60 s;
+    #: a shorter timeout only manufactures ambiguous submits, which may cost a
+    #: second generation.
     request_timeout: float = 60.0
+
+    # [prune]
+    #: True: outputs no spec asks for any more move to the trash (``enabled``, ``--prune``).
     prune: bool = False
+    #: Seconds a pruned file stays in the trash before it is deleted (``grace``; 7 days).
     prune_grace: float = 7 * 86400.0
+
+    # [webhook], [ops] and where the settings came from.
+    #: The webhook receiver; None when the config file has no ``[webhook]``.
     webhook: WebhookSettings | None = None
     #: The ops listener (metrics, health, dashboard): (host, port), None when off.
     ops_listen: tuple[str, int] | None = None
-    log_level: str = "info"
+    #: The config file these settings were read from; None when there was none.
     config_file: Path | None = None
 
     def with_api(self, url: str, key: str) -> Settings:
         """The same settings pointed at another API (the embedded sandbox)."""
-        return replace(self, api_url=url, api_key=SecretStr(key))
+        return replace(self, api_url=url, api_key=Secret(key))
 
-    def require_key(self) -> SecretStr:
+    def require_key(self) -> Secret:
         if self.api_key is None or not self.api_key.get_secret_value():
             raise ConfigError(KEY_HELP)
         return self.api_key
@@ -192,108 +188,23 @@ class Flags:
     ops_listen: str | None = None
 
 
-def _read_file(path: Path) -> _File:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: config file is not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    try:
-        return _File.model_validate(raw)
-    except ValidationError as exc:
-        # Every problem in the file, one line each, so one edit fixes them all.
-        lines = [f"{path}: {_describe(error)}" for error in exc.errors()]
-        raise ConfigError("\n".join(lines)) from exc
-
-
-def _section_of(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The model that holds the last key of ``loc`` (for did-you-mean suggestions)."""
-    model: type[BaseModel] = _File
-    keys = list(loc[:-1])
-    while keys:
-        info = model.model_fields.get(str(keys.pop(0)))
-        annotation = info.annotation if info else None
-        if get_origin(annotation) is dict:
-            # A table of tables keyed by name ([limits.<model>]): skip the name.
-            annotation = get_args(annotation)[1]
-            if not keys:
-                return None
-            keys.pop(0)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _describe(error: ErrorDetails) -> str:
-    """One pydantic error in the words of a person editing the file."""
-    loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc)
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        section = _section_of(loc)
-        known = sorted(section.model_fields) if section else []
-        return f"{where}: unknown key{did_you_mean(str(loc[-1]), known)}"
-    if error["type"] == "literal_error" and loc == ("log_level",):
-        levels = list(get_args(LogLevel))
-        hint = did_you_mean(str(value), levels) or f" (one of {', '.join(levels)})"
-        return f"{where}: {value!r} is not a log level{hint}"
-    if error["type"] == "model_type":
-        return f"{where}: expected a [{where}] table, got {value!r}"
-    message = error["msg"].replace("Input should be", "must be", 1)
-    return f"{where}: {message}, got {value!r}"
-
-
-def _relative_to(base: Path | None, value: Path | None) -> Path | None:
-    """Paths in a config file are relative to the file's folder, not the cwd."""
-    if value is None or base is None or value.is_absolute():
-        return value
-    return base / value
-
-
-def _read_secret_file(path: Path, what: str) -> SecretStr:
+def read_secret_file(path: Path, what: str) -> Secret:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
     if not text:
         raise ConfigError(f"{path}: {what} file is empty")
-    return SecretStr(text)
+    return Secret(text)
 
 
-def _api_key(env: Mapping[str, str], conf: _File, base: Path | None) -> SecretStr | None:
+def _api_key(env: Mapping[str, str], key_file: Path | None) -> Secret | None:
     if env.get("MUSICAPI_KEY"):
-        return SecretStr(env["MUSICAPI_KEY"])
+        return Secret(env["MUSICAPI_KEY"])
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
-        return _read_secret_file(Path(creds) / CREDENTIAL_NAME, "API key")
-    key_file = _relative_to(base, conf.api_key_file)
-    return _read_secret_file(key_file, "API key") if key_file else None
-
-
-def _webhook(hook: _Webhook, base: Path | None, source: str) -> WebhookSettings | None:
-    if hook.listen is None and hook.public_url is None:
-        return None
-    if not (hook.listen and hook.public_url):
-        raise ConfigError(f"{source}: webhook: set both listen and public_url")
-    host, sep, port = hook.listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"{source}: webhook.listen: expected HOST:PORT, got {hook.listen!r}")
-    secret_file = _relative_to(base, hook.secret_file)
-    secret = _read_secret_file(secret_file, "webhook secret") if secret_file else hook.secret
-    if secret is None or not secret.get_secret_value():
-        raise ConfigError(f"{source}: webhook: a secret (secret or secret_file) is required")
-    return WebhookSettings(
-        host=host.strip("[]"),
-        port=int(port),
-        public_url=hook.public_url.rstrip("/"),
-        secret=secret,
-        max_body=hook.max_body,
-        tolerance=hook.tolerance,
-    )
+        return read_secret_file(Path(creds) / CREDENTIAL_NAME, "API key")
+    return read_secret_file(key_file, "API key") if key_file else None
 
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:
@@ -309,77 +220,53 @@ def parse_listen(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: Seconds between polls in a ``--sandbox`` run whose config file sets no
+#: ``[poll] interval``: the emulator finishes in seconds, so the demo feels alive.
+SANDBOX_POLL_INTERVAL = 1.0
+
+
 def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Settings:
-    """Resolve flag > environment > config file > default into one ``Settings``."""
+    """Resolve flag > environment > config file > default into one ``Settings``.
+
+    Only what a flag, a variable or the file gives is passed on; the rest
+    takes the field's default.
+    """
     env = os.environ if env is None else env
     config_path = flags.config or (
         Path(env["RECONCILER_CONFIG"]) if env.get("RECONCILER_CONFIG") else None
     )
-    conf = _read_file(config_path) if config_path else _File()
-    base = config_path.parent if config_path else None
+    conf: dict[str, Any] = {}
+    if config_path:
+        from reconciler.config_file import read_config_file
+
+        conf = read_config_file(config_path)
     source = str(config_path) if config_path else "config"
-
-    def path(flag: Path | None, var: str, from_file: Path | None, default: str) -> Path:
+    for name, flag, var in (
+        ("specs_dir", flags.specs, "RECONCILER_SPECS"),
+        ("out_dir", flags.out, "RECONCILER_OUT"),
+        ("state_dir", flags.state, "RECONCILER_STATE"),
+    ):
         if flag is not None:
-            return flag
-        if env.get(var):
-            return Path(env[var])
-        return _relative_to(base, from_file) or Path(default)
-
-    api_url = flags.api_url or env.get("MUSICAPI_BASE_URL") or conf.api_url or DEFAULT_API_URL
-    if not api_url.startswith(("http://", "https://")):
-        raise ConfigError(f"API URL must start with http:// or https://, got {api_url!r}")
-    if conf.retry.backoff_cap < conf.retry.backoff_initial:
-        raise ConfigError(f"{source}: retry.backoff_cap must be >= retry.backoff_initial")
-    # The docs recommend polling every 15-25 s; the sandbox finishes in seconds,
-    # so an unconfigured sandbox run polls faster to feel alive.
-    poll = conf.poll.interval or (1.0 if flags.sandbox else 15.0)
-    models = conf.models or DEFAULT_MODELS
-    unknown = [m for m in conf.limits if m not in models]
-    if unknown:
-        raise ConfigError(
-            "\n".join(
-                f"{source}: limits.{m}: unknown model"
-                + (did_you_mean(m, list(models)) or f" (known: {', '.join(models)})")
-                for m in unknown
-            )
-        )
+            conf[name] = flag
+        elif env.get(var):
+            conf[name] = Path(env[var])
+    api_url = flags.api_url or env.get("MUSICAPI_BASE_URL") or conf.get("api_url")
+    if api_url is not None:
+        if not api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"API URL must start with http:// or https://, got {api_url!r}")
+        conf["api_url"] = api_url.rstrip("/")
+    conf["api_key"] = _api_key(env, conf.pop("api_key_file", None))
+    ops_file = conf.pop("ops_listen", None)
+    if flags.ops_listen:
+        conf["ops_listen"] = parse_listen(flags.ops_listen, "--ops-listen")
+    elif ops_file:
+        conf["ops_listen"] = parse_listen(ops_file, f"{source}: ops.listen")
+    if flags.sandbox:
+        conf.setdefault("poll_interval", SANDBOX_POLL_INTERVAL)
+    if flags.prune is not None:
+        conf["prune"] = flags.prune
     return Settings(
-        specs_dir=path(flags.specs, "RECONCILER_SPECS", conf.specs, "specs"),
-        out_dir=path(flags.out, "RECONCILER_OUT", conf.out, "tracks"),
-        state_dir=path(flags.state, "RECONCILER_STATE", conf.state, ".reconciler"),
-        api_url=api_url.rstrip("/"),
-        api_key=_api_key(env, conf, base),
-        sandbox=flags.sandbox,
-        models=models,
-        field_limits=with_overrides(
-            {m: row.model_dump(exclude_none=True) for m, row in conf.limits.items()}
-        ),
-        batch_window=conf.submit.batch_window,
-        max_in_flight=conf.submit.max_in_flight,
-        daily_budget=conf.submit.daily_budget,
-        ambiguous_grace=conf.submit.ambiguous_grace,
-        max_resubmits=conf.submit.max_resubmits_per_fingerprint,
-        max_credits=flags.max_credits,
-        max_requests_per_second=conf.api.max_requests_per_second,
-        poll_interval=poll,
-        rescan_interval=conf.poll.rescan_interval,
-        task_timeout=conf.poll.task_timeout,
-        backoff_initial=conf.retry.backoff_initial,
-        backoff_cap=conf.retry.backoff_cap,
-        request_timeout=conf.retry.request_timeout,
-        prune=conf.prune.enabled if flags.prune is None else flags.prune,
-        prune_grace=conf.prune.grace,
-        webhook=_webhook(conf.webhook, base, source),
-        ops_listen=(
-            parse_listen(flags.ops_listen, "--ops-listen")
-            if flags.ops_listen
-            else parse_listen(conf.ops.listen, f"{source}: ops.listen")
-            if conf.ops.listen
-            else None
-        ),
-        log_level=conf.log_level,
-        config_file=config_path,
+        sandbox=flags.sandbox, max_credits=flags.max_credits, config_file=config_path, **conf
     )
 
 

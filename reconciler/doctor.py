@@ -34,12 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reconciler.app import api_client
 from reconciler.audio import probe_audio
-from reconciler.config import KEY_HELP, Settings, WebhookSettings
+from reconciler.config import KEY_HELP, Secret, Settings, WebhookSettings
 from reconciler.errors import (
     AmbiguousSubmitError,
     APIError,
@@ -851,7 +850,7 @@ def _webhook_check(stored: Sequence[Stored], ours: bool) -> Check:
 
 async def live_check(
     settings: Settings,
-    key: SecretStr,
+    key: Secret,
     *,
     follow_for: float,
     emit: Callable[[Check], None],

@@ -13,6 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+#: The models a spec may name unless the config lists others (``models``).
+DEFAULT_MODELS: tuple[str, ...] = (
+    "sonic-v3-5",
+    "sonic-v4",
+    "sonic-v4-5",
+    "sonic-v4-5-plus",
+    "sonic-v5",
+)
+
 #: The most create requests one ``POST /sonic/batch`` carries: the service's
 #: limit, and the batch size the reconciler submits, since a full batch is
 #: the fewest calls (there is nothing to gain from smaller ones).

@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -96,6 +96,13 @@ __all__ = [
 TaskState = Literal["pending", "running", "succeeded", "failed"]
 
 T = TypeVar("T")
+
+
+class HasSecret(Protocol):
+    """A wrapped key (``config.Secret``, pydantic's ``SecretStr``): unwrapped only to send it."""
+
+    def get_secret_value(self) -> str: ...
+
 
 # Which endpoint an answer came from decides how its status maps to an error.
 _Kind = Literal["create", "batch", "poll", "credits", "download"]
@@ -799,7 +806,7 @@ class MusicAPI:
     def __init__(
         self,
         base_url: str,
-        api_key: str | pydantic.SecretStr,
+        api_key: str | HasSecret,
         *,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -819,7 +826,7 @@ class MusicAPI:
             base = httpx.URL()
         if base.scheme not in ("http", "https") or not base.host:
             raise ConfigError(f"MusicAPI base URL must be an http(s) URL, not {base_url!r}")
-        key = api_key.get_secret_value() if isinstance(api_key, pydantic.SecretStr) else api_key
+        key = api_key if isinstance(api_key, str) else api_key.get_secret_value()
         key = key.strip()
         if not key or _KEY_FORBIDDEN.search(key):
             # httpx would reject such a header and quote it in its message.

@@ -542,7 +542,11 @@ class Plan:
 
     @property
     def changes(self) -> bool:
-        return bool(self.submit or self.reuse or self.restore or self.prune)
+        """Work the specs ask for: also what waits for the budget or a retry (a
+        CI gate must not pass because today's budget is spent), not what a
+        person suspended."""
+        waiting = len(self.held) > len(self.held_by("suspended"))
+        return bool(self.submit or waiting or self.reuse or self.restore or self.prune)
 
     def held_by(self, *reasons: HoldReason) -> tuple[str, ...]:
         return tuple(h.fingerprint for h in self.held if h.reason in reasons)

@@ -9,9 +9,9 @@ stable schema (``SCHEMA_VERSION``; fields are only ever added): see the README.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,9 +278,13 @@ _STYLE = {
 }
 
 
-def render(report: dict[str, Any], console: Console) -> None:
-    from rich.text import Text  # here: the JSON form never imports rich
+def render(report: dict[str, Any], console: Console | None = None) -> None:
+    """The table and its summary lines, on ``console`` or, without one, plainly on stdout.
 
+    A rich ``Console`` colours the states and cuts long reasons at a
+    terminal's edge; without one (into a pipe or a file, where rich would add
+    neither) rich is never imported, a third of the command's start-up.
+    """
     # Rows are written as plain strings, with each state's colour rendered once:
     # rich's Text or Table measure and style every cell, which takes about half
     # a second (a Table, seconds) at 10,000 rows.
@@ -291,13 +295,19 @@ def render(report: dict[str, Any], console: Console) -> None:
     ]
     columns = list(zip(*rows, strict=True))[:4] if rows else [()] * 4
     widths = [max(len(h), *map(len, c)) for h, c in zip(header[:4], columns, strict=True)]
-    styled = {}
-    for state, style in _STYLE.items():
-        with console.capture() as cell:
-            console.print(Text(state.ljust(widths[2]), style=style), end="")
-        styled[state] = cell.get()
-    # On a terminal a long reason is cut at the screen's edge rather than wrapped.
-    room = console.width - sum(widths) - 8 if console.is_terminal else None
+    styled = {state: state.ljust(widths[2]) for state in _STYLE}
+    room = None
+    file = sys.stdout
+    if console is not None:
+        from rich.text import Text
+
+        file = console.file
+        for state, style in _STYLE.items():
+            with console.capture() as cell:
+                console.print(Text(styled[state], style=style), end="")
+            styled[state] = cell.get()
+        # On a terminal a long reason is cut at the screen's edge rather than wrapped.
+        room = console.width - sum(widths) - 8 if console.is_terminal else None
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  REASON"]
     for soundtrack, track, state, age, reason in rows:
         cut = reason if room is None or len(reason) <= room else reason[: max(0, room - 1)] + "…"
@@ -305,10 +315,20 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{soundtrack.ljust(widths[0])}  {track.ljust(widths[1])}  {styled[state]}  "
             f"{age.ljust(widths[3])}  {cut}".rstrip()
         )
-    console.file.write("\n".join(lines) + "\n")
-    # rich highlights numbers in the lines below with a set of regular
-    # expressions; into a pipe it writes no colours, so that is skipped there.
-    say = partial(console.print, highlight=console.is_terminal, soft_wrap=True)
+    file.write("\n".join(lines) + "\n")
+
+    def say(text: str, style: str | None = None) -> None:
+        if console is None:
+            file.write(text + "\n")
+            return
+        # rich highlights numbers with a set of regular expressions; into a
+        # pipe it writes no colours, so that is skipped there. No markup or
+        # emoji codes: a path or a message may hold "[x]" or ":x:".
+        line = console.render_str(text, markup=False, emoji=False, highlight=console.is_terminal)
+        if style:
+            line.stylize(style)  # over the highlights: numbers stay bold, in the line's colour
+        console.print(line, soft_wrap=True)
+
     s = report["summary"]
     counts = ", ".join(f"{s[k]} {k}" for k in TRACK_STATES if s[k])
     say(f"\n{plural(s['tracks'], 'track')}: {counts or 'none'}")
@@ -323,33 +343,37 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"credits spent today: {c['spent_today']}{budget}"
     )
     for problem in report["layout_problems"]:
-        say(f"[red]folder layout: {problem}[/]")
+        say(f"folder layout: {problem}", "red")
     if report["specs_folder"] != "ok":
         say(
-            f"[yellow]the specs folder {report['specs_path']} is {report['specs_folder']}: "
-            "the last good specs stay in force[/]"
+            f"the specs folder {report['specs_path']} is {report['specs_folder']}: "
+            "the last good specs stay in force",
+            "yellow",
         )
     if report["submit_block"]:
-        say(f"[yellow]submissions paused: {report['submit_block']}[/]")
+        say(f"submissions paused: {report['submit_block']}", "yellow")
     suspended = report["suspended"]
     if suspended["all"] or suspended["soundtracks"]:
         what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
-        say(f"[yellow]submissions suspended: {what} (`reconciler resume`)[/]")
+        say(f"submissions suspended: {what} (`reconciler resume`)", "yellow")
     if report["ambiguous_submits"] or report["possible_double_spend"]:
         say(
-            f"[yellow]ambiguous submits: {report['ambiguous_submits']}; "
-            f"possible double spend: {plural(report['possible_double_spend'], 'generation')}[/]"
+            f"ambiguous submits: {report['ambiguous_submits']}; "
+            f"possible double spend: {plural(report['possible_double_spend'], 'generation')}",
+            "yellow",
         )
     if report["orphan_tasks"]:
         say(
-            f"[yellow]{plural(report['orphan_tasks'], 'task')} the service named without "
-            "saying whose (being matched, or held for you: see `reconciler events`)[/]"
+            f"{plural(report['orphan_tasks'], 'task')} the service named without "
+            "saying whose (being matched, or held for you: see `reconciler events`)",
+            "yellow",
         )
     shapes = report["unexpected_shapes"]
     if shapes:
         say(
-            f"[yellow]{plural(sum(shapes.values()), 'answer')} read in an undocumented shape "
-            "(`status --json` lists them; `reconciler doctor --live` checks the fit)[/]"
+            f"{plural(sum(shapes.values()), 'answer')} read in an undocumented shape "
+            "(`status --json` lists them; `reconciler doctor --live` checks the fit)",
+            "yellow",
         )
     api = report["api"]
     line = (
@@ -360,4 +384,4 @@ def render(report: dict[str, Any], console: Console) -> None:
         line += f"; last error {api['last_error']}: {api['last_error_message']}"
     say(line)
     if api["batch_endpoint"] == "unsupported":
-        say("[yellow]batch endpoint unavailable: submitting one create per track[/]")
+        say("batch endpoint unavailable: submitting one create per track", "yellow")

@@ -112,6 +112,9 @@ class DaemonProc:
         self.env_extra = env or {}
         self.log_path = project.root / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The log's events parsed so far, and how many bytes of it that was.
+        self._events: list[dict[str, Any]] = []
+        self._read = 0
 
     def env(self) -> dict[str, str]:
         env = self.project.env()
@@ -150,14 +153,22 @@ class DaemonProc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def events(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_text().splitlines():
+        """Every JSON event of the log so far; only the lines added since the last call are read."""
+        if not self.log_path.exists():
+            return list(self._events)
+        with self.log_path.open("rb") as log:
+            log.seek(self._read)
+            chunk = log.read()
+        # A line still being written waits for its newline.
+        whole = chunk[: chunk.rfind(b"\n") + 1]
+        self._read += len(whole)
+        for line in whole.decode(errors="replace").splitlines():
             if line.startswith("{"):
                 try:
-                    found.append(json.loads(line))
+                    self._events.append(json.loads(line))
                 except json.JSONDecodeError:
-                    continue  # a line still being written
-        return found
+                    continue  # not an event (a traceback's line, say)
+        return list(self._events)
 
     def named(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == event]

@@ -46,15 +46,22 @@ T = TypeVar("T")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    Looks every 10 ms at first, then less often (up to every 100 ms): a
+    predicate that reads a log or scans a folder costs CPU the tests running
+    beside this one need.
+    """
     deadline = time.monotonic() + timeout
+    pause = 0.01
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.1)
 
 
 def track(name: str, prompt: str, **fields: Any) -> dict[str, Any]:

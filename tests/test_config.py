@@ -1,20 +1,24 @@
 """Config files as a person writes them: every mistake named, with a suggestion, and logging levels.
 
-``load_settings`` is called directly on real files (table-driven); the debug
-level is checked on a real ``sync`` subprocess against the sandbox.
+``load_settings`` is called directly on real files (table-driven), which is
+also where flag > environment > config file > default is checked, key by key;
+the debug level is checked on a real ``sync`` subprocess against the sandbox.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
 from reconciler import logs
-from reconciler.config import Flags, load_settings
+from reconciler.config import CREDENTIAL_NAME, DEFAULT_API_URL, Flags, Settings, load_settings
 from reconciler.errors import ConfigError
 from reconciler.sandbox import SandboxControl
 from tests.project import Project, track
@@ -111,3 +115,218 @@ def test_debug_level_shows_the_decisions_of_a_pass(tmp_path: Path, sandbox: Sand
     assert due[0]["level"] == "debug"
     assert (due[0]["queued"], due[0]["due"]) == (1, 1)
     assert any(e["event"] == "poll.due" for e in events)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value"),
+    [
+        ("[submit]\nbatch_window = '2.5'\n", "batch_window", 2.5),
+        ("[submit]\nbatch_window = 1\n", "batch_window", 1.0),
+        ("[submit]\nmax_in_flight = 20.0\n", "max_in_flight", 20),
+        ("[submit]\nmax_in_flight = ' 5 '\n", "max_in_flight", 5),
+        ("[submit]\nmax_in_flight = '1_000'\n", "max_in_flight", 1000),
+        ("[prune]\nenabled = 'yes'\n", "prune", True),
+        ("[prune]\nenabled = 0\n", "prune", False),
+        ("models = []\n", "models", load_settings(Flags(), env={}).models),
+    ],
+)
+def test_values_as_people_write_them_are_read(
+    tmp_path: Path, text: str, field: str, value: object
+) -> None:
+    """What the file's checks accepted before they were plain code, they still accept."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert getattr(load_settings(Flags(config=path), env={}), field) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[submit]\nmax_in_flight = 1.5\n", "submit.max_in_flight: must be a valid integer"),
+        ("[submit]\nbatch_window = 'soon'\n", "submit.batch_window: must be a valid number"),
+        ("[prune]\nenabled = 'maybe'\n", "prune.enabled: must be a valid boolean"),
+        ("models = 'sonic-v5'\n", "models: must be a list of strings, got 'sonic-v5'"),
+        ("submit = 3\n", "submit: expected a [submit] table, got 3"),
+        ("[limits]\nsonic-v5 = 3\n", "limits.sonic-v5: expected a [limits.sonic-v5] table"),
+        ("[limits.sonic-v5]\npromt = 9\n", "limits.sonic-v5.promt: unknown key (did you mean"),
+        ("[poll]\ninterval = 4000\n", "poll.interval: must be less than or equal to 3600"),
+    ],
+)
+def test_a_wrong_value_is_named_with_what_it_must_be(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    [problem] = config_error(tmp_path, text)
+    assert problem.startswith(expected)
+
+
+# -- flag > environment > config file > default ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Layered:
+    """One setting as each source gives it, and how to read it back from ``Settings``.
+
+    ``file`` is a line of the config file; ``values`` what each source must
+    yield, in the order flag, environment, file, default. A source the
+    setting does not have is None.
+    """
+
+    id: str
+    flag: dict[str, Any] | None
+    env: dict[str, str] | None
+    file: str
+    values: tuple[object, object, object, object]
+    read: Callable[[Settings], object]
+
+
+LAYERS = ("flag", "environment", "config file", "default")
+
+
+def layered_cases(conf_dir: Path) -> list[Layered]:
+    return [
+        Layered(
+            "specs",
+            {"specs": Path("/flag/specs")},
+            {"RECONCILER_SPECS": "/env/specs"},
+            'specs = "file-specs"',
+            # A relative path in the file is relative to the file's folder.
+            (Path("/flag/specs"), Path("/env/specs"), conf_dir / "file-specs", Path("specs")),
+            lambda s: s.specs_dir,
+        ),
+        Layered(
+            "out",
+            {"out": Path("/flag/out")},
+            {"RECONCILER_OUT": "/env/out"},
+            'out = "/file/out"',
+            (Path("/flag/out"), Path("/env/out"), Path("/file/out"), Path("tracks")),
+            lambda s: s.out_dir,
+        ),
+        Layered(
+            "state",
+            {"state": Path("/flag/state")},
+            {"RECONCILER_STATE": "/env/state"},
+            'state = "/file/state"',
+            (Path("/flag/state"), Path("/env/state"), Path("/file/state"), Path(".reconciler")),
+            lambda s: s.state_dir,
+        ),
+        Layered(
+            "api_url",
+            {"api_url": "http://127.0.0.1:1/flag/"},
+            {"MUSICAPI_BASE_URL": "http://127.0.0.1:2/env"},
+            'api_url = "http://127.0.0.1:3/file"',
+            (
+                "http://127.0.0.1:1/flag",
+                "http://127.0.0.1:2/env",
+                "http://127.0.0.1:3/file",
+                DEFAULT_API_URL,
+            ),
+            lambda s: s.api_url,
+        ),
+        Layered(
+            "api key",
+            None,
+            {"MUSICAPI_KEY": "env-key"},
+            'api_key_file = "key.txt"',
+            (None, "env-key", "file-key", None),
+            lambda s: s.api_key.get_secret_value() if s.api_key else None,
+        ),
+        Layered(
+            "prune",
+            # The flag turns off what the file turns on.
+            {"prune": False},
+            None,
+            "[prune]\nenabled = true",
+            (False, None, True, False),
+            lambda s: s.prune,
+        ),
+        Layered(
+            "max_credits",
+            {"max_credits": 30},
+            None,
+            "",
+            (30, None, None, None),
+            lambda s: s.max_credits,
+        ),
+        Layered(
+            "ops listen",
+            {"ops_listen": "9401"},
+            None,
+            '[ops]\nlisten = "127.0.0.1:9402"',
+            (("127.0.0.1", 9401), None, ("127.0.0.1", 9402), None),
+            lambda s: s.ops_listen,
+        ),
+    ]
+
+
+#: (setting, source) for every source a setting has; the default always.
+LAYERED = [
+    pytest.param(case.id, top, id=f"{case.id}-{LAYERS[top]}")
+    for case in layered_cases(Path())
+    for top in range(len(LAYERS))
+    if case.values[top] is not None or top == len(LAYERS) - 1
+]
+
+
+@pytest.mark.parametrize(("case_id", "top"), LAYERED)
+def test_the_highest_source_given_wins(tmp_path: Path, case_id: str, top: int) -> None:
+    """Every source at ``top`` and below is given: the one at ``top`` decides."""
+    case = next(c for c in layered_cases(tmp_path) if c.id == case_id)
+    (tmp_path / "key.txt").write_text("file-key\n")
+    config = tmp_path / "reconciler.toml"
+    config.write_text(case.file + "\n" if top <= 2 else "")
+    flags = dict(case.flag or {}) if top <= 0 else {}
+    env = dict(case.env or {}) if top <= 1 else {}
+    settings = load_settings(Flags(config=config, **flags), env=env)
+    assert case.read(settings) == case.values[top]
+
+
+def test_the_config_flag_wins_over_the_variable_naming_another_file(tmp_path: Path) -> None:
+    flagged = tmp_path / "flagged.toml"
+    flagged.write_text("log_level = 'error'\n")
+    named = tmp_path / "named.toml"
+    named.write_text("log_level = 'debug'\n")
+    env = {"RECONCILER_CONFIG": str(named)}
+    assert load_settings(Flags(config=flagged), env=env).log_level == "error"
+    assert load_settings(Flags(), env=env).log_level == "debug"
+    assert load_settings(Flags(), env={}).log_level == "info"
+
+
+def test_the_key_variable_wins_over_a_systemd_credential_which_wins_over_the_file(
+    tmp_path: Path,
+) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / CREDENTIAL_NAME).write_text("credential-key\n")
+    (tmp_path / "key.txt").write_text("file-key\n")
+    config = tmp_path / "reconciler.toml"
+    config.write_text('api_key_file = "key.txt"\n')
+
+    def key(env: dict[str, str]) -> str | None:
+        settings = load_settings(Flags(config=config), env=env)
+        return settings.api_key.get_secret_value() if settings.api_key else None
+
+    both = {"MUSICAPI_KEY": "env-key", "CREDENTIALS_DIRECTORY": str(creds)}
+    assert key(both) == "env-key"
+    assert key({"CREDENTIALS_DIRECTORY": str(creds)}) == "credential-key"
+    assert key({}) == "file-key"
+
+
+def test_an_empty_variable_counts_as_not_set(tmp_path: Path) -> None:
+    config = tmp_path / "reconciler.toml"
+    config.write_text('out = "/file/out"\napi_url = "http://127.0.0.1:3/file"\n')
+    settings = load_settings(
+        Flags(config=config), env={"RECONCILER_OUT": "", "MUSICAPI_BASE_URL": ""}
+    )
+    assert (settings.out_dir, settings.api_url) == (Path("/file/out"), "http://127.0.0.1:3/file")
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_the_poll_interval_comes_from_the_file_else_suits_the_api(
+    tmp_path: Path, sandbox: bool
+) -> None:
+    """Unconfigured, the bundled sandbox is polled every second and the real API every 15 s."""
+    config = tmp_path / "reconciler.toml"
+    config.write_text("[poll]\ninterval = 4\n")
+    assert load_settings(Flags(config=config, sandbox=sandbox), env={}).poll_interval == 4
+    default = load_settings(Flags(sandbox=sandbox), env={}).poll_interval
+    assert default == (1.0 if sandbox else 15.0)

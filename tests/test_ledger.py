@@ -6,12 +6,14 @@ reads back what the budget and ``status`` would see.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from reconciler.ledger import LOST_ANSWER_PARK, Ledger
+from reconciler.ledger import LOST_ANSWER_PARK, ClipRecord, Ledger, TaskUpdate
+from reconciler.outcomes import Done, Outcome, Park, Poll, Requeue
 from reconciler.planning import desired_state
 from reconciler.specs import scan_specs
 
@@ -192,3 +194,297 @@ def test_a_task_the_service_forgets_is_resent_once_and_counted(ledger: Ledger) -
     assert state(ledger, a) == "parked"
     doubles = ledger.query("SELECT possible_double FROM generations WHERE fingerprint = ?", [a])
     assert doubles[0]["possible_double"] == 1
+
+
+# -- every transition of one generation, table-driven ------------------------------------
+#
+# Each case starts from the fixture's ledger (four queued generations a-d, the
+# clock at NOW), walks generation ``a`` through the ledger calls a pass makes,
+# and reads back the row a pass, the budget and ``status`` will see next.
+
+
+class Walk:
+    """One generation's walk: the ledger, the clock, the fingerprints and the last submit."""
+
+    def __init__(self, ledger: Ledger, clock: Clock) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self.a, self.b, self.c, self.d = fps(ledger)
+        self.submit_id = 0
+
+    def submit(self, *names: str) -> None:
+        self.submit_id = self.ledger.begin_submit([getattr(self, n) for n in names or "a"], "batch")
+
+    def accepted(self, task: str = "task-a", batch: str | None = "batch-1") -> None:
+        self.ledger.submit_answered(
+            self.submit_id, batch, {self.a: (task, 0)}, {}, {}, poll_at=self.clock.now + 5
+        )
+
+    def poll(self, status: str, task: str = "task-a", outcome: Outcome | None = None) -> None:
+        """A poll of ``task`` saying ``status``, applied as ``outcome`` (what
+        ``outcomes.task_outcome`` decided; by default keep polling or done)."""
+        clips = [
+            ClipRecord(
+                clip_id=f"{task}-clip",
+                task_id=task,
+                fingerprint=self.a,
+                position=0,
+                state=status,
+                audio_url="http://127.0.0.1/a.mp3" if status == "succeeded" else None,
+                duration=None,
+                title=None,
+                lyrics=None,
+                tags=None,
+                sha256=None,
+            )
+        ]
+        error = "upstream error" if status == "failed" else None
+        if outcome is None:
+            outcome = Done() if status == "succeeded" else Poll()
+        self.ledger.record_task(TaskUpdate(task, status, clips, error=error), outcome)
+
+    def later(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+
+Step = Callable[[Walk], object]
+
+
+@dataclass(frozen=True)
+class Transition:
+    id: str
+    steps: list[Step]
+    #: Generation a's row afterwards: any of state, attempts, next_attempt,
+    #: possible_double, resubmits; ``reason`` is a piece the reason must hold.
+    expect: dict[str, object]
+    #: What the budget counts as possibly charged since the start.
+    spent: int
+
+
+TRANSITIONS = [
+    Transition("created queued", [], {"state": "queued", "attempts": 0, "reason": None}, 0),
+    Transition("intent: queued -> submitting", [Walk.submit], {"state": "submitting"}, 1),
+    Transition(
+        "accepted: submitting -> running",
+        [Walk.submit, Walk.accepted],
+        {"state": "running", "attempts": 0, "reason": None},
+        1,
+    ),
+    Transition(
+        "not sent: submitting -> queued, attempt counted, nothing spent",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_not_sent(w.submit_id, NOW + 30, "connection refused"),
+        ],
+        {"state": "queued", "attempts": 1, "next_attempt": NOW + 30, "reason": "refused"},
+        0,
+    ),
+    Transition(
+        "refused whole: submitting -> queued at once, no attempt counted",
+        [Walk.submit, lambda w: w.ledger.submit_refused(w.submit_id, "HTTP 413")],
+        {"state": "queued", "attempts": 0, "next_attempt": 0},
+        0,
+    ),
+    Transition(
+        "answer requeues the item: submitting -> queued with a retry time",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_answered(
+                w.submit_id, "batch-1", {}, {w.a: (NOW + 60, "busy")}, {}, poll_at=NOW
+            ),
+        ],
+        {"state": "queued", "attempts": 1, "next_attempt": NOW + 60, "reason": "busy"},
+        0,
+    ),
+    Transition(
+        "answer refuses the item: submitting -> parked with the API's reason",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_answered(
+                w.submit_id, "batch-1", {}, {}, {w.a: "rejected: copyrighted"}, poll_at=NOW
+            ),
+        ],
+        {"state": "parked", "reason": "copyrighted"},
+        0,
+    ),
+    Transition(
+        "answer lost: submitting -> unknown, counted",
+        [Walk.submit, lambda w: w.ledger.submit_ambiguous(w.submit_id, "read timeout")],
+        {"state": "unknown", "reason": "read timeout"},
+        1,
+    ),
+    Transition(
+        "process died mid-submit: submitting -> unknown at start-up",
+        [Walk.submit, lambda w: w.ledger.recover_interrupted()],
+        {"state": "unknown", "reason": "interrupted"},
+        1,
+    ),
+    Transition(
+        "lost answer, grace not over: stays unknown",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_ambiguous(w.submit_id, "read timeout"),
+            lambda w: w.later(899),
+            lambda w: w.ledger.expire_unknown(900, max_resubmits=1),
+        ],
+        {"state": "unknown", "possible_double": 0, "resubmits": 0},
+        1,
+    ),
+    Transition(
+        "lost answer, grace over: unknown -> queued, counted as possible double",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_ambiguous(w.submit_id, "read timeout"),
+            lambda w: w.later(900),
+            lambda w: w.ledger.expire_unknown(900, max_resubmits=1),
+        ],
+        {"state": "queued", "possible_double": 1, "resubmits": 1, "next_attempt": 0},
+        1,
+    ),
+    Transition(
+        "a callback claims the lost item: unknown -> running, settled",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_ambiguous(w.submit_id, "read timeout"),
+            lambda w: w.ledger.claim(w.a, "task-a", NOW + 5),
+        ],
+        {"state": "running", "reason": None},
+        # The claim settles the submit's item: one task, counted once.
+        1,
+    ),
+    Transition(
+        "poll says running: stays running",
+        [Walk.submit, Walk.accepted, lambda w: w.poll("running")],
+        {"state": "running"},
+        1,
+    ),
+    Transition(
+        "poll says succeeded: running -> succeeded",
+        [Walk.submit, Walk.accepted, lambda w: w.poll("succeeded")],
+        {"state": "succeeded", "reason": None},
+        1,
+    ),
+    Transition(
+        "task failed upstream (refunded): running -> queued with a retry time",
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.poll("failed", outcome=Requeue(NOW + 20, "upstream error")),
+        ],
+        {"state": "queued", "attempts": 1, "next_attempt": NOW + 20, "reason": "upstream error"},
+        1,
+    ),
+    Transition(
+        "task failed for good: running -> parked with the policy's reason",
+        [Walk.submit, Walk.accepted, lambda w: w.poll("failed", outcome=Park("forbidden: lyrics"))],
+        {"state": "parked", "reason": "forbidden: lyrics"},
+        1,
+    ),
+    Transition(
+        "a late answer about an older task leaves the current one alone",
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.poll("failed", outcome=Requeue(NOW, "upstream error")),
+            Walk.submit,
+            lambda w: w.accepted(task="task-a2", batch="batch-2"),
+            lambda w: w.poll("succeeded", task="task-a"),
+        ],
+        {"state": "running", "attempts": 1},
+        2,
+    ),
+    Transition(
+        "the service forgets the task: running -> queued, counted as possible double",
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.ledger.task_lost("task-a", NOW + 1, "task not found.", max_resubmits=1),
+        ],
+        {"state": "queued", "possible_double": 1, "resubmits": 1, "next_attempt": NOW + 1},
+        1,
+    ),
+    Transition(
+        "the service forgets the task, no allowance: running -> parked",
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.ledger.task_lost("task-a", NOW + 1, "task not found.", max_resubmits=0),
+        ],
+        {"state": "parked", "possible_double": 0, "reason": "unknown to the service"},
+        1,
+    ),
+    Transition(
+        "a task that never finishes is requeued: running -> queued, possible double",
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.later(1800),
+            lambda w: w.ledger.abandon_task(
+                "task-a", requeue_at=NOW + 1800, reason="did not finish within 1800 s"
+            ),
+        ],
+        {"state": "queued", "possible_double": 1, "next_attempt": NOW + 1800},
+        1,
+    ),
+    Transition(
+        "a task that never finishes is given up on: running -> parked",
+        [
+            Walk.submit,
+            Walk.accepted,
+            lambda w: w.ledger.abandon_task(
+                "task-a", requeue_at=None, reason="did not finish within 1800 s"
+            ),
+        ],
+        {"state": "parked", "reason": "task task-a did not finish within 1800 s"},
+        1,
+    ),
+    Transition(
+        "a person parks it: queued -> parked",
+        [lambda w: w.ledger.park(w.a, "held by hand")],
+        {"state": "parked", "reason": "held by hand"},
+        0,
+    ),
+    Transition(
+        "retry: parked -> queued, attempts reset, nothing counted",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_answered(
+                w.submit_id, None, {}, {}, {w.a: "rejected: copyrighted"}, poll_at=NOW
+            ),
+            lambda w: w.ledger.retry([w.a]),
+        ],
+        {"state": "queued", "attempts": 0, "next_attempt": 0, "possible_double": 0},
+        0,
+    ),
+    Transition(
+        "retry leaves a generation that is not parked alone",
+        [Walk.submit, Walk.accepted, lambda w: w.ledger.retry([w.a])],
+        {"state": "running"},
+        1,
+    ),
+]
+
+
+def generation_row(ledger: Ledger, fp: str) -> dict[str, object]:
+    rows = ledger.query(
+        "SELECT state, attempts, next_attempt, reason, possible_double, resubmits "
+        "FROM generations WHERE fingerprint = ?",
+        [fp],
+    )
+    return dict(rows[0])
+
+
+@pytest.mark.parametrize("case", TRANSITIONS, ids=[t.id for t in TRANSITIONS])
+def test_each_transition_of_a_generation(ledger: Ledger, clock: Clock, case: Transition) -> None:
+    walk = Walk(ledger, clock)
+    for step in case.steps:
+        step(walk)
+    row = generation_row(ledger, walk.a)
+    for key, want in case.expect.items():
+        if key == "reason" and want is not None:
+            assert want in (row["reason"] or ""), row
+        else:
+            assert row[key] == want, (key, row)
+    assert ledger.spent_since(0) == case.spent
+    # The other generations were never touched.
+    assert {state(ledger, fp) for fp in (walk.b, walk.c, walk.d)} == {"queued"}

@@ -584,3 +584,10 @@ NOW = 10.0
 def test_poll_cohorts(open_batches: list[OpenBatch], expected: list[list[str]]) -> None:
     cohorts = poll_cohorts(open_batches, 5.0, NOW)
     assert [[b.batch_id for b in c] for c in cohorts] == expected
+
+
+def test_work_held_back_is_still_a_change_but_a_suspension_is_not() -> None:
+    spent = plan(TWELVE, Snapshot({}, allowance=Allowance(0, "spent", "budget")), 10.0, Limits(20))
+    assert (spent.submit, spent.changes) == ((), True)
+    suspended = plan(TWELVE, Snapshot({}, suspension=Suspension(True)), 10.0, Limits(20))
+    assert (suspended.submit, suspended.changes) == ((), False)

@@ -2,11 +2,14 @@
 
 The live service documents only the batch submit's top-level keys; the
 sandbox can answer in every plausible variant (``reconciler sandbox
---shapes``). For each, a real ``sync`` (CLI subprocess, real SQLite file,
-real files) against the real sandbox over loopback must converge, or park
+--shapes``). For each, passes against the sandbox must converge, or park
 only the refused item with the service's words, and the sandbox's books must
 show no generation paid twice (no answer is lost here, so possible double
-spend stays 0) and every track holding its own item's song.
+spend stays 0) and every track holding its own item's song. Every shape runs
+in process (``tests/inprocess.py``); the combinations, which between them
+use most shapes, and the refusal a person must act on also run as a real
+``sync`` (CLI subprocess, real SQLite file, real files) against the real
+sandbox over loopback.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reconciler.sandbox import SHAPES, SandboxControl, SandboxServer
+from reconciler.sandbox.state import SandboxState
 from tests.daemonproc import DaemonProc, daemon_project, free_port
+from tests.inprocess import World
 from tests.project import Project, track, wait_until
 
 BATCH_SHAPES = [s for s in SHAPES if not s.startswith("webhook-")]
@@ -34,6 +40,8 @@ CASES = [
     ("submit-bare", "numeric-batch-id", "poll-no-task-id", "batch-poll-202"),
     ("submit-taskId", "poll-no-index", "succeeded-no-data"),
 ]
+#: The cases that also run as a real ``sync``: every combination, and a refusal that parks.
+SUBPROCESS_CASES = [c for c in CASES if len(c) > 1 or c == ("rejection-message-only",)]
 REFUSAL = "copyrighted lyrics"
 
 
@@ -46,35 +54,61 @@ def prompts(n: int) -> list[str]:
     return [f"kalimba loop number {i}" for i in range(n)]
 
 
-def own_songs(project: Project, server: SandboxServer) -> None:
+def own_songs(out: Path, specs: Path, sandbox: SandboxState) -> None:
     """Every written track's clip comes from a task created for its own prompt."""
-    spec = {t["name"]: t["gpt_description_prompt"] for t in _spec_tracks(project)}
-    listing = json.loads((project.out / "mix" / "tracks.json").read_text())
+    doc = yaml.safe_load((specs / "mix.yaml").read_text())
+    spec = {t["name"]: t["gpt_description_prompt"] for t in doc["tracks"]}
+    listing = json.loads((out / "mix" / "tracks.json").read_text())
     assert listing["tracks"]
     for entry in listing["tracks"]:
-        task, _ = server.state._clip_index[entry["clip_id"]]
+        task, _ = sandbox._clip_index[entry["clip_id"]]
         assert task.item["gpt_description_prompt"] == spec[entry["track"]], entry
 
 
-def _spec_tracks(project: Project) -> list[dict[str, str]]:
-    import yaml
-
-    doc = yaml.safe_load((project.specs / "mix.yaml").read_text())
-    return list(doc["tracks"])
+def shape_faults(shapes: tuple[str, ...]) -> list[dict[str, object]]:
+    """The one-off refusal of the third item, for the shapes about refused items."""
+    if not REFUSING & set(shapes):
+        return []
+    return [{"kind": "reject", "at": [3], "type": "forbidden", "error": REFUSAL}]
 
 
 @pytest.mark.parametrize("shapes", CASES, ids="+".join)
-def test_sync_under_every_batch_shape(
+def test_passes_under_every_batch_shape(tmp_path: Path, shapes: tuple[str, ...]) -> None:
+    tracks = [track(f"t{i}", p) for i, p in enumerate(prompts(12))]
+    mix = yaml.safe_dump({"defaults": {"mv": "sonic-v5"}, "tracks": tracks}, sort_keys=False)
+    world = World(tmp_path, {"mix.yaml": mix})
+    try:
+        world.configure(shapes=list(shapes), faults=shape_faults(shapes))
+        final = world.run()[-1]
+        # As under sync below: a refusal that keeps its words parks the item;
+        # one left out of the answer is simply sent again.
+        parks = "rejection-message-only" in shapes
+        stats = world.sandbox.stats()
+        assert max(stats["tasks_by_fingerprint"].values()) == 1, "a generation paid twice"
+        doubles = world.ledger.query("SELECT sum(possible_double) AS n FROM generations")
+        assert doubles[0]["n"] == 0
+        assert stats["tasks_created"] == (11 if parks else 12)
+        assert (final.ready, final.parked) == (stats["tasks_created"], int(parks))
+        if parks:
+            (parked,) = world.ledger.query(
+                "SELECT t.name, g.reason FROM tracks t JOIN generations g "
+                "ON g.fingerprint = t.fingerprint WHERE g.state = 'parked'"
+            )
+            assert parked["name"] == "t2"
+            assert REFUSAL in parked["reason"]
+        own_songs(world.settings.out_dir, world.settings.specs_dir, world.sandbox)
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("shapes", SUBPROCESS_CASES, ids="+".join)
+def test_sync_under_batch_shapes(
     project: Project,
     sandbox: SandboxControl,
     sandbox_server: SandboxServer,
     shapes: tuple[str, ...],
 ) -> None:
-    refusing = bool(REFUSING & set(shapes))
-    faults = (
-        [{"kind": "reject", "at": [3], "type": "forbidden", "error": REFUSAL}] if refusing else []
-    )
-    sandbox.configure(shapes=list(shapes), faults=faults)
+    sandbox.configure(shapes=list(shapes), faults=shape_faults(shapes))
     project.write_spec("mix.yaml", [track(f"t{i}", p) for i, p in enumerate(prompts(12))])
     # A refusal that keeps its words parks the item; one left out of the
     # answer (the service's count says it was not created) is simply sent
@@ -93,7 +127,7 @@ def test_sync_under_every_batch_shape(
         (failed,) = [t for t in report["tracks"] if t["state"] == "failed"]
         assert failed["track"] == "t2"
         assert REFUSAL in failed["reason"]
-    own_songs(project, sandbox_server)
+    own_songs(project.out, project.specs, sandbox_server.state)
 
 
 WEBHOOK_SHAPES = [s for s in SHAPES if s.startswith("webhook-")]

@@ -4,6 +4,7 @@ Public names are re-exported here, so callers import ``from reconciler.specs``
 and not from the module that happens to hold a name today.
 """
 
+from reconciler.limits import DEFAULT_MODELS
 from reconciler.specs.files import (
     MAX_SPEC_BYTES,
     Look,
@@ -16,7 +17,7 @@ from reconciler.specs.files import (
     scan_specs,
 )
 from reconciler.specs.formats import SPEC_SUFFIXES
-from reconciler.specs.rules import DEFAULT_MODELS, SpecFile, TrackSpec, parse_spec
+from reconciler.specs.rules import SpecFile, TrackSpec, parse_spec
 
 __all__ = [
     "DEFAULT_MODELS",

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 from reconciler.errors import SpecError, SpecProblem
-from reconciler.limits import FIELD_LIMITS, FieldLimits
+from reconciler.limits import DEFAULT_MODELS, FIELD_LIMITS, FieldLimits
 from reconciler.specs.formats import SPEC_SUFFIXES
-from reconciler.specs.rules import DEFAULT_MODELS, SpecFile, _parse
+from reconciler.specs.rules import SpecFile, _parse
 
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 

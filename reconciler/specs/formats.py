@@ -14,16 +14,13 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import yaml
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import SpecError, SpecProblem
 
-try:  # libyaml is an order of magnitude faster; the pure-Python loader keeps marks too
-    from yaml import CSafeLoader as _BaseYamlLoader
-except ImportError:  # pragma: no cover - only on a PyYAML built without libyaml
-    from yaml import SafeLoader as _BaseYamlLoader  # type: ignore[assignment]
+if TYPE_CHECKING:
+    import yaml
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 
@@ -128,26 +125,42 @@ _YAML_SPECIAL = {
 _MAX_DEPTH = 16  # a spec needs 4 levels; deeper input is refused, not recursed into
 
 
-class _YamlLoader(_BaseYamlLoader):
-    """Composes without PyYAML's YAML 1.1 implicit typing.
+@cache
+def _yaml_loader() -> type[yaml.CSafeLoader]:
+    """The loader class, made with the first YAML file read: PyYAML is imported
+    then rather than with this module, which ``status`` and ``--version`` load
+    (through the ledger) without reading a spec file: a sixth of their start-up."""
+    import yaml
 
-    PyYAML would call its regex resolver for every scalar (the slowest part
-    of a compose) and turn yes/no/on/off into booleans. Plain scalars are
-    only marked here and typed by _YamlBuilder.scalar.
-    """
+    try:  # libyaml is an order of magnitude faster; the pure-Python loader keeps marks too
+        from yaml import CSafeLoader as base
+    except ImportError:  # pragma: no cover - only on a PyYAML built without libyaml
+        from yaml import SafeLoader as base  # type: ignore[assignment]
 
-    def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
-        if kind is yaml.ScalarNode:
-            return _YAML_PLAIN if implicit[0] else _YAML_STR
-        if kind is yaml.SequenceNode:
-            return yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG
-        return yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG
+    class _YamlLoader(base):
+        """Composes without PyYAML's YAML 1.1 implicit typing.
+
+        PyYAML would call its regex resolver for every scalar (the slowest part
+        of a compose) and turn yes/no/on/off into booleans. Plain scalars are
+        only marked here and typed by _YamlBuilder.scalar.
+        """
+
+        def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
+            if kind is yaml.ScalarNode:
+                return _YAML_PLAIN if implicit[0] else _YAML_STR
+            if kind is yaml.SequenceNode:
+                return yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG
+            return yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG
+
+    return _YamlLoader
 
 
 def _read_yaml(label: str, text: str) -> _Doc:
+    import yaml  # loaded by _yaml_loader() just below
+
     # compose() rather than load(): nodes keep their line marks, and building
     # the values ourselves gives YAML 1.2 scalars and no alias expansion.
-    loader = _YamlLoader(text)
+    loader = _yaml_loader()(text)
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -192,6 +205,9 @@ class _YamlBuilder:
     """Turns a composed YAML node tree into plain data, recording lines."""
 
     def __init__(self, label: str) -> None:
+        import yaml  # already loaded: only YAML files are built
+
+        self.scalar_node, self.sequence_node = yaml.ScalarNode, yaml.SequenceNode
         self.label = label
         self.lines: dict[_Loc, int] = {}
         self.problems: list[SpecProblem] = []
@@ -218,9 +234,9 @@ class _YamlBuilder:
         if depth > _MAX_DEPTH:
             self.problem(loc, line, "nested too deeply")
             return None
-        if isinstance(node, yaml.ScalarNode):
+        if isinstance(node, self.scalar_node):
             return self.scalar(node, loc, line)
-        if isinstance(node, yaml.SequenceNode):
+        if isinstance(node, self.sequence_node):
             return [self.build(item, (*loc, i), depth + 1) for i, item in enumerate(node.value)]
         return self.mapping(node, loc, depth)  # the only other kind of node
 
@@ -228,7 +244,7 @@ class _YamlBuilder:
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode):
+            if not isinstance(key_node, self.scalar_node):
                 self.problem(loc, line, "field names must be plain text")
                 continue
             key = str(key_node.value)

@@ -25,16 +25,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from reconciler.errors import SpecError, SpecProblem
-from reconciler.limits import FIELD_LIMITS, TEXT_FIELDS, FieldLimits, limits_for, loosest
-from reconciler.specs.formats import _READERS, SPEC_SUFFIXES, _decode, _Doc, _field, _Loc
-
-DEFAULT_MODELS: tuple[str, ...] = (
-    "sonic-v3-5",
-    "sonic-v4",
-    "sonic-v4-5",
-    "sonic-v4-5-plus",
-    "sonic-v5",
+from reconciler.limits import (
+    DEFAULT_MODELS,
+    FIELD_LIMITS,
+    TEXT_FIELDS,
+    FieldLimits,
+    limits_for,
+    loosest,
 )
+from reconciler.specs.formats import _READERS, SPEC_SUFFIXES, _decode, _Doc, _field, _Loc
 
 # The models before v4-5 have the API's shorter limits and no vocal_gender.
 # The model list is configurable; any model not named here (a future one

@@ -2,10 +2,12 @@
 
 Usage, from the repository root::
 
-    RELIABILITY_FIGURES=/tmp/figures.jsonl uv run pytest tests/reliability -m "slow or not slow"
-    uv run python -m tests.reliability.figures /tmp/figures.jsonl
+    export RELIABILITY_FIGURES=/tmp/figures.jsonl
+    uv run pytest tests/reliability -m "slow or not slow" -n 0
+    uv run python -m tests.reliability.figures "$RELIABILITY_FIGURES"
 
-The tests append one JSON line per figure (``support.Figures``); the latest
+``-n 0`` runs the tests one at a time, as the figures' timings assume. The
+tests append one JSON line per figure (``support.Figures``); the latest
 line of each (section, name) wins, so a test run again replaces its own
 figures. Only the section between the ``reliability`` markers is rewritten
 (``bench.common.write_section``); the benchmarks' sections stay as they are.
@@ -248,8 +250,9 @@ def render(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
 
 - Commands: the quick part runs with the rest, `uv run pytest` (or
   `uv run pytest tests/reliability`); the slow part (chaos, mixed faults,
-  load) with `uv run pytest tests/reliability -m slow`. With
-  `RELIABILITY_FIGURES=<file>` set, the tests record their figures;
+  load) with `uv run pytest tests/reliability -m slow -n 0`. With
+  `RELIABILITY_FIGURES=<file>` set, and `-n 0` (one test at a time), the
+  tests record their figures;
   `uv run python -m tests.reliability.figures <file>` writes this section.
 - Machine: {hardware}; 1-minute load average when the figures were taken
   {min(loads):.2f} to {max(loads):.2f} (the machine is shared).

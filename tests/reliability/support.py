@@ -23,7 +23,7 @@ from bench.common import revision
 from reconciler.audio import probe_audio
 from reconciler.durable import TEMP_PREFIX
 from reconciler.sandbox import SandboxServer, fingerprint
-from reconciler.sandbox.state import TASK_COST
+from reconciler.sandbox.state import TASK_COST, SandboxState
 
 #: The sandbox counters that are API requests the reconciler made.
 API_COUNTERS = (
@@ -155,16 +155,16 @@ class Accounting:
         assert self.credits_charged - self.credits_refunded == TASK_COST * paid, self
 
 
-def accounting(server: SandboxServer, state: Path) -> Accounting:
+def accounting(server: SandboxServer | SandboxState, state: Path) -> Accounting:
     """Join the sandbox's tasks (in process) with the ledger's generations.
 
     A task is keyed by the sandbox's fingerprint of the submitted item
     (webhook fields left out), which is the ledger's stored request for a
     generation, so each task is attributed to the reconciler fingerprint that
     paid for it. Call it once the run is over: it reads the server's state
-    from this thread.
+    from this thread (or takes a ``SandboxState`` run in process).
     """
-    sandbox = server.state
+    sandbox = server.state if isinstance(server, SandboxServer) else server
     sandbox.advance()  # refunds that are due
     now = sandbox.clock()
     tasks = list(sandbox.tasks.values())

@@ -202,6 +202,10 @@ def test_a_submit_block_stops_sync_and_the_next_sync_converges(
     # a person can add credits or fix a key.
     at = 2 if kind == "unauthorized" else 11
     sandbox.configure(faults=[{"kind": kind, "at": [at], "endpoints": ["batch_submit"]}])
+    # The pause lasts backoff_cap; at 1 s it could lapse while the first
+    # batch is still being fetched on a busy machine, and sync would rightly
+    # submit again. A minute outlasts the run; sync stops at once regardless.
+    project.config.write_text(SYNC_CONFIG.replace("backoff_cap = 1.0", "backoff_cap = 60.0"))
     first = project.cli("sync", timeout=60)
     assert first.returncode == 1, first.stderr[-3000:]
     # The summary is the last thing on stderr (rich wraps it at 80 columns).

@@ -70,7 +70,10 @@ def test_key_and_secret_never_leak_through_a_faulty_run(
             summary = p.status()["summary"]
             return bool(summary["ready"] + summary["failed"] == 12)
 
-        wait_until(settled, 90, "every track ready or parked")
+        # The daemon's own count first, from its log (no process per look),
+        # then what status says.
+        d.wait_event("pass.completed", lambda e: e["ready"] + e["parked"] == 12, timeout=90)
+        wait_until(settled, 30, "every track ready or parked")
         # Killed, not stopped: the WAL keeps the last writes un-checkpointed.
         d.send(signal.SIGKILL)
         assert d.proc is not None

@@ -1,0 +1,103 @@
+"""Whole passes in process: a real ``Reconciler`` and ledger against the sandbox app.
+
+See ``tests/inprocess.py``: no process, no port and no wall-clock wait, so
+each pass moves both clocks on by the poll interval. What a user depends on
+is read from the outside: the output folder's files and ``tracks.json``, and
+the sandbox's own books of what it charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemonproc import expected_tracks, materialised
+from tests.inprocess import LATENCY, POLL, World
+from tests.reliability.support import accounting, assert_outputs_whole
+
+SPECS = {
+    "study.yaml": """\
+soundtrack: study
+defaults:
+  mv: sonic-v5
+tracks:
+  - name: rain
+    gpt_description_prompt: lofi beats with rain
+  - name: dawn
+    gpt_description_prompt: slow piano at dawn
+    clips: 2
+""",
+    "run.yaml": """\
+soundtrack: run
+defaults:
+  mv: sonic-v5
+tracks:
+  - name: pace
+    gpt_description_prompt: fast synthwave for running
+""",
+}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, SPECS)
+    yield w
+    w.close()
+
+
+def test_passes_write_every_track_and_the_books_match(world: World) -> None:
+    results = world.run()
+    # One batch for the three tracks, then polls until the sandbox's latency
+    # has passed on its clock: a handful of passes, not one per second of it.
+    assert sum(r.submit_calls for r in results) == 1
+    assert len(results) <= LATENCY / POLL + 2
+    final = results[-1]
+    assert (final.total, final.ready, final.parked) == (3, 3, 0)
+
+    # The tracks are written: each soundtrack's tracks.json lists what the
+    # specs ask for, every listed file is whole audio, dawn keeps both clips.
+    out = world.settings.out_dir
+    assert materialised(out) == expected_tracks(world.settings.specs_dir)
+    assert assert_outputs_whole(out) == 4
+    assert (out / "study" / "playlist.m3u8").is_file()
+
+    # The books: the sandbox charged one task per track, the ledger counts
+    # exactly those, and nothing was paid twice.
+    books = accounting(world.sandbox, world.settings.state_dir)
+    books.check_credits()
+    assert books.tasks_created == 3
+    assert books.paid_twice == 0
+    assert not books.unexplained
+    assert world.ledger.spent_since(0) == 3
+
+
+def test_a_pass_over_a_converged_folder_changes_and_costs_nothing(world: World) -> None:
+    world.run()
+    out = world.settings.out_dir
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    calls = world.sandbox.stats()
+    world.later(60)
+    result = world.one_pass()
+    assert result.converged
+    assert not result.changed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    after = world.sandbox.stats()
+    for counter in ("batch_submit_calls", "create_calls", "downloads", "credits_charged"):
+        assert after[counter] == calls[counter], counter
+
+
+def test_an_edited_track_is_generated_again_and_only_it(world: World) -> None:
+    world.run()
+    spec = world.settings.specs_dir / "run.yaml"
+    spec.write_text(spec.read_text().replace("fast synthwave", "slow synthwave"))
+    world.later(POLL)
+    world.run()
+    out = world.settings.out_dir
+    assert materialised(out) == expected_tracks(world.settings.specs_dir)
+    books = accounting(world.sandbox, world.settings.state_dir)
+    books.check_credits()
+    # Three tracks at first, then one more for the edit.
+    assert books.tasks_created == 4
+    assert books.paid_twice == 0
