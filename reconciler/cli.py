@@ -298,18 +298,25 @@ def plan(
             f"the specs folder {settings.specs_dir} is {report['specs_folder']} "
             "(--specs, or `specs` in the config)"
         )
-    if save_to is not None:
+    # Like Terraform, no plan is saved from specs that do not all read: the
+    # invalid file's tracks would be missing from it, and apply would carry
+    # out a plan nobody meant.
+    saving = save_to is not None and not report["invalid_files"]
+    if saving:
         from reconciler.applying import save_plan
 
+        assert save_to is not None
         save_plan(report, settings, save_to)
     if as_json:
         _echo_json(report)
     else:
         # Lines are never wrapped: a pipe or a log keeps one line per item.
         render_plan(report, Console(soft_wrap=True))
-        if save_to is not None:
+        if saving:
             click.echo(f"plan saved to {save_to}: `reconciler apply {save_to}` carries it out")
     if report["invalid_files"]:
+        if save_to is not None:
+            click.echo(f"plan not saved to {save_to}: fix the invalid spec files first", err=True)
         sys.exit(1)
     sys.exit(2 if report["changes"] else 0)
 

@@ -217,7 +217,11 @@ class MoneyPolicy(RuleBasedStateMachine):
     # -- what must always hold --------------------------------------------------------
 
     def _books(self) -> tuple[Counter[str], list[Any]]:
-        created: Counter[str] = Counter(item_hash(t.item) for t in self.sandbox.tasks.values())
+        # A task that fails upstream is refunded and then retried by design:
+        # only tasks that stay paid count towards paying twice.
+        created: Counter[str] = Counter(
+            item_hash(t.item) for t in self.sandbox.tasks.values() if "task_failed" not in t.faults
+        )
         return created, self.ledger.query(
             "SELECT fingerprint, request, possible_double FROM generations"
         )

@@ -219,6 +219,19 @@ def test_apply_refuses_a_plan_that_no_longer_holds_and_spends_nothing(
     assert "the ledger changed since the plan was made" in err
 
 
+def test_no_plan_is_saved_while_a_spec_file_is_invalid(project: Project, tmp_path: Path) -> None:
+    project.write_spec("mix.yaml", tracks("t", 2))
+    (project.specs / "broken.yaml").write_text("soundtrack: broken\ntracks: [\n")
+    saved = tmp_path / "plan.json"
+
+    proc = project.cli("plan", "--save", str(saved))
+
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "broken.yaml" in proc.stdout + proc.stderr
+    assert f"plan not saved to {saved}: fix the invalid spec files first" in proc.stderr
+    assert not saved.exists()
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [
