@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import shutil
@@ -93,14 +94,18 @@ def run(args: list[str], work: Path, code: Path | None) -> tuple[Run, str]:
     return Run(wall, usage.ru_utime + usage.ru_stime), stdout
 
 
-def converge(work: Path) -> None:
-    """The example specs, synced once against the in-process sandbox."""
+def converge(work: Path, code: Path | None) -> None:
+    """The example specs, synced once against the in-process sandbox by ``code``.
+
+    Each version syncs its own folder: an older version cannot read a ledger
+    a newer one has migrated.
+    """
     shutil.copytree(ROOT / "specs", work / "specs")
     (work / "reconciler.toml").write_text(CONFIG)
     proc = subprocess.run(
         [str(ENTRY), "sync", "--sandbox"],
         cwd=work,
-        env=environment(None),
+        env=environment(code),
         capture_output=True,
         text=True,
         check=False,
@@ -109,33 +114,36 @@ def converge(work: Path) -> None:
         raise RuntimeError(f"sync --sandbox failed: {proc.stderr[-2000:]}")
 
 
-def check_same(work: Path, baseline: Path) -> None:
+def check_same(works: dict[Path | None, Path]) -> None:
     """Both versions print the same status (ages and clocks aside)."""
     for what, args in SAME.items():
-        old, new = (run(args, work, code)[1] for code in (baseline, None))
+        old, new = (run(args, work, code)[1] for code, work in works.items())
         if what == "status --json":
             same = comparable_json(old) == comparable_json(new)
         else:
             same = comparable_text(old) == comparable_text(new)
         if not same:
-            raise RuntimeError(f"{what} differs from the baseline's")
+            diff = difflib.unified_diff(
+                comparable_text(old).splitlines(), comparable_text(new).splitlines(), lineterm=""
+            )
+            raise RuntimeError(f"{what} differs from the baseline's:\n" + "\n".join(diff))
 
 
 def measure(runs: int, baseline: Path) -> dict[str, dict[str, list[Run]]]:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-        work = Path(tmp)
-        converge(work)
-        for code in (baseline, None):  # unmeasured: fill the bytecode caches
-            for args in COMMANDS.values():
+        works: dict[Path | None, Path] = {baseline: Path(tmp) / "baseline", None: Path(tmp) / "new"}
+        for code, work in works.items():
+            converge(work, code)
+            for args in COMMANDS.values():  # unmeasured: fill the bytecode caches
                 run(args, work, code)
-        check_same(work, baseline)
+        check_same(works)
         found: dict[str, dict[str, list[Run]]] = {
             version: {label: [] for label in COMMANDS} for version in ("baseline", "new")
         }
         for _ in range(runs):
             for version, code in (("baseline", baseline), ("new", None)):
                 for label, args in COMMANDS.items():
-                    found[version][label].append(run(args, work, code)[0])
+                    found[version][label].append(run(args, works[code], code)[0])
     return found
 
 

@@ -105,17 +105,34 @@ def run_status(args: list[str], work: Path, code: Path | None) -> tuple[Run, str
     return Run(usage.ru_utime + usage.ru_stime, wall), stdout
 
 
-def comparable_json(text: str) -> dict[str, Any]:
-    report: dict[str, Any] = json.loads(text)
-    report.pop("generated_at")
-    for row in report["tracks"]:
-        row.pop("age_seconds")
-    return report
+#: A clock time as status prints it (``2026-11-29T19:27:04+00:00``).
+CLOCK = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?")
+
+
+def _timeless(value: Any) -> Any:
+    """``value`` with every age, clock time and ``*_at`` field left out."""
+    if isinstance(value, dict):
+        return {
+            k: _timeless(v)
+            for k, v in value.items()
+            if not k.endswith(("_at", "age_seconds")) and k != "age"
+        }
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    if isinstance(value, str):
+        return CLOCK.sub("<time>", value)
+    return value
+
+
+def comparable_json(text: str) -> Any:
+    """The report without its times: two folders synced a minute apart compare equal."""
+    return _timeless(json.loads(text))
 
 
 def comparable_text(text: str) -> str:
-    """The text with runs of blanks made one and ages (``42s``, ``3m``) removed."""
-    return re.sub(r" \d+[smhd](?= |$)", "", re.sub(r"[ \t]+", " ", text), flags=re.MULTILINE)
+    """The text with runs of blanks made one, and ages (``42s``) and clock times removed."""
+    text = CLOCK.sub("<time>", re.sub(r"[ \t]+", " ", text))
+    return re.sub(r" \d+[smhd](?= |$)", "", text, flags=re.MULTILINE)
 
 
 def check_same(work: Path, baseline: Path) -> None:
