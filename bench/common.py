@@ -266,3 +266,25 @@ def passes(log: Path) -> list[dict[str, Any]]:
         for line in log.read_text().splitlines()
         if line.startswith("{") and '"pass.completed"' in line
     ]
+
+
+def timed(
+    argv: list[str], cwd: Path, env: dict[str, str], ok: tuple[int, ...]
+) -> tuple[float, float, str]:
+    """Run ``argv`` to its end: wall seconds, its own CPU seconds (``os.wait4``), stdout.
+
+    Wall time on a shared machine also measures the neighbours; the child's
+    user + system time does not. An exit code outside ``ok`` raises.
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by hand
+    if process.returncode not in ok:
+        raise RuntimeError(f"{' '.join(argv)} in {cwd}: exit code {process.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime, stdout

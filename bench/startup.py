@@ -28,16 +28,23 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import child_env, command_line, machine, median, revision, today, write_section
+from common import (
+    child_env,
+    command_line,
+    machine,
+    median,
+    revision,
+    timed,
+    today,
+    write_section,
+)
 from status_cost import comparable_json, comparable_text, export
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,23 +82,9 @@ def environment(code: Path | None) -> dict[str, str]:
 
 def run(args: list[str], work: Path, code: Path | None) -> tuple[Run, str]:
     """``reconciler ARGS`` in ``work`` from ``code`` (an export) or this checkout."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [str(ENTRY), *args],
-        cwd=work,
-        env=environment(code),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by hand
-    if process.returncode not in (0, 2):  # plan: 2 when there are changes
-        raise RuntimeError(f"{' '.join(args)} ({code or 'this checkout'}): exit {status}")
-    return Run(wall, usage.ru_utime + usage.ru_stime), stdout
+    # plan exits 2 when there are changes.
+    wall, cpu, stdout = timed([str(ENTRY), *args], work, environment(code), ok=(0, 2))
+    return Run(wall, cpu), stdout
 
 
 def converge(work: Path, code: Path | None) -> None:

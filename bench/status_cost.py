@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
@@ -49,6 +48,7 @@ from common import (
     passes,
     revision,
     sandbox,
+    timed,
     today,
     write_config,
     write_specs,
@@ -86,23 +86,9 @@ def run_status(args: list[str], work: Path, code: Path | None) -> tuple[Run, str
     Its figures, and what it wrote to stdout.
     """
     env = child_env(**({"PYTHONPATH": str(code)} if code else {}))
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", *args],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by hand
-    if process.returncode not in (0, 1):
-        raise RuntimeError(f"{' '.join(args)} ({code or 'this checkout'}): exit code {status}")
-    return Run(usage.ru_utime + usage.ru_stime, wall), stdout
+    # status exits 1 when a track failed: still a report to measure.
+    wall, cpu, stdout = timed([sys.executable, "-m", "reconciler", *args], work, env, ok=(0, 1))
+    return Run(cpu, wall), stdout
 
 
 #: A clock time as status prints it (``2026-11-29T19:27:04+00:00``).
