@@ -231,7 +231,9 @@ def main() -> None:
         help="numbers of tracks, comma-separated",
     )
     parser.add_argument("--runs", type=int, default=7, help="measured runs per version and form")
-    parser.add_argument("--baseline", default="7a3d6c4", help="the commit to compare with")
+    # The baseline reads the ledger this checkout's daemon writes, so it must
+    # know its schema: fd92cf3 is the first commit of ledger v4.
+    parser.add_argument("--baseline", default="fd92cf3", help="the commit to compare with")
     parser.add_argument("--results", type=Path, help="append the figures to this Markdown file")
     args = parser.parse_args()
     args.command = command_line("bench/status_cost.py")
