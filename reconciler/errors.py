@@ -10,7 +10,8 @@ class, not decided by string matching at the call site::
     ├── ConfigError                 bad flag, environment or config file; missing key
     ├── SpecError                   a spec file is invalid (holds every SpecProblem found)
     ├── LockedError                 another daemon or sync holds the state directory
-    ├── LedgerError                 the SQLite ledger is unusable or too new
+    ├── LedgerError                 the ledger is unusable or too new, or a write failed
+    │   └── LeaseLostError          this replica no longer holds the lease: its write was refused
     ├── UnknownNameError            a soundtrack, track or trash path given is not known
     ├── OutputError                 an output path escapes the output folder, a write failed
     │   └── InvalidAudioError       a file does not decode as audio with a positive duration
@@ -72,6 +73,11 @@ class LockedError(ReconcilerError):
 
 class LedgerError(ReconcilerError):
     """The ledger cannot be opened, migrated or written."""
+
+
+class LeaseLostError(LedgerError):
+    """The leader's lease expired or another replica took it over: the write was
+    refused (rolled back), and this process must stop spending at once."""
 
 
 class UnknownNameError(ReconcilerError):

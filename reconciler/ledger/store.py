@@ -99,8 +99,25 @@ _SCHEMA_V4 = """
 CREATE INDEX tasks_next_poll ON tasks (next_poll) WHERE next_poll IS NOT NULL;
 """
 
+# Version 5: replicas sharing one ledger (``lease``). ``lease`` is one row,
+# the leader's: who holds it, since when, until when, and the fencing token
+# that changes with every holder. ``replicas`` holds each process's heartbeat;
+# ``hints`` the verified webhooks any replica received, until the leader applies them.
+_SCHEMA_V5 = """
+CREATE TABLE lease (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    since REAL NOT NULL, renewed_at REAL NOT NULL, expires_at REAL NOT NULL,
+    token INTEGER NOT NULL);
+CREATE TABLE replicas (
+    holder TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, role TEXT NOT NULL,
+    started REAL NOT NULL, seen REAL NOT NULL);
+CREATE TABLE hints (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, fingerprint TEXT, task_id TEXT,
+    clip_ids TEXT NOT NULL);
+"""
+
 #: Versioned migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 
 
 def _dumps(value: Any) -> str:
@@ -132,6 +149,9 @@ class Store:
     def __init__(self, db: sqlite_utils.Database, clock: Clock = time.time) -> None:
         self.db = db
         self.clock = clock
+        #: Run first in every write transaction when set: the leader's lease
+        #: (``lease.Lease.fence``), which refuses the write once the lease is lost.
+        self.fence: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Self:
@@ -183,9 +203,13 @@ class Store:
             )
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, fenced: bool = True) -> Iterator[None]:
+        """One transaction; ``fenced=False`` only for writes that spend nothing
+        (the lease itself, heartbeats, queued hints)."""
         try:
             with self.db.atomic():
+                if fenced and self.fence is not None:
+                    self.fence()
                 yield
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger write failed: {exc}") from exc
