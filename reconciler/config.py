@@ -151,6 +151,11 @@ class Settings:
     #: Seconds a pruned file stays in the trash before it is deleted (``grace``; 7 days).
     prune_grace: float = 7 * 86400.0
 
+    # [ha]
+    #: Seconds the leader's lease lasts: replicas sharing a ledger take over
+    #: from a leader that stopped renewing it (every ``lease / 3``) this long ago.
+    lease: float = 15.0
+
     # [webhook], [ops] and where the settings came from.
     #: The webhook receiver; None when the config file has no ``[webhook]``.
     webhook: WebhookSettings | None = None

@@ -166,6 +166,7 @@ SECTIONS: Mapping[str, Table] = {
         "request_timeout": (_number(gt=0), "request_timeout"),
     },
     "prune": {"enabled": (_switch, "prune"), "grace": (_number(ge=0), "prune_grace")},
+    "ha": {"lease": (_number(gt=0), "lease")},
     "webhook": {
         "listen": (_text, "listen"),
         "public_url": (_text, "public_url"),

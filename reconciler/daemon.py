@@ -27,6 +27,20 @@ watcher missed costs at most one rescan interval. When converged nothing is
 due, and the loop sleeps until the rescan interval: no requests, no writes
 while converged.
 
+Replicas: when the ledger is given (``--ledger``, ``RECONCILER_LEDGER`` or
+``ledger`` in the config) other processes may share it, so the daemon runs
+as one of several replicas. The holder of the ledger's lease
+(``ledger.lease``) leads: it runs the passes above, renews the lease before
+each pass and on a timer (every ``lease / 3``, as a full pass may outlast the
+lease), and every write of its ledger is fenced by the lease's token. The
+others follow: they serve the ops listener and webhooks (writing the hints
+into the ledger, where the leader takes them between passes), heartbeat, and
+try to take the lease on the same timer. A leader whose lease is lost
+cancels its pass at once (its writes are refused anyway) and follows; a new
+leader starts afresh: a new ``Reconciler``, whose start-up treats submits
+left in intent as ambiguous, and a full pass. A ledger in the state folder
+(the default) is this process's alone by the state lock: no lease then.
+
 SIGTERM/SIGINT: ``STOPPING=1``, let the running pass finish for a moment, then
 cancel it (every step is recorded in the ledger before and after it happens,
 and an interrupted submit is treated as ambiguous on the next start), close
@@ -47,10 +61,21 @@ from dataclasses import fields, replace
 import structlog
 
 from reconciler import logs
-from reconciler.app import open_app
+from reconciler.app import App, open_app
 from reconciler.config import Settings, settings_summary
 from reconciler.errors import LedgerError, ReconcilerError
 from reconciler.ledger import Ledger, apply_hints
+from reconciler.ledger.lease import (
+    Identity,
+    Leadership,
+    Lease,
+    heartbeat,
+    hints_waiting,
+    leave,
+    queue_hints,
+    read_leadership,
+    take_hints,
+)
 from reconciler.ops import Metrics, OpsApp
 from reconciler.reconciling import Focus, PassResult, Reconciler
 from reconciler.serving import AppServer
@@ -142,6 +167,15 @@ class Daemon:
         self._last_result: PassResult | None = None
         #: Fed whether or not the ops listener serves them (cheap counters).
         self.metrics = Metrics()
+        self.app: App | None = None
+        #: This process among replicas sharing the ledger; ``lease`` is None
+        #: when the ledger is the state folder's own.
+        self.me = Identity.of_this_process()
+        self.started_at = time.time()
+        self.lease: Lease | None = None
+        #: The token of the term this process leads, None while it follows.
+        self._term: int | None = None
+        self._lost = asyncio.Event()
 
     # -- wake-up sources (called on the event loop) ------------------------------------
 
@@ -189,6 +223,7 @@ class Daemon:
     async def run(self) -> int:
         async with open_app(self.settings, on_request=self.metrics.api_request) as app:
             self.settings = app.settings
+            self.app = app
             self.rec = app.reconciler
             await self._serve(app.ledger)
         self.log.info("daemon.stopped")
@@ -228,7 +263,10 @@ class Daemon:
                 watchdog=self.watchdog,
                 **settings_summary(s),
             )
-            await self._loop(ledger, server)
+            if s.ledger is None:
+                await self._loop(ledger, server)
+            else:
+                await self._replicate(ledger, server)
         finally:
             if ops is not None:
                 await ops.stop()
@@ -237,6 +275,117 @@ class Daemon:
             await self.watcher.stop()
             await self.out_watcher.stop()
 
+    # -- replicas: lead or follow ------------------------------------------------------
+
+    async def _replicate(self, ledger: Ledger, server: WebhookServer | None) -> None:
+        """Follow until this process takes the lease, lead until it is lost, again."""
+        self.lease = Lease(ledger, self.me, self.settings.lease)
+        timer = asyncio.create_task(self._lease_timer(ledger))
+        try:
+            while not self._stop.is_set():
+                await self._follow(ledger)
+                if self._stop.is_set():
+                    break
+                await self._lead(ledger, server)
+        finally:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+            # A clean stop hands over at once instead of after the lease.
+            with contextlib.suppress(LedgerError):
+                self.lease.release()
+                leave(ledger, self.me)
+
+    async def _lease_timer(self, ledger: Ledger) -> None:
+        """Renew (or try to take) the lease and heartbeat every ``lease / 3``,
+        also while a pass runs: a full pass may take longer than the lease."""
+        while True:
+            self._keep(ledger)
+            await asyncio.sleep(self.settings.lease / 3)
+
+    def _keep(self, ledger: Ledger) -> None:
+        """One renewal or attempt, and this process's heartbeat."""
+        assert self.lease is not None
+        try:
+            held = self.lease.acquire()
+            role = "leader" if held else "follower"
+            heartbeat(ledger, self.me, role, self.started_at, self.settings.lease)
+            waiting = held and hints_waiting(ledger)
+        except LedgerError as exc:
+            # The database is unreachable: nothing can be written, so nothing
+            # is spent either; a lease not renewed lapses on its own.
+            self.log.error("lease.renew_failed", error=str(exc))
+            return
+        if self._term is not None and self.lease.token != self._term:
+            # Lost, or lost and taken again while this process was paused:
+            # either way another replica may have led meanwhile.
+            self._lose("the lease expired or another replica took it over")
+        if held and self._term is None:
+            self._poke.set()  # the follower's wait ends: lead
+        if waiting:
+            self.on_webhook()  # another replica received a webhook
+
+    def _lose(self, reason: str) -> None:
+        if self._lost.is_set():
+            return
+        self.log.error("lease.lost", reason=reason, token=self._term)
+        self._lost.set()
+        self._poke.set()
+
+    async def _follow(self, ledger: Ledger) -> None:
+        """Serve, hand webhooks to the leader, and wait for the lease."""
+        assert self.lease is not None
+        leader, _ = read_leadership(ledger)
+        self.log.info(
+            "replica.following",
+            leader_host=leader.host if leader else None,
+            leader_pid=leader.pid if leader else None,
+            lease=self.settings.lease,
+        )
+        while not self._stop.is_set() and self.lease.token is None:
+            self._poke.clear()
+            if self._reload_requested:
+                self._reload()
+            if self.receiver is not None:
+                try:
+                    queue_hints(ledger, self.receiver.drain())
+                except LedgerError as exc:
+                    self.log.error("webhook.queue_failed", error=str(exc))
+            # Healthy while following: no pass is due here before a takeover.
+            self.metrics.next_pass_at = time.time() + self.settings.lease
+            line = f"following: {self._leader_line(leader)}"
+            if self.watchdog is not None:
+                self.notifier.watchdog(status=line)
+            else:
+                self.notifier.status(line)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.settings.lease / 3)
+            with contextlib.suppress(LedgerError):
+                leader, _ = read_leadership(ledger)
+
+    @staticmethod
+    def _leader_line(leader: Leadership | None) -> str:
+        return "no leader yet" if leader is None else f"leader {leader.host} pid {leader.pid}"
+
+    async def _lead(self, ledger: Ledger, server: WebhookServer | None) -> None:
+        """One term: a fresh reconciler (its start-up recovers submits left in
+        intent by the previous leader), fenced writes, a full pass first."""
+        assert self.lease is not None
+        assert self.app is not None
+        self._term = self.lease.token
+        self._lost.clear()
+        ledger.fence = self.lease.fence
+        self.rec = Reconciler(self.settings, ledger, self.app.api)
+        self._full = True
+        self.log.warning("lease.acquired", token=self._term, since=self.lease.since)
+        try:
+            await self._loop(ledger, server)
+        finally:
+            ledger.fence = None
+            self._term = None
+            if self.lease.token is not None and self._lost.is_set():
+                self.lease.token = None
+
     # -- the loop ------------------------------------------------------------------------
 
     async def _loop(self, ledger: Ledger, server: WebhookServer | None) -> None:
@@ -244,14 +393,19 @@ class Daemon:
         quick = 0
         # The start-up pass is the first full rescan: events missed while stopped cost nothing.
         next_rescan = time.monotonic()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._lost.is_set():
             if self._reload_requested:
                 self._reload()
             if server is not None and server.failed:
                 self.log.error("webhook.server_stopped")
                 server = None
+            if self.lease is not None:
+                # Renewed before every pass too: the timer alone may fall behind.
+                self._keep(ledger)
+                if self._lost.is_set():
+                    break
             self._file_hint_at = self._hook_hint_at = None
-            if self.receiver is not None:
+            if self.receiver is not None or self.lease is not None:
                 self._apply_hints(ledger)
             started = time.monotonic()
             focus = None
@@ -259,7 +413,10 @@ class Daemon:
                 focus = Focus(frozenset(self._changed_specs), frozenset(self._changed_outputs))
             self._changed_specs, self._changed_outputs, self._full = set(), set(), False
             result = await self._run_pass(focus)
-            if self._stop.is_set():
+            if self.lease is not None and self.lease.token != self._term:
+                # The pass's own write found the lease gone (the fence refused it).
+                self._lose("a write was refused: the lease expired or was taken over")
+            if self._stop.is_set() or self._lost.is_set():
                 break
             now = time.monotonic()
             if focus is None:
@@ -283,12 +440,13 @@ class Daemon:
             await self._wait(wake, healthy=failures == 0)
 
     def _apply_hints(self, ledger: Ledger) -> None:
-        assert self.receiver is not None
-        hints = self.receiver.drain()
-        if not hints:
-            return
+        hints = self.receiver.drain() if self.receiver is not None else []
         try:
-            apply_hints(ledger, hints, time.time())
+            if self.lease is not None:
+                # Those other replicas received, and those this one received as a follower.
+                hints += take_hints(ledger)
+            if hints:
+                apply_hints(ledger, hints, time.time())
         except LedgerError as exc:
             # Hints only save time: the scheduled polls still find the truth.
             self.log.error("webhook.apply_failed", error=str(exc), hints=len(hints))
@@ -319,17 +477,22 @@ class Daemon:
         task = asyncio.create_task(self.rec.run_pass(focus))
         self._pass_task = task
         stopping = asyncio.create_task(self._stop.wait())
+        lost = asyncio.create_task(self._lost.wait())
         try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
+            await asyncio.wait({task, stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not self._lost.is_set():
                 await asyncio.wait({task}, timeout=STOP_GRACE)
             if not task.done():
-                self.log.warning("pass.cancelled", grace=STOP_GRACE)
+                lost = self._lost.is_set()
+                self.log.warning(
+                    "pass.cancelled", grace=0.0 if lost else STOP_GRACE, lease_lost=lost
+                )
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         finally:
             stopping.cancel()
+            lost.cancel()
             self._pass_task = None
         if task.cancelled():
             return None

@@ -156,7 +156,7 @@ def test_an_expired_lease_refuses_writes_even_before_anyone_takes_over(
     with pytest.raises(LeaseLostError):
         ledger.put("probe", 1)
     with pytest.raises(LeaseLostError):
-        a.check()
+        a.store.check_fence()
     assert ledger.get("probe") is None
 
 
@@ -164,19 +164,20 @@ def test_a_lease_lost_is_a_ledger_error(pair: tuple[Lease, Lease]) -> None:
     """Code that handles a failed ledger write (nothing written, stop this
     step) handles a lost lease the same way without knowing about it."""
     a, _ = pair
+    a.store.fence = a.fence  # never taken
     with pytest.raises(LedgerError):
-        a.check()
+        a.store.check_fence()
 
 
 def test_the_fence_right_before_a_submit_sees_a_takeover(
     pair: tuple[Lease, Lease], clock: Clock
 ) -> None:
     a, b = pair
-    lead(a).check()
+    lead(a).store.check_fence()
     clock.now += LEASE + 1
     assert b.acquire()
     with pytest.raises(LeaseLostError):
-        a.check()
+        a.store.check_fence()
 
 
 def test_a_released_lease_is_taken_at_once(pair: tuple[Lease, Lease], clock: Clock) -> None:

@@ -179,11 +179,6 @@ class Lease:
                 "this process no longer leads and its write was refused"
             )
 
-    def check(self) -> None:
-        """The fence on its own, in a transaction of its own: right before a submit."""
-        with self.store.transaction(fenced=False):
-            self.fence()
-
     def release(self) -> None:
         """A clean stop: let a follower take over at once rather than after expiry."""
         if self.token is None:

@@ -214,6 +214,13 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger write failed: {exc}") from exc
 
+    def check_fence(self) -> None:
+        """The fence on its own, right before a submit leaves: raises
+        ``LeaseLostError`` when this process no longer leads."""
+        if self.fence is not None:
+            with self.transaction():
+                pass
+
     def _event(
         self,
         event: str,

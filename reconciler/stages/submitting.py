@@ -251,6 +251,9 @@ class Submitting:
         """One batch submit. Returns False when submitting should stop for this pass."""
         submit_id = self.ctx.ledger.begin_submit(group, "batch")
         items = [self._item(fp) for fp in group]
+        # A replica that lost the lease since the intent was recorded sends
+        # nothing: the new leader treats the intent as ambiguous.
+        self.ctx.ledger.check_fence()
         result.submit_calls += 1
         try:
             answer = await self.ctx.api.submit_batch(items, **self._batch_hook())
@@ -341,6 +344,7 @@ class Submitting:
 
     async def _submit_single(self, fp: str, result: PassResult) -> bool:
         submit_id = self.ctx.ledger.begin_submit([fp], "single")
+        self.ctx.ledger.check_fence()
         result.submit_calls += 1
         try:
             task_id = await self.ctx.api.create(self._item(fp))
