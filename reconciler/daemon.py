@@ -483,9 +483,9 @@ class Daemon:
             if not task.done() and not self._lost.is_set():
                 await asyncio.wait({task}, timeout=STOP_GRACE)
             if not task.done():
-                lost = self._lost.is_set()
+                gone = self._lost.is_set()
                 self.log.warning(
-                    "pass.cancelled", grace=0.0 if lost else STOP_GRACE, lease_lost=lost
+                    "pass.cancelled", grace=0.0 if gone else STOP_GRACE, lease_lost=gone
                 )
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -101,7 +101,7 @@ class Replica:
 
 def db_now(store: Store) -> float:
     """Now, on the clock every replica compares the lease against."""
-    if getattr(store, "backend", "sqlite") == "postgresql":
+    if store.backend == "postgresql":
         return float(store.db.execute(_PG_NOW).fetchone()[0])
     return store.clock()
 
