@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.config import Settings
 from reconciler.errors import UnknownNameError
 from reconciler.layout import check_layout
-from reconciler.ledger import StatusRow, read_status
+from reconciler.ledger import StatusRead, StatusRow, read_status
 from reconciler.planning import CREDITS_PER_TASK, Suspension, output_names, utc_day_start
 from reconciler.words import did_you_mean, plural
 
@@ -216,6 +216,7 @@ def build_report(settings: Settings, now: float, selector: str | None = None) ->
                 )
     spent = CREDITS_PER_TASK * read.spent
     budget = settings.daily_budget
+    leader, replicas = _replication(read, settings.lease, now)
     health = facts.get("api_health") or {}
     return {
         "schema": SCHEMA_VERSION,
@@ -242,6 +243,8 @@ def build_report(settings: Settings, now: float, selector: str | None = None) ->
         # and shape (also logged once each, with the raw body).
         "unexpected_shapes": facts.get("unexpected_shapes") or {},
         "orphan_tasks": read.orphans,
+        "leader": leader,
+        "replicas": replicas,
         "last_pass": _iso(facts.get("last_pass_at")),
         "api": {
             "last_success": _iso(health.get("last_success")),
@@ -250,6 +253,38 @@ def build_report(settings: Settings, now: float, selector: str | None = None) ->
             "batch_endpoint": "unsupported" if facts.get("batch_unsupported") else "ok",
         },
     }
+
+
+def _replication(
+    read: StatusRead, lease: float, now: float
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The leader (None when no replica ever held the lease: one daemon on its
+    own ledger) and the replicas seen within three leases, by the ledger's
+    clock when it keeps one (PostgreSQL), else this host's."""
+    at = read.now if read.now is not None else now
+    leader = None
+    if read.lease is not None:
+        _, host, pid, since, renewed_at, expires_at, token = read.lease
+        leader = {
+            "host": host,
+            "pid": pid,
+            "since": _iso(since),
+            "token": token,
+            "lease_age_seconds": round(max(0.0, at - renewed_at), 1),
+            "expired": expires_at <= at,
+        }
+    replicas = [
+        {
+            "host": host,
+            "pid": pid,
+            "role": role,
+            "started": _iso(started),
+            "seen_seconds_ago": round(max(0.0, at - seen), 1),
+        }
+        for host, pid, role, started, seen in read.replicas
+        if at - seen <= 3 * lease
+    ]
+    return leader, replicas
 
 
 def failed(report: dict[str, Any]) -> bool:
@@ -374,6 +409,21 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
             f"{plural(sum(shapes.values()), 'answer')} read in an undocumented shape "
             "(`status --json` lists them; `reconciler doctor --live` checks the fit)",
             "yellow",
+        )
+    leader = report["leader"]
+    if leader is not None:
+        others = [
+            r
+            for r in report["replicas"]
+            if (r["host"], r["pid"]) != (leader["host"], leader["pid"])
+        ]
+        say(
+            f"leader: {leader['host']} pid {leader['pid']} since {leader['since']}, "
+            f"lease renewed {leader['lease_age_seconds']:.0f}s ago"
+            + (" (expired: a follower takes over)" if leader["expired"] else "")
+            + f"; {plural(len(others), 'other replica')} seen"
+            + "".join(f", {r['host']} pid {r['pid']} ({r['role']})" for r in others),
+            "yellow" if leader["expired"] else None,
         )
     api = report["api"]
     line = (

@@ -7,7 +7,7 @@ reports (``reports``) and their callers; no I/O here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -80,6 +80,13 @@ class StatusRead:
     orphans: int
     #: Every (soundtrack, track), read only when a selector matched nothing.
     names: list[tuple[str, str]]
+    #: The leader's lease (holder, host, pid, since, renewed_at, expires_at,
+    #: token); None when no replica ever took it (a ledger used by one daemon).
+    lease: tuple[Any, ...] | None = None
+    #: Replicas' heartbeats (host, pid, role, started, seen), newest first.
+    replicas: list[tuple[Any, ...]] = field(default_factory=list)
+    #: When read, on the clock the lease is kept by (PostgreSQL's own clock).
+    now: float | None = None
 
 
 @dataclass(frozen=True)

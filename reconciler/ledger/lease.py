@@ -42,7 +42,7 @@ from reconciler.ledger.store import Store
 #: The lease row's key: there is one lease, the leader's.
 _LEASE = "leader"
 #: Seconds since the epoch on PostgreSQL's own clock, read at the moment asked.
-_PG_NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
+PG_NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
 #: A replica not seen for this many lease periods is dropped from the table:
 #: a killed process cannot remove its own row.
 _FORGET_AFTER = 100
@@ -102,7 +102,7 @@ class Replica:
 def db_now(store: Store) -> float:
     """Now, on the clock every replica compares the lease against."""
     if store.backend == "postgresql":
-        return float(store.db.execute(_PG_NOW).fetchone()[0])
+        return float(store.db.execute(PG_NOW).fetchone()[0])
     return store.clock()
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from reconciler.errors import LedgerError
 from reconciler.ledger.facts import StatusRead
+from reconciler.ledger.lease import PG_NOW
 from reconciler.ledger.store import Store, check_version, connect_readonly, describe, is_postgres
 
 
@@ -53,6 +54,7 @@ def read_status(
                     int(version),
                     since,
                     selector,
+                    now_sql=PG_NOW,
                 )
         except postgres.Error as exc:
             raise LedgerError(f"{describe(target)}: cannot read ledger: {exc}") from exc
@@ -77,7 +79,12 @@ def read_status(
 
 
 def _read_status(
-    execute: Callable[..., Any], version: int, since: float, selector: tuple[str, str]
+    execute: Callable[..., Any],
+    version: int,
+    since: float,
+    selector: tuple[str, str],
+    *,
+    now_sql: str | None = None,
 ) -> StatusRead:
     check_version(version, readonly=True)
     # Only the conditions asked for: an "? = '' OR ..." form would
@@ -125,6 +132,17 @@ def _read_status(
         if asked and not tracks
         else []
     )
+    # Who leads, and the lease's age on the clock it is kept by (``lease``).
+    lease = execute(
+        "SELECT holder, host, pid, since, renewed_at, expires_at, token FROM lease"
+    ).fetchone()
+    replicas = [
+        tuple(r)
+        for r in execute(
+            "SELECT host, pid, role, started, seen FROM replicas ORDER BY seen DESC"
+        ).fetchall()
+    ]
+    now = float(execute(now_sql).fetchone()[0]) if now_sql else None
     return StatusRead(
         tracks=tracks,
         spec_errors=spec_errors,
@@ -137,6 +155,9 @@ def _read_status(
         in_flight=in_flight,
         orphans=orphans,
         names=names,
+        lease=None if lease is None else tuple(lease),
+        replicas=replicas,
+        now=now,
     )
 
 
