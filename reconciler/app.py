@@ -6,10 +6,17 @@ and ``run`` (``daemon.Daemon.run``); both get their reconciler from
 MusicAPI service, or with ``--sandbox`` the emulator served in this process on
 loopback (then the settings in force carry its URL and key). One clock stamps
 the ledger and drives the reconciler, so a test can inject it in one place.
+
+A ledger given with ``--ledger`` may be shared by replicas (``ledger.lease``):
+``sync`` and ``apply`` then hold its lease for as long as they run, or refuse
+to start while a replica leads, so two processes never spend at once. The
+daemon takes the lease itself, as one of the replicas (``daemon``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,8 +25,10 @@ from dataclasses import dataclass
 import structlog
 
 from reconciler.config import Settings
+from reconciler.errors import LedgerError, LockedError
 from reconciler.layout import require_layout
 from reconciler.ledger import Ledger
+from reconciler.ledger.lease import Identity, Lease, read_leadership
 from reconciler.musicapi import MusicAPI
 from reconciler.reconciling import Reconciler
 from reconciler.statelock import StateLock
@@ -80,18 +89,58 @@ async def open_app(
     *,
     clock: Callable[[], float] = time.time,
     on_request: Callable[[str, str, float], None] | None = None,
+    lead: bool = True,
 ) -> AsyncIterator[App]:
-    """Check the folders, take the state lock, open the ledger and the API, build
-    the reconciler; close them in reverse order however the caller ends."""
+    """Check the folders, take the state lock, open the ledger (and, when it may
+    be shared and ``lead``, its lease) and the API, build the reconciler; close
+    them in reverse order however the caller ends."""
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     lock = StateLock(settings.state_dir)
     lock.acquire()
     try:
         ledger = Ledger.open(settings.ledger_target, clock=clock)
         try:
-            async with api_client(settings, on_request=on_request) as (s, api):
+            async with (
+                held_lease(settings, ledger, lead),
+                api_client(settings, on_request=on_request) as (s, api),
+            ):
                 yield App(s, ledger, api, Reconciler(s, ledger, api, clock=clock))
         finally:
             ledger.close()
     finally:
         lock.release()
+
+
+@asynccontextmanager
+async def held_lease(settings: Settings, ledger: Ledger, lead: bool) -> AsyncIterator[None]:
+    """Hold the shared ledger's lease while a command runs: fence its writes,
+    renew it every ``lease / 3``, hand it back at the end. Raises
+    ``LockedError`` while another process leads."""
+    if settings.ledger is None or not lead:
+        yield
+        return
+    lease = Lease(ledger, Identity.of_this_process(), settings.lease)
+    if not lease.acquire():
+        leader, _ = read_leadership(ledger)
+        who = "another process" if leader is None else f"{leader.host} pid {leader.pid}"
+        raise LockedError(
+            f"{who} leads the replicas sharing this ledger (its lease is held); "
+            "it converges the specs: stop it first to run this command"
+        )
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(settings.lease / 3)
+            # A renewal refused leaves the fence to refuse the next write.
+            with contextlib.suppress(LedgerError):
+                lease.acquire()
+
+    ledger.fence = lease.fence
+    renewing = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        ledger.fence = None
+        with contextlib.suppress(LedgerError):
+            lease.release()

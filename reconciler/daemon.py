@@ -221,7 +221,8 @@ class Daemon:
     # -- start and stop --------------------------------------------------------------
 
     async def run(self) -> int:
-        async with open_app(self.settings, on_request=self.metrics.api_request) as app:
+        # The daemon takes the lease itself, as one of the replicas: lead=False.
+        async with open_app(self.settings, on_request=self.metrics.api_request, lead=False) as app:
             self.settings = app.settings
             self.app = app
             self.rec = app.reconciler
