@@ -37,7 +37,8 @@ class ReplicaProject(Project):
 def shared_ledger(request: pytest.FixtureRequest, root: Path) -> str:
     """The ledger replicas share: a SQLite file, or a fresh PostgreSQL database."""
     if request.param == "sqlite":
-        return str(root / "shared-ledger.sqlite3")
+        # A folder's ledger.sqlite3, as the reliability books read one.
+        return str(root / "shared" / "ledger.sqlite3")
     try:
         return str(request.getfixturevalue("pg_url"))
     except pytest.FixtureLookupError:
@@ -69,6 +70,14 @@ class Replicas:
 
     def running(self) -> list[DaemonProc]:
         return [p for p in self.procs if p.proc is not None and p.proc.poll() is None]
+
+    @property
+    def books(self) -> Path | str:
+        """The ledger as the reliability books (``accounting``) take it: a
+        PostgreSQL URL, or the folder of a SQLite ledger."""
+        if self.ledger.startswith("postgresql://"):
+            return self.ledger
+        return Path(self.ledger).parent
 
     def status(self) -> dict[str, Any]:
         return self.project(0).status()

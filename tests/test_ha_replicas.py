@@ -51,7 +51,7 @@ def converged(group: Replicas, timeout: float = 60) -> None:
 def spends_once(group: Replicas, server: SandboxServer) -> None:
     """No fingerprint paid for more often than ``status`` admits as possible double spend."""
     report = group.status()
-    books = accounting(server, group.base.state, ledger=group.ledger)
+    books = accounting(server, group.books)
     assert not books.unexplained, books.unexplained
     assert books.extra_tasks <= report["possible_double_spend"]
 

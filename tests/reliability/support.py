@@ -22,7 +22,6 @@ from typing import Any
 from bench.common import revision
 from reconciler.audio import probe_audio
 from reconciler.durable import TEMP_PREFIX
-from reconciler.ledger.store import Store
 from reconciler.sandbox import SandboxServer, fingerprint
 from reconciler.sandbox.state import TASK_COST, SandboxState
 
@@ -156,36 +155,26 @@ class Accounting:
         assert self.credits_charged - self.credits_refunded == TASK_COST * paid, self
 
 
-def accounting(
-    server: SandboxServer | SandboxState, state: Path, *, ledger: Path | str | None = None
-) -> Accounting:
+def accounting(server: SandboxServer | SandboxState, state: Path) -> Accounting:
     """Join the sandbox's tasks (in process) with the ledger's generations.
 
     A task is keyed by the sandbox's fingerprint of the submitted item
     (webhook fields left out), which is the ledger's stored request for a
     generation, so each task is attributed to the reconciler fingerprint that
     paid for it. Call it once the run is over: it reads the server's state
-    from this thread (or takes a ``SandboxState`` run in process). ``ledger``
-    is a ledger shared by replicas (a SQLite file or a PostgreSQL URL) instead
-    of the one in ``state``.
+    from this thread (or takes a ``SandboxState`` run in process).
     """
     sandbox = server.state if isinstance(server, SandboxServer) else server
     sandbox.advance()  # refunds that are due
     now = sandbox.clock()
     tasks = list(sandbox.tasks.values())
-    query = "SELECT fingerprint, request, possible_double FROM generations"
-    if ledger is None:
-        db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = db.execute(query).fetchall()
-        finally:
-            db.close()
-    else:
-        store = Store.open(ledger, readonly=True)
-        try:
-            rows = [tuple(r.values()) for r in store.query(query)]
-        finally:
-            store.close()
+    db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT fingerprint, request, possible_double FROM generations"
+        ).fetchall()
+    finally:
+        db.close()
     ours = {fingerprint(json.loads(request)): (fp, int(double)) for fp, request, double in rows}
     spends = {fp: Spend(0, 0, double) for fp, double in ours.values()}
     failed = stuck = 0
