@@ -178,28 +178,44 @@ def test_split_brain_the_resumed_old_leader_is_refused_and_submits_nothing(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_chaos_sigkill_the_leader_ten_times_while_work_is_in_flight(
-    replicas: Replicas, sandbox: SandboxControl, sandbox_server: SandboxServer
+    tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, ledger: str
 ) -> None:
-    """Three replicas; ten times: new spec work arrives, the leader submits it,
-    and is SIGKILLed while generations run (a fresh replica replaces it). Then
-    the survivors converge: no track lost, no partial file, and no fingerprint
-    paid twice beyond what ``status`` reports as possible double spend."""
-    sandbox.configure(latency=1.0)
-    for _ in range(3):
-        replicas.start()
-    kills: list[DaemonProc] = []
-    for n in range(10):
-        leader = replicas.leader(timeout=60)
-        mark = leader.mark()
-        write_tracks(replicas, f"wave{n}", 5)
-        leader.wait_event("batch.submitted", after=mark, timeout=60)
-        replicas.kill(leader)
-        kills.append(leader)
-        assert_outputs_whole(replicas.base.out)  # whatever is there decodes in full
-        replicas.start()
-    converged(replicas, timeout=180)
-    report = replicas.status()
-    assert report["summary"]["ready"] == 50
-    assert assert_outputs_whole(replicas.base.out) == 50
-    assert len({p.pid for p in kills}) == 10
-    spends_once(replicas, sandbox_server)
+    """Three replicas; ten times: new spec work arrives and the leader is
+    SIGKILLed, half the time in the middle of its batch submit (the answer
+    never read), half the time once generations run; a fresh replica replaces
+    it. Then the survivors converge: no track lost, no partial file, and no
+    fingerprint paid twice beyond what ``status`` reports as possible double
+    spend."""
+    # A lost submit answer waits 2 s for a claim, then is sent again (counted).
+    group = Replicas(tmp_path, sandbox, ledger, grace=2.0)
+    try:
+        # Every batch submit answers after 0.8 s: a kill can land inside one.
+        slow = {"kind": "slow", "delay": 0.8, "rate": 1.0, "endpoints": ["batch_submit"]}
+        sandbox.configure(latency=1.0, faults=[slow])
+        for _ in range(3):
+            group.start()
+        kills: list[DaemonProc] = []
+        for n in range(10):
+            leader = group.leader(timeout=60)
+            mark, calls = leader.mark(), group.base.stats()["batch_submit_calls"]
+            write_tracks(group, f"wave{n}", 5)
+            if n % 2:
+                leader.wait_event("batch.submitted", after=mark, timeout=60)
+            else:
+                wait_until(
+                    lambda c=calls: group.base.stats()["batch_submit_calls"] > c,
+                    60,
+                    "a batch submit to be under way",
+                )
+            group.kill(leader)
+            kills.append(leader)
+            assert_outputs_whole(group.base.out)  # whatever is there decodes in full
+            group.start()
+        converged(group, timeout=240)
+        report = group.status()
+        assert report["summary"]["ready"] == 50
+        assert assert_outputs_whole(group.base.out) == 50
+        assert len({p.pid for p in kills}) == 10
+        spends_once(group, sandbox_server)
+    finally:
+        group.close()
