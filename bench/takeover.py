@@ -3,18 +3,19 @@
 Starts the sandbox and two ``reconciler run`` replicas in processes of their
 own, sharing one ledger (a SQLite file in the work folder, or ``--ledger
 URL``), one specs folder and one output folder, each with its own state
-folder. Each run waits for the leader to be converged, saves a new spec file
-(one track) and SIGKILLs the leader at once, before its batching window ends,
-so the work is left to the follower. Times run from just before the kill to
+folder. Each run waits for the leader to be converged and then a random part
+of its renewal interval, saves a new spec file (one track) and SIGKILLs the
+leader at once, before its batching window ends, so the work is left to the
+follower. Times run from just before the kill to
 the follower's ``lease.acquired`` log line (its first pass starts then) and
 to its ``batch.submitted`` for the new file (same machine, same clock). A
 fresh replica then replaces the killed one, so every run starts from two.
 
-What to expect: a follower tries the lease every ``lease / 3`` and the dead
-leader last renewed it up to ``lease / 3`` before the kill, so a takeover
-lands between ``2/3`` and ``4/3`` of the lease after the kill; the submit
-adds the new leader's start (a fresh reconciler, a full pass) and the
-batching window.
+What to expect: the dead leader last renewed its lease up to ``lease / 3``
+before the kill, and a follower tries the lease the moment it expires, so a
+takeover lands between ``2/3`` of the lease and the lease after the kill;
+the submit adds the new leader's start (a fresh reconciler, a full pass) and
+what is left of the batching window.
 
 Usage::
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import random
 import signal
 import statistics
 import subprocess
@@ -37,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from common import KEY, child_env, command_line, machine, revision, sandbox, today, write_section
+
+#: The kill moments within the renewal cycle are drawn from this seed.
+SEED = 13
 
 
 class Replica:
@@ -103,7 +108,7 @@ def leader_of(replicas: list[Replica]) -> Replica:
 
 
 def one_run(
-    work: Path, replicas: list[Replica], n: int, lease: float
+    work: Path, replicas: list[Replica], n: int, lease: float, rng: random.Random
 ) -> tuple[float, float, float]:
     """(kill → lease.acquired, kill → batch.submitted, lease.acquired → first pass.completed)."""
     leader = leader_of(replicas)
@@ -116,6 +121,9 @@ def one_run(
         ),
         120,
     )
+    # The kill at a random moment of the leader's renewal cycle, not right
+    # after the renewal that precedes each pass (which the wait above ends on).
+    time.sleep(rng.uniform(0, lease / 3))
     taken_before = len(follower.events("lease.acquired"))
     submits_before = len(follower.events("batch.submitted"))
     (work / "specs" / f"run-{n:03d}.yaml").write_text(
@@ -173,9 +181,10 @@ def main() -> None:
         taken: list[float] = []
         submitted: list[float] = []
         first_pass: list[float] = []
+        rng = random.Random(SEED)
         try:
             for n in range(args.runs):
-                t, s, p = one_run(work, replicas, n, args.lease)
+                t, s, p = one_run(work, replicas, n, args.lease, rng)
                 taken.append(t)
                 submitted.append(s)
                 first_pass.append(p)
@@ -192,7 +201,9 @@ def main() -> None:
 - Commit: {revision()}; date: {today()}
 - Machine: {started_machine}
 - Two replicas, sandbox generation 1 s, batching window {args.window:g} s; each run saves one
-  spec file and SIGKILLs the leader at once, so the follower submits it.
+  spec file and SIGKILLs the leader at once (at a random point of its renewal interval),
+  so the follower submits it. Expected: the lease is taken between 2/3 of the lease
+  and the lease after the kill.
 
 | measure ({args.runs} runs) | p50 | p95 | min | max |
 |---|---|---|---|---|

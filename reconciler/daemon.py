@@ -92,6 +92,9 @@ HOOK_WINDOW = 0.1
 MAX_QUICK_PASSES = 3
 #: A failing pass (ledger trouble, a bug) is retried with backoff up to this.
 FAILURE_BACKOFF_CAP = 60.0
+#: A follower tries the lease this long after it expires (seconds): past the
+#: expiry, so one attempt is enough.
+EXPIRY_MARGIN = 0.01
 #: Settings a running daemon cannot take over on SIGHUP: they name the state it
 #: holds open (lock, ledger, API client, listening socket). Restart for these.
 RESTART_FIELDS = ("state_dir", "api_url", "api_key", "sandbox", "webhook", "ops_listen")
@@ -359,10 +362,19 @@ class Daemon:
                 self.notifier.watchdog(status=line)
             else:
                 self.notifier.status(line)
+            # Awake when the leader's lease runs out, not only at the timer's
+            # next tick: a takeover then costs the rest of the lease, no more.
+            left = self.settings.lease / 3
+            if leader is not None:
+                left = min(left, max(0.0, leader.expires_at - leader.now))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.settings.lease / 3)
-            with contextlib.suppress(LedgerError):
+                await asyncio.wait_for(self._poke.wait(), left + EXPIRY_MARGIN)
+            try:
                 leader, _ = read_leadership(ledger)
+            except LedgerError:
+                leader = None  # the timer keeps trying; no tight loop meanwhile
+            if leader is not None and leader.expired:
+                self._keep(ledger)
 
     @staticmethod
     def _leader_line(leader: Leadership | None) -> str:
