@@ -1,5 +1,8 @@
 """The leader's lease and its fencing, in process, on a real ledger shared by
-two ``Ledger`` objects (two replicas), on SQLite with an injected clock.
+two ``Ledger`` objects (two replicas, two connections): a SQLite file with an
+injected clock, and a PostgreSQL database, whose own clock the lease is kept
+by (there, time passes for real: a short lease, and waits on the expiry
+itself, with a deadline).
 
 What a user depends on: exactly one replica holds the lease at a time, a
 change of holder gives a new fencing token, and a replica whose lease
@@ -10,6 +13,7 @@ so it cannot submit).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,9 +30,9 @@ from reconciler.ledger.lease import (
     read_leadership,
     take_hints,
 )
+from tests.project import wait_until
 
 NOW = 1_800_000_000.0
-LEASE = 15.0
 
 
 class Clock:
@@ -39,20 +43,50 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+@dataclass
+class Pair:
+    """Two replicas' leases on one ledger, and how time passes for them."""
+
+    a: Lease
+    b: Lease
+    clock: Clock
+    backend: str
+
+    @property
+    def duration(self) -> float:
+        return self.a.duration
+
+    def expire(self, past: float = 0.0) -> None:
+        """Let the lease held now run out (and ``past`` seconds more, on SQLite)."""
+        if self.backend == "sqlite":
+            self.clock.now += self.duration + past
+            return
+        wait_until(
+            lambda: (lead := read_leadership(self.a.store)[0]) is not None and lead.expired,
+            10 * self.duration,
+            "the lease to expire on the database's clock",
+        )
 
 
-@pytest.fixture
-def pair(tmp_path: Path, clock: Clock) -> Iterator[tuple[Lease, Lease]]:
-    """Two replicas' leases on one ledger file, each through its own connection."""
-    path = tmp_path / "ledger.sqlite3"
-    a = Ledger.open(path, clock=clock)
-    b = Ledger.open(path, clock=clock)
-    yield (
-        Lease(a, Identity("host-a:1:aa", "host-a", 1), LEASE),
-        Lease(b, Identity("host-b:2:bb", "host-b", 2), LEASE),
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
+    clock = Clock()
+    if request.param == "sqlite":
+        target: Path | str = tmp_path / "ledger.sqlite3"
+        duration = 15.0
+    else:
+        try:
+            target = str(request.getfixturevalue("pg_url"))
+        except pytest.FixtureLookupError:
+            pytest.skip("no PostgreSQL fixture (tests/pgserver.py) in this tree")
+        duration = 0.5
+    a = Ledger.open(target, clock=clock)
+    b = Ledger.open(target, clock=clock)
+    yield Pair(
+        Lease(a, Identity("host-a:1:aa", "host-a", 1), duration),
+        Lease(b, Identity("host-b:2:bb", "host-b", 2), duration),
+        clock,
+        request.param,
     )
     a.close()
     b.close()
@@ -65,10 +99,8 @@ def lead(lease: Lease) -> Lease:
     return lease
 
 
-def test_the_first_replica_takes_the_lease_and_the_second_is_refused(
-    pair: tuple[Lease, Lease],
-) -> None:
-    a, b = pair
+def test_the_first_replica_takes_the_lease_and_the_second_is_refused(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     assert a.acquire()
     assert a.token == 1
     assert not b.acquire()
@@ -76,65 +108,77 @@ def test_the_first_replica_takes_the_lease_and_the_second_is_refused(
     leader, _ = read_leadership(b.store)
     assert leader is not None
     assert (leader.holder, leader.host, leader.pid, leader.token) == ("host-a:1:aa", "host-a", 1, 1)
-    assert leader.expires_at == NOW + LEASE
-    assert not leader.expired
+    assert leader.expires_at == leader.renewed_at + pair.duration
+    assert leader.since == leader.renewed_at
 
 
-def test_renewing_keeps_the_token_and_the_term_and_moves_the_expiry(
-    pair: tuple[Lease, Lease], clock: Clock
-) -> None:
-    a, b = pair
+def test_renewing_keeps_the_token_and_the_term_and_moves_the_expiry(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     assert a.acquire()
-    clock.now += LEASE - 1
+    first = read_leadership(a.store)[0]
+    assert first is not None
+    pair.clock.now += pair.duration - 1
     assert a.acquire()
-    assert (a.token, a.since) == (1, NOW)
-    clock.now += LEASE - 1  # past the first expiry, within the renewed one
+    assert (a.token, a.since) == (1, first.since)
+    renewed = read_leadership(a.store)[0]
+    assert renewed is not None
+    assert renewed.expires_at > first.expires_at
+    assert not b.acquire()
+
+
+def test_renewal_outlasts_the_first_expiry(pair: Pair) -> None:
+    if pair.backend != "sqlite":
+        pytest.skip("needs the injected clock")
+    a, b = pair.a, pair.b
+    assert a.acquire()
+    pair.clock.now += pair.duration - 1
+    assert a.acquire()
+    pair.clock.now += pair.duration - 1  # past the first expiry, within the renewed one
     assert not b.acquire()
     leader, _ = read_leadership(a.store)
     assert leader is not None
-    assert leader.renewed_at == NOW + LEASE - 1
-    assert leader.age == LEASE - 1
+    assert leader.age == pair.duration - 1
 
 
 @pytest.mark.parametrize("past", [0.0, 0.001, 100.0])
-def test_an_expired_lease_is_taken_over_with_a_new_token(
-    pair: tuple[Lease, Lease], clock: Clock, past: float
-) -> None:
-    a, b = pair
+def test_an_expired_lease_is_taken_over_with_a_new_token(pair: Pair, past: float) -> None:
+    a, b = pair.a, pair.b
     assert a.acquire()
-    clock.now += LEASE + past
+    pair.expire(past)
     assert b.acquire()
-    assert (b.token, b.since) == (2, clock.now)
+    assert b.token == 2
+    leader = read_leadership(a.store)[0]
+    assert leader is not None
+    assert leader.since == leader.renewed_at  # a new term
     assert not a.acquire()
     assert a.token is None
     # And back: every change of holder is a new token, never an old one again.
-    clock.now += LEASE
+    pair.expire()
     assert a.acquire()
     assert a.token == 3
 
 
-def test_a_lease_just_short_of_expiry_is_not_taken(pair: tuple[Lease, Lease], clock: Clock) -> None:
-    a, b = pair
+def test_a_lease_just_short_of_expiry_is_not_taken(pair: Pair) -> None:
+    if pair.backend != "sqlite":
+        pytest.skip("needs the injected clock")
+    a, b = pair.a, pair.b
     assert a.acquire()
-    clock.now += LEASE - 0.001
+    pair.clock.now += pair.duration - 0.001
     assert not b.acquire()
     assert a.acquire()
     assert a.token == 1
 
 
-def test_the_leaders_writes_commit_while_it_holds_the_lease(pair: tuple[Lease, Lease]) -> None:
-    a, _ = pair
-    ledger = lead(a).store
+def test_the_leaders_writes_commit_while_it_holds_the_lease(pair: Pair) -> None:
+    ledger = lead(pair.a).store
     ledger.put("probe", 1)
     assert ledger.get("probe") == 1
 
 
-def test_a_write_with_a_token_taken_over_is_refused_and_rolled_back(
-    pair: tuple[Lease, Lease], clock: Clock
-) -> None:
-    a, b = pair
+def test_a_write_with_a_token_taken_over_is_refused_and_rolled_back(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     old = lead(a).store
-    clock.now += LEASE + 1
+    pair.expire(1)
     assert b.acquire()
     assert isinstance(old, Ledger)
     with pytest.raises(LeaseLostError, match="token 1"):
@@ -147,41 +191,35 @@ def test_a_write_with_a_token_taken_over_is_refused_and_rolled_back(
     assert b.store.get("probe") is None
 
 
-def test_an_expired_lease_refuses_writes_even_before_anyone_takes_over(
-    pair: tuple[Lease, Lease], clock: Clock
-) -> None:
-    a, _ = pair
-    ledger = lead(a).store
-    clock.now += LEASE
+def test_an_expired_lease_refuses_writes_even_before_anyone_takes_over(pair: Pair) -> None:
+    ledger = lead(pair.a).store
+    pair.expire()
     with pytest.raises(LeaseLostError):
         ledger.put("probe", 1)
     with pytest.raises(LeaseLostError):
-        a.store.check_fence()
+        ledger.check_fence()
     assert ledger.get("probe") is None
 
 
-def test_a_lease_lost_is_a_ledger_error(pair: tuple[Lease, Lease]) -> None:
+def test_a_lease_lost_is_a_ledger_error(pair: Pair) -> None:
     """Code that handles a failed ledger write (nothing written, stop this
     step) handles a lost lease the same way without knowing about it."""
-    a, _ = pair
-    a.store.fence = a.fence  # never taken
+    pair.a.store.fence = pair.a.fence  # never taken
     with pytest.raises(LedgerError):
-        a.store.check_fence()
+        pair.a.store.check_fence()
 
 
-def test_the_fence_right_before_a_submit_sees_a_takeover(
-    pair: tuple[Lease, Lease], clock: Clock
-) -> None:
-    a, b = pair
+def test_the_fence_right_before_a_submit_sees_a_takeover(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     lead(a).store.check_fence()
-    clock.now += LEASE + 1
+    pair.expire(1)
     assert b.acquire()
     with pytest.raises(LeaseLostError):
         a.store.check_fence()
 
 
-def test_a_released_lease_is_taken_at_once(pair: tuple[Lease, Lease], clock: Clock) -> None:
-    a, b = pair
+def test_a_released_lease_is_taken_at_once(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     assert a.acquire()
     a.release()
     assert a.token is None
@@ -189,26 +227,33 @@ def test_a_released_lease_is_taken_at_once(pair: tuple[Lease, Lease], clock: Clo
     assert b.token == 2
 
 
-def test_heartbeats_say_who_is_alive_in_which_role(pair: tuple[Lease, Lease], clock: Clock) -> None:
-    a, b = pair
-    heartbeat(a.store, a.me, "leader", NOW, LEASE)
-    clock.now += 1
-    heartbeat(b.store, b.me, "follower", NOW + 1, LEASE)
+def test_heartbeats_say_who_is_alive_in_which_role(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    heartbeat(a.store, a.me, "leader", NOW, pair.duration)
+    pair.clock.now += 1
+    heartbeat(b.store, b.me, "follower", NOW + 1, pair.duration)
     _, replicas = read_leadership(a.store)
-    assert [(r.host, r.pid, r.role, r.seen) for r in replicas] == [
-        ("host-b", 2, "follower", NOW + 1),
-        ("host-a", 1, "leader", NOW),
+    assert [(r.host, r.pid, r.role) for r in replicas] == [
+        ("host-b", 2, "follower"),
+        ("host-a", 1, "leader"),
     ]
     leave(b.store, b.me)
     assert [r.holder for r in read_leadership(a.store)[1]] == [a.me.holder]
-    # A replica silent for a long time (killed) is forgotten by the others' heartbeats.
-    clock.now += 101 * LEASE
-    heartbeat(b.store, b.me, "follower", clock.now, LEASE)
+
+
+def test_a_replica_silent_for_long_is_forgotten(pair: Pair) -> None:
+    if pair.backend != "sqlite":
+        pytest.skip("needs the injected clock")
+    a, b = pair.a, pair.b
+    heartbeat(a.store, a.me, "leader", NOW, pair.duration)
+    # A killed replica cannot remove its row: the others' heartbeats do, in time.
+    pair.clock.now += 101 * pair.duration
+    heartbeat(b.store, b.me, "follower", pair.clock.now, pair.duration)
     assert [r.holder for r in read_leadership(a.store)[1]] == [b.me.holder]
 
 
-def test_hints_a_follower_queues_are_taken_once_by_the_leader(pair: tuple[Lease, Lease]) -> None:
-    a, b = pair
+def test_hints_a_follower_queues_are_taken_once_by_the_leader(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     lead(a)
     hints = [Hint("f" * 64, "task-1"), Hint(None, None, ("clip-1", "clip-2"))]
     queue_hints(b.store, hints)  # b follows: no lease, no fence, still written
@@ -218,13 +263,11 @@ def test_hints_a_follower_queues_are_taken_once_by_the_leader(pair: tuple[Lease,
     assert take_hints(a.store) == []
 
 
-def test_a_replica_that_lost_the_lease_cannot_take_the_hints(
-    pair: tuple[Lease, Lease], clock: Clock
-) -> None:
-    a, b = pair
+def test_a_replica_that_lost_the_lease_cannot_take_the_hints(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     lead(a)
     queue_hints(b.store, [Hint("f" * 64, "task-1")])
-    clock.now += LEASE
+    pair.expire()
     with pytest.raises(LeaseLostError):
         take_hints(a.store)
     assert hints_waiting(b.store)
