@@ -97,7 +97,15 @@ FAILURE_BACKOFF_CAP = 60.0
 EXPIRY_MARGIN = 0.01
 #: Settings a running daemon cannot take over on SIGHUP: they name the state it
 #: holds open (lock, ledger, API client, listening socket). Restart for these.
-RESTART_FIELDS = ("state_dir", "api_url", "api_key", "sandbox", "webhook", "ops_listen")
+RESTART_FIELDS = (
+    "state_dir",
+    "ledger",
+    "api_url",
+    "api_key",
+    "sandbox",
+    "webhook",
+    "ops_listen",
+)
 
 
 async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
@@ -310,6 +318,7 @@ class Daemon:
     def _keep(self, ledger: Ledger) -> None:
         """One renewal or attempt, and this process's heartbeat."""
         assert self.lease is not None
+        self.lease.duration = self.settings.lease  # a reload may have changed it
         try:
             held = self.lease.acquire()
             role = "leader" if held else "follower"
