@@ -57,13 +57,17 @@ class Replicas:
         self.procs: list[DaemonProc] = []
         self.started = 0
 
-    def project(self, index: int) -> ReplicaProject:
-        return ReplicaProject(self.base, self.base.root / f"state-{index}", self.ledger)
+    def project(self, index: int, config: Path | None = None) -> ReplicaProject:
+        project = ReplicaProject(self.base, self.base.root / f"state-{index}", self.ledger)
+        if config is not None:
+            project.config = config
+        return project
 
-    def start(self, index: int | None = None) -> DaemonProc:
-        """A new replica process (in state folder ``index``, by default a new one)."""
+    def start(self, index: int | None = None, config: Path | None = None) -> DaemonProc:
+        """A new replica process (in state folder ``index``, by default a new one),
+        with the shared config file or its own."""
         index = self.started if index is None else index
-        proc = DaemonProc(self.project(index), name=f"replica-{self.started:02d}")
+        proc = DaemonProc(self.project(index, config), name=f"replica-{self.started:02d}")
         self.started += 1
         self.procs.append(proc.start())
         return proc

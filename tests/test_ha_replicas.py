@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from reconciler.sandbox import SandboxControl, SandboxServer
-from tests.daemonproc import DaemonProc, expected_tracks, materialised
+from tests.daemonproc import DaemonProc, expected_tracks, free_port, materialised
 from tests.ha import TEST_LEASE, Replicas, shared_ledger
 from tests.project import track, wait_until
 from tests.reliability.support import accounting, assert_outputs_whole
 
 BACKENDS = ["sqlite", "postgresql"]
+HOOK_SECRET = "whsec-replicas-5e1f"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -173,6 +174,34 @@ def test_split_brain_the_resumed_old_leader_is_refused_and_submits_nothing(
     converged(replicas)
     assert replicas.base.stats()["tasks_created"] == 10
     spends_once(replicas, sandbox_server)
+
+
+def test_a_webhook_a_follower_receives_reaches_the_leader_through_the_ledger(
+    replicas: Replicas, sandbox: SandboxControl
+) -> None:
+    """The service calls back the follower (``public_url`` names its listener);
+    the follower writes the hints into the ledger, the leader takes them and
+    polls. Polling alone would take 30 s: converging long before proves it."""
+    leader_port, follower_port = free_port(), free_port()
+    shared = replicas.base.config.read_text().replace("interval = 0.2", "interval = 30.0")
+
+    def config(name: str, port: int) -> Path:
+        path = replicas.base.root / f"{name}.toml"
+        path.write_text(
+            shared + f'\n[webhook]\nlisten = "127.0.0.1:{port}"\n'
+            f'public_url = "http://127.0.0.1:{follower_port}"\nsecret = "{HOOK_SECRET}"\n'
+        )
+        return path
+
+    leader = replicas.start(config=config("leader", leader_port))
+    assert replicas.leader() is leader
+    follower = replicas.start(config=config("follower", follower_port))
+    follower.wait_event("replica.following")
+    write_tracks(replicas, "hooked", 3)
+    converged(replicas, timeout=20)
+    assert follower.named("webhook.received")
+    assert not leader.named("webhook.received")
+    assert sandbox.stats()["batch_polls"] <= 3
 
 
 @pytest.mark.slow
