@@ -9,6 +9,7 @@ their files under ``tmp_path``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,17 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
     """
     with pg_server.database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's ledger lives, once per backend: what ``Ledger.open`` takes.
+
+    ``sqlite``: a file under ``tmp_path`` (the default ledger); ``postgresql``:
+    a fresh database on this worker's PostgreSQL server (``pg_url``), which is
+    started only when such a test runs.
+    """
+    if request.param == "sqlite":
+        return tmp_path / "ledger.sqlite3"
+    url: str = request.getfixturevalue("pg_url")
+    return url
