@@ -33,7 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -51,8 +51,9 @@ INSTALL_HINT = (
 SYSTEM_USER = "postgres"
 #: The superuser the servers are made with, whoever runs them; trust auth, loopback only.
 SUPERUSER = "postgres"
-#: Settings of a server whose data is thrown away: nothing is flushed to disk,
-#: and memory is kept small since every pytest worker runs its own server.
+#: Settings of a test server, whose data is thrown away: nothing is flushed to
+#: disk, and memory is kept small since every pytest worker runs its own server.
+#: A benchmark passes its own (``PgServer.start(settings=...)``).
 SETTINGS = {
     "fsync": "off",
     "synchronous_commit": "off",
@@ -125,7 +126,8 @@ class PgServer:
     creates a fresh empty one and drops it afterwards.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Mapping[str, str] = SETTINGS) -> None:
+        self.settings = dict(settings)
         self.bindir = find_bindir()
         self.prefix = _as_server_user()
         self.folder = Path(tempfile.mkdtemp(prefix="reconciler-pg-"))
@@ -150,9 +152,12 @@ class PgServer:
         os.close(read_end)
 
     @classmethod
-    def start(cls) -> PgServer:
-        """A new server, running and accepting connections; raises PgUnavailableError."""
-        server = cls()
+    def start(cls, settings: Mapping[str, str] = SETTINGS) -> PgServer:
+        """A new server, running and accepting connections; raises PgUnavailableError.
+
+        ``settings``: ``postgresql.conf`` lines beyond the address, port and socket.
+        """
+        server = cls(settings)
         try:
             server._start()
         except BaseException:
@@ -190,7 +195,7 @@ class PgServer:
         if init.returncode != 0:
             raise PgUnavailableError(f"initdb failed:\n{init.stdout}{init.stderr}")
         settings = {
-            **SETTINGS,
+            **self.settings,
             "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": f"'{self.folder}'",
         }
