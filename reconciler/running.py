@@ -172,9 +172,7 @@ def make_plan(
     for it. ``only`` restricts it as ``apply`` restricts its passes.
     """
     now = time.time() if now is None else now
-    ledger = (
-        Ledger.open(settings.ledger_path, readonly=True) if settings.ledger_path.exists() else None
-    )
+    ledger = Ledger.open_existing(settings.ledger_target)
     try:
         # With the fingerprints stored beside them: hashing 50,000 tracks
         # again would be most of a cold plan.

@@ -2,32 +2,63 @@
 
 Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``
 and ``inspection``. ``status`` is a short command a person waits for, so
-:func:`read_status` reads over a plain read-only ``sqlite3`` connection in one
-transaction while a daemon may write; the other reads go through an open
-ledger (read-only for ``describe`` and ``events``).
+:func:`read_status` reads over a plain read-only connection (``sqlite3``, or
+psycopg for a PostgreSQL ledger) in one transaction while a daemon may write;
+the other reads go through an open ledger (read-only for ``describe`` and
+``events``).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from reconciler.errors import LedgerError
 from reconciler.ledger.facts import StatusRead
-from reconciler.ledger.store import MIGRATIONS, Store, connect_readonly
+from reconciler.ledger.store import Store, check_version, connect_readonly, describe, is_postgres
 
 
-def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
-    """What ``status`` shows, over a plain read-only connection, in one transaction.
+def read_status(
+    target: Path | str, since: float, selector: tuple[str, str] = ("", "")
+) -> StatusRead:
+    """What ``status`` shows, in one read-only snapshot, while a daemon may write.
 
-    ``status`` is a short command a person waits for: it skips sqlite-utils
-    (and the numpy it imports) and the row dicts of ``query``, and reads
-    each table once. ``selector`` is (soundtrack, track); an empty part
-    matches all.
+    ``status`` is a short command a person waits for: on SQLite it skips
+    sqlite-utils (and the numpy it imports) and the row dicts of ``query``,
+    and reads each table once. ``selector`` is (soundtrack, track); an empty
+    part matches all. ``target`` is the SQLite file or a PostgreSQL URL.
     """
+    if is_postgres(target):
+        from reconciler.ledger import postgres
+
+        pg = postgres.connect(str(target), readonly=True)
+        try:
+            with pg.transaction():
+                # One snapshot for every read below: the leader may write meanwhile.
+                pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                if pg.execute("SELECT to_regclass('reconciler_schema') IS NULL").fetchone() != (
+                    False,
+                ):
+                    raise LedgerError(
+                        f"{describe(target)}: no ledger yet (nothing has been synced)"
+                    )
+                (version,) = pg.execute(
+                    "SELECT coalesce(max(version), 0) FROM reconciler_schema"
+                ).fetchone() or (0,)
+                return _read_status(
+                    lambda sql, params=(): pg.execute(postgres.translate(sql), list(params)),
+                    int(version),
+                    since,
+                    selector,
+                )
+        except postgres.Error as exc:
+            raise LedgerError(f"{describe(target)}: cannot read ledger: {exc}") from exc
+        finally:
+            pg.close()
+    path = Path(target)
     if not path.exists():
         raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
     try:
@@ -38,66 +69,62 @@ def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) 
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise LedgerError(
-                f"ledger schema version {version} is newer than this reconciler "
-                f"({len(MIGRATIONS)}); upgrade reconciler"
-            )
-        if version < len(MIGRATIONS):
-            raise LedgerError("ledger needs a migration; run `reconciler sync` once")
-        # Only the conditions asked for: an "?1 = '' OR ..." form would
-        # double the cost of reading every track.
-        asked = [
-            (c, v) for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True) if v
-        ]
-        where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
-        tracks = conn.execute(
-            "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
-            "max(t.updated_at, coalesce(g.updated_at, 0)), g.state, g.reason, g.attempts, "
-            "g.next_attempt, g.paid_hint "
-            "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
-            + where
-            + " ORDER BY t.soundtrack, t.position",
-            [v for _, v in asked],
-        ).fetchall()
-        spec_errors = dict(
-            conn.execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
-        )
-        outputs = {
-            path: (fingerprint, size, mtime_ns)
-            for path, fingerprint, size, mtime_ns in conn.execute(
-                "SELECT path, fingerprint, size, mtime_ns FROM outputs"
-            )
-        }
-        facts = {
-            key: json.loads(value)
-            for key, value in conn.execute(
-                "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
-                "'last_pass_at', 'api_health', 'batch_unsupported', 'short_generations', "
-                "'unexpected_shapes', 'suspended', 'out_dir')"
-            )
-        }
-        batches, ambiguous, doubles, spent, in_flight, orphans = conn.execute(
-            "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
-            "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
-            "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
-            # The same count as spent_since: what the budget sees.
-            "(SELECT count(*) FROM tasks WHERE at >= ?1) + "
-            "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?1), "
-            "(SELECT count(*) FROM generations "
-            "WHERE state IN ('submitting', 'unknown', 'running')), "
-            "(SELECT count(*) FROM orphans WHERE state IN ('open', 'unmatched'))",
-            [since],
-        ).fetchone()
-        names = (
-            conn.execute("SELECT soundtrack, name FROM tracks").fetchall()
-            if asked and not tracks
-            else []
-        )
+        return _read_status(conn.execute, version, since, selector)
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
     finally:
         conn.close()
+
+
+def _read_status(
+    execute: Callable[..., Any], version: int, since: float, selector: tuple[str, str]
+) -> StatusRead:
+    check_version(version, readonly=True)
+    # Only the conditions asked for: an "? = '' OR ..." form would
+    # double the cost of reading every track.
+    asked = [(c, v) for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True) if v]
+    where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
+    tracks = execute(
+        "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
+        "CASE WHEN g.updated_at > t.updated_at THEN g.updated_at ELSE t.updated_at END, "
+        "g.state, g.reason, g.attempts, g.next_attempt, g.paid_hint "
+        "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
+        + where
+        + " ORDER BY t.soundtrack, t.position",
+        [v for _, v in asked],
+    ).fetchall()
+    spec_errors = dict(execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL"))
+    outputs = {
+        path: (fingerprint, size, mtime_ns)
+        for path, fingerprint, size, mtime_ns in execute(
+            "SELECT path, fingerprint, size, mtime_ns FROM outputs"
+        )
+    }
+    facts = {
+        key: json.loads(value)
+        for key, value in execute(
+            "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
+            "'last_pass_at', 'api_health', 'batch_unsupported', 'short_generations', "
+            "'unexpected_shapes', 'suspended', 'out_dir')"
+        )
+    }
+    batches, ambiguous, doubles, spent, in_flight, orphans = execute(
+        "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
+        "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
+        "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
+        # The same count as spent_since: what the budget sees.
+        "(SELECT count(*) FROM tasks WHERE at >= ?) + "
+        "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?), "
+        "(SELECT count(*) FROM generations "
+        "WHERE state IN ('submitting', 'unknown', 'running')), "
+        "(SELECT count(*) FROM orphans WHERE state IN ('open', 'unmatched'))",
+        [since, since],
+    ).fetchone()
+    names = (
+        [tuple(r) for r in execute("SELECT soundtrack, name FROM tracks").fetchall()]
+        if asked and not tracks
+        else []
+    )
     return StatusRead(
         tracks=tracks,
         spec_errors=spec_errors,
@@ -176,8 +203,8 @@ def submit_rows(store: Store, fingerprint: str) -> list[dict[str, Any]]:
     """Every submit that carried the fingerprint, oldest first."""
     return store.query(
         "SELECT id, at, kind, state, batch_id, error FROM submits "
-        "WHERE instr(fingerprints, ?) > 0 ORDER BY id",
-        [f'"{fingerprint}"'],
+        "WHERE fingerprints LIKE ? ESCAPE '\\' ORDER BY id",
+        [f'%"{_like(fingerprint)}"%'],
     )
 
 
@@ -194,13 +221,21 @@ def track_events(
     store: Store, soundtrack: str, name: str, fingerprint: str, clip_ids: Sequence[str]
 ) -> list[dict[str, Any]]:
     """A track's events, its generation's, and its clips' downloads, oldest first."""
+    # The clip's download event carries its id in ``data``, written by
+    # ``_dumps`` (sorted keys, no spaces), so a LIKE finds it on either backend.
+    downloads = " OR ".join(["data LIKE ? ESCAPE '\\'"] * len(clip_ids)) or "0 = 1"
     return store.query(
-        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
+        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "  # noqa: S608 (placeholders only)
         "WHERE (soundtrack = ? AND track = ?) OR (fingerprint = ? AND track IS NULL) "
-        "OR (event = 'clip.downloaded' "
-        "AND json_extract(data, '$.clip_id') IN (SELECT value FROM json_each(?))) ORDER BY id",
-        [soundtrack, name, fingerprint, json.dumps(list(clip_ids))],
+        f"OR (event = 'clip.downloaded' AND ({downloads})) ORDER BY id",
+        [soundtrack, name, fingerprint]
+        + [f'%"clip_id":{_like(json.dumps(c, ensure_ascii=False))}%' for c in clip_ids],
     )
+
+
+def _like(text: str) -> str:
+    """``text`` matched literally by a LIKE pattern with ``ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def events_after(
@@ -216,11 +251,22 @@ def events_after(
     selected tracks' fingerprints belong to them too (but not another
     soundtrack's track events for a shared fingerprint).
     """
+    # Only the conditions asked for: PostgreSQL cannot type a bare "? IS NULL".
+    where: list[str] = ["id > ?"]
+    params: list[Any] = [last_id]
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if soundtrack is not None:
+        mine = "soundtrack = ?" + (" AND track = ?" if track is not None else "")
+        theirs = "soundtrack = ?" + (" AND name = ?" if track is not None else "")
+        where.append(
+            f"(({mine}) OR (track IS NULL AND fingerprint IN "  # noqa: S608 (placeholders only)
+            f"(SELECT fingerprint FROM tracks WHERE {theirs})))"
+        )
+        params += [soundtrack, track, soundtrack, track] if track is not None else [soundtrack] * 2
     return store.query(
-        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
-        "WHERE id > ? AND (? IS NULL OR at >= ?) AND (? IS NULL "
-        "OR (soundtrack = ? AND (? IS NULL OR track = ?)) OR (track IS NULL AND fingerprint IN "
-        "(SELECT fingerprint FROM tracks WHERE soundtrack = ? AND (? IS NULL OR name = ?)))) "
-        "ORDER BY id",
-        [last_id, since, since] + [soundtrack] * 2 + [track] * 2 + [soundtrack] + [track] * 2,
+        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "  # noqa: S608 (placeholders only)
+        f"WHERE {' AND '.join(where)} ORDER BY id",
+        params,
     )
