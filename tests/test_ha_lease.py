@@ -12,6 +12,7 @@ so it cannot submit).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,35 @@ def test_an_expired_lease_refuses_writes_even_before_anyone_takes_over(pair: Pai
     with pytest.raises(LeaseLostError):
         ledger.check_fence()
     assert ledger.get("probe") is None
+
+
+def test_on_postgresql_a_takeover_waits_for_the_leaders_write_under_way(pair: Pair) -> None:
+    """The fence locks the lease row: a takeover that finds the lease expired
+    while the leader's transaction (begun under the lease) is open waits for
+    it, then takes over; the write made under the lease stands, whole."""
+    if pair.backend != "postgresql":
+        pytest.skip("SQLite has one writer at a time: nothing to wait on but the file lock")
+    a, b = pair.a, pair.b
+    ledger = lead(a).store
+    won: list[bool] = []
+    taker = threading.Thread(target=lambda: won.append(b.acquire()))
+    with ledger.transaction():
+        ledger.put("probe", 1)
+        pair.expire()
+        taker.start()
+        wait_until(
+            lambda: ledger.query(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ),
+            10,
+            "the takeover to wait for the lease row's lock",
+        )
+        assert won == []
+    taker.join(10)
+    assert won == [True]
+    assert b.token == 2
+    assert b.store.get("probe") == 1
 
 
 def test_a_lease_lost_is_a_ledger_error(pair: Pair) -> None:
