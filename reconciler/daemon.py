@@ -348,6 +348,7 @@ class Daemon:
     async def _follow(self, ledger: Ledger) -> None:
         """Serve, hand webhooks to the leader, and wait for the lease."""
         assert self.lease is not None
+        self.metrics.leader.set(0)
         leader, _ = read_leadership(ledger)
         self.log.info(
             "replica.following",
@@ -399,6 +400,7 @@ class Daemon:
         ledger.fence = self.lease.fence
         self.rec = Reconciler(self.settings, ledger, self.app.api)
         self._full = True
+        self.metrics.leader.set(1)
         self.log.warning("lease.acquired", token=self._term, since=self.lease.since)
         try:
             await self._loop(ledger, server)

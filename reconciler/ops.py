@@ -132,6 +132,13 @@ class Metrics:
             "Unix time the last reconcile pass completed.",
             registry=r,
         )
+        self.leader = Gauge(
+            "reconciler_leader",
+            "1 while this process leads (it holds the lease of a ledger replicas share, "
+            "or the ledger is its own); 0 while it follows.",
+            registry=r,
+        )
+        self.leader.set(1)
         self.spec_errors = Gauge(
             "reconciler_spec_errors", "Spec files that are invalid right now.", registry=r
         )

@@ -63,11 +63,13 @@ class Replicas:
             project.config = config
         return project
 
-    def start(self, index: int | None = None, config: Path | None = None) -> DaemonProc:
+    def start(
+        self, index: int | None = None, config: Path | None = None, *extra: str
+    ) -> DaemonProc:
         """A new replica process (in state folder ``index``, by default a new one),
-        with the shared config file or its own."""
+        with the shared config file or its own, and ``extra`` options for ``run``."""
         index = self.started if index is None else index
-        proc = DaemonProc(self.project(index, config), name=f"replica-{self.started:02d}")
+        proc = DaemonProc(self.project(index, config), *extra, name=f"replica-{self.started:02d}")
         self.started += 1
         self.procs.append(proc.start())
         return proc

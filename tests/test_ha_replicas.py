@@ -13,7 +13,9 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.sandbox import SandboxControl, SandboxServer
 from tests.daemonproc import DaemonProc, expected_tracks, free_port, materialised
@@ -68,7 +70,8 @@ def test_replicas_converge_a_folder_with_exactly_one_leader(
     replicas: Replicas, sandbox_server: SandboxServer, count: int
 ) -> None:
     write_tracks(replicas, "mix", 12)
-    procs = [replicas.start() for _ in range(count)]
+    ports = [free_port() for _ in range(count)]
+    procs = [replicas.start(None, None, "--ops-listen", str(port)) for port in ports]
     leader = replicas.leader()
     converged(replicas)
     followers = [p for p in procs if p is not leader]
@@ -86,6 +89,16 @@ def test_replicas_converge_a_folder_with_exactly_one_leader(
     assert {r["pid"]: r["role"] for r in report["replicas"]} == {
         p.pid: "leader" if p is leader else "follower" for p in procs
     }
+    # Every replica's ops listener answers: healthy, and says whether it leads.
+    for proc, port in zip(procs, ports, strict=True):
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+            for s in family.samples
+        }
+        assert samples["reconciler_leader"] == (1.0 if proc is leader else 0.0)
 
 
 def test_a_follower_takes_over_from_a_killed_leader_and_finishes_its_work(
