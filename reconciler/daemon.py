@@ -315,14 +315,15 @@ class Daemon:
             self._keep(ledger)
             await asyncio.sleep(self.settings.lease / 3)
 
-    def _keep(self, ledger: Ledger) -> None:
-        """One renewal or attempt, and this process's heartbeat."""
+    def _keep(self, ledger: Ledger, *, beat: bool = True) -> None:
+        """One renewal or attempt, and (``beat``) this process's heartbeat."""
         assert self.lease is not None
         self.lease.duration = self.settings.lease  # a reload may have changed it
         try:
             held = self.lease.acquire()
-            role = "leader" if held else "follower"
-            heartbeat(ledger, self.me, role, self.started_at, self.settings.lease)
+            if beat:
+                role = "leader" if held else "follower"
+                heartbeat(ledger, self.me, role, self.started_at, self.settings.lease)
             waiting = held and hints_waiting(ledger)
         except LedgerError as exc:
             # The database is unreachable: nothing can be written, so nothing
@@ -425,7 +426,7 @@ class Daemon:
                 server = None
             if self.lease is not None:
                 # Renewed before every pass too: the timer alone may fall behind.
-                self._keep(ledger)
+                self._keep(ledger, beat=False)
                 if self._lost.is_set():
                     break
             self._file_hint_at = self._hook_hint_at = None
