@@ -64,6 +64,8 @@ SETTINGS = {
 }
 #: Where Debian installs each major version's server programs.
 DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"
+#: The longest folder a unix socket is put in: ``/.s.PGSQL.65535`` must still fit.
+SOCKET_FOLDER_MAX = 90
 #: Bound on each pg_ctl step (start waits for the server to accept connections).
 STEP_TIMEOUT = 60
 
@@ -197,7 +199,12 @@ class PgServer:
         settings = {
             **self.settings,
             "listen_addresses": "'127.0.0.1'",
-            "unix_socket_directories": f"'{self.folder}'",
+            # The socket sits in the folder, never in a shared /var/run; a
+            # socket path over the kernel's 107 bytes (a long TMPDIR) would
+            # stop the server from starting, so then there is none (TCP only).
+            "unix_socket_directories": (
+                f"'{self.folder}'" if len(str(self.folder)) <= SOCKET_FOLDER_MAX else "''"
+            ),
         }
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())

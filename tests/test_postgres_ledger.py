@@ -2,11 +2,13 @@
 real PostgreSQL server (``pg_url``) instead of the SQLite file in the state folder.
 
 The ledger's transitions run on both backends in tests/test_ledger.py; this is
-what a user does: ``sync --ledger postgresql://...`` and ``status --ledger ...``.
+what a user does: ``sync --ledger postgresql://...``, then ``status``,
+``describe`` and ``events`` with the same ``--ledger``.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -45,6 +47,16 @@ def test_sync_on_a_postgresql_ledger_converges_the_examples_and_status_reads_the
     assert tracks == summary["tracks"]
     files = project.files()
     assert len(files) >= summary["tracks"]
+
+    # The other readers of the ledger read it there too.
+    described = project.cli("describe", "study-session/rainy-library", "--ledger", pg_url)
+    assert described.returncode == 0, described.stderr
+    assert "tracks/study-session/rainy-library.mp3  ok" in described.stdout
+    events = project.cli("events", "--json", "study-session/rainy-library", "--ledger", pg_url)
+    assert events.returncode == 0, events.stderr
+    names = [json.loads(line)["event"] for line in events.stdout.splitlines()]
+    assert names[0] == "track.desired"
+    assert "output.written" in names
 
     # A second sync on the converged folder reads the same ledger: nothing is paid again.
     project.sync("--ledger", pg_url)
