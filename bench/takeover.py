@@ -99,8 +99,7 @@ def leader_of(replicas: list[Replica]) -> Replica:
     def find() -> Replica | None:
         alive = [r for r in replicas if r.process.poll() is None]
         held = [r for r in alive if r.events("lease.acquired")]
-        if len(held) != 1 and held:
-            held.sort(key=lambda r: stamp(r.events("lease.acquired")[-1]))
+        held.sort(key=lambda r: stamp(r.events("lease.acquired")[-1]))
         return held[-1] if held else None
 
     found: Replica = wait_for("a leader", find, 120)
