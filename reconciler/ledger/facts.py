@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reconciler.planning import FileTracks, Generation, Suspension
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,21 @@ class StatusRead:
     orphans: int
     #: Every (soundtrack, track), read only when a selector matched nothing.
     names: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class PlanRead:
+    """What ``plan`` reads of the ledger, in one transaction (``reports.read_plan``)."""
+
+    #: Spec file path → its last good version with its desired tracks.
+    last_good: dict[str, FileTracks]
+    generations: dict[str, Generation]
+    outputs: dict[str, OutputRecord]
+    #: The usable clips of the fingerprints the caller asked about.
+    clips: dict[str, list[ClipRecord]]
+    suspension: Suspension
+    #: Tasks that may have been charged since ``since``, as ``spent_since``.
+    spent: int
 
 
 @dataclass(frozen=True)

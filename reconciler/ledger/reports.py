@@ -1,33 +1,38 @@
-"""The ledger's reports: the reads ``status``, ``describe``, ``events`` and ``retry`` need.
+"""The ledger's reports: what ``status``, ``plan``, ``describe``, ``events`` and ``retry`` read.
 
-Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``
-and ``inspection``. ``status`` is a short command a person waits for, so
-:func:`read_status` reads over a plain read-only ``sqlite3`` connection in one
-transaction while a daemon may write; the other reads go through an open
-ledger (read-only for ``describe`` and ``events``).
-"""
+Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``,
+``running`` (``plan``) and ``inspection``. ``status`` and ``plan`` are short
+commands a person waits for, so :func:`read_status` and :func:`read_plan`
+read over a plain read-only ``sqlite3`` connection in one transaction while
+a daemon may write; the other reads go through an open ledger (read-only for
+``describe`` and ``events``)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from reconciler.errors import LedgerError
-from reconciler.ledger.facts import StatusRead
+from reconciler.ledger.facts import OutputRecord, PlanRead, StatusRead
 from reconciler.ledger.store import MIGRATIONS, Store, connect_readonly
+from reconciler.ledger.work import (
+    GENERATIONS_SQL,
+    LAST_GOOD_SQL,
+    OUTPUTS_SQL,
+    SPENT_SQL,
+    USABLE_CLIPS_SQL,
+    file_tracks_from_json,
+    rows_in,
+    usable_clips,
+)
+from reconciler.planning import Generation, Suspension
 
 
-def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
-    """What ``status`` shows, over a plain read-only connection, in one transaction.
-
-    ``status`` is a short command a person waits for: it skips sqlite-utils
-    (and the numpy it imports) and the row dicts of ``query``, and reads
-    each table once. ``selector`` is (soundtrack, track); an empty part
-    matches all.
-    """
+def _open_current(path: Path) -> sqlite3.Connection:
+    """A plain read-only connection in a transaction, on a ledger at this schema."""
     if not path.exists():
         raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
     try:
@@ -38,13 +43,70 @@ def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) 
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise LedgerError(
-                f"ledger schema version {version} is newer than this reconciler "
-                f"({len(MIGRATIONS)}); upgrade reconciler"
-            )
-        if version < len(MIGRATIONS):
-            raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
+    if version > len(MIGRATIONS):
+        conn.close()
+        raise LedgerError(
+            f"ledger schema version {version} is newer than this reconciler "
+            f"({len(MIGRATIONS)}); upgrade reconciler"
+        )
+    if version < len(MIGRATIONS):
+        conn.close()
+        raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+    return conn
+
+
+def read_plan(
+    path: Path,
+    since: float,
+    clips_for: Callable[[Mapping[str, OutputRecord]], Collection[str]],
+) -> PlanRead:
+    """What ``plan`` reads, over a plain read-only connection, in one transaction.
+
+    Like ``read_status``, a cold ``plan`` skips sqlite-utils (and the numpy
+    it imports) and the row dicts of ``query``. ``since`` is the start of the
+    budget's day; ``clips_for`` names, from the output records, the
+    fingerprints whose usable clips to read too (those of files to restore).
+    """
+    conn = _open_current(path)
+    try:
+
+        def execute(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()
+
+        last_good = {p: file_tracks_from_json(p, body) for p, body in conn.execute(LAST_GOOD_SQL)}
+        generations = {r[0]: Generation(*r) for r in conn.execute(GENERATIONS_SQL)}
+        outputs = {r[0]: OutputRecord(*r) for r in conn.execute(OUTPUTS_SQL)}
+        wanted = clips_for(outputs)
+        clips = usable_clips(rows_in(execute, USABLE_CLIPS_SQL, sorted(wanted))) if wanted else {}
+        suspended = conn.execute("SELECT value FROM kv WHERE key = 'suspended'").fetchone()
+        spent = int(conn.execute(SPENT_SQL, [since, since]).fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
+    finally:
+        conn.close()
+    return PlanRead(
+        last_good=last_good,
+        generations=generations,
+        outputs=outputs,
+        clips=clips,
+        suspension=Suspension.from_json(None if suspended is None else json.loads(suspended[0])),
+        spent=spent,
+    )
+
+
+def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
+    """What ``status`` shows, over a plain read-only connection, in one transaction.
+
+    ``status`` is a short command a person waits for: it skips sqlite-utils
+    (and the numpy it imports) and the row dicts of ``query``, and reads
+    each table once. ``selector`` is (soundtrack, track); an empty part
+    matches all.
+    """
+    conn = _open_current(path)
+    try:
         # Only the conditions asked for: an "?1 = '' OR ..." form would
         # double the cost of reading every track.
         asked = [

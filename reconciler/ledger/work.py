@@ -17,7 +17,7 @@ database read-only in WAL mode and never waits for it.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import LedgerError
@@ -52,6 +52,54 @@ _IN_CHUNK = 500
 _NOT_MATCHING = (
     "(submit_id IS NULL OR submit_id NOT IN (SELECT submit_id FROM orphans WHERE state = 'open'))"
 )
+
+#: The reads a pass and ``plan`` (``reports.read_plan``) share, in the
+#: field order of the records they build.
+LAST_GOOD_SQL = "SELECT path, body FROM spec_files WHERE body IS NOT NULL"
+GENERATIONS_SQL = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+OUTPUTS_SQL = (
+    "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
+)
+USABLE_CLIPS_SQL = (
+    "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
+    "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
+    # Joined on both columns: a clip is stored under its task's
+    # fingerprint, and so the indexes on both sides apply.
+    "FROM generations g JOIN clips c "
+    "ON c.fingerprint = g.fingerprint AND c.task_id = g.task_id "
+    "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
+    "AND g.fingerprint"
+)
+#: Tasks that may have been charged since a time (given twice): see ``Ledger.spent_since``.
+SPENT_SQL = (
+    "SELECT (SELECT count(*) FROM tasks WHERE at >= ?) + "
+    "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?)"
+)
+
+
+def rows_in(
+    execute: Callable[[str, list[Any]], Iterable[tuple[Any, ...]]],
+    select: str,
+    values: Iterable[Any],
+) -> list[tuple[Any, ...]]:
+    """``select`` (ending in a column) ``IN`` the values, in chunks under
+    SQLite's limit on parameters; ``execute`` runs one query."""
+    values = list(values)
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(values), _IN_CHUNK):
+        chunk = values[i : i + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        rows.extend(execute(f"{select} IN ({marks})", chunk))
+    return rows
+
+
+def usable_clips(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[ClipRecord]]:
+    """Rows of ``USABLE_CLIPS_SQL`` by fingerprint, in position order."""
+    out: dict[str, list[ClipRecord]] = {}
+    for r in sorted(rows, key=lambda r: (r[2], r[3])):
+        out.setdefault(r[2], []).append(ClipRecord(*r))
+    return out
+
 
 #: Why a generation whose submit answers were lost waits for a person.
 LOST_ANSWER_PARK = (
@@ -127,10 +175,7 @@ class Ledger(Store):
 
     def last_good_tracks(self) -> dict[str, FileTracks]:
         """``last_good`` with each file's desired tracks, to seed ``desired_state``."""
-        return {
-            r[0]: file_tracks_from_json(r[0], r[1])
-            for r in self.db.execute("SELECT path, body FROM spec_files WHERE body IS NOT NULL")
-        }
+        return {r[0]: file_tracks_from_json(r[0], r[1]) for r in self.db.execute(LAST_GOOD_SQL)}
 
     def store_fingerprints(self, built: Mapping[str, FileTracks]) -> None:
         """Store the fingerprints of last good versions recorded without them
@@ -304,16 +349,13 @@ class Ledger(Store):
     def generations(self) -> dict[str, Generation]:
         # Plain tuples in the dataclass's field order: building a dict per row
         # first costs as much again at 10,000 rows, and a pass reads this thrice.
-        rows = self.db.execute(
-            "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
-        )
-        return {r[0]: Generation(*r) for r in rows}
+        return {r[0]: Generation(*r) for r in self.db.execute(GENERATIONS_SQL)}
 
     def generations_of(self, fingerprints: Collection[str]) -> dict[str, Generation]:
         """The generations of ``fingerprints``, and every one in flight (the
         in-flight cap counts those whatever the tracks): indexed lookups, for a
         pass that looks only at what changed."""
-        columns = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+        columns = GENERATIONS_SQL
         marks = ", ".join("?" * len(IN_FLIGHT))
         rows = [
             *self._rows_in(f"{columns} WHERE fingerprint", fingerprints),
@@ -324,13 +366,7 @@ class Ledger(Store):
     def _rows_in(self, select: str, values: Iterable[Any]) -> list[tuple[Any, ...]]:
         """``select`` (ending in a column) ``IN`` the values, in chunks under
         SQLite's limit on parameters."""
-        values = list(values)
-        rows: list[tuple[Any, ...]] = []
-        for i in range(0, len(values), _IN_CHUNK):
-            chunk = values[i : i + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            rows.extend(self.db.execute(f"{select} IN ({marks})", chunk).fetchall())
-        return rows
+        return rows_in(self.db.execute, select, values)
 
     def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
         """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
@@ -664,11 +700,7 @@ class Ledger(Store):
         """Tasks that may have been charged since ``since``, for the budget: tasks
         created, and items of submits not settled (in flight, answer lost or
         unaccounted for), whatever became of their generations since."""
-        tasks = self.db.execute("SELECT count(*) FROM tasks WHERE at >= ?", [since]).fetchone()[0]
-        unsettled = self.db.execute(
-            "SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?", [since]
-        ).fetchone()[0]
-        return int(tasks) + int(unsettled)
+        return int(self.db.execute(SPENT_SQL, [since, since]).fetchone()[0])
 
     # -- orphans: tasks whose owner an answer did not say ----------------------------
 
@@ -1063,21 +1095,7 @@ class Ledger(Store):
 
         By index: a pass or a plan asks only for the few it needs.
         """
-        rows = self._rows_in(
-            "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
-            "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
-            # Joined on both columns: a clip is stored under its task's
-            # fingerprint, and so the indexes on both sides apply.
-            "FROM generations g JOIN clips c "
-            "ON c.fingerprint = g.fingerprint AND c.task_id = g.task_id "
-            "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
-            "AND g.fingerprint",
-            sorted(fingerprints),
-        )
-        out: dict[str, list[ClipRecord]] = {}
-        for r in sorted(rows, key=lambda r: (r[2], r[3])):
-            out.setdefault(r[2], []).append(ClipRecord(*r))
-        return out
+        return usable_clips(self._rows_in(USABLE_CLIPS_SQL, sorted(fingerprints)))
 
     def clip_downloaded(self, clip_id: str, sha256: str, duration: float) -> None:
         with self.transaction():
@@ -1105,10 +1123,7 @@ class Ledger(Store):
         return dict(self.db.execute("SELECT path, fingerprint FROM outputs").fetchall())
 
     def outputs(self) -> dict[str, OutputRecord]:
-        rows = self.db.execute(
-            "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
-        )
-        return {r[0]: OutputRecord(*r) for r in rows}
+        return {r[0]: OutputRecord(*r) for r in self.db.execute(OUTPUTS_SQL)}
 
     def outputs_of(self, soundtracks: Collection[str]) -> dict[str, OutputRecord]:
         """``outputs`` of a few soundtracks, by index rather than a full read."""
