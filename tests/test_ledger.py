@@ -6,13 +6,15 @@ reads back what the budget and ``status`` would see.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from reconciler.ledger import LOST_ANSWER_PARK, ClipRecord, Ledger, TaskUpdate
+from reconciler.ledger import LOST_ANSWER_PARK, MIGRATIONS, ClipRecord, Ledger, TaskUpdate
 from reconciler.outcomes import Done, Outcome, Park, Poll, Requeue
 from reconciler.planning import desired_state
 from reconciler.specs import scan_specs
@@ -488,3 +490,36 @@ def test_each_transition_of_a_generation(ledger: Ledger, clock: Clock, case: Tra
     assert ledger.spent_since(0) == case.spent
     # The other generations were never touched.
     assert {state(ledger, fp) for fp in (walk.b, walk.c, walk.d)} == {"queued"}
+
+
+def test_an_older_ledgers_output_tag_keys_move_into_their_rows(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A ledger from before outputs had a tag key column kept every key in one
+    key/value entry: upgrading moves each into its row, so no output is rebuilt."""
+    path = tmp_path / "old.sqlite3"
+    before = next(i for i, sql in enumerate(MIGRATIONS) if "tags_key" in sql)
+    conn = sqlite3.connect(path)
+    for i in range(before):
+        conn.executescript(f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; COMMIT;")
+    for rel in ("mix/a.mp3", "mix/b.mp3", "mix/playlist.m3u8"):
+        conn.execute(
+            "INSERT INTO outputs (path, soundtrack, sha256, size, mtime_ns, at) "
+            "VALUES (?, 'mix', 'sha', 1, 1, 0)",
+            [rel],
+        )
+    keys = {"mix/a.mp3": "key-a", "mix/b.mp3": "key-b", "gone/x.mp3": "key-x"}
+    conn.execute("INSERT INTO kv (key, value) VALUES ('output_tags', ?)", [json.dumps(keys)])
+    conn.commit()
+    conn.close()
+
+    ledger = Ledger.open(path, clock=clock)
+    try:
+        ledger.adopt_output_tags()
+        found = {p: r.tags_key for p, r in ledger.outputs_of(["mix"]).items()}
+        assert found == {"mix/a.mp3": "key-a", "mix/b.mp3": "key-b", "mix/playlist.m3u8": None}
+        assert ledger.get("output_tags") is None, "the old entry is gone, not kept twice"
+        ledger.adopt_output_tags()  # once moved, nothing to do
+        assert ledger.outputs_of(["mix"])["mix/a.mp3"].tags_key == "key-a"
+    finally:
+        ledger.close()

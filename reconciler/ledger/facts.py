@@ -50,6 +50,9 @@ class OutputRecord:
     sha256: str
     size: int
     mtime_ns: int
+    #: ``tags.TrackTags.key`` of the file written (audio checksum and tag
+    #: values); None for a list file, and as read by ``outputs`` and ``outputs_at``.
+    tags_key: str | None = None
 
 
 #: One track as ``status`` reads it: soundtrack, name, fingerprint, clips,

@@ -1126,14 +1126,15 @@ class Ledger(Store):
         return {r[0]: OutputRecord(*r) for r in self.db.execute(OUTPUTS_SQL)}
 
     def outputs_of(self, soundtracks: Collection[str]) -> dict[str, OutputRecord]:
-        """``outputs`` of a few soundtracks, by index rather than a full read."""
+        """``outputs`` of a few soundtracks, with their tag keys, by index rather
+        than a full read."""
         found: dict[str, OutputRecord] = {}
         for soundtrack in soundtracks:
             # A range of the primary key: every path starts "<soundtrack>/",
             # and "0" is the character after "/".
             rows = self.db.execute(
-                "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns "
-                "FROM outputs WHERE path >= ? AND path < ?",
+                "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns, "
+                "tags_key FROM outputs WHERE path >= ? AND path < ?",
                 [f"{soundtrack}/", f"{soundtrack}0"],
             )
             found.update((r[0], OutputRecord(*r)) for r in rows)
@@ -1152,10 +1153,11 @@ class Ledger(Store):
         with self.transaction():
             self.db.execute(
                 "INSERT INTO outputs (path, soundtrack, track, clip, fingerprint, sha256, size, "
-                "mtime_ns, at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
-                "soundtrack = excluded.soundtrack, track = excluded.track, clip = excluded.clip, "
-                "fingerprint = excluded.fingerprint, sha256 = excluded.sha256, "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, at = excluded.at",
+                "mtime_ns, tags_key, at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE "
+                "SET soundtrack = excluded.soundtrack, track = excluded.track, "
+                "clip = excluded.clip, fingerprint = excluded.fingerprint, "
+                "sha256 = excluded.sha256, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "tags_key = excluded.tags_key, at = excluded.at",
                 [
                     rec.path,
                     rec.soundtrack,
@@ -1165,6 +1167,7 @@ class Ledger(Store):
                     rec.sha256,
                     rec.size,
                     rec.mtime_ns,
+                    rec.tags_key,
                     self.clock(),
                 ],
             )
@@ -1176,6 +1179,18 @@ class Ledger(Store):
                     track=rec.track,
                     path=rec.path,
                 )
+
+    def adopt_output_tags(self) -> None:
+        """Move the tag keys an older reconciler kept in one key/value entry
+        (``output_tags``) into their outputs' rows, once, so that an upgrade
+        does not rebuild every output to learn them again."""
+        row = self.db.execute("SELECT value FROM kv WHERE key = 'output_tags'").fetchone()
+        if row is None:
+            return
+        with self.transaction():
+            for path, key in json.loads(row[0]).items():
+                self.db.execute("UPDATE outputs SET tags_key = ? WHERE path = ?", [key, path])
+            self.db.execute("DELETE FROM kv WHERE key = 'output_tags'")
 
     def output_removed(self, path: str, trash: str) -> None:
         with self.transaction():
