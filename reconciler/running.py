@@ -189,7 +189,7 @@ def make_plan(
     read = (
         read_plan(settings.ledger_path, spent_from, to_restore)
         if settings.ledger_path.exists()
-        else PlanRead({}, {}, {}, {}, Suspension(), 0)
+        else PlanRead({}, {}, {}, {}, {}, Suspension(), 0)
     )
     # With the fingerprints stored beside them: hashing 50,000 tracks
     # again would be most of a cold plan.
@@ -204,6 +204,8 @@ def make_plan(
         limits=settings.field_limits,
         reuse=last_good,
         settle=settle,
+        # A file not written since its last good version was read is not read again.
+        stamps=read.stamps,
     )
     desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
     gens, records, clips, suspension = read.generations, read.outputs, read.clips, read.suspension

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.ledger import LOST_ANSWER_PARK, MIGRATIONS, ClipRecord, Ledger, TaskUpdate
+from reconciler.ledger import (
+    LOST_ANSWER_PARK,
+    MIGRATIONS,
+    ClipRecord,
+    Ledger,
+    TaskUpdate,
+    read_plan,
+)
 from reconciler.outcomes import Done, Outcome, Park, Poll, Requeue
 from reconciler.planning import desired_state
 from reconciler.specs import scan_specs
@@ -521,5 +528,43 @@ def test_an_older_ledgers_output_tag_keys_move_into_their_rows(
         assert ledger.get("output_tags") is None, "the old entry is gone, not kept twice"
         ledger.adopt_output_tags()  # once moved, nothing to do
         assert ledger.outputs_of(["mix"])["mix/a.mp3"].tags_key == "key-a"
+    finally:
+        ledger.close()
+
+
+def test_a_spec_files_stamp_is_kept_only_while_its_last_good_version_is_what_it_holds(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """``plan`` skips reading a file whose stamp is unchanged, taking the last
+    good version for it: the stamp must go as soon as that version is not the file's."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "mix.yaml").write_text(
+        "tracks: [{name: a, mv: sonic-v5, gpt_description_prompt: rain}]\n"
+    )
+    scan = scan_specs(specs)
+    spec = scan.files["mix.yaml"]
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger.open(path, clock=clock)
+
+    def stamps() -> dict[str, str]:
+        return read_plan(path, 0.0, lambda _: ()).stamps
+
+    try:
+        ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "s1"})
+        assert stamps() == {"mix.yaml": "s1"}
+        # Touched, same bytes: only the stamp changes, no new version event.
+        events = len(ledger.query("SELECT id FROM events"))
+        ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "s2"})
+        assert stamps() == {"mix.yaml": "s2"}
+        assert len(ledger.query("SELECT id FROM events")) == events
+        # Read too young to trust: no stamp.
+        ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={})
+        assert stamps() == {}
+        ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "s3"})
+        # Invalid now: its last good version stays in force, but is not the file.
+        ledger.record_specs({}, {"mix.yaml": "mix.yaml:1 broken"}, complete=True)
+        assert stamps() == {}
+        assert read_plan(path, 0.0, lambda _: ()).last_good["mix.yaml"].spec == spec
     finally:
         ledger.close()

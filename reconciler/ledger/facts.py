@@ -94,6 +94,8 @@ class PlanRead:
 
     #: Spec file path → its last good version with its desired tracks.
     last_good: dict[str, FileTracks]
+    #: Spec file path → ``specs.stamp`` of its last good version, where trusted.
+    stamps: dict[str, str]
     generations: dict[str, Generation]
     outputs: dict[str, OutputRecord]
     #: The usable clips of the fingerprints the caller asked about.

@@ -76,7 +76,12 @@ def read_plan(
         def execute(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
             return conn.execute(sql, params).fetchall()
 
-        last_good = {p: file_tracks_from_json(p, body) for p, body in conn.execute(LAST_GOOD_SQL)}
+        last_good = {}
+        stamps = {}
+        for p, body, stamp in conn.execute(LAST_GOOD_SQL):
+            last_good[p] = file_tracks_from_json(p, body)
+            if stamp is not None:
+                stamps[p] = stamp
         generations = {r[0]: Generation(*r) for r in conn.execute(GENERATIONS_SQL)}
         outputs = {r[0]: OutputRecord(*r) for r in conn.execute(OUTPUTS_SQL)}
         wanted = clips_for(outputs)
@@ -89,6 +94,7 @@ def read_plan(
         conn.close()
     return PlanRead(
         last_good=last_good,
+        stamps=stamps,
         generations=generations,
         outputs=outputs,
         clips=clips,

@@ -99,13 +99,20 @@ _SCHEMA_V4 = """
 CREATE INDEX tasks_next_poll ON tasks (next_poll) WHERE next_poll IS NOT NULL;
 """
 
-# Version 5: each output's tag key (``tags.TrackTags.key``: the audio checksum
-# and the tag values the file was built from) beside its record, read with the
-# records of the soundtracks a pass looks at. It was one key/value entry of
-# every output (``output_tags``), held decoded for the daemon's life: 10 MiB
-# at 50,000 tracks. ``Ledger.adopt_output_tags`` moves an older ledger's entry.
+# Version 5, for the cost of a pass and of a cold plan at 50,000 tracks:
+# - outputs.tags_key: each output's tag key (``tags.TrackTags.key``: the audio
+#   checksum and the tag values the file was built from) beside its record,
+#   read with the records of the soundtracks a pass looks at. It was one
+#   key/value entry of every output (``output_tags``), held decoded for the
+#   daemon's life (10 MiB); ``Ledger.adopt_output_tags`` moves an older
+#   ledger's entry.
+# - spec_files.stamp: the file's ``specs.stamp`` (size, mtime, inode, ctime)
+#   when the last good version was read, NULL while it is invalid or was too
+#   young to trust; ``plan`` takes a file whose stamp is unchanged as that
+#   version without reading it.
 _SCHEMA_V5 = """
 ALTER TABLE outputs ADD COLUMN tags_key TEXT;
+ALTER TABLE spec_files ADD COLUMN stamp TEXT;
 """
 
 #: Versioned migrations: index i brings the schema from version i to i + 1.

@@ -55,7 +55,7 @@ _NOT_MATCHING = (
 
 #: The reads a pass and ``plan`` (``reports.read_plan``) share, in the
 #: field order of the records they build.
-LAST_GOOD_SQL = "SELECT path, body FROM spec_files WHERE body IS NOT NULL"
+LAST_GOOD_SQL = "SELECT path, body, stamp FROM spec_files WHERE body IS NOT NULL"
 GENERATIONS_SQL = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
 OUTPUTS_SQL = (
     "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
@@ -215,31 +215,45 @@ class Ledger(Store):
         *,
         complete: bool,
         only: Collection[str] | None = None,
+        stamps: Mapping[str, str] | None = None,
     ) -> list[str]:
         """Store new last good versions and current errors; writes only what changed.
 
         With ``only``, just those paths are compared (and removed when they are
         in neither mapping): a pass that read only the files that changed.
+        ``stamps`` are the valid files' ``specs.stamp`` as read (``SpecScan.stamps``).
         """
         now = self.clock()
+        stamps = stamps or {}
+        columns = "SELECT path, digest, error, stamp FROM spec_files"
         if only is None:
-            rows = self.db.execute("SELECT path, digest, error FROM spec_files").fetchall()
+            rows = self.db.execute(columns).fetchall()
         else:
-            rows = self._rows_in("SELECT path, digest, error FROM spec_files WHERE path", only)
-        known = {r[0]: (r[1], r[2]) for r in rows}
+            rows = self._rows_in(f"{columns} WHERE path", only)
+        known = {r[0]: (r[1], r[2], r[3]) for r in rows}
         if only is not None:
             valid = {p: valid[p] for p in only if p in valid}
             errors = {p: errors[p] for p in only if p in errors}
         with self.transaction():
             for path, spec in valid.items():
-                if known.get(path) == (spec.digest, None):
+                was = known.get(path)
+                if was == (spec.digest, None, stamps.get(path)):
+                    continue
+                if was is not None and was[:2] == (spec.digest, None):
+                    # The same version, touched (or old enough now to trust).
+                    self.db.execute(
+                        "UPDATE spec_files SET stamp = ? WHERE path = ?",
+                        [stamps.get(path), path],
+                    )
                     continue
                 self.db.execute(
-                    "INSERT INTO spec_files (path, soundtrack, digest, body, error, updated_at) "
-                    "VALUES (?, ?, ?, ?, NULL, ?) ON CONFLICT(path) DO UPDATE SET "
+                    "INSERT INTO spec_files "
+                    "(path, soundtrack, digest, body, error, stamp, updated_at) "
+                    "VALUES (?, ?, ?, ?, NULL, ?, ?) ON CONFLICT(path) DO UPDATE SET "
                     "soundtrack = excluded.soundtrack, digest = excluded.digest, "
-                    "body = excluded.body, error = NULL, updated_at = excluded.updated_at",
-                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), now],
+                    "body = excluded.body, error = NULL, stamp = excluded.stamp, "
+                    "updated_at = excluded.updated_at",
+                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), stamps.get(path), now],
                 )
                 self._event("spec.accepted", path=path, soundtrack=spec.soundtrack)
             for path, error in errors.items():
@@ -252,8 +266,11 @@ class Ledger(Store):
                         [path, error, now],
                     )
                 elif known[path][1] != error:
+                    # The stamp goes: it vouches for the last good version only
+                    # while that is what the file holds.
                     self.db.execute(
-                        "UPDATE spec_files SET error = ?, updated_at = ? WHERE path = ?",
+                        "UPDATE spec_files SET error = ?, stamp = NULL, updated_at = ? "
+                        "WHERE path = ?",
                         [error, now, path],
                     )
                 else:

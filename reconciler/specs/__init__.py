@@ -7,6 +7,7 @@ and not from the module that happens to hold a name today.
 from reconciler.limits import DEFAULT_MODELS
 from reconciler.specs.files import (
     MAX_SPEC_BYTES,
+    RACY_NS,
     Look,
     Observation,
     Settling,
@@ -15,6 +16,7 @@ from reconciler.specs.files import (
     load_spec_file,
     observe,
     scan_specs,
+    stamp,
 )
 from reconciler.specs.formats import SPEC_SUFFIXES
 from reconciler.specs.rules import SpecFile, TrackSpec, parse_spec
@@ -22,6 +24,7 @@ from reconciler.specs.rules import SpecFile, TrackSpec, parse_spec
 __all__ = [
     "DEFAULT_MODELS",
     "MAX_SPEC_BYTES",
+    "RACY_NS",
     "SPEC_SUFFIXES",
     "Look",
     "Observation",
@@ -34,4 +37,5 @@ __all__ = [
     "observe",
     "parse_spec",
     "scan_specs",
+    "stamp",
 ]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,22 @@ class SpecScan:
     settled_by: float | None = None
     #: How every file read looked, to pass as ``Settling.previous`` next time.
     observed: Mapping[str, Observation] = field(default_factory=dict)
+    #: The :func:`stamp` of each file in ``files`` that may be trusted
+    #: unread next time (see ``scan_specs``'s ``stamps``); absent when the
+    #: file was too young when read to be sure of it.
+    stamps: Mapping[str, str] = field(default_factory=dict)
+
+
+#: A file changed within this long of being read may change again within the
+#: same timestamp (2 s is the coarsest granularity, FAT's): its stamp is not
+#: trusted, so it is read again (git's "racy" files).
+RACY_NS = 2_000_000_000
+
+
+def stamp(st: os.stat_result) -> str:
+    """What tells that a file was not written since: size, mtime, inode and
+    ctime (which no tool can set back, unlike mtime)."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 # ---------------------------------------------------------------------------
@@ -157,6 +174,7 @@ def load_spec_file(
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
     data, _ = _read_spec_bytes(root, rel, label)
+    assert data is not None
     return _parse(label, data, rel, models, limits)[0]
 
 
@@ -169,6 +187,8 @@ def scan_specs(
     settle: Settling | None = None,
     changed: Collection[str] | None = None,
     last_scan: SpecScan | None = None,
+    stamps: Mapping[str, str] | None = None,
+    wall_ns: Callable[[], int] = time.time_ns,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
 
@@ -190,6 +210,13 @@ def scan_specs(
     earlier version named it keeps it; otherwise the first by path does.
     Symlinked folders are not followed (they could leave the root or loop);
     symlinked files are read when they resolve inside the root.
+
+    ``stamps`` (a cold ``plan``: what the ledger recorded of the last good
+    versions in ``reuse``, from an earlier scan's ``stamps``) spares reading
+    a file whose :func:`stamp` is unchanged: ``reuse[rel]`` is taken as it
+    is. Only a file already ``RACY_NS`` old when it was read (by ``wall_ns``,
+    the clock file times are on) gets a stamp, so a write in the same tick as
+    that read still changes the ctime.
     """
     try:
         root_stat = root.stat()
@@ -214,13 +241,27 @@ def scan_specs(
     settling: dict[str, str] = {}
     settled_by: float | None = None
     observed: dict[str, Observation] = {}
+    # Before any read: a file changed after this may have been read changing.
+    young = wall_ns() - RACY_NS
+    new_stamps: dict[str, str] = {}
     for rel in rels if not kept else [r for r in rels if r not in kept]:
         label = _label(prefix, rel)
+        previous = reuse.get(rel) if reuse else None
         try:
-            data, mtime_ns = _read_spec_bytes(root, rel, label)
-            digest = hashlib.sha256(data).hexdigest()
+            known = stamps.get(rel) if stamps and previous is not None else None
+            data, st = _read_spec_bytes(root, rel, label, unless=known)
+            if data is None:
+                # Not written since the read its stamp records: the last good
+                # version is what it holds.
+                assert previous is not None
+                digest = previous.digest
+                new_stamps[rel] = stamp(st)
+            else:
+                digest = hashlib.sha256(data).hexdigest()
+                if max(st.st_mtime_ns, st.st_ctime_ns) < young:
+                    new_stamps[rel] = stamp(st)
             if settle is not None:
-                look = Look(len(data), mtime_ns, digest)
+                look = Look(st.st_size, st.st_mtime_ns, digest)
                 seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
                 observed[rel] = seen
                 ready_at = seen.since + settle.window
@@ -232,19 +273,24 @@ def scan_specs(
                     settled_by = ready_at if settled_by is None else min(settled_by, ready_at)
                     if settle.hold:
                         continue
-            previous = reuse.get(rel) if reuse else None
             if previous is not None and previous.digest == digest:
                 spec = previous
             else:
+                assert data is not None
                 spec = _parse(label, data, rel, models, limits)[0]
         except SpecError as exc:
             errors[rel] = exc
             continue
         parsed.append((rel, data, spec))
     if last_scan is not None and kept:
+        for rel in kept:
+            if rel in last_scan.stamps:
+                new_stamps[rel] = last_scan.stamps[rel]
         if _as_before(last_scan, len(kept), parsed, errors, settling):
             # The files read again are what they were: so is the whole scan.
-            return replace(last_scan, observed={**last_scan.observed, **observed})
+            return replace(
+                last_scan, observed={**last_scan.observed, **observed}, stamps=new_stamps
+            )
         for rel, unread in kept.items():
             # Not read (its bytes are None): unchanged since the previous scan.
             parsed.append((rel, None, unread))
@@ -278,6 +324,7 @@ def scan_specs(
             # Only now is the line needed; parsing again is cheaper than
             # carrying it on every SpecFile for this rare case.
             text = body if body is not None else _read_spec_bytes(root, rel, label)[0]
+            assert text is not None
             line = _parse(label, text, rel, models, limits)[1]
             message = (
                 f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
@@ -290,7 +337,8 @@ def scan_specs(
     files = {rel: files[rel] for rel in sorted(files)}
     errors = {rel: errors[rel] for rel in sorted(errors)}
     root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
-    return SpecScan(root_state, files, errors, settling, settled_by, observed)
+    kept_stamps = {rel: new_stamps[rel] for rel in files if rel in new_stamps}
+    return SpecScan(root_state, files, errors, settling, settled_by, observed, kept_stamps)
 
 
 def _changed_paths(
@@ -383,8 +431,11 @@ def _label(prefix: str, rel: str) -> str:
     return label if label.isprintable() else repr(label)
 
 
-def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
-    """The file's bytes and mtime_ns, read only if it is a regular file inside ``root``."""
+def _read_spec_bytes(
+    root: Path, rel: str, label: str, unless: str | None = None
+) -> tuple[bytes | None, os.stat_result]:
+    """The file's bytes and its ``stat`` after the read, read only if it is a
+    regular file inside ``root``; no bytes (None) when its :func:`stamp` is ``unless``."""
 
     def refuse(message: str) -> SpecError:
         return SpecError([SpecProblem(label, None, None, message)])
@@ -399,6 +450,8 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
             raise refuse("is not a regular file")
         if before.st_size > MAX_SPEC_BYTES:
             raise refuse(_too_large(before.st_size))
+        if unless is not None and stamp(before) == unless:
+            return None, before
         # O_NOFOLLOW: the path was resolved above, so a symlink here means it
         # was swapped in since; O_NONBLOCK: a FIFO swapped in cannot hang us.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -423,7 +476,7 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
         size != after.st_size
     ):
         raise refuse(_CHANGING)
-    return b"".join(chunks), after.st_mtime_ns
+    return b"".join(chunks), after
 
 
 def _resolve_under(real_root: Path, root: Path, rel: str) -> Path:
