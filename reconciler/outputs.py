@@ -90,14 +90,10 @@ class OutputFolder:
         return file_state(f"{self._parent(soundtrack, filename)[1]}/{filename}")
 
     def _parent(self, soundtrack: str, filename: str) -> tuple[Path, str]:
-        for what, name in (("soundtrack", soundtrack), ("file name", filename)):
-            if not name or "/" in name or "\0" in name or name.startswith("."):
-                raise OutputError(
-                    f"{what} {name!r} is not a plain name: output paths must stay inside "
-                    f"{self.root}"
-                )
         known = self._parents.get(soundtrack)
         if known is None:
+            # Checked once per soundtrack: only a plain name gets here a second time.
+            _plain("soundtrack", soundtrack, self.root)
             parent = self.root / soundtrack
             # A plain name that is not a symlink (or not there yet) resolves
             # beneath the resolved root: one lstat instead of a realpath walk
@@ -106,7 +102,15 @@ class OutputFolder:
             if _may_escape(parent) and not parent.resolve().is_relative_to(self._resolved_root):
                 raise OutputError(f"{parent} resolves to {parent.resolve()}, outside {self.root}")
             known = self._parents[soundtrack] = (parent, str(parent))
+        _plain("file name", filename, self.root)
         return known
+
+
+def _plain(what: str, name: str, root: Path) -> None:
+    if not name or "/" in name or "\0" in name or name[0] == ".":
+        raise OutputError(
+            f"{what} {name!r} is not a plain name: output paths must stay inside {root}"
+        )
 
 
 def _may_escape(path: Path) -> bool:
