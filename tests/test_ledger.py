@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -568,3 +570,20 @@ def test_a_spec_files_stamp_is_kept_only_while_its_last_good_version_is_what_it_
         assert read_plan(path, 0.0, lambda _: ()).last_good["mix.yaml"].spec == spec
     finally:
         ledger.close()
+
+
+def test_the_ledger_opens_without_numpy_and_leaves_it_importable(tmp_path: Path) -> None:
+    """sqlite-utils would import numpy (tens of MiB for the daemon's life) to
+    map types the ledger never stores; hidden for that import only, numpy
+    stays importable for the sandbox's audio afterwards."""
+    code = (
+        "import sys, pathlib\n"
+        "from reconciler.ledger import Ledger\n"
+        f"Ledger.open(pathlib.Path({str(tmp_path / 'l.sqlite3')!r})).close()\n"
+        "assert 'numpy' not in sys.modules, 'numpy imported'\n"
+        "import numpy\n"
+        "from reconciler.sandbox.audio import plan_clip, render\n"
+        "assert len(render(plan_clip('rain', b'seed'))) > 0\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
