@@ -27,7 +27,7 @@ from reconciler.app import api_client, open_app
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
-from reconciler.ledger import OutputRecord, PlanRead, read_plan
+from reconciler.ledger import PlanOutput, PlanRead, read_plan
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
@@ -178,12 +178,15 @@ def make_plan(
     folder = out.OutputFolder(settings.out_dir)
     disks: dict[str, DiskState] = {}
 
-    def to_restore(records: Mapping[str, OutputRecord]) -> set[str]:
+    def to_restore(records: Mapping[str, PlanOutput]) -> set[str]:
         # Only a file to restore needs its clip (to ask the cache for it): by
         # index, not a read of every clip in the ledger.
-        for p, r in records.items():
-            disks[p] = _disk_state(folder, p, r.size, r.mtime_ns, r.sha256)
-        return {r.fingerprint for p, r in records.items() if r.fingerprint and disks[p] != "ok"}
+        wanted = set()
+        for p, fingerprint, _, sha256, size, mtime_ns in records.values():
+            disk = disks[p] = _disk_state(folder, p, size, mtime_ns, sha256)
+            if fingerprint and disk != "ok":
+                wanted.add(fingerprint)
+        return wanted
 
     spent_from = utc_day_start(now)
     read = (
@@ -212,14 +215,17 @@ def make_plan(
     spent_today = CREDITS_PER_TASK * read.spent
     cache = AudioCache(settings.state_dir / "cache")
     facts: dict[str, OutputFact] = {}
-    for p, r in records.items():
+    for p, fingerprint, clip, *_ in records.values():
         disk = disks[p]
+        if disk == "ok":
+            facts[p] = OutputFact(p, fingerprint or "", disk, cached=False)
+            continue
         # The cache only matters for a file to restore: no stat for the rest. It
         # holds the raw audio; the output is that plus its tags (tags.py).
-        kept = clips.get(r.fingerprint or "", []) if disk != "ok" else []
-        raw = kept[r.clip - 1].sha256 if r.clip is not None and len(kept) >= r.clip else None
+        kept = clips.get(fingerprint or "", [])
+        raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
         cached = raw is not None and cache.has(raw)
-        facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
+        facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(
         spent_today=spent_today,

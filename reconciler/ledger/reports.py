@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import LedgerError
-from reconciler.ledger.facts import OutputRecord, PlanRead, StatusRead
+from reconciler.ledger.facts import PlanOutput, PlanRead, StatusRead
 from reconciler.ledger.store import MIGRATIONS, Store, connect_readonly
 from reconciler.ledger.work import (
     GENERATIONS_SQL,
     LAST_GOOD_SQL,
-    OUTPUTS_SQL,
     SPENT_SQL,
     USABLE_CLIPS_SQL,
     file_tracks_from_json,
@@ -61,7 +60,7 @@ def _open_current(path: Path) -> sqlite3.Connection:
 def read_plan(
     path: Path,
     since: float,
-    clips_for: Callable[[Mapping[str, OutputRecord]], Collection[str]],
+    clips_for: Callable[[Mapping[str, PlanOutput]], Collection[str]],
 ) -> PlanRead:
     """What ``plan`` reads, over a plain read-only connection, in one transaction.
 
@@ -83,7 +82,12 @@ def read_plan(
             if stamp is not None:
                 stamps[p] = stamp
         generations = {r[0]: Generation(*r) for r in conn.execute(GENERATIONS_SQL)}
-        outputs = {r[0]: OutputRecord(*r) for r in conn.execute(OUTPUTS_SQL)}
+        outputs = {
+            r[0]: r
+            for r in conn.execute(
+                "SELECT path, fingerprint, clip, sha256, size, mtime_ns FROM outputs"
+            )
+        }
         wanted = clips_for(outputs)
         clips = usable_clips(rows_in(execute, USABLE_CLIPS_SQL, sorted(wanted))) if wanted else {}
         suspended = conn.execute("SELECT value FROM kv WHERE key = 'suspended'").fetchone()

@@ -57,9 +57,6 @@ _NOT_MATCHING = (
 #: field order of the records they build.
 LAST_GOOD_SQL = "SELECT path, body, stamp FROM spec_files WHERE body IS NOT NULL"
 GENERATIONS_SQL = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
-OUTPUTS_SQL = (
-    "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
-)
 USABLE_CLIPS_SQL = (
     "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
     "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
@@ -1140,7 +1137,10 @@ class Ledger(Store):
         return dict(self.db.execute("SELECT path, fingerprint FROM outputs").fetchall())
 
     def outputs(self) -> dict[str, OutputRecord]:
-        return {r[0]: OutputRecord(*r) for r in self.db.execute(OUTPUTS_SQL)}
+        rows = self.db.execute(
+            "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns FROM outputs"
+        )
+        return {r[0]: OutputRecord(*r) for r in rows}
 
     def outputs_of(self, soundtracks: Collection[str]) -> dict[str, OutputRecord]:
         """``outputs`` of a few soundtracks, with their tag keys, by index rather
