@@ -87,7 +87,7 @@ async def open_app(
     lock = StateLock(settings.state_dir)
     lock.acquire()
     try:
-        ledger = Ledger.open(settings.ledger_path, clock=clock)
+        ledger = Ledger.open(settings.ledger_target, clock=clock)
         try:
             async with api_client(settings, on_request=on_request) as (s, api):
                 yield App(s, ledger, api, Reconciler(s, ledger, api, clock=clock))

@@ -63,6 +63,12 @@ def folder_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--state", type=click.Path(path_type=Path), help="State folder [.reconciler]."
         ),
         click.option(
+            "--ledger",
+            metavar="URL",
+            help="Ledger: postgresql://... (shared by replicas) or a SQLite file "
+            "[STATE/ledger.sqlite3].",
+        ),
+        click.option(
             "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file."
         ),
     ]
@@ -92,6 +98,7 @@ def _settings(
     out: Path | None,
     state: Path | None,
     config: Path | None,
+    ledger: str | None = None,
     api_url: str | None = None,
     use_sandbox: bool = False,
     prune: bool | None = None,
@@ -105,6 +112,7 @@ def _settings(
             specs=specs,
             out=out,
             state=state,
+            ledger=ledger,
             config=config,
             api_url=api_url,
             sandbox=use_sandbox,
@@ -520,7 +528,7 @@ def retry(tracks: tuple[str, ...], all_failed: bool, **opts: Any) -> None:
     if not tracks and not all_failed:
         raise click.UsageError("name tracks (SOUNDTRACK/TRACK or SOUNDTRACK) or pass --failed")
     settings = _settings(**opts)
-    ledger = Ledger.open(settings.ledger_path)
+    ledger = Ledger.open(settings.ledger_target)
     try:
         fps: list[str] = ledger.parked_fingerprints() if all_failed else []
         if tracks:

@@ -61,7 +61,7 @@ def _until_stopped() -> Iterator[None]:
 
 @contextmanager
 def _reading(settings: Settings) -> Iterator[Ledger]:
-    ledger = Ledger.open(settings.ledger_path, readonly=True)
+    ledger = Ledger.open(settings.ledger_target, readonly=True)
     try:
         yield ledger
     finally:
@@ -153,7 +153,7 @@ def _suspension_target(ledger: Ledger, settings: Settings, soundtrack: str | Non
 def suspend(soundtrack: str | None, **opts: Any) -> None:
     """Stop new submissions (for one SOUNDTRACK or all); polls and downloads go on."""
     settings = _settings(**opts)
-    ledger = Ledger.open(settings.ledger_path)
+    ledger = Ledger.open(settings.ledger_target)
     try:
         _suspension_target(ledger, settings, soundtrack)
         now = ledger.suspension().suspend(soundtrack)
@@ -174,7 +174,7 @@ def suspend(soundtrack: str | None, **opts: Any) -> None:
 def resume(soundtrack: str | None, **opts: Any) -> None:
     """Lift a suspension (of one SOUNDTRACK, or every one); the next pass submits."""
     settings = _settings(**opts)
-    ledger = Ledger.open(settings.ledger_path)
+    ledger = Ledger.open(settings.ledger_target)
     try:
         _suspension_target(ledger, settings, soundtrack)
         before = ledger.suspension()

@@ -91,6 +91,9 @@ class Settings:
     out_dir: Path = Path("tracks")
     #: Folder of the ledger, the audio cache and the trash (``state``).
     state_dir: Path = Path(".reconciler")
+    #: Where the ledger is (``ledger``): a ``postgresql://`` URL (replicas share
+    #: it), or a SQLite file; None: ``ledger.sqlite3`` in the state folder.
+    ledger: str | None = None
     #: MusicAPI base URL, without a trailing slash (``api_url``).
     api_url: str = DEFAULT_API_URL
     #: The API key; None when none is configured (``require_key`` says how to set one).
@@ -169,8 +172,13 @@ class Settings:
         return self.api_key
 
     @property
-    def ledger_path(self) -> Path:
-        return self.state_dir / "ledger.sqlite3"
+    def ledger_target(self) -> Path | str:
+        """The ledger to open: a PostgreSQL URL as given, or the SQLite file's path."""
+        if self.ledger is None:
+            return self.state_dir / "ledger.sqlite3"
+        if self.ledger.startswith(("postgresql://", "postgres://")):
+            return self.ledger
+        return Path(self.ledger.removeprefix("sqlite:///").removeprefix("sqlite://"))
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,7 @@ class Flags:
     specs: Path | None = None
     out: Path | None = None
     state: Path | None = None
+    ledger: str | None = None
     config: Path | None = None
     api_url: str | None = None
     sandbox: bool = False
@@ -205,6 +214,16 @@ def _api_key(env: Mapping[str, str], key_file: Path | None) -> Secret | None:
     if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
         return read_secret_file(Path(creds) / CREDENTIAL_NAME, "API key")
     return read_secret_file(key_file, "API key") if key_file else None
+
+
+def check_ledger(value: str) -> str:
+    """A ledger URL or SQLite path as given; another database's URL is refused by name."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in ("postgresql", "postgres", "sqlite"):
+        raise ConfigError(
+            f"ledger: expected a postgresql:// URL or a SQLite file path, got a {scheme}:// URL"
+        )
+    return value
 
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:
@@ -250,6 +269,9 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
             conf[name] = flag
         elif env.get(var):
             conf[name] = Path(env[var])
+    ledger = flags.ledger or env.get("RECONCILER_LEDGER") or conf.get("ledger")
+    if ledger is not None:
+        conf["ledger"] = check_ledger(str(ledger))
     api_url = flags.api_url or env.get("MUSICAPI_BASE_URL") or conf.get("api_url")
     if api_url is not None:
         if not api_url.startswith(("http://", "https://")):

@@ -119,6 +119,12 @@ def _path(value: Any) -> Path:
     return Path(value)
 
 
+def _ledger(value: Any) -> str | Path:
+    """A database URL as it is; a SQLite file as a path (relative to the file)."""
+    text = _text(value)
+    return text if "://" in text else Path(text)
+
+
 def _secret(value: Any) -> Secret:
     return Secret(_text(value))
 
@@ -141,6 +147,7 @@ TOP: Table = {
     "specs": (_path, "specs_dir"),
     "out": (_path, "out_dir"),
     "state": (_path, "state_dir"),
+    "ledger": (_ledger, "ledger"),
     "api_url": (_text, "api_url"),
     "api_key_file": (_path, "api_key_file"),
     "models": (_texts, "models"),

@@ -251,9 +251,9 @@ def check_budget(
 
 def _spent_today(settings: Settings, now: float) -> int:
     """Credits the ledger counts against today's budget (as ``status`` does)."""
-    if not settings.ledger_path.exists():
+    ledger = Ledger.open_existing(settings.ledger_target)
+    if ledger is None:
         return 0
-    ledger = Ledger.open(settings.ledger_path, readonly=True)
     try:
         return CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now))
     finally:

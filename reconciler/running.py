@@ -189,10 +189,8 @@ def make_plan(
         return wanted
 
     spent_from = utc_day_start(now)
-    read = (
-        read_plan(settings.ledger_path, spent_from, to_restore)
-        if settings.ledger_path.exists()
-        else PlanRead({}, {}, {}, {}, {}, Suspension(), 0)
+    read = read_plan(settings.ledger_target, spent_from, to_restore) or PlanRead(
+        {}, {}, {}, {}, {}, Suspension(), 0
     )
     # With the fingerprints stored beside them: hashing 50,000 tracks
     # again would be most of a cold plan.

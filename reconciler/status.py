@@ -134,7 +134,7 @@ def _folder_state(path: Path) -> str:
 def build_report(settings: Settings, now: float, selector: str | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain JSON-ready data."""
     sel_st, _, sel_track = (selector or "").partition("/")
-    read = read_status(settings.ledger_path, utc_day_start(now), (sel_st, sel_track))
+    read = read_status(settings.ledger_target, utc_day_start(now), (sel_st, sel_track))
     if selector and not read.tracks:
         known: dict[str, set[str]] = {}
         for soundtrack, name in read.names:

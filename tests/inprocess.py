@@ -65,7 +65,7 @@ class World:
             max_requests_per_second=1e6,
             log=structlog.get_logger("test"),
         )
-        self.ledger = Ledger.open(self.settings.ledger_path, clock=self.clock)
+        self.ledger = Ledger.open(self.settings.ledger_target, clock=self.clock)
         self.reconciler = Reconciler(self.settings, self.ledger, self.api, clock=self.clock)
 
     def clock(self) -> float:

@@ -119,7 +119,7 @@ async def reconciler(project: Project) -> AsyncIterator[Reconciler]:
         env={"MUSICAPI_KEY": project.sandbox.key},
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger.open(settings.ledger_path)
+    ledger = Ledger.open(settings.ledger_target)
     try:
         async with MusicAPI(settings.api_url, settings.require_key()) as api:
             yield Reconciler(settings, ledger, api)

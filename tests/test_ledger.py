@@ -21,6 +21,7 @@ from reconciler.ledger import (
     MIGRATIONS,
     ClipRecord,
     Ledger,
+    PlanRead,
     TaskUpdate,
     read_plan,
 )
@@ -549,8 +550,13 @@ def test_a_spec_files_stamp_is_kept_only_while_its_last_good_version_is_what_it_
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger.open(path, clock=clock)
 
+    def plan_read() -> PlanRead:
+        read = read_plan(path, 0.0, lambda _: ())
+        assert read is not None
+        return read
+
     def stamps() -> dict[str, str]:
-        return read_plan(path, 0.0, lambda _: ()).stamps
+        return plan_read().stamps
 
     try:
         ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "s1"})
@@ -567,7 +573,7 @@ def test_a_spec_files_stamp_is_kept_only_while_its_last_good_version_is_what_it_
         # Invalid now: its last good version stays in force, but is not the file.
         ledger.record_specs({}, {"mix.yaml": "mix.yaml:1 broken"}, complete=True)
         assert stamps() == {}
-        assert read_plan(path, 0.0, lambda _: ()).last_good["mix.yaml"].spec == spec
+        assert plan_read().last_good["mix.yaml"].spec == spec
     finally:
         ledger.close()
 

@@ -134,7 +134,7 @@ class MoneyPolicy(RuleBasedStateMachine):
             backoff_cap=20.0,
             max_credits=MAX_CREDITS,
         )
-        self.ledger = Ledger.open(self.settings.ledger_path, clock=self.clock)
+        self.ledger = Ledger.open(self.settings.ledger_target, clock=self.clock)
         self.reconciler = self._reconciler()
         self.tracks: list[tuple[int, int]] = []
         self.charged_before_run = 0
@@ -194,7 +194,7 @@ class MoneyPolicy(RuleBasedStateMachine):
     def restart(self) -> None:
         self.charged_before_run = self.sandbox.counters.credits_charged
         self.ledger.close()
-        self.ledger = Ledger.open(self.settings.ledger_path, clock=self.clock)
+        self.ledger = Ledger.open(self.settings.ledger_target, clock=self.clock)
         self.reconciler = self._reconciler()
 
     @precondition(lambda self: self.tracks)

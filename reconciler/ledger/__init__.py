@@ -1,7 +1,10 @@
-"""The ledger package: everything the reconciler keeps in SQLite, and the only
-package that touches it (import-linter holds to that).
+"""The ledger package: everything the reconciler keeps in its database (SQLite
+by default, or PostgreSQL), and the only package that touches one
+(import-linter holds to that).
 
-- ``store``: the connection (WAL), schema and migrations, event log, key/value facts;
+- ``store``: the connection (SQLite in WAL mode), schema and migrations, event
+  log, key/value facts;
+- ``postgres``: the same on PostgreSQL, translating the one dialect of SQL;
 - ``work``: ``Ledger``, the state transitions, each one transaction;
 - ``facts``: the typed records handed in and out;
 - ``reports``: the reads behind ``status``, ``plan``, ``describe``, ``events`` and ``retry``;

@@ -3,21 +3,23 @@
 Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``,
 ``running`` (``plan``) and ``inspection``. ``status`` and ``plan`` are short
 commands a person waits for, so :func:`read_status` and :func:`read_plan`
-read over a plain read-only ``sqlite3`` connection in one transaction while
-a daemon may write; the other reads go through an open ledger (read-only for
-``describe`` and ``events``)."""
+read over a plain read-only connection (``sqlite3``, or psycopg for a
+PostgreSQL ledger) in one transaction while a daemon may write; the other
+reads go through an open ledger (read-only for ``describe`` and ``events``).
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from reconciler.errors import LedgerError
 from reconciler.ledger.facts import PlanOutput, PlanRead, StatusRead
-from reconciler.ledger.store import MIGRATIONS, Store, connect_readonly
+from reconciler.ledger.store import Store, check_version, connect_readonly, describe, is_postgres
 from reconciler.ledger.work import (
     GENERATIONS_SQL,
     LAST_GOOD_SQL,
@@ -29,10 +31,54 @@ from reconciler.ledger.work import (
 )
 from reconciler.planning import Generation, Suspension
 
+#: Runs one statement of the portable dialect (``?`` placeholders) in a snapshot.
+Execute = Callable[..., Any]
 
-def _open_current(path: Path) -> sqlite3.Connection:
-    """A plain read-only connection in a transaction, on a ledger at this schema."""
+
+@contextmanager
+def _snapshot(target: Path | str, *, missing_ok: bool = False) -> Iterator[tuple[Execute, int]]:
+    """One read-only snapshot of the ledger, while a daemon may write: a way to
+    run statements in it, and the schema version. When nothing has been
+    synced yet that is an error, or with ``missing_ok`` the way is ``_nothing``.
+
+    On SQLite a plain ``sqlite3`` connection: no sqlite-utils (and the numpy
+    it imports) and no row dicts of ``query``. ``target`` is the SQLite file
+    or a PostgreSQL URL.
+    """
+    if is_postgres(target):
+        from reconciler.ledger import postgres
+
+        pg = postgres.connect(str(target), readonly=True)
+        try:
+            with pg.transaction():
+                # One snapshot for every read below: the leader may write meanwhile.
+                pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                if pg.execute("SELECT to_regclass('reconciler_schema') IS NULL").fetchone() != (
+                    False,
+                ):
+                    if missing_ok:
+                        yield _nothing, 0
+                        return
+                    raise LedgerError(
+                        f"{describe(target)}: no ledger yet (nothing has been synced)"
+                    )
+                (version,) = pg.execute(
+                    "SELECT coalesce(max(version), 0) FROM reconciler_schema"
+                ).fetchone() or (0,)
+                yield (
+                    (lambda sql, params=(): pg.execute(postgres.translate(sql), list(params))),
+                    int(version),
+                )
+                return
+        except postgres.Error as exc:
+            raise LedgerError(f"{describe(target)}: cannot read ledger: {exc}") from exc
+        finally:
+            pg.close()
+    path = Path(target)
     if not path.exists():
+        if missing_ok:
+            yield _nothing, 0
+            return
         raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
     try:
         conn = connect_readonly(path)
@@ -42,60 +88,49 @@ def _open_current(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
-    if version > len(MIGRATIONS):
-        conn.close()
-        raise LedgerError(
-            f"ledger schema version {version} is newer than this reconciler "
-            f"({len(MIGRATIONS)}); upgrade reconciler"
-        )
-    if version < len(MIGRATIONS):
-        conn.close()
-        raise LedgerError("ledger needs a migration; run `reconciler sync` once")
-    return conn
-
-
-def read_plan(
-    path: Path,
-    since: float,
-    clips_for: Callable[[Mapping[str, PlanOutput]], Collection[str]],
-) -> PlanRead:
-    """What ``plan`` reads, over a plain read-only connection, in one transaction.
-
-    Like ``read_status``, a cold ``plan`` skips sqlite-utils (and the numpy
-    it imports) and the row dicts of ``query``. ``since`` is the start of the
-    budget's day; ``clips_for`` names, from the output records, the
-    fingerprints whose usable clips to read too (those of files to restore).
-    """
-    conn = _open_current(path)
-    try:
-
-        def execute(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
-            return conn.execute(sql, params).fetchall()
-
-        last_good = {}
-        stamps = {}
-        for p, body, stamp in conn.execute(LAST_GOOD_SQL):
-            last_good[p] = file_tracks_from_json(p, body)
-            if stamp is not None:
-                stamps[p] = stamp
-        generations = {r[0]: Generation(*r) for r in conn.execute(GENERATIONS_SQL)}
-        outputs = {
-            r[0]: r
-            for r in conn.execute(
-                "SELECT path, fingerprint, clip, sha256, size, mtime_ns FROM outputs"
-            )
-        }
-        wanted = clips_for(outputs)
-        clips = usable_clips(rows_in(execute, USABLE_CLIPS_SQL, sorted(wanted))) if wanted else {}
-        suspended = conn.execute("SELECT value FROM kv WHERE key = 'suspended'").fetchone()
-        spent = int(conn.execute(SPENT_SQL, [since, since]).fetchone()[0])
+        yield conn.execute, version
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
     finally:
         conn.close()
+
+
+def _nothing(sql: str, params: Sequence[Any] = ()) -> Any:
+    """``_snapshot``'s way to read a ledger not there yet: callers check for it first."""
+    raise LedgerError("no ledger yet (nothing has been synced)")
+
+
+def read_plan(
+    target: Path | str,
+    since: float,
+    clips_for: Callable[[Mapping[str, PlanOutput]], Collection[str]],
+) -> PlanRead | None:
+    """What ``plan`` reads of the ledger, in one read-only snapshot; None
+    when nothing has been synced into it yet.
+
+    ``since`` is the start of the budget's day; ``clips_for`` names, from the
+    outputs, the fingerprints whose usable clips to read too (those of files
+    to restore).
+    """
+    with _snapshot(target, missing_ok=True) as (execute, version):
+        if execute is _nothing:
+            return None
+        check_version(version, readonly=True)
+        last_good = {}
+        stamps = {}
+        for p, body, stamp in execute(LAST_GOOD_SQL):
+            last_good[p] = file_tracks_from_json(p, body)
+            if stamp is not None:
+                stamps[p] = stamp
+        generations = {r[0]: Generation(*r) for r in execute(GENERATIONS_SQL)}
+        outputs = {
+            r[0]: r
+            for r in execute("SELECT path, fingerprint, clip, sha256, size, mtime_ns FROM outputs")
+        }
+        wanted = clips_for(outputs)
+        clips = usable_clips(rows_in(execute, USABLE_CLIPS_SQL, sorted(wanted))) if wanted else {}
+        suspended = execute("SELECT value FROM kv WHERE key = 'suspended'").fetchone()
+        spent = int(execute(SPENT_SQL, [since, since]).fetchone()[0])
     return PlanRead(
         last_good=last_good,
         stamps=stamps,
@@ -107,69 +142,67 @@ def read_plan(
     )
 
 
-def read_status(path: Path, since: float, selector: tuple[str, str] = ("", "")) -> StatusRead:
-    """What ``status`` shows, over a plain read-only connection, in one transaction.
+def read_status(
+    target: Path | str, since: float, selector: tuple[str, str] = ("", "")
+) -> StatusRead:
+    """What ``status`` shows, in one read-only snapshot, while a daemon may write.
 
-    ``status`` is a short command a person waits for: it skips sqlite-utils
-    (and the numpy it imports) and the row dicts of ``query``, and reads
-    each table once. ``selector`` is (soundtrack, track); an empty part
-    matches all.
+    ``status`` is a short command a person waits for: it reads each table
+    once. ``selector`` is (soundtrack, track); an empty part matches all.
     """
-    conn = _open_current(path)
-    try:
-        # Only the conditions asked for: an "?1 = '' OR ..." form would
-        # double the cost of reading every track.
-        asked = [
-            (c, v) for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True) if v
-        ]
-        where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
-        tracks = conn.execute(
-            "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
-            "max(t.updated_at, coalesce(g.updated_at, 0)), g.state, g.reason, g.attempts, "
-            "g.next_attempt, g.paid_hint "
-            "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
-            + where
-            + " ORDER BY t.soundtrack, t.position",
-            [v for _, v in asked],
-        ).fetchall()
-        spec_errors = dict(
-            conn.execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL")
+    with _snapshot(target) as (execute, version):
+        return _read_status(execute, version, since, selector)
+
+
+def _read_status(
+    execute: Callable[..., Any], version: int, since: float, selector: tuple[str, str]
+) -> StatusRead:
+    check_version(version, readonly=True)
+    # Only the conditions asked for: an "? = '' OR ..." form would
+    # double the cost of reading every track.
+    asked = [(c, v) for c, v in zip(("t.soundtrack = ?", "t.name = ?"), selector, strict=True) if v]
+    where = ("WHERE " + " AND ".join(c for c, _ in asked)) if asked else ""
+    tracks = execute(
+        "SELECT t.soundtrack, t.name, t.fingerprint, t.clips, t.source, "
+        "CASE WHEN g.updated_at > t.updated_at THEN g.updated_at ELSE t.updated_at END, "
+        "g.state, g.reason, g.attempts, g.next_attempt, g.paid_hint "
+        "FROM tracks t LEFT JOIN generations g ON g.fingerprint = t.fingerprint "
+        + where
+        + " ORDER BY t.soundtrack, t.position",
+        [v for _, v in asked],
+    ).fetchall()
+    spec_errors = dict(execute("SELECT path, error FROM spec_files WHERE error IS NOT NULL"))
+    outputs = {
+        path: (fingerprint, size, mtime_ns)
+        for path, fingerprint, size, mtime_ns in execute(
+            "SELECT path, fingerprint, size, mtime_ns FROM outputs"
         )
-        outputs = {
-            path: (fingerprint, size, mtime_ns)
-            for path, fingerprint, size, mtime_ns in conn.execute(
-                "SELECT path, fingerprint, size, mtime_ns FROM outputs"
-            )
-        }
-        facts = {
-            key: json.loads(value)
-            for key, value in conn.execute(
-                "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
-                "'last_pass_at', 'api_health', 'batch_unsupported', 'short_generations', "
-                "'unexpected_shapes', 'suspended', 'out_dir')"
-            )
-        }
-        batches, ambiguous, doubles, spent, in_flight, orphans = conn.execute(
-            "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
-            "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
-            "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
-            # The same count as spent_since: what the budget sees.
-            "(SELECT count(*) FROM tasks WHERE at >= ?1) + "
-            "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?1), "
-            "(SELECT count(*) FROM generations "
-            "WHERE state IN ('submitting', 'unknown', 'running')), "
-            "(SELECT count(*) FROM orphans WHERE state IN ('open', 'unmatched'))",
-            [since],
-        ).fetchone()
-        names = (
-            conn.execute("SELECT soundtrack, name FROM tracks").fetchall()
-            if asked and not tracks
-            else []
+    }
+    facts = {
+        key: json.loads(value)
+        for key, value in execute(
+            "SELECT key, value FROM kv WHERE key IN ('output_errors', 'submit_block', "
+            "'last_pass_at', 'api_health', 'batch_unsupported', 'short_generations', "
+            "'unexpected_shapes', 'suspended', 'out_dir')"
         )
-    except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
-    finally:
-        conn.close()
+    }
+    batches, ambiguous, doubles, spent, in_flight, orphans = execute(
+        "SELECT (SELECT count(*) FROM batches WHERE open = 1), "
+        "(SELECT count(*) FROM submits WHERE state = 'ambiguous'), "
+        "(SELECT coalesce(sum(possible_double), 0) FROM generations), "
+        # The same count as spent_since: what the budget sees.
+        "(SELECT count(*) FROM tasks WHERE at >= ?) + "
+        "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?), "
+        "(SELECT count(*) FROM generations "
+        "WHERE state IN ('submitting', 'unknown', 'running')), "
+        "(SELECT count(*) FROM orphans WHERE state IN ('open', 'unmatched'))",
+        [since, since],
+    ).fetchone()
+    names = (
+        [tuple(r) for r in execute("SELECT soundtrack, name FROM tracks").fetchall()]
+        if asked and not tracks
+        else []
+    )
     return StatusRead(
         tracks=tracks,
         spec_errors=spec_errors,
@@ -248,8 +281,8 @@ def submit_rows(store: Store, fingerprint: str) -> list[dict[str, Any]]:
     """Every submit that carried the fingerprint, oldest first."""
     return store.query(
         "SELECT id, at, kind, state, batch_id, error FROM submits "
-        "WHERE instr(fingerprints, ?) > 0 ORDER BY id",
-        [f'"{fingerprint}"'],
+        "WHERE fingerprints LIKE ? ESCAPE '\\' ORDER BY id",
+        [f'%"{_like(fingerprint)}"%'],
     )
 
 
@@ -266,13 +299,21 @@ def track_events(
     store: Store, soundtrack: str, name: str, fingerprint: str, clip_ids: Sequence[str]
 ) -> list[dict[str, Any]]:
     """A track's events, its generation's, and its clips' downloads, oldest first."""
+    # The clip's download event carries its id in ``data``, written by
+    # ``_dumps`` (sorted keys, no spaces), so a LIKE finds it on either backend.
+    downloads = " OR ".join(["data LIKE ? ESCAPE '\\'"] * len(clip_ids)) or "0 = 1"
     return store.query(
-        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
+        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "  # noqa: S608 (placeholders only)
         "WHERE (soundtrack = ? AND track = ?) OR (fingerprint = ? AND track IS NULL) "
-        "OR (event = 'clip.downloaded' "
-        "AND json_extract(data, '$.clip_id') IN (SELECT value FROM json_each(?))) ORDER BY id",
-        [soundtrack, name, fingerprint, json.dumps(list(clip_ids))],
+        f"OR (event = 'clip.downloaded' AND ({downloads})) ORDER BY id",
+        [soundtrack, name, fingerprint]
+        + [f'%"clip_id":{_like(json.dumps(c, ensure_ascii=False))}%' for c in clip_ids],
     )
+
+
+def _like(text: str) -> str:
+    """``text`` matched literally by a LIKE pattern with ``ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def events_after(
@@ -288,11 +329,22 @@ def events_after(
     selected tracks' fingerprints belong to them too (but not another
     soundtrack's track events for a shared fingerprint).
     """
+    # Only the conditions asked for: PostgreSQL cannot type a bare "? IS NULL".
+    where: list[str] = ["id > ?"]
+    params: list[Any] = [last_id]
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if soundtrack is not None:
+        mine = "soundtrack = ?" + (" AND track = ?" if track is not None else "")
+        theirs = "soundtrack = ?" + (" AND name = ?" if track is not None else "")
+        where.append(
+            f"(({mine}) OR (track IS NULL AND fingerprint IN "  # noqa: S608 (placeholders only)
+            f"(SELECT fingerprint FROM tracks WHERE {theirs})))"
+        )
+        params += [soundtrack, track, soundtrack, track] if track is not None else [soundtrack] * 2
     return store.query(
-        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "
-        "WHERE id > ? AND (? IS NULL OR at >= ?) AND (? IS NULL "
-        "OR (soundtrack = ? AND (? IS NULL OR track = ?)) OR (track IS NULL AND fingerprint IN "
-        "(SELECT fingerprint FROM tracks WHERE soundtrack = ? AND (? IS NULL OR name = ?)))) "
-        "ORDER BY id",
-        [last_id, since, since] + [soundtrack] * 2 + [track] * 2 + [soundtrack] + [track] * 2,
+        "SELECT id, at, event, fingerprint, soundtrack, track, data FROM events "  # noqa: S608 (placeholders only)
+        f"WHERE {' AND '.join(where)} ORDER BY id",
+        params,
     )

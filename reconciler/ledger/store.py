@@ -1,9 +1,10 @@
-"""The ledger's store: the SQLite connection, WAL, the schema and its migrations,
-the event log and the key/value facts.
+"""The ledger's store: the database (a SQLite file in WAL mode by default, or
+PostgreSQL), the schema and its migrations, the event log and the key/value facts.
 
 Where it sits: the bottom of the ``ledger`` package. ``work`` builds the state
-transitions on ``Store``; ``reports`` reads through ``connect_readonly``. Only
-this package touches SQLite.
+transitions on ``Store``; ``reports`` reads through ``connect_readonly`` (or
+PostgreSQL's read-only snapshot). Only this package touches a database; the
+PostgreSQL side lives in ``postgres``, which translates this module's SQL.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 from reconciler.errors import LedgerError
 
@@ -149,6 +150,121 @@ def _sqlite_utils() -> ModuleType:
     return sqlite_utils
 
 
+def is_postgres(target: Path | str) -> bool:
+    """Whether a ledger target names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
+
+
+def describe(target: Path | str) -> str:
+    """A ledger target for messages: a PostgreSQL URL without its password."""
+    if not is_postgres(target):
+        return str(target)
+    from reconciler.ledger.postgres import redact
+
+    return redact(str(target))
+
+
+#: URL schemes of a PostgreSQL ledger (libpq accepts both).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Cursor(Protocol):
+    """What a statement returns on either backend (sqlite3 and psycopg cursors)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Database(Protocol):
+    """One open ledger database. The ledger's SQL is written once, with ``?``
+    placeholders in the dialect both SQLite and PostgreSQL read (docs/ledger.md);
+    each backend turns it into what its driver takes."""
+
+    #: "sqlite" or "postgresql".
+    backend: str
+    #: The driver's error base classes, turned into ``LedgerError`` by ``Store``.
+    errors: tuple[type[Exception], ...]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]: ...
+
+    def atomic(self) -> AbstractContextManager[Any]: ...
+
+    def schema_version(self) -> int: ...
+
+    def migrate(self, step: int, script: str) -> None: ...
+
+    def integrity_ok(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteDatabase:
+    """The embedded default: one SQLite file in WAL mode, through sqlite-utils."""
+
+    backend = "sqlite"
+    errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return cast(Cursor, self.db.execute(sql, list(params)))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.db.conn.executemany(sql, rows)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]:
+        return cast(Iterable[dict[str, Any]], self.db.query(sql, list(params)))
+
+    def atomic(self) -> AbstractContextManager[Any]:
+        return cast(AbstractContextManager[Any], self.db.atomic())
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self, step: int, script: str) -> None:
+        # One script per step, schema and version together: DDL is
+        # transactional in SQLite, so a crash leaves the old version whole.
+        self.db.conn.executescript(f"BEGIN; {script} PRAGMA user_version = {step}; COMMIT;")
+
+    def integrity_ok(self) -> bool:
+        return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_sqlite(path: Path, *, readonly: bool) -> SqliteDatabase:
+    sqlite_utils = _sqlite_utils()
+
+    if readonly:
+        if not path.exists():
+            raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
+        conn = connect_readonly(path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30.0)
+    db = sqlite_utils.Database(conn)
+    if not readonly:
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode, which
+        # is the failure rule 2 is about; FULL only adds power-loss
+        # safety for the last transaction at a large cost per write.
+        db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return SqliteDatabase(db)
+
+
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """Open for ``status``, which must work for operators who cannot write the state folder.
 
@@ -168,65 +284,81 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def check_version(version: int, *, readonly: bool) -> bool:
+    """Whether the schema needs migrating; refuses a newer schema, or a migration when read-only."""
+    if version > len(MIGRATIONS):
+        raise LedgerError(
+            f"ledger schema version {version} is newer than this reconciler "
+            f"({len(MIGRATIONS)}); upgrade reconciler"
+        )
+    if version < len(MIGRATIONS) and readonly:
+        raise LedgerError("ledger needs a migration; run `reconciler sync` once")
+    return version < len(MIGRATIONS)
+
+
 class Store:
     """The open database and the clock every write is stamped with."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Clock = time.time) -> None:
+    def __init__(self, db: Database, clock: Clock = time.time) -> None:
         self.db = db
         self.clock = clock
 
     @classmethod
-    def open(cls, path: Path, *, clock: Clock = time.time, readonly: bool = False) -> Self:
-        sqlite_utils = _sqlite_utils()
+    def open(cls, target: Path | str, *, clock: Clock = time.time, readonly: bool = False) -> Self:
+        """Open the ledger at ``target``: a SQLite file, or a ``postgresql://`` URL."""
+        if is_postgres(target):
+            from reconciler.ledger.postgres import open_postgres
+
+            db: Database = open_postgres(str(target), readonly=readonly)
+        else:
+            try:
+                db = open_sqlite(Path(target), readonly=readonly)
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"{target}: cannot open ledger: {exc}") from exc
+        store = cls(db, clock)
         try:
-            if readonly:
-                if not path.exists():
-                    raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
-                conn = connect_readonly(path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, timeout=30.0)
-            db = sqlite_utils.Database(conn)
-            if not readonly:
-                db.execute("PRAGMA journal_mode=WAL")
-                # NORMAL is durable across process crashes in WAL mode, which
-                # is the failure rule 2 is about; FULL only adds power-loss
-                # safety for the last transaction at a large cost per write.
-                db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            store = cls(db, clock)
-            store._migrate(readonly)
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path}: cannot open ledger: {exc}") from exc
+            if readonly and db.backend == "postgresql" and db.schema_version() == 0:
+                raise LedgerError(f"{describe(target)}: no ledger yet (nothing has been synced)")
+            if check_version(db.schema_version(), readonly=readonly):
+                for i in range(db.schema_version(), len(MIGRATIONS)):
+                    db.migrate(i + 1, MIGRATIONS[i])
+        except db.errors as exc:
+            db.close()
+            raise LedgerError(f"{describe(target)}: cannot open ledger: {exc}") from exc
+        except LedgerError:
+            db.close()
+            raise
         return store
+
+    @classmethod
+    def open_existing(cls, target: Path | str, *, readonly: bool = True) -> Self | None:
+        """The ledger at ``target``, or None when nothing has been synced into it yet."""
+        if not is_postgres(target):
+            return cls.open(target, readonly=readonly) if Path(target).exists() else None
+        from reconciler.ledger.postgres import open_postgres
+
+        db = open_postgres(str(target), readonly=True)
+        try:
+            empty = db.schema_version() == 0
+        except db.errors as exc:
+            raise LedgerError(f"{describe(target)}: cannot open ledger: {exc}") from exc
+        finally:
+            db.close()
+        return None if empty else cls.open(target, readonly=readonly)
+
+    @property
+    def backend(self) -> str:
+        return self.db.backend
 
     def close(self) -> None:
         self.db.close()
-
-    def _migrate(self, readonly: bool) -> None:
-        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise LedgerError(
-                f"ledger schema version {version} is newer than this reconciler "
-                f"({len(MIGRATIONS)}); upgrade reconciler"
-            )
-        if version == len(MIGRATIONS):
-            return
-        if readonly:
-            raise LedgerError("ledger needs a migration; run `reconciler sync` once")
-        for i in range(version, len(MIGRATIONS)):
-            # One script per step, schema and version together: DDL is
-            # transactional in SQLite, so a crash leaves the old version whole.
-            self.db.conn.executescript(
-                f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; COMMIT;"
-            )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         try:
             with self.db.atomic():
                 yield
-        except sqlite3.DatabaseError as exc:
+        except self.db.errors as exc:
             raise LedgerError(f"ledger write failed: {exc}") from exc
 
     def _event(
@@ -267,7 +399,7 @@ class Store:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Read-only rows as dicts: the reports (``reports``) read through this."""
-        return list(self.db.query(sql, list(params)))
+        return list(self.db.query(sql, params))
 
     def integrity_ok(self) -> bool:
-        return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+        return self.db.integrity_ok()

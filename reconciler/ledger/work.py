@@ -166,7 +166,7 @@ def _spec_from_data(path: str, data: dict[str, Any]) -> SpecFile:
 
 
 class Ledger(Store):
-    """Typed transitions over the SQLite ledger. Time comes from ``clock``."""
+    """Typed transitions over the ledger (SQLite or PostgreSQL). Time comes from ``clock``."""
 
     # -- spec files and desired state --------------------------------------------
 
@@ -417,12 +417,13 @@ class Ledger(Store):
         now = self.clock()
         with self.transaction():
             # Every item counts as possibly charged until the answer says otherwise.
-            cur = self.db.execute(
-                "INSERT INTO submits (at, kind, state, fingerprints, unsettled) "
-                "VALUES (?, ?, 'intent', ?, ?)",
-                [now, kind, _dumps(list(fingerprints)), len(fingerprints)],
+            submit_id = int(
+                self.db.execute(
+                    "INSERT INTO submits (at, kind, state, fingerprints, unsettled) "
+                    "VALUES (?, ?, 'intent', ?, ?) RETURNING id",
+                    [now, kind, _dumps(list(fingerprints)), len(fingerprints)],
+                ).fetchone()[0]
             )
-            submit_id = int(cur.lastrowid or 0)
             for fp in fingerprints:
                 self.db.execute(
                     "UPDATE generations SET state = 'submitting', submit_id = ?, updated_at = ? "
@@ -492,9 +493,9 @@ class Ledger(Store):
             for task_id in orphans:
                 if self._task_owner(task_id) is None:
                     self.db.execute(
-                        "INSERT OR IGNORE INTO orphans "
+                        "INSERT INTO orphans "
                         "(task_id, submit_id, batch_id, at, next_poll, state) "
-                        "VALUES (?, ?, ?, ?, ?, 'open')",
+                        "VALUES (?, ?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
                         [task_id, submit_id, batch_id, now, poll_at],
                     )
                     self._event("task.orphan", task_id=task_id, submit_id=submit_id)
@@ -535,9 +536,9 @@ class Ledger(Store):
         poll_at: float,
     ) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO tasks "
+            "INSERT INTO tasks "
             "(task_id, fingerprint, batch_id, idx, state, at, next_poll) "
-            "VALUES (?, ?, ?, ?, 'running', ?, ?)",
+            "VALUES (?, ?, ?, ?, 'running', ?, ?) ON CONFLICT DO NOTHING",
             [task_id, fp, batch_id, idx, now, poll_at],
         )
         self.db.execute(
@@ -736,9 +737,9 @@ class Ledger(Store):
             for task_id in task_ids:
                 if self._task_owner(task_id) is None:
                     cur = self.db.execute(
-                        "INSERT OR IGNORE INTO orphans "
+                        "INSERT INTO orphans "
                         "(task_id, submit_id, batch_id, at, next_poll, state) "
-                        "VALUES (?, ?, ?, ?, ?, 'open')",
+                        "VALUES (?, ?, ?, ?, ?, 'open') ON CONFLICT DO NOTHING",
                         [task_id, submit_id, batch_id, now, now],
                     )
                     if cur.rowcount:
@@ -786,7 +787,7 @@ class Ledger(Store):
     def defer_batches(self, batch_ids: Sequence[str], next_poll: float) -> None:
         """Put off polls that would tell nothing new (a cohort's probe is still running)."""
         with self.transaction():
-            self.db.conn.executemany(
+            self.db.executemany(
                 "UPDATE batches SET next_poll = ? WHERE batch_id = ?",
                 [(next_poll, b) for b in batch_ids],
             )
@@ -1205,8 +1206,10 @@ class Ledger(Store):
         if row is None:
             return
         with self.transaction():
-            for path, key in json.loads(row[0]).items():
-                self.db.execute("UPDATE outputs SET tags_key = ? WHERE path = ?", [key, path])
+            self.db.executemany(
+                "UPDATE outputs SET tags_key = ? WHERE path = ?",
+                [(key, path) for path, key in json.loads(row[0]).items()],
+            )
             self.db.execute("DELETE FROM kv WHERE key = 'output_tags'")
 
     def output_removed(self, path: str, trash: str) -> None:
