@@ -1113,12 +1113,26 @@ def later(seconds: float) -> Callable[[], int]:
     return lambda: time.time_ns() + int(seconds * 1e9)
 
 
-def test_a_file_is_stamped_only_once_it_is_too_old_to_change_unseen(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_bytes(GOOD)
+def test_a_file_read_too_young_to_be_sure_of_gets_a_stamp_that_never_matches(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_bytes(GOOD)
+    now = stamp(path.stat())
     # Just written: a write in the same timestamp tick would go unseen.
-    assert scan_specs(tmp_path).stamps == {}
-    old = scan_specs(tmp_path, wall_ns=later(specs.RACY_NS / 1e9 + 1))
-    assert old.stamps == {"a.yaml": stamp((tmp_path / "a.yaml").stat())}
+    young = scan_specs(tmp_path).stamps["a.yaml"]
+    assert young == now + specs.YOUNG
+    old = scan_specs(tmp_path, wall_ns=later(specs.RACY_NS / 1e9 + 1)).stamps["a.yaml"]
+    assert old == now
+    # The same file, seen again when older, is no change to record.
+    assert specs.same_file(young, old)
+    # A young stamp never matches: the file is read again, even unchanged.
+    files = scan_specs(tmp_path).files
+    with (
+        mock.patch.object(os, "open", side_effect=AssertionError("read")),
+        pytest.raises(AssertionError, match="read"),
+    ):
+        scan_specs(tmp_path, reuse=files, stamps={"a.yaml": young})
     (tmp_path / "b.yaml").write_bytes(b"tracks: [")
     assert "b.yaml" not in scan_specs(tmp_path, wall_ns=later(10)).stamps, "invalid: no stamp"
 

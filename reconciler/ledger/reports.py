@@ -30,6 +30,7 @@ from reconciler.ledger.work import (
     usable_clips,
 )
 from reconciler.planning import Generation, Suspension
+from reconciler.specs import YOUNG
 
 #: Runs one statement of the portable dialect (``?`` placeholders) in a snapshot.
 Execute = Callable[..., Any]
@@ -120,7 +121,7 @@ def read_plan(
         stamps = {}
         for p, body, stamp in execute(LAST_GOOD_SQL):
             last_good[p] = file_tracks_from_json(p, body)
-            if stamp is not None:
+            if stamp is not None and not stamp.endswith(YOUNG):
                 stamps[p] = stamp
         generations = {r[0]: Generation(*r) for r in execute(GENERATIONS_SQL)}
         outputs = {

@@ -40,7 +40,7 @@ from reconciler.planning import (
     file_tracks,
     fingerprint,
 )
-from reconciler.specs import SpecFile, TrackSpec
+from reconciler.specs import SpecFile, TrackSpec, same_file
 
 if TYPE_CHECKING:
     pass
@@ -218,7 +218,9 @@ class Ledger(Store):
 
         With ``only``, just those paths are compared (and removed when they are
         in neither mapping): a pass that read only the files that changed.
-        ``stamps`` are the valid files' ``specs.stamp`` as read (``SpecScan.stamps``).
+        ``stamps`` are the valid files' stamps as read (``SpecScan.stamps``):
+        one is written only with a new version or when the file was written
+        since, not when it merely aged past ``specs.YOUNG``.
         """
         now = self.clock()
         stamps = stamps or {}
@@ -234,14 +236,12 @@ class Ledger(Store):
         with self.transaction():
             for path, spec in valid.items():
                 was = known.get(path)
-                if was == (spec.digest, None, stamps.get(path)):
-                    continue
+                read = stamps.get(path)
                 if was is not None and was[:2] == (spec.digest, None):
-                    # The same version, touched (or old enough now to trust).
-                    self.db.execute(
-                        "UPDATE spec_files SET stamp = ? WHERE path = ?",
-                        [stamps.get(path), path],
-                    )
+                    if read is None or (was[2] is not None and same_file(was[2], read)):
+                        continue
+                    # The same version, touched: its new stamp vouches for it.
+                    self.db.execute("UPDATE spec_files SET stamp = ? WHERE path = ?", [read, path])
                     continue
                 self.db.execute(
                     "INSERT INTO spec_files "
@@ -250,7 +250,7 @@ class Ledger(Store):
                     "soundtrack = excluded.soundtrack, digest = excluded.digest, "
                     "body = excluded.body, error = NULL, stamp = excluded.stamp, "
                     "updated_at = excluded.updated_at",
-                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), stamps.get(path), now],
+                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), read, now],
                 )
                 self._event("spec.accepted", path=path, soundtrack=spec.soundtrack)
             for path, error in errors.items():

@@ -8,6 +8,7 @@ from reconciler.limits import DEFAULT_MODELS
 from reconciler.specs.files import (
     MAX_SPEC_BYTES,
     RACY_NS,
+    YOUNG,
     Look,
     Observation,
     Settling,
@@ -15,6 +16,7 @@ from reconciler.specs.files import (
     is_spec_candidate,
     load_spec_file,
     observe,
+    same_file,
     scan_specs,
     stamp,
 )
@@ -26,6 +28,7 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "RACY_NS",
     "SPEC_SUFFIXES",
+    "YOUNG",
     "Look",
     "Observation",
     "Settling",
@@ -36,6 +39,7 @@ __all__ = [
     "load_spec_file",
     "observe",
     "parse_spec",
+    "same_file",
     "scan_specs",
     "stamp",
 ]

@@ -50,9 +50,9 @@ class SpecScan:
     settled_by: float | None = None
     #: How every file read looked, to pass as ``Settling.previous`` next time.
     observed: Mapping[str, Observation] = field(default_factory=dict)
-    #: The :func:`stamp` of each file in ``files`` that may be trusted
-    #: unread next time (see ``scan_specs``'s ``stamps``); absent when the
-    #: file was too young when read to be sure of it.
+    #: The :func:`stamp` of each file in ``files`` as it was read, to be
+    #: trusted unread next time (see ``scan_specs``'s ``stamps``); it ends in
+    #: ``YOUNG`` when the file was too young when read to be sure of it.
     stamps: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -60,12 +60,22 @@ class SpecScan:
 #: same timestamp (2 s is the coarsest granularity, FAT's): its stamp is not
 #: trusted, so it is read again (git's "racy" files).
 RACY_NS = 2_000_000_000
+#: The end of the stamp of a file read within ``RACY_NS`` of its last change:
+#: it never equals a :func:`stamp`, so the file is always read. It is kept
+#: rather than dropped so that the same file found older later is not a
+#: change to record (a converged reconciler writes nothing).
+YOUNG = " young"
 
 
 def stamp(st: os.stat_result) -> str:
     """What tells that a file was not written since: size, mtime, inode and
     ctime (which no tool can set back, unlike mtime)."""
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+
+
+def same_file(recorded: str, read: str) -> bool:
+    """Whether two stamps (either maybe ``YOUNG``) are of one unchanged file."""
+    return recorded.removesuffix(YOUNG) == read.removesuffix(YOUNG)
 
 
 # ---------------------------------------------------------------------------
@@ -214,9 +224,9 @@ def scan_specs(
     ``stamps`` (a cold ``plan``: what the ledger recorded of the last good
     versions in ``reuse``, from an earlier scan's ``stamps``) spares reading
     a file whose :func:`stamp` is unchanged: ``reuse[rel]`` is taken as it
-    is. Only a file already ``RACY_NS`` old when it was read (by ``wall_ns``,
-    the clock file times are on) gets a stamp, so a write in the same tick as
-    that read still changes the ctime.
+    is. Only the stamp of a file already ``RACY_NS`` old when it was read
+    (by ``wall_ns``, the clock file times are on) can match, so a write in
+    the same tick as that read still changes the ctime.
     """
     try:
         root_stat = root.stat()
@@ -263,8 +273,8 @@ def scan_specs(
                 new_stamps[rel] = stamp(st)
             else:
                 digest = hashlib.sha256(data).hexdigest()
-                if max(st.st_mtime_ns, st.st_ctime_ns) < young:
-                    new_stamps[rel] = stamp(st)
+                racy = max(st.st_mtime_ns, st.st_ctime_ns) >= young
+                new_stamps[rel] = stamp(st) + (YOUNG if racy else "")
             if settle is not None:
                 look = Look(st.st_size, st.st_mtime_ns, digest)
                 seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
