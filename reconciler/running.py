@@ -101,13 +101,12 @@ def summary_line(r: PassResult) -> str:
 
 
 def _disk_state(
-    folder: out.OutputFolder, path: str, size: int, mtime_ns: int, sha: str
+    folder: out.OutputFolder, path: str, state: tuple[int, int] | None, sha: str
 ) -> DiskState:
-    soundtrack, name = path.split("/", 1)
-    state = folder.state(soundtrack, name)
+    """An output whose (size, mtime_ns) is not the recorded one, by its content."""
     if state is None:
         return "missing"
-    if state == (size, mtime_ns) or out.sha256_file(folder.path(soundtrack, name)) == sha:
+    if out.sha256_file(folder.path(*path.split("/", 1))) == sha:
         return "ok"
     return "drifted"
 
@@ -182,8 +181,13 @@ def make_plan(
         # Only a file to restore needs its clip (to ask the cache for it): by
         # index, not a read of every clip in the ledger.
         wanted = set()
+        states = folder.states(records)
         for p, fingerprint, _, sha256, size, mtime_ns in records.values():
-            disk = disks[p] = _disk_state(folder, p, size, mtime_ns, sha256)
+            state = states[p]
+            if state == (size, mtime_ns):
+                disks[p] = "ok"
+                continue
+            disk = disks[p] = _disk_state(folder, p, state, sha256)
             if fingerprint and disk != "ok":
                 wanted.add(fingerprint)
         return wanted
@@ -213,7 +217,7 @@ def make_plan(
     spent_today = CREDITS_PER_TASK * read.spent
     cache = AudioCache(settings.state_dir / "cache")
     facts: dict[str, OutputFact] = {}
-    for p, fingerprint, clip, *_ in records.values():
+    for p, fingerprint, clip, _, _, _ in records.values():
         disk = disks[p]
         if disk == "ok":
             facts[p] = OutputFact(p, fingerprint or "", disk, cached=False)
@@ -240,9 +244,13 @@ def make_plan(
         only=only,
     )
     decided = plan(desired, snapshot, now, Limits(settings.max_in_flight, prune=settings.prune))
+    # The tracks of what the plan names: at 50,000 tracks and nothing to do,
+    # none of them.
+    named = {*decided.submit, *(h.fingerprint for h in decided.held), *decided.parked}
     by_fp: dict[str, list[str]] = {}
-    for t in desired.tracks:
-        by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
+    for t in desired.tracks if named else ():
+        if t.fingerprint in named:
+            by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
     held = [
         {
             "fingerprint": h.fingerprint,
