@@ -91,9 +91,6 @@ class Settings:
     out_dir: Path = Path("tracks")
     #: Folder of the ledger, the audio cache and the trash (``state``).
     state_dir: Path = Path(".reconciler")
-    #: Where the ledger is (``ledger``): a ``postgresql://`` URL (replicas share
-    #: it), or a SQLite file; None: ``ledger.sqlite3`` in the state folder.
-    ledger: str | None = None
     #: MusicAPI base URL, without a trailing slash (``api_url``).
     api_url: str = DEFAULT_API_URL
     #: The API key; None when none is configured (``require_key`` says how to set one).
@@ -106,6 +103,9 @@ class Settings:
     field_limits: FieldLimits = field(default_factory=lambda: FIELD_LIMITS)
     #: Least important log level shown: debug, info, warning or error (``log_level``).
     log_level: str = "info"
+    #: Where the ledger is (``ledger``): a ``postgresql://`` URL (replicas share
+    #: it), or a SQLite file; None: ``ledger.sqlite3`` in the state folder.
+    ledger: str | None = None
 
     # [submit]
     #: Seconds a burst of saves may share batches, and how long a spec file must

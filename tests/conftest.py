@@ -2,16 +2,19 @@
 
 The suite runs in parallel (pytest-xdist, ``-n`` in pyproject's addopts): each
 worker is its own session, so each has its own sandbox server on its own
-free port, and tests keep their files under ``tmp_path``.
+free port, its own PostgreSQL server once a test asks for one, and tests keep
+their files under ``tmp_path``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from reconciler.sandbox import SandboxConfig, SandboxControl, SandboxServer
+from tests.pgserver import PgServer, PgUnavailableError
 
 SANDBOX_LATENCY = 0.2
 
@@ -62,3 +65,45 @@ def sandbox(sandbox_server: SandboxServer) -> SandboxControl:
     control = SandboxControl(sandbox_server.base_url, sandbox_server.key)
     control.reset()
     return control
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL server for this worker, started the first time a test needs it.
+
+    The machine's PostgreSQL, from ``initdb`` in a temporary folder, on a free
+    127.0.0.1 port, fsync off; stopped and removed at the end of the session,
+    or by its watchdog if the run is killed. Where PostgreSQL is not installed
+    the tests that need it fail, saying how to install it: they never skip.
+    Use ``pg_url`` for a database; this fixture is for tests of the server itself.
+    """
+    try:
+        server = PgServer.start()
+    except PgUnavailableError as error:
+        pytest.fail(str(error), pytrace=False)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """``postgresql://postgres@127.0.0.1:PORT/test_N``: a fresh empty database for this test.
+
+    Dropped after the test, whatever connections it left open.
+    """
+    with pg_server.database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's ledger lives, once per backend: what ``Ledger.open`` takes.
+
+    ``sqlite``: a file under ``tmp_path`` (the default ledger); ``postgresql``:
+    a fresh database on this worker's PostgreSQL server (``pg_url``), which is
+    started only when such a test runs.
+    """
+    if request.param == "sqlite":
+        return tmp_path / "ledger.sqlite3"
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -1,7 +1,8 @@
 """A reconciler and the sandbox in one process, for tests of whole passes that need no CLI.
 
 The sandbox's ASGI app answers through ``httpx.ASGITransport`` on a manual
-clock, and the ``Reconciler`` runs on a real SQLite ledger and real folders
+clock, and the ``Reconciler`` runs on a real ledger (the SQLite file, or the
+database a test names with ``ledger=``) and real folders
 under the test's ``tmp_path`` with an injected clock; both clocks move
 together, a poll interval per pass, so generation takes no wall time and
 nothing waits. Behaviour a user sees through the CLI keeps its subprocess

@@ -40,7 +40,7 @@ max_requests_per_second = 200
 """
 
 #: Commands that only read or write the ledger and so take no API options.
-OFFLINE_COMMANDS = ("status", "retry")
+OFFLINE_COMMANDS = ("status", "retry", "describe", "events")
 
 T = TypeVar("T")
 
@@ -90,7 +90,7 @@ class Project:
             "--specs", str(self.specs), "--out", str(self.out), "--state", str(self.state),
             "--config", str(self.config),
         ]  # fmt: skip
-        # status and retry never call the API, so they take no --api-url.
+        # These never call the API, so they take no --api-url.
         if command not in OFFLINE_COMMANDS:
             args += ["--api-url", self.sandbox.base_url]
         return args

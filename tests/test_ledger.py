@@ -1,4 +1,5 @@
-"""The ledger's money transitions, in process, on a real SQLite file with an injected clock.
+"""The ledger's money transitions, in process, with an injected clock, on each backend:
+a real SQLite file and a real PostgreSQL database (``ledger_target``).
 
 Each test walks one submit through the states a user's credits depend on and
 reads back what the budget and ``status`` would see.
@@ -46,7 +47,7 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path, clock: Clock) -> Iterator[Ledger]:
+def ledger(tmp_path: Path, ledger_target: Path | str, clock: Clock) -> Iterator[Ledger]:
     specs = tmp_path / "specs"
     specs.mkdir()
     lines = ["defaults:", "  mv: sonic-v5", "tracks:"]
@@ -54,7 +55,7 @@ def ledger(tmp_path: Path, clock: Clock) -> Iterator[Ledger]:
         lines += [f"  - name: {name}", f"    gpt_description_prompt: prompt {name}"]
     (specs / "mix.yaml").write_text("\n".join(lines) + "\n")
     scan = scan_specs(specs)
-    ledger = Ledger.open(tmp_path / "ledger.sqlite3", clock=clock)
+    ledger = Ledger.open(ledger_target, clock=clock)
     ledger.apply_desired(desired_state(scan.files, (), scan.root_state, {}))
     yield ledger
     ledger.close()

@@ -1,6 +1,6 @@
 """The money policy under random sequences of answers (hypothesis stateful testing).
 
-A real ``Reconciler`` with its real SQLite ledger talks, in process, to the
+A real ``Reconciler`` with its real ledger (SQLite, and again PostgreSQL) talks, in process, to the
 real sandbox app (its books are the truth about what was charged) through a
 transport that makes each submit end the way hypothesis chose: accepted,
 answer lost after the service processed it, a 5xx before or after
@@ -36,7 +36,13 @@ import stamina
 import structlog
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from pydantic import SecretStr
 
 from reconciler.config import Settings
@@ -47,6 +53,7 @@ from reconciler.sandbox.app import Connections, create_app
 from reconciler.sandbox.config import SandboxConfig
 from reconciler.sandbox.state import ManualClock, SandboxState
 from reconciler.sandbox.state import fingerprint as item_hash
+from tests.pgserver import PgServer
 
 BASE = "http://sandbox.test"
 KEY = "sandbox-key"
@@ -103,9 +110,14 @@ class Wire(httpx.AsyncBaseTransport):
     suppress_health_check=[HealthCheck.too_slow],
 )
 class MoneyPolicy(RuleBasedStateMachine):
+    #: None: each example's ledger is the SQLite file in its state folder; a
+    #: server: a fresh PostgreSQL database on it (see the test at the end).
+    pg_server: PgServer | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="money-"))
+        self.database = self.pg_server.create_database() if self.pg_server else None
         (self.tmp / "specs").mkdir()
         self.now = 1_800_000_000.0
         self.sandbox_clock = ManualClock()
@@ -133,6 +145,7 @@ class MoneyPolicy(RuleBasedStateMachine):
             backoff_initial=1.0,
             backoff_cap=20.0,
             max_credits=MAX_CREDITS,
+            ledger=self.pg_server.url(self.database) if self.pg_server and self.database else None,
         )
         self.ledger = Ledger.open(self.settings.ledger_target, clock=self.clock)
         self.reconciler = self._reconciler()
@@ -149,6 +162,8 @@ class MoneyPolicy(RuleBasedStateMachine):
         self.loop.run_until_complete(self.api.aclose())
         self.loop.close()
         self.ledger.close()
+        if self.pg_server and self.database:
+            self.pg_server.drop_database(self.database)
 
     # -- what happens -------------------------------------------------------------
 
@@ -275,3 +290,11 @@ def _no_retry_waits() -> Any:
 
 
 TestMoneyPolicy = MoneyPolicy.TestCase
+
+
+def test_the_money_policy_holds_on_a_postgresql_ledger(pg_server: PgServer) -> None:
+    class OnPostgres(MoneyPolicy):
+        pass
+
+    OnPostgres.pg_server = pg_server
+    run_state_machine_as_test(OnPostgres, settings=TestMoneyPolicy.settings)

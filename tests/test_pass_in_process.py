@@ -41,8 +41,9 @@ tracks:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path, SPECS)
+def world(tmp_path: Path, ledger_target: Path | str) -> Iterator[World]:
+    """On each backend: the default SQLite file in the state folder, or a PostgreSQL URL."""
+    w = World(tmp_path, SPECS, ledger=ledger_target if isinstance(ledger_target, str) else None)
     yield w
     w.close()
 
@@ -65,7 +66,7 @@ def test_passes_write_every_track_and_the_books_match(world: World) -> None:
 
     # The books: the sandbox charged one task per track, the ledger counts
     # exactly those, and nothing was paid twice.
-    books = accounting(world.sandbox, world.settings.state_dir)
+    books = accounting(world.sandbox, world.settings.ledger or world.settings.state_dir)
     books.check_credits()
     assert books.tasks_created == 3
     assert books.paid_twice == 0
@@ -96,7 +97,7 @@ def test_an_edited_track_is_generated_again_and_only_it(world: World) -> None:
     world.run()
     out = world.settings.out_dir
     assert materialised(out) == expected_tracks(world.settings.specs_dir)
-    books = accounting(world.sandbox, world.settings.state_dir)
+    books = accounting(world.sandbox, world.settings.ledger or world.settings.state_dir)
     books.check_credits()
     # Three tracks at first, then one more for the edit.
     assert books.tasks_created == 4

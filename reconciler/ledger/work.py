@@ -104,6 +104,10 @@ LOST_ANSWER_PARK = (
     "generation, so it is not sent again on its own: `reconciler retry` sends it "
     "again at the risk of paying twice"
 )
+#: A reason that contains LOST_ANSWER_PARK, as a LIKE pattern both backends read
+#: (SQLite's instr() does not exist in PostgreSQL). The text has no wildcard, and
+#: one added later would only widen the match around it.
+_LOST_ANSWER_LIKE = f"%{LOST_ANSWER_PARK}%"
 
 
 def spec_to_json(spec: SpecFile) -> str:
@@ -1077,10 +1081,11 @@ class Ledger(Store):
                 cur = self.db.execute(
                     # Sending a lost-answer item again may pay twice: counted.
                     "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
-                    "possible_double = possible_double + (instr(coalesce(reason, ''), ?) > 0), "
+                    "possible_double = possible_double "
+                    "+ CASE WHEN reason LIKE ? THEN 1 ELSE 0 END, "
                     "resubmits = 0, "
                     "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
-                    [LOST_ANSWER_PARK, now, fp],
+                    [_LOST_ANSWER_LIKE, now, fp],
                 )
                 if cur.rowcount:
                     n += 1

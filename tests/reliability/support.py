@@ -3,7 +3,7 @@
 The tests drive real ``reconciler`` processes (``tests/project.py``,
 ``tests/daemonproc.py``) against the session's sandbox; the functions here
 judge what those processes left behind, from the outside: the output folder,
-the ledger file and the sandbox's own books.
+the ledger (its SQLite file, or a PostgreSQL database) and the sandbox's own books.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from bench.common import revision
 from reconciler.audio import probe_audio
@@ -155,27 +157,39 @@ class Accounting:
         assert self.credits_charged - self.credits_refunded == TASK_COST * paid, self
 
 
-def accounting(server: SandboxServer | SandboxState, state: Path) -> Accounting:
+def generation_rows(ledger: Path | str) -> list[tuple[str, str, int]]:
+    """(fingerprint, request, possible_double) of every generation, read from outside.
+
+    ``ledger``: a state folder (its SQLite file, opened read-only) or a
+    ``postgresql://`` URL.
+    """
+    query = "SELECT fingerprint, request, possible_double FROM generations"
+    if isinstance(ledger, str):
+        with psycopg.connect(ledger) as conn:
+            return [(fp, request, int(double)) for fp, request, double in conn.execute(query)]
+    db = sqlite3.connect(f"file:{ledger_path(ledger)}?mode=ro", uri=True, timeout=10)
+    try:
+        return [(fp, request, int(double)) for fp, request, double in db.execute(query)]
+    finally:
+        db.close()
+
+
+def accounting(server: SandboxServer | SandboxState, ledger: Path | str) -> Accounting:
     """Join the sandbox's tasks (in process) with the ledger's generations.
 
     A task is keyed by the sandbox's fingerprint of the submitted item
     (webhook fields left out), which is the ledger's stored request for a
     generation, so each task is attributed to the reconciler fingerprint that
     paid for it. Call it once the run is over: it reads the server's state
-    from this thread (or takes a ``SandboxState`` run in process).
+    from this thread (or takes a ``SandboxState`` run in process). ``ledger``:
+    the state folder of a SQLite ledger, or a PostgreSQL ledger's URL.
     """
     sandbox = server.state if isinstance(server, SandboxServer) else server
     sandbox.advance()  # refunds that are due
     now = sandbox.clock()
     tasks = list(sandbox.tasks.values())
-    db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = db.execute(
-            "SELECT fingerprint, request, possible_double FROM generations"
-        ).fetchall()
-    finally:
-        db.close()
-    ours = {fingerprint(json.loads(request)): (fp, int(double)) for fp, request, double in rows}
+    rows = generation_rows(ledger)
+    ours = {fingerprint(json.loads(request)): (fp, double) for fp, request, double in rows}
     spends = {fp: Spend(0, 0, double) for fp, double in ours.values()}
     failed = stuck = 0
     for task in tasks:
