@@ -93,9 +93,15 @@ class OutputFolder:
         """:meth:`state` of many ``soundtrack/file`` paths in one loop (a plan
         stats every output: the calls per file cost more than the ``stat``)."""
         found: dict[str, tuple[int, int] | None] = {}
+        parents: dict[str, str] = {}
         for rel in rels:
             soundtrack, filename = rel.split("/", 1)
-            path = f"{self._parent(soundtrack, filename)[1]}/{filename}"
+            parent = parents.get(soundtrack)
+            if parent is None:
+                parent = parents[soundtrack] = self._parent(soundtrack, filename)[1]
+            else:
+                _plain("file name", filename, self.root)
+            path = f"{parent}/{filename}"
             try:
                 st = os.stat(path)
             except (FileNotFoundError, NotADirectoryError):

@@ -609,7 +609,7 @@ def plan(desired: Desired, snapshot: Snapshot, now: float, limits: Limits) -> Pl
     reuse, restore, prune = _outputs_plan(desired, gens, snapshot.outputs, limits.prune)
     return Plan(
         submit=tuple(submit),
-        held=tuple(sorted(held, key=_spec_order(desired))),
+        held=tuple(sorted(held, key=_spec_order(desired))) if held else (),
         reuse=reuse,
         restore=restore,
         prune=prune,
