@@ -11,7 +11,10 @@ one unmeasured ``sync`` per tree (a fresh sandbox, and the ledger at this
 schema), one unmeasured ``plan`` per tree (bytecode cache), then
 ``--repeat`` rounds of a cold ``plan`` (wall time, peak RSS) and of
 ``reconciler run`` until its start-up pass (a full pass) has logged, whose
-``VmHWM`` is the daemon's peak RSS at that point.
+``VmHWM`` is the daemon's peak RSS at that point. When this commit
+migrates the ledger to a schema the baseline cannot read, give the baseline
+its own copies of the folders (``--baseline-fixtures``; ``cp -a`` keeps the
+mtimes).
 
     uv run python bench/plan_startup.py --sizes 10000,50000 --fixtures /tmp/incr/fx \\
         --baseline /tmp/base --section plan-startup
@@ -88,20 +91,24 @@ def daemon_startup(work: Path, api_url: str) -> tuple[float, float]:
     return float(done[0]["seconds"]), peak
 
 
-def measure(work: Path, trees: dict[str, Path | None], repeat: int) -> dict[str, Figures]:
-    common = ["--config", str(work / "reconciler.toml")]
+def measure(
+    works: dict[str, Path], trees: dict[str, Path | None], repeat: int
+) -> dict[str, Figures]:
+    """Each tree's figures, each on its own copy of the folder (``works``)."""
     figures = {name: Figures() for name in trees}
     with sandbox(0.5) as sbx:
-        for tree in trees.values():
+        for name, tree in trees.items():
             using(tree)
-            run = run_cli(["sync", *common], work, api_url=sbx.base_url)
+            common = ["--config", str(works[name] / "reconciler.toml")]
+            run = run_cli(["sync", *common], works[name], api_url=sbx.base_url)
             if run.exit_code != 0:
-                raise RuntimeError(f"sync in {work} exited {run.exit_code}")
-            run_cli(["plan", *common], work)
+                raise RuntimeError(f"sync in {works[name]} exited {run.exit_code}")
+            run_cli(["plan", *common], works[name])
         for _ in range(repeat):
             for name, tree in trees.items():
                 using(tree)
-                run = run_cli(["plan", *common], work)
+                work = works[name]
+                run = run_cli(["plan", "--config", str(work / "reconciler.toml")], work)
                 if run.exit_code != 0:
                     raise RuntimeError(f"plan in {work} exited {run.exit_code}: not converged")
                 figures[name].plan.append(run)
@@ -109,7 +116,7 @@ def measure(work: Path, trees: dict[str, Path | None], repeat: int) -> dict[str,
                 figures[name].startup_pass.append(seconds)
                 figures[name].daemon_peak_mb.append(peak)
                 print(
-                    f"  {work.name} {name}: plan {run.wall:.2f} s {run.max_rss_mb:.0f} MB; "
+                    f"  {work} {name}: plan {run.wall:.2f} s {run.max_rss_mb:.0f} MB; "
                     f"daemon start-up pass {seconds:.2f} s, peak {peak:.0f} MiB",
                     flush=True,
                 )
@@ -170,6 +177,12 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, help="a source tree of older code, measured alongside"
     )
+    parser.add_argument(
+        "--baseline-fixtures",
+        type=Path,
+        help="the baseline's own converged folders (default: --fixtures), for when "
+        "this commit migrates the ledger to a schema the baseline cannot read",
+    )
     parser.add_argument("--section", help="write the table to this section of bench/RESULTS.md")
     args = parser.parse_args()
     args.command = command_line("bench/plan_startup.py")
@@ -179,7 +192,11 @@ def main() -> None:
     trees: dict[str, Path | None] = {"this commit": None}
     if args.baseline:
         trees = {"baseline": args.baseline.resolve(), **trees}
-    results = {n: measure(args.fixtures / str(n), trees, args.repeat) for n in args.sizes}
+    roots = {"this commit": args.fixtures, "baseline": args.baseline_fixtures or args.fixtures}
+    results = {
+        n: measure({name: roots[name] / str(n) for name in trees}, trees, args.repeat)
+        for n in args.sizes
+    }
     text = report(results, trees, args)
     print(text)
     if args.section:

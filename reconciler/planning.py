@@ -609,7 +609,7 @@ def plan(desired: Desired, snapshot: Snapshot, now: float, limits: Limits) -> Pl
     reuse, restore, prune = _outputs_plan(desired, gens, snapshot.outputs, limits.prune)
     return Plan(
         submit=tuple(submit),
-        held=tuple(sorted(held, key=_spec_order(desired))),
+        held=tuple(sorted(held, key=_spec_order(desired))) if held else (),
         reuse=reuse,
         restore=restore,
         prune=prune,
@@ -646,11 +646,8 @@ def _outputs_plan(
                 break
             if fact.disk != "ok" and fact.cached:
                 restore.append(path)
+    if not (prune and desired.prune_allowed):
+        return tuple(reuse), tuple(restore), ()
     wanted = {p for t in desired.tracks for p in t.outputs}
     wanted |= {f"{s}/{n}" for s in desired.soundtracks for n in LIST_FILES}
-    pruned = (
-        tuple(sorted(p for p in outputs if p not in wanted))
-        if prune and desired.prune_allowed
-        else ()
-    )
-    return tuple(reuse), tuple(restore), pruned
+    return tuple(reuse), tuple(restore), tuple(sorted(p for p in outputs if p not in wanted))

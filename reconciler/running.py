@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from reconciler.app import api_client, open_app
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
-from reconciler.ledger import Ledger
+from reconciler.ledger import PlanOutput, PlanRead, read_plan
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
@@ -100,13 +101,12 @@ def summary_line(r: PassResult) -> str:
 
 
 def _disk_state(
-    folder: out.OutputFolder, path: str, size: int, mtime_ns: int, sha: str
+    folder: out.OutputFolder, path: str, state: tuple[int, int] | None, sha: str
 ) -> DiskState:
-    soundtrack, name = path.split("/", 1)
-    state = folder.state(soundtrack, name)
+    """An output whose (size, mtime_ns) is not the recorded one, by its content."""
     if state is None:
         return "missing"
-    if state == (size, mtime_ns) or out.sha256_file(folder.path(soundtrack, name)) == sha:
+    if out.sha256_file(folder.path(*path.split("/", 1))) == sha:
         return "ok"
     return "drifted"
 
@@ -163,6 +163,7 @@ def make_plan(
     *,
     only: frozenset[str] | None = None,
     now: float | None = None,
+    digests: bool = True,
 ) -> dict[str, Any]:
     """The dry run behind ``reconciler plan``: no lock, no writes.
 
@@ -170,52 +171,63 @@ def make_plan(
     spending, and the output files) and calls the pass's own
     ``planning.plan``; ``balance`` is the account's, when the caller could ask
     for it. ``only`` restricts it as ``apply`` restricts its passes.
+    ``digests`` adds what ``apply`` compares (``specs_digest``, ``ledger_digest``).
     """
     now = time.time() if now is None else now
-    ledger = Ledger.open_existing(settings.ledger_target)
-    try:
-        # With the fingerprints stored beside them: hashing 50,000 tracks
-        # again would be most of a cold plan.
-        built = ledger.last_good_tracks() if ledger else {}
-        last_good = {p: f.spec for p, f in built.items()}
-        # Every file is read as it is now; one written in the last batching
-        # window is only noted, since a pass would wait for it to settle.
-        settle = Settling({}, now, settings.batch_window, hold=False)
-        scan = scan_specs(
-            settings.specs_dir,
-            models=settings.models,
-            limits=settings.field_limits,
-            reuse=last_good,
-            settle=settle,
-        )
-        desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
-        gens = ledger.generations() if ledger else {}
-        records = ledger.outputs() if ledger else {}
-        folder = out.OutputFolder(settings.out_dir)
-        disks = {
-            p: _disk_state(folder, p, r.size, r.mtime_ns, r.sha256) for p, r in records.items()
-        }
+    folder = out.OutputFolder(settings.out_dir)
+    disks: dict[str, DiskState] = {}
+
+    def to_restore(records: Mapping[str, PlanOutput]) -> set[str]:
         # Only a file to restore needs its clip (to ask the cache for it): by
         # index, not a read of every clip in the ledger.
-        to_restore = {
-            r.fingerprint for p, r in records.items() if r.fingerprint and disks[p] != "ok"
-        }
-        clips = ledger.usable_clips_of(to_restore) if ledger and to_restore else {}
-        suspension = ledger.suspension() if ledger else Suspension()
-        spent_today = CREDITS_PER_TASK * ledger.spent_since(utc_day_start(now)) if ledger else 0
-    finally:
-        if ledger:
-            ledger.close()
+        wanted = set()
+        states = folder.states(records)
+        for p, fingerprint, _, sha256, size, mtime_ns in records.values():
+            state = states[p]
+            if state == (size, mtime_ns):
+                disks[p] = "ok"
+                continue
+            disk = disks[p] = _disk_state(folder, p, state, sha256)
+            if fingerprint and disk != "ok":
+                wanted.add(fingerprint)
+        return wanted
+
+    spent_from = utc_day_start(now)
+    read = read_plan(settings.ledger_target, spent_from, to_restore) or PlanRead(
+        {}, {}, {}, {}, {}, Suspension(), 0
+    )
+    # With the fingerprints stored beside them: hashing 50,000 tracks
+    # again would be most of a cold plan.
+    built = read.last_good
+    last_good = {p: f.spec for p, f in built.items()}
+    # Every file is read as it is now; one written in the last batching
+    # window is only noted, since a pass would wait for it to settle.
+    settle = Settling({}, now, settings.batch_window, hold=False)
+    scan = scan_specs(
+        settings.specs_dir,
+        models=settings.models,
+        limits=settings.field_limits,
+        reuse=last_good,
+        settle=settle,
+        # A file not written since its last good version was read is not read again.
+        stamps=read.stamps,
+    )
+    desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
+    gens, records, clips, suspension = read.generations, read.outputs, read.clips, read.suspension
+    spent_today = CREDITS_PER_TASK * read.spent
     cache = AudioCache(settings.state_dir / "cache")
     facts: dict[str, OutputFact] = {}
-    for p, r in records.items():
+    for p, fingerprint, clip, _, _, _ in records.values():
         disk = disks[p]
+        if disk == "ok":
+            facts[p] = OutputFact(p, fingerprint or "", disk, cached=False)
+            continue
         # The cache only matters for a file to restore: no stat for the rest. It
         # holds the raw audio; the output is that plus its tags (tags.py).
-        kept = clips.get(r.fingerprint or "", []) if disk != "ok" else []
-        raw = kept[r.clip - 1].sha256 if r.clip is not None and len(kept) >= r.clip else None
+        kept = clips.get(fingerprint or "", [])
+        raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
         cached = raw is not None and cache.has(raw)
-        facts[p] = OutputFact(p, r.fingerprint or "", disk, cached=cached)
+        facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(
         spent_today=spent_today,
@@ -232,9 +244,13 @@ def make_plan(
         only=only,
     )
     decided = plan(desired, snapshot, now, Limits(settings.max_in_flight, prune=settings.prune))
+    # The tracks of what the plan names: at 50,000 tracks and nothing to do,
+    # none of them.
+    named = {*decided.submit, *(h.fingerprint for h in decided.held), *decided.parked}
     by_fp: dict[str, list[str]] = {}
-    for t in desired.tracks:
-        by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
+    for t in desired.tracks if named else ():
+        if t.fingerprint in named:
+            by_fp.setdefault(t.fingerprint, []).append(f"{t.soundtrack}/{t.name}")
     held = [
         {
             "fingerprint": h.fingerprint,
@@ -248,8 +264,7 @@ def make_plan(
     queued = CREDITS_PER_TASK * (
         len(decided.submit) + len(decided.held) - len(decided.held_by("suspended"))
     )
-    wanted = set(desired.fingerprints())
-    return {
+    report: dict[str, Any] = {
         "submit": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.submit],
         "batches": [list(b) for b in decided.batches],
         "held": held,
@@ -275,11 +290,15 @@ def make_plan(
         "settling": sorted(scan.settling),
         "specs_folder": scan.root_state,
         "changes": decided.changes,
-        # What the plan was computed from, so ``apply`` can tell what changed.
-        "specs_digest": _digest(
+    }
+    if digests:
+        # What the plan was computed from, so ``apply`` can tell what changed:
+        # a tenth of a cold plan at 50,000 tracks, only paid for where read.
+        wanted = set(desired.fingerprints())
+        report["specs_digest"] = _digest(
             [desired.tracks, desired.stale, sorted(scan.errors), sorted(scan.settling)]
-        ),
-        "ledger_digest": _digest(
+        )
+        report["ledger_digest"] = _digest(
             [
                 sorted(
                     (g.fingerprint, g.state, g.attempts, g.next_attempt)
@@ -291,8 +310,8 @@ def make_plan(
                 spent_today,
                 snapshot.in_flight,
             ]
-        ),
-    }
+        )
+    return report
 
 
 def _held_line(item: dict[str, Any]) -> str:

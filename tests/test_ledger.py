@@ -7,16 +7,28 @@ reads back what the budget and ``status`` would see.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from reconciler.ledger import LOST_ANSWER_PARK, ClipRecord, Ledger, TaskUpdate
+from reconciler.ledger import (
+    LOST_ANSWER_PARK,
+    MIGRATIONS,
+    ClipRecord,
+    Ledger,
+    PlanRead,
+    TaskUpdate,
+    read_plan,
+)
 from reconciler.outcomes import Done, Outcome, Park, Poll, Requeue
 from reconciler.planning import desired_state
-from reconciler.specs import scan_specs
+from reconciler.specs import YOUNG, scan_specs
 
 NOW = 1_800_000_000.0
 
@@ -489,3 +501,101 @@ def test_each_transition_of_a_generation(ledger: Ledger, clock: Clock, case: Tra
     assert ledger.spent_since(0) == case.spent
     # The other generations were never touched.
     assert {state(ledger, fp) for fp in (walk.b, walk.c, walk.d)} == {"queued"}
+
+
+def test_an_older_ledgers_output_tag_keys_move_into_their_rows(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A ledger from before outputs had a tag key column kept every key in one
+    key/value entry: upgrading moves each into its row, so no output is rebuilt."""
+    path = tmp_path / "old.sqlite3"
+    before = next(i for i, sql in enumerate(MIGRATIONS) if "tags_key" in sql)
+    conn = sqlite3.connect(path)
+    for i in range(before):
+        conn.executescript(f"BEGIN; {MIGRATIONS[i]} PRAGMA user_version = {i + 1}; COMMIT;")
+    for rel in ("mix/a.mp3", "mix/b.mp3", "mix/playlist.m3u8"):
+        conn.execute(
+            "INSERT INTO outputs (path, soundtrack, sha256, size, mtime_ns, at) "
+            "VALUES (?, 'mix', 'sha', 1, 1, 0)",
+            [rel],
+        )
+    keys = {"mix/a.mp3": "key-a", "mix/b.mp3": "key-b", "gone/x.mp3": "key-x"}
+    conn.execute("INSERT INTO kv (key, value) VALUES ('output_tags', ?)", [json.dumps(keys)])
+    conn.commit()
+    conn.close()
+
+    ledger = Ledger.open(path, clock=clock)
+    try:
+        ledger.adopt_output_tags()
+        found = {p: r.tags_key for p, r in ledger.outputs_of(["mix"]).items()}
+        assert found == {"mix/a.mp3": "key-a", "mix/b.mp3": "key-b", "mix/playlist.m3u8": None}
+        assert ledger.get("output_tags") is None, "the old entry is gone, not kept twice"
+        ledger.adopt_output_tags()  # once moved, nothing to do
+        assert ledger.outputs_of(["mix"])["mix/a.mp3"].tags_key == "key-a"
+    finally:
+        ledger.close()
+
+
+def test_a_spec_files_stamp_is_kept_only_while_its_last_good_version_is_what_it_holds(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """``plan`` skips reading a file whose stamp is unchanged, taking the last
+    good version for it: the stamp must go as soon as that version is not the file's."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "mix.yaml").write_text(
+        "tracks: [{name: a, mv: sonic-v5, gpt_description_prompt: rain}]\n"
+    )
+    scan = scan_specs(specs)
+    spec = scan.files["mix.yaml"]
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger.open(path, clock=clock)
+
+    def plan_read() -> PlanRead:
+        read = read_plan(path, 0.0, lambda _: ())
+        assert read is not None
+        return read
+
+    def stamps() -> dict[str, str]:
+        return plan_read().stamps
+
+    def version_events() -> int:
+        return len(ledger.query("SELECT id FROM events WHERE event = 'spec.accepted'"))
+
+    try:
+        ledger.record_specs(
+            {"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "1:2:3:4" + YOUNG}
+        )
+        assert stamps() == {}, "read too young to trust: the file is read again"
+        # Found again when older: the same file, so nothing is written.
+        changes = ledger.db.execute("SELECT total_changes()").fetchone()[0]
+        ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "1:2:3:4"})
+        assert ledger.db.execute("SELECT total_changes()").fetchone()[0] == changes
+        assert stamps() == {}
+        # Touched, same bytes: only the stamp changes, no new version.
+        ledger.record_specs({"mix.yaml": spec}, {}, complete=True, stamps={"mix.yaml": "1:5:3:6"})
+        assert stamps() == {"mix.yaml": "1:5:3:6"}
+        assert version_events() == 1
+        # Invalid now: its last good version stays in force, but is not the file.
+        ledger.record_specs({}, {"mix.yaml": "mix.yaml:1 broken"}, complete=True)
+        assert stamps() == {}
+        assert plan_read().last_good["mix.yaml"].spec == spec
+    finally:
+        ledger.close()
+
+
+def test_the_ledger_opens_without_numpy_and_leaves_it_importable(tmp_path: Path) -> None:
+    """sqlite-utils would import numpy (tens of MiB for the daemon's life) to
+    map types the ledger never stores; hidden for that import only, numpy
+    stays importable for the sandbox's audio afterwards."""
+    code = (
+        "import sys, pathlib\n"
+        "from reconciler.ledger import Ledger\n"
+        f"Ledger.open(pathlib.Path({str(tmp_path / 'l.sqlite3')!r})).close()\n"
+        "assert 'numpy' not in sys.modules, 'numpy imported'\n"
+        "import numpy\n"
+        "from reconciler.sandbox.audio import plan_clip, render\n"
+        "assert len(render(plan_clip('rain', b'seed'))) > 0\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ import pytest
 from reconciler.audio import AudioCache, probe_audio
 from reconciler.errors import InvalidAudioError, OutputError
 from reconciler.outputs import (
+    OutputFolder,
     TrackOutput,
     Trash,
     commit,
@@ -240,6 +241,21 @@ def test_output_path_joins_inside_out_root(tmp_path: Path, monkeypatch: pytest.M
 def test_output_path_refuses_escapes(tmp_path: Path, soundtrack: str, filename: str) -> None:
     with pytest.raises(OutputError):
         output_path(tmp_path / "out", soundtrack, filename)
+
+
+def test_output_folder_states_are_file_state_of_each_path(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write(out / "st" / "a.mp3", MP3)
+    write(out / "st" / "b.mp3", b"")
+    folder = OutputFolder(out)
+    rels = ["st/a.mp3", "st/b.mp3", "st/gone.mp3", "other/x.mp3"]
+    assert folder.states(rels) == {rel: file_state(out / rel) for rel in rels}
+    assert folder.states(rels)["st/gone.mp3"] is None
+    # Every name is checked, not only the first of each soundtrack.
+    with pytest.raises(OutputError):
+        folder.states(["st/a.mp3", "st/../x.mp3"])
+    with pytest.raises(OutputError):
+        folder.states(["../x.mp3"])
 
 
 def test_output_path_refuses_a_symlinked_dir_pointing_outside(tmp_path: Path) -> None:

@@ -62,3 +62,25 @@ def test_sync_on_a_postgresql_ledger_converges_the_examples_and_status_reads_the
     project.sync("--ledger", pg_url)
     assert project.stats()["tasks_created"] == created
     assert project.files() == files
+
+
+def test_plan_reads_a_postgresql_ledger_before_and_after_a_sync(
+    project: Project, pg_url: str
+) -> None:
+    """``plan`` reads the ledger in one read-only snapshot of its own, on either backend."""
+    first = project.cli("plan", "--json", "--ledger", pg_url)
+    assert first.returncode == 2, first.stderr  # nothing synced yet: every track to submit
+    tracks = {t for item in json.loads(first.stdout)["submit"] for t in item["tracks"]}
+    assert "study-session/rainy-library" in tracks
+
+    project.sync("--ledger", pg_url)
+    again = project.cli("plan", "--json", "--ledger", pg_url)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["submit"], report["restore"], report["reuse"]) == ([], [], [])
+
+    # A deleted output is restored from the cache, which the plan reads the clip for.
+    (project.out / "study-session" / "rainy-library.mp3").unlink()
+    restore = project.cli("plan", "--json", "--ledger", pg_url)
+    assert restore.returncode == 2, restore.stderr
+    assert json.loads(restore.stdout)["restore"] == ["study-session/rainy-library.mp3"]

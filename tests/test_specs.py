@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import textwrap
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -26,6 +28,7 @@ from reconciler.specs import (
     observe,
     parse_spec,
     scan_specs,
+    stamp,
 )
 
 REPO_SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -1103,6 +1106,59 @@ def test_scan_reuses_unchanged_files_by_digest(tmp_path: Path) -> None:
     assert scan_specs(tmp_path, reuse={"a.yaml": stale}).files["a.yaml"] == first.files["a.yaml"]
     with mock.patch.object(specs.files, "_parse", side_effect=AssertionError("parsed again")):
         assert scan_specs(tmp_path, reuse=second.files).files == second.files
+
+
+def later(seconds: float) -> Callable[[], int]:
+    """A wall clock ``seconds`` ahead: the scan reads as if that much later."""
+    return lambda: time.time_ns() + int(seconds * 1e9)
+
+
+def test_a_file_read_too_young_to_be_sure_of_gets_a_stamp_that_never_matches(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_bytes(GOOD)
+    now = stamp(path.stat())
+    # Just written: a write in the same timestamp tick would go unseen.
+    young = scan_specs(tmp_path).stamps["a.yaml"]
+    assert young == now + specs.YOUNG
+    old = scan_specs(tmp_path, wall_ns=later(specs.RACY_NS / 1e9 + 1)).stamps["a.yaml"]
+    assert old == now
+    # The same file, seen again when older, is no change to record.
+    assert specs.same_file(young, old)
+    # A young stamp never matches: the file is read again, even unchanged.
+    files = scan_specs(tmp_path).files
+    with (
+        mock.patch.object(os, "open", side_effect=AssertionError("read")),
+        pytest.raises(AssertionError, match="read"),
+    ):
+        scan_specs(tmp_path, reuse=files, stamps={"a.yaml": young})
+    (tmp_path / "b.yaml").write_bytes(b"tracks: [")
+    assert "b.yaml" not in scan_specs(tmp_path, wall_ns=later(10)).stamps, "invalid: no stamp"
+
+
+def test_a_stamped_file_is_not_read_again_until_it_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_bytes(GOOD)
+    first = scan_specs(tmp_path, wall_ns=later(10))
+    # Another version under the same path: returned only if the file is not read.
+    other = replace(first.files["a.yaml"], digest="0" * 64)
+    with mock.patch.object(os, "open", side_effect=AssertionError("read again")):
+        trusted = scan_specs(tmp_path, reuse={"a.yaml": other}, stamps=first.stamps)
+    assert trusted.files["a.yaml"] is other
+    assert trusted.stamps == first.stamps
+    # Edited in place to the same size, its mtime then set back as it was:
+    # the ctime (which no tool sets back) and so the stamp change.
+    before = path.stat()
+    path.write_bytes(GOOD.replace(b"prompt: x", b"prompt: y"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if after.st_ctime_ns == before.st_ctime_ns:
+        pytest.skip("file times here are coarser than this test's two writes")
+    again = scan_specs(tmp_path, reuse={"a.yaml": other}, stamps=first.stamps)
+    assert again.files["a.yaml"] is not other
+    assert again.files["a.yaml"].digest == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_a_soundtrack_defined_twice_keeps_the_first_file(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ by default, or PostgreSQL), and the only package that touches one
 - ``postgres``: the same on PostgreSQL, translating the one dialect of SQL;
 - ``work``: ``Ledger``, the state transitions, each one transaction;
 - ``facts``: the typed records handed in and out;
-- ``reports``: the reads behind ``status``, ``describe``, ``events`` and ``retry``;
+- ``reports``: the reads behind ``status``, ``plan``, ``describe``, ``events`` and ``retry``;
 - ``hints``: webhook hints turned into "poll now" between passes.
 
 Public names are re-exported here, so callers import ``from reconciler.ledger``
@@ -18,13 +18,15 @@ from reconciler.ledger.facts import (
     ClipRecord,
     Hint,
     OutputRecord,
+    PlanOutput,
+    PlanRead,
     StatusRead,
     StatusRow,
     TaskRef,
     TaskUpdate,
 )
 from reconciler.ledger.hints import apply_hints
-from reconciler.ledger.reports import read_status
+from reconciler.ledger.reports import read_plan, read_status
 from reconciler.ledger.store import MIGRATIONS
 from reconciler.ledger.work import (
     LOST_ANSWER_PARK,
@@ -40,11 +42,14 @@ __all__ = [
     "Hint",
     "Ledger",
     "OutputRecord",
+    "PlanOutput",
+    "PlanRead",
     "StatusRead",
     "StatusRow",
     "TaskRef",
     "TaskUpdate",
     "apply_hints",
+    "read_plan",
     "read_status",
     "spec_from_json",
     "spec_to_json",

@@ -1,36 +1,51 @@
-"""The ledger's reports: the reads ``status``, ``describe``, ``events`` and ``retry`` need.
+"""The ledger's reports: what ``status``, ``plan``, ``describe``, ``events`` and ``retry`` read.
 
-Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``
-and ``inspection``. ``status`` is a short command a person waits for, so
-:func:`read_status` reads over a plain read-only connection (``sqlite3``, or
-psycopg for a PostgreSQL ledger) in one transaction while a daemon may write;
-the other reads go through an open ledger (read-only for ``describe`` and
-``events``).
+Where it sits: beside ``work`` in the ``ledger`` package, read by ``status``,
+``running`` (``plan``) and ``inspection``. ``status`` and ``plan`` are short
+commands a person waits for, so :func:`read_status` and :func:`read_plan`
+read over a plain read-only connection (``sqlite3``, or psycopg for a
+PostgreSQL ledger) in one transaction while a daemon may write; the other
+reads go through an open ledger (read-only for ``describe`` and ``events``).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from reconciler.errors import LedgerError
-from reconciler.ledger.facts import StatusRead
+from reconciler.ledger.facts import PlanOutput, PlanRead, StatusRead
 from reconciler.ledger.lease import PG_NOW
 from reconciler.ledger.store import Store, check_version, connect_readonly, describe, is_postgres
+from reconciler.ledger.work import (
+    GENERATIONS_SQL,
+    LAST_GOOD_SQL,
+    SPENT_SQL,
+    USABLE_CLIPS_SQL,
+    file_tracks_from_json,
+    rows_in,
+    usable_clips,
+)
+from reconciler.planning import Generation, Suspension
+from reconciler.specs import YOUNG
+
+#: Runs one statement of the portable dialect (``?`` placeholders) in a snapshot.
+Execute = Callable[..., Any]
 
 
-def read_status(
-    target: Path | str, since: float, selector: tuple[str, str] = ("", "")
-) -> StatusRead:
-    """What ``status`` shows, in one read-only snapshot, while a daemon may write.
+@contextmanager
+def _snapshot(target: Path | str, *, missing_ok: bool = False) -> Iterator[tuple[Execute, int]]:
+    """One read-only snapshot of the ledger, while a daemon may write: a way to
+    run statements in it, and the schema version. When nothing has been
+    synced yet that is an error, or with ``missing_ok`` the way is ``_nothing``.
 
-    ``status`` is a short command a person waits for: on SQLite it skips
-    sqlite-utils (and the numpy it imports) and the row dicts of ``query``,
-    and reads each table once. ``selector`` is (soundtrack, track); an empty
-    part matches all. ``target`` is the SQLite file or a PostgreSQL URL.
+    On SQLite a plain ``sqlite3`` connection: no sqlite-utils (and the numpy
+    it imports) and no row dicts of ``query``. ``target`` is the SQLite file
+    or a PostgreSQL URL.
     """
     if is_postgres(target):
         from reconciler.ledger import postgres
@@ -43,25 +58,29 @@ def read_status(
                 if pg.execute("SELECT to_regclass('reconciler_schema') IS NULL").fetchone() != (
                     False,
                 ):
+                    if missing_ok:
+                        yield _nothing, 0
+                        return
                     raise LedgerError(
                         f"{describe(target)}: no ledger yet (nothing has been synced)"
                     )
                 (version,) = pg.execute(
                     "SELECT coalesce(max(version), 0) FROM reconciler_schema"
                 ).fetchone() or (0,)
-                return _read_status(
-                    lambda sql, params=(): pg.execute(postgres.translate(sql), list(params)),
+                yield (
+                    (lambda sql, params=(): pg.execute(postgres.translate(sql), list(params))),
                     int(version),
-                    since,
-                    selector,
-                    now_sql=PG_NOW,
                 )
+                return
         except postgres.Error as exc:
             raise LedgerError(f"{describe(target)}: cannot read ledger: {exc}") from exc
         finally:
             pg.close()
     path = Path(target)
     if not path.exists():
+        if missing_ok:
+            yield _nothing, 0
+            return
         raise LedgerError(f"{path}: no ledger yet (nothing has been synced)")
     try:
         conn = connect_readonly(path)
@@ -71,11 +90,72 @@ def read_status(
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN")  # one snapshot: the daemon may write meanwhile
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        return _read_status(conn.execute, version, since, selector)
+        yield conn.execute, version
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path}: cannot read ledger: {exc}") from exc
     finally:
         conn.close()
+
+
+def _nothing(sql: str, params: Sequence[Any] = ()) -> Any:
+    """``_snapshot``'s way to read a ledger not there yet: callers check for it first."""
+    raise LedgerError("no ledger yet (nothing has been synced)")
+
+
+def read_plan(
+    target: Path | str,
+    since: float,
+    clips_for: Callable[[Mapping[str, PlanOutput]], Collection[str]],
+) -> PlanRead | None:
+    """What ``plan`` reads of the ledger, in one read-only snapshot; None
+    when nothing has been synced into it yet.
+
+    ``since`` is the start of the budget's day; ``clips_for`` names, from the
+    outputs, the fingerprints whose usable clips to read too (those of files
+    to restore).
+    """
+    with _snapshot(target, missing_ok=True) as (execute, version):
+        if execute is _nothing:
+            return None
+        check_version(version, readonly=True)
+        last_good = {}
+        stamps = {}
+        for p, body, stamp in execute(LAST_GOOD_SQL):
+            last_good[p] = file_tracks_from_json(p, body)
+            if stamp is not None and not stamp.endswith(YOUNG):
+                stamps[p] = stamp
+        generations = {r[0]: Generation(*r) for r in execute(GENERATIONS_SQL)}
+        outputs = {
+            r[0]: r
+            for r in execute("SELECT path, fingerprint, clip, sha256, size, mtime_ns FROM outputs")
+        }
+        wanted = clips_for(outputs)
+        clips = usable_clips(rows_in(execute, USABLE_CLIPS_SQL, sorted(wanted))) if wanted else {}
+        suspended = execute("SELECT value FROM kv WHERE key = 'suspended'").fetchone()
+        spent = int(execute(SPENT_SQL, [since, since]).fetchone()[0])
+    return PlanRead(
+        last_good=last_good,
+        stamps=stamps,
+        generations=generations,
+        outputs=outputs,
+        clips=clips,
+        suspension=Suspension.from_json(None if suspended is None else json.loads(suspended[0])),
+        spent=spent,
+    )
+
+
+def read_status(
+    target: Path | str, since: float, selector: tuple[str, str] = ("", "")
+) -> StatusRead:
+    """What ``status`` shows, in one read-only snapshot, while a daemon may write.
+
+    ``status`` is a short command a person waits for: it reads each table
+    once. ``selector`` is (soundtrack, track); an empty part matches all.
+    """
+    # The lease's age is judged by the clock the lease is kept by (``lease``).
+    now_sql = PG_NOW if is_postgres(target) else None
+    with _snapshot(target) as (execute, version):
+        return _read_status(execute, version, since, selector, now_sql=now_sql)
 
 
 def _read_status(

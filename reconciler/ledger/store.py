@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 from reconciler.errors import LedgerError
@@ -100,11 +102,27 @@ _SCHEMA_V4 = """
 CREATE INDEX tasks_next_poll ON tasks (next_poll) WHERE next_poll IS NOT NULL;
 """
 
-# Version 5: replicas sharing one ledger (``lease``). ``lease`` is one row,
+# Version 5, for the cost of a pass and of a cold plan at 50,000 tracks:
+# - outputs.tags_key: each output's tag key (``tags.TrackTags.key``: the audio
+#   checksum and the tag values the file was built from) beside its record,
+#   read with the records of the soundtracks a pass looks at. It was one
+#   key/value entry of every output (``output_tags``), held decoded for the
+#   daemon's life (10 MiB); ``Ledger.adopt_output_tags`` moves an older
+#   ledger's entry.
+# - spec_files.stamp: the file's ``specs.stamp`` (size, mtime, inode, ctime)
+#   when the last good version was read, NULL while it is invalid or was too
+#   young to trust; ``plan`` takes a file whose stamp is unchanged as that
+#   version without reading it.
+_SCHEMA_V5 = """
+ALTER TABLE outputs ADD COLUMN tags_key TEXT;
+ALTER TABLE spec_files ADD COLUMN stamp TEXT;
+"""
+
+# Version 6: replicas sharing one ledger (``lease``). ``lease`` is one row,
 # the leader's: who holds it, since when, until when, and the fencing token
 # that changes with every holder. ``replicas`` holds each process's heartbeat;
 # ``hints`` the verified webhooks any replica received, until the leader applies them.
-_SCHEMA_V5 = """
+_SCHEMA_V6 = """
 CREATE TABLE lease (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
     since REAL NOT NULL, renewed_at REAL NOT NULL, expires_at REAL NOT NULL,
@@ -118,11 +136,42 @@ CREATE TABLE hints (
 """
 
 #: Versioned migrations: index i brings the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA_V1,
+    _SCHEMA_V2,
+    _SCHEMA_V3,
+    _SCHEMA_V4,
+    _SCHEMA_V5,
+    _SCHEMA_V6,
+)
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sqlite_utils() -> ModuleType:
+    """sqlite-utils, imported without numpy unless numpy is already in.
+
+    sqlite-utils imports numpy when it is installed (the sandbox's audio
+    needs it) only to map numpy types to columns, and the ledger stores
+    none: that import was 21 MiB of the daemon's resident memory and 0.2 s
+    of every start. numpy is hidden for this one import (sqlite-utils then
+    goes without, as when it is not installed) and importable again after
+    it; a process that has numpy already (an in-process sandbox) loses
+    nothing by sharing it. Imported here, not at the top, so that ``status``
+    and ``plan`` (which read through ``reports``) skip sqlite-utils altogether.
+    """
+    if "sqlite_utils" in sys.modules or "numpy" in sys.modules:
+        import sqlite_utils
+
+        return sqlite_utils
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # None: "cannot be imported"
+    try:
+        import sqlite_utils
+    finally:
+        del sys.modules["numpy"]
+    return sqlite_utils
 
 
 def is_postgres(target: Path | str) -> bool:
@@ -220,9 +269,7 @@ class SqliteDatabase:
 
 
 def open_sqlite(path: Path, *, readonly: bool) -> SqliteDatabase:
-    # Imported here, not at the top: sqlite-utils pulls in numpy, a tenth
-    # of a second that ``status`` (which reads through ``read_status``) skips.
-    import sqlite_utils
+    sqlite_utils = _sqlite_utils()
 
     if readonly:
         if not path.exists():

@@ -17,7 +17,7 @@ database read-only in WAL mode and never waits for it.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import LedgerError
@@ -40,7 +40,7 @@ from reconciler.planning import (
     file_tracks,
     fingerprint,
 )
-from reconciler.specs import SpecFile, TrackSpec
+from reconciler.specs import SpecFile, TrackSpec, same_file
 
 if TYPE_CHECKING:
     pass
@@ -52,6 +52,51 @@ _IN_CHUNK = 500
 _NOT_MATCHING = (
     "(submit_id IS NULL OR submit_id NOT IN (SELECT submit_id FROM orphans WHERE state = 'open'))"
 )
+
+#: The reads a pass and ``plan`` (``reports.read_plan``) share, in the
+#: field order of the records they build.
+LAST_GOOD_SQL = "SELECT path, body, stamp FROM spec_files WHERE body IS NOT NULL"
+GENERATIONS_SQL = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+USABLE_CLIPS_SQL = (
+    "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
+    "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
+    # Joined on both columns: a clip is stored under its task's
+    # fingerprint, and so the indexes on both sides apply.
+    "FROM generations g JOIN clips c "
+    "ON c.fingerprint = g.fingerprint AND c.task_id = g.task_id "
+    "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
+    "AND g.fingerprint"
+)
+#: Tasks that may have been charged since a time (given twice): see ``Ledger.spent_since``.
+SPENT_SQL = (
+    "SELECT (SELECT count(*) FROM tasks WHERE at >= ?) + "
+    "(SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?)"
+)
+
+
+def rows_in(
+    execute: Callable[[str, list[Any]], Iterable[tuple[Any, ...]]],
+    select: str,
+    values: Iterable[Any],
+) -> list[tuple[Any, ...]]:
+    """``select`` (ending in a column) ``IN`` the values, in chunks under
+    SQLite's limit on parameters; ``execute`` runs one query."""
+    values = list(values)
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(values), _IN_CHUNK):
+        chunk = values[i : i + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        rows.extend(execute(f"{select} IN ({marks})", chunk))
+    return rows
+
+
+def usable_clips(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[ClipRecord]]:
+    """Rows of ``USABLE_CLIPS_SQL`` by fingerprint, in position order."""
+    out: dict[str, list[ClipRecord]] = {}
+    for r in sorted(rows, key=lambda r: (r[2], r[3])):
+        out.setdefault(r[2], []).append(ClipRecord(*r))
+    return out
+
 
 #: Why a generation whose submit answers were lost waits for a person.
 LOST_ANSWER_PARK = (
@@ -131,10 +176,7 @@ class Ledger(Store):
 
     def last_good_tracks(self) -> dict[str, FileTracks]:
         """``last_good`` with each file's desired tracks, to seed ``desired_state``."""
-        return {
-            r[0]: file_tracks_from_json(r[0], r[1])
-            for r in self.db.execute("SELECT path, body FROM spec_files WHERE body IS NOT NULL")
-        }
+        return {r[0]: file_tracks_from_json(r[0], r[1]) for r in self.db.execute(LAST_GOOD_SQL)}
 
     def store_fingerprints(self, built: Mapping[str, FileTracks]) -> None:
         """Store the fingerprints of last good versions recorded without them
@@ -174,31 +216,45 @@ class Ledger(Store):
         *,
         complete: bool,
         only: Collection[str] | None = None,
+        stamps: Mapping[str, str] | None = None,
     ) -> list[str]:
         """Store new last good versions and current errors; writes only what changed.
 
         With ``only``, just those paths are compared (and removed when they are
         in neither mapping): a pass that read only the files that changed.
+        ``stamps`` are the valid files' stamps as read (``SpecScan.stamps``):
+        one is written only with a new version or when the file was written
+        since, not when it merely aged past ``specs.YOUNG``.
         """
         now = self.clock()
+        stamps = stamps or {}
+        columns = "SELECT path, digest, error, stamp FROM spec_files"
         if only is None:
-            rows = self.db.execute("SELECT path, digest, error FROM spec_files").fetchall()
+            rows = self.db.execute(columns).fetchall()
         else:
-            rows = self._rows_in("SELECT path, digest, error FROM spec_files WHERE path", only)
-        known = {r[0]: (r[1], r[2]) for r in rows}
+            rows = self._rows_in(f"{columns} WHERE path", only)
+        known = {r[0]: (r[1], r[2], r[3]) for r in rows}
         if only is not None:
             valid = {p: valid[p] for p in only if p in valid}
             errors = {p: errors[p] for p in only if p in errors}
         with self.transaction():
             for path, spec in valid.items():
-                if known.get(path) == (spec.digest, None):
+                was = known.get(path)
+                read = stamps.get(path)
+                if was is not None and was[:2] == (spec.digest, None):
+                    if read is None or (was[2] is not None and same_file(was[2], read)):
+                        continue
+                    # The same version, touched: its new stamp vouches for it.
+                    self.db.execute("UPDATE spec_files SET stamp = ? WHERE path = ?", [read, path])
                     continue
                 self.db.execute(
-                    "INSERT INTO spec_files (path, soundtrack, digest, body, error, updated_at) "
-                    "VALUES (?, ?, ?, ?, NULL, ?) ON CONFLICT(path) DO UPDATE SET "
+                    "INSERT INTO spec_files "
+                    "(path, soundtrack, digest, body, error, stamp, updated_at) "
+                    "VALUES (?, ?, ?, ?, NULL, ?, ?) ON CONFLICT(path) DO UPDATE SET "
                     "soundtrack = excluded.soundtrack, digest = excluded.digest, "
-                    "body = excluded.body, error = NULL, updated_at = excluded.updated_at",
-                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), now],
+                    "body = excluded.body, error = NULL, stamp = excluded.stamp, "
+                    "updated_at = excluded.updated_at",
+                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), read, now],
                 )
                 self._event("spec.accepted", path=path, soundtrack=spec.soundtrack)
             for path, error in errors.items():
@@ -211,8 +267,11 @@ class Ledger(Store):
                         [path, error, now],
                     )
                 elif known[path][1] != error:
+                    # The stamp goes: it vouches for the last good version only
+                    # while that is what the file holds.
                     self.db.execute(
-                        "UPDATE spec_files SET error = ?, updated_at = ? WHERE path = ?",
+                        "UPDATE spec_files SET error = ?, stamp = NULL, updated_at = ? "
+                        "WHERE path = ?",
                         [error, now, path],
                     )
                 else:
@@ -308,16 +367,13 @@ class Ledger(Store):
     def generations(self) -> dict[str, Generation]:
         # Plain tuples in the dataclass's field order: building a dict per row
         # first costs as much again at 10,000 rows, and a pass reads this thrice.
-        rows = self.db.execute(
-            "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
-        )
-        return {r[0]: Generation(*r) for r in rows}
+        return {r[0]: Generation(*r) for r in self.db.execute(GENERATIONS_SQL)}
 
     def generations_of(self, fingerprints: Collection[str]) -> dict[str, Generation]:
         """The generations of ``fingerprints``, and every one in flight (the
         in-flight cap counts those whatever the tracks): indexed lookups, for a
         pass that looks only at what changed."""
-        columns = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
+        columns = GENERATIONS_SQL
         marks = ", ".join("?" * len(IN_FLIGHT))
         rows = [
             *self._rows_in(f"{columns} WHERE fingerprint", fingerprints),
@@ -328,13 +384,7 @@ class Ledger(Store):
     def _rows_in(self, select: str, values: Iterable[Any]) -> list[tuple[Any, ...]]:
         """``select`` (ending in a column) ``IN`` the values, in chunks under
         SQLite's limit on parameters."""
-        values = list(values)
-        rows: list[tuple[Any, ...]] = []
-        for i in range(0, len(values), _IN_CHUNK):
-            chunk = values[i : i + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            rows.extend(self.db.execute(f"{select} IN ({marks})", chunk).fetchall())
-        return rows
+        return rows_in(self.db.execute, select, values)
 
     def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
         """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
@@ -669,11 +719,7 @@ class Ledger(Store):
         """Tasks that may have been charged since ``since``, for the budget: tasks
         created, and items of submits not settled (in flight, answer lost or
         unaccounted for), whatever became of their generations since."""
-        tasks = self.db.execute("SELECT count(*) FROM tasks WHERE at >= ?", [since]).fetchone()[0]
-        unsettled = self.db.execute(
-            "SELECT coalesce(sum(unsettled), 0) FROM submits WHERE at >= ?", [since]
-        ).fetchone()[0]
-        return int(tasks) + int(unsettled)
+        return int(self.db.execute(SPENT_SQL, [since, since]).fetchone()[0])
 
     # -- orphans: tasks whose owner an answer did not say ----------------------------
 
@@ -1069,21 +1115,7 @@ class Ledger(Store):
 
         By index: a pass or a plan asks only for the few it needs.
         """
-        rows = self._rows_in(
-            "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
-            "c.duration, c.title, c.lyrics, c.tags, c.sha256, c.image_url, c.cover "
-            # Joined on both columns: a clip is stored under its task's
-            # fingerprint, and so the indexes on both sides apply.
-            "FROM generations g JOIN clips c "
-            "ON c.fingerprint = g.fingerprint AND c.task_id = g.task_id "
-            "WHERE c.state = 'succeeded' AND c.audio_url IS NOT NULL AND c.audio_url != '' "
-            "AND g.fingerprint",
-            sorted(fingerprints),
-        )
-        out: dict[str, list[ClipRecord]] = {}
-        for r in sorted(rows, key=lambda r: (r[2], r[3])):
-            out.setdefault(r[2], []).append(ClipRecord(*r))
-        return out
+        return usable_clips(self._rows_in(USABLE_CLIPS_SQL, sorted(fingerprints)))
 
     def clip_downloaded(self, clip_id: str, sha256: str, duration: float) -> None:
         with self.transaction():
@@ -1117,14 +1149,15 @@ class Ledger(Store):
         return {r[0]: OutputRecord(*r) for r in rows}
 
     def outputs_of(self, soundtracks: Collection[str]) -> dict[str, OutputRecord]:
-        """``outputs`` of a few soundtracks, by index rather than a full read."""
+        """``outputs`` of a few soundtracks, with their tag keys, by index rather
+        than a full read."""
         found: dict[str, OutputRecord] = {}
         for soundtrack in soundtracks:
             # A range of the primary key: every path starts "<soundtrack>/",
             # and "0" is the character after "/".
             rows = self.db.execute(
-                "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns "
-                "FROM outputs WHERE path >= ? AND path < ?",
+                "SELECT path, soundtrack, track, clip, fingerprint, sha256, size, mtime_ns, "
+                "tags_key FROM outputs WHERE path >= ? AND path < ?",
                 [f"{soundtrack}/", f"{soundtrack}0"],
             )
             found.update((r[0], OutputRecord(*r)) for r in rows)
@@ -1143,10 +1176,11 @@ class Ledger(Store):
         with self.transaction():
             self.db.execute(
                 "INSERT INTO outputs (path, soundtrack, track, clip, fingerprint, sha256, size, "
-                "mtime_ns, at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET "
-                "soundtrack = excluded.soundtrack, track = excluded.track, clip = excluded.clip, "
-                "fingerprint = excluded.fingerprint, sha256 = excluded.sha256, "
-                "size = excluded.size, mtime_ns = excluded.mtime_ns, at = excluded.at",
+                "mtime_ns, tags_key, at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE "
+                "SET soundtrack = excluded.soundtrack, track = excluded.track, "
+                "clip = excluded.clip, fingerprint = excluded.fingerprint, "
+                "sha256 = excluded.sha256, size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "tags_key = excluded.tags_key, at = excluded.at",
                 [
                     rec.path,
                     rec.soundtrack,
@@ -1156,6 +1190,7 @@ class Ledger(Store):
                     rec.sha256,
                     rec.size,
                     rec.mtime_ns,
+                    rec.tags_key,
                     self.clock(),
                 ],
             )
@@ -1167,6 +1202,20 @@ class Ledger(Store):
                     track=rec.track,
                     path=rec.path,
                 )
+
+    def adopt_output_tags(self) -> None:
+        """Move the tag keys an older reconciler kept in one key/value entry
+        (``output_tags``) into their outputs' rows, once, so that an upgrade
+        does not rebuild every output to learn them again."""
+        row = self.db.execute("SELECT value FROM kv WHERE key = 'output_tags'").fetchone()
+        if row is None:
+            return
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE outputs SET tags_key = ? WHERE path = ?",
+                [(key, path) for path, key in json.loads(row[0]).items()],
+            )
+            self.db.execute("DELETE FROM kv WHERE key = 'output_tags'")
 
     def output_removed(self, path: str, trash: str) -> None:
         with self.transaction():

@@ -7,6 +7,8 @@ and not from the module that happens to hold a name today.
 from reconciler.limits import DEFAULT_MODELS
 from reconciler.specs.files import (
     MAX_SPEC_BYTES,
+    RACY_NS,
+    YOUNG,
     Look,
     Observation,
     Settling,
@@ -14,7 +16,9 @@ from reconciler.specs.files import (
     is_spec_candidate,
     load_spec_file,
     observe,
+    same_file,
     scan_specs,
+    stamp,
 )
 from reconciler.specs.formats import SPEC_SUFFIXES
 from reconciler.specs.rules import SpecFile, TrackSpec, parse_spec
@@ -22,7 +26,9 @@ from reconciler.specs.rules import SpecFile, TrackSpec, parse_spec
 __all__ = [
     "DEFAULT_MODELS",
     "MAX_SPEC_BYTES",
+    "RACY_NS",
     "SPEC_SUFFIXES",
+    "YOUNG",
     "Look",
     "Observation",
     "Settling",
@@ -33,5 +39,7 @@ __all__ = [
     "load_spec_file",
     "observe",
     "parse_spec",
+    "same_file",
     "scan_specs",
+    "stamp",
 ]

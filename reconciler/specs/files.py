@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,32 @@ class SpecScan:
     settled_by: float | None = None
     #: How every file read looked, to pass as ``Settling.previous`` next time.
     observed: Mapping[str, Observation] = field(default_factory=dict)
+    #: The :func:`stamp` of each file in ``files`` as it was read, to be
+    #: trusted unread next time (see ``scan_specs``'s ``stamps``); it ends in
+    #: ``YOUNG`` when the file was too young when read to be sure of it.
+    stamps: Mapping[str, str] = field(default_factory=dict)
+
+
+#: A file changed within this long of being read may change again within the
+#: same timestamp (2 s is the coarsest granularity, FAT's): its stamp is not
+#: trusted, so it is read again (git's "racy" files).
+RACY_NS = 2_000_000_000
+#: The end of the stamp of a file read within ``RACY_NS`` of its last change:
+#: it never equals a :func:`stamp`, so the file is always read. It is kept
+#: rather than dropped so that the same file found older later is not a
+#: change to record (a converged reconciler writes nothing).
+YOUNG = " young"
+
+
+def stamp(st: os.stat_result) -> str:
+    """What tells that a file was not written since: size, mtime, inode and
+    ctime (which no tool can set back, unlike mtime)."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+
+
+def same_file(recorded: str, read: str) -> bool:
+    """Whether two stamps (either maybe ``YOUNG``) are of one unchanged file."""
+    return recorded.removesuffix(YOUNG) == read.removesuffix(YOUNG)
 
 
 # ---------------------------------------------------------------------------
@@ -157,6 +184,7 @@ def load_spec_file(
     rel = _relative(root, path)
     label = _label(root.name if label_root is None else label_root, rel)
     data, _ = _read_spec_bytes(root, rel, label)
+    assert data is not None
     return _parse(label, data, rel, models, limits)[0]
 
 
@@ -169,6 +197,8 @@ def scan_specs(
     settle: Settling | None = None,
     changed: Collection[str] | None = None,
     last_scan: SpecScan | None = None,
+    stamps: Mapping[str, str] | None = None,
+    wall_ns: Callable[[], int] = time.time_ns,
 ) -> SpecScan:
     """Read every candidate file under ``root``, sorted by relative path.
 
@@ -190,6 +220,13 @@ def scan_specs(
     earlier version named it keeps it; otherwise the first by path does.
     Symlinked folders are not followed (they could leave the root or loop);
     symlinked files are read when they resolve inside the root.
+
+    ``stamps`` (a cold ``plan``: what the ledger recorded of the last good
+    versions in ``reuse``, from an earlier scan's ``stamps``) spares reading
+    a file whose :func:`stamp` is unchanged: ``reuse[rel]`` is taken as it
+    is. Only the stamp of a file already ``RACY_NS`` old when it was read
+    (by ``wall_ns``, the clock file times are on) can match, so a write in
+    the same tick as that read still changes the ctime.
     """
     try:
         root_stat = root.stat()
@@ -214,13 +251,32 @@ def scan_specs(
     settling: dict[str, str] = {}
     settled_by: float | None = None
     observed: dict[str, Observation] = {}
+    # Before any read: a file changed after this may have been read changing.
+    young = wall_ns() - RACY_NS
+    new_stamps: dict[str, str] = {}
+    try:
+        real_root: Path | None = root.resolve(strict=True)
+    except OSError:
+        real_root = None  # each read says why
+
     for rel in rels if not kept else [r for r in rels if r not in kept]:
         label = _label(prefix, rel)
+        previous = reuse.get(rel) if reuse else None
         try:
-            data, mtime_ns = _read_spec_bytes(root, rel, label)
-            digest = hashlib.sha256(data).hexdigest()
+            known = stamps.get(rel) if stamps and previous is not None else None
+            data, st = _read_spec_bytes(root, rel, label, unless=known, real_root=real_root)
+            if data is None:
+                # Not written since the read its stamp records: the last good
+                # version is what it holds.
+                assert previous is not None
+                digest = previous.digest
+                new_stamps[rel] = stamp(st)
+            else:
+                digest = hashlib.sha256(data).hexdigest()
+                racy = max(st.st_mtime_ns, st.st_ctime_ns) >= young
+                new_stamps[rel] = stamp(st) + (YOUNG if racy else "")
             if settle is not None:
-                look = Look(len(data), mtime_ns, digest)
+                look = Look(st.st_size, st.st_mtime_ns, digest)
                 seen = observe(settle.previous.get(rel), look, settle.now, settle.window)
                 observed[rel] = seen
                 ready_at = seen.since + settle.window
@@ -232,19 +288,24 @@ def scan_specs(
                     settled_by = ready_at if settled_by is None else min(settled_by, ready_at)
                     if settle.hold:
                         continue
-            previous = reuse.get(rel) if reuse else None
             if previous is not None and previous.digest == digest:
                 spec = previous
             else:
+                assert data is not None
                 spec = _parse(label, data, rel, models, limits)[0]
         except SpecError as exc:
             errors[rel] = exc
             continue
         parsed.append((rel, data, spec))
     if last_scan is not None and kept:
+        for rel in kept:
+            if rel in last_scan.stamps:
+                new_stamps[rel] = last_scan.stamps[rel]
         if _as_before(last_scan, len(kept), parsed, errors, settling):
             # The files read again are what they were: so is the whole scan.
-            return replace(last_scan, observed={**last_scan.observed, **observed})
+            return replace(
+                last_scan, observed={**last_scan.observed, **observed}, stamps=new_stamps
+            )
         for rel, unread in kept.items():
             # Not read (its bytes are None): unchanged since the previous scan.
             parsed.append((rel, None, unread))
@@ -278,6 +339,7 @@ def scan_specs(
             # Only now is the line needed; parsing again is cheaper than
             # carrying it on every SpecFile for this rare case.
             text = body if body is not None else _read_spec_bytes(root, rel, label)[0]
+            assert text is not None
             line = _parse(label, text, rel, models, limits)[1]
             message = (
                 f"soundtrack '{spec.soundtrack}' is already defined by {owner}; "
@@ -290,7 +352,8 @@ def scan_specs(
     files = {rel: files[rel] for rel in sorted(files)}
     errors = {rel: errors[rel] for rel in sorted(errors)}
     root_state: Literal["ok", "unreadable"] = "ok" if complete else "unreadable"
-    return SpecScan(root_state, files, errors, settling, settled_by, observed)
+    kept_stamps = {rel: new_stamps[rel] for rel in files if rel in new_stamps}
+    return SpecScan(root_state, files, errors, settling, settled_by, observed, kept_stamps)
 
 
 def _changed_paths(
@@ -383,22 +446,28 @@ def _label(prefix: str, rel: str) -> str:
     return label if label.isprintable() else repr(label)
 
 
-def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
-    """The file's bytes and mtime_ns, read only if it is a regular file inside ``root``."""
+def _read_spec_bytes(
+    root: Path, rel: str, label: str, unless: str | None = None, real_root: Path | None = None
+) -> tuple[bytes | None, os.stat_result]:
+    """The file's bytes and its ``stat`` after the read, read only if it is a
+    regular file inside ``root``; no bytes (None) when its :func:`stamp` is ``unless``.
+
+    ``real_root`` is ``root`` resolved, when the caller resolved it once for many files.
+    """
 
     def refuse(message: str) -> SpecError:
         return SpecError([SpecProblem(label, None, None, message)])
 
     try:
-        real_root = root.resolve(strict=True)
-        real = _resolve_under(real_root, root, rel)
-        if not real.is_relative_to(real_root):
-            raise refuse(f"points to {real}, outside the specs folder")
-        before = real.stat()
+        if real_root is None:
+            real_root = root.resolve(strict=True)
+        real, before = _resolve_under(real_root, root, rel, refuse)
         if not stat.S_ISREG(before.st_mode):
             raise refuse("is not a regular file")
         if before.st_size > MAX_SPEC_BYTES:
             raise refuse(_too_large(before.st_size))
+        if unless is not None and stamp(before) == unless:
+            return None, before
         # O_NOFOLLOW: the path was resolved above, so a symlink here means it
         # was swapped in since; O_NONBLOCK: a FIFO swapped in cannot hang us.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -423,25 +492,34 @@ def _read_spec_bytes(root: Path, rel: str, label: str) -> tuple[bytes, int]:
         size != after.st_size
     ):
         raise refuse(_CHANGING)
-    return b"".join(chunks), after.st_mtime_ns
+    return b"".join(chunks), after
 
 
-def _resolve_under(real_root: Path, root: Path, rel: str) -> Path:
-    """``(root / rel).resolve(strict=True)``, where ``real_root`` is ``root`` resolved.
+def _resolve_under(
+    real_root: Path, root: Path, rel: str, refuse: Callable[[str], SpecError]
+) -> tuple[str, os.stat_result]:
+    """``(root / rel).resolve(strict=True)`` and its ``stat``, where ``real_root``
+    is ``root`` resolved; raises ``refuse(why)`` if that is not inside ``real_root``.
 
     When no component of ``rel`` is a symlink or a dot, that is ``real_root /
-    rel``: an lstat per component instead of a realpath walk of the whole
-    path (half of reading 5,000 spec files in a cold plan).
+    rel``, and the last component's ``lstat`` is its ``stat``: an lstat per
+    component, on strings, instead of a realpath walk of the whole path and
+    ``Path`` objects (most of reading 5,000 spec files in a cold plan).
     """
     parts = rel.split("/")
-    if not {"", ".", ".."}.isdisjoint(parts):
-        return (root / rel).resolve(strict=True)
-    path = real_root
-    for part in parts:
-        path = path / part
-        if stat.S_ISLNK(os.lstat(path).st_mode):
-            return (root / rel).resolve(strict=True)
-    return path
+    if {"", ".", ".."}.isdisjoint(parts):
+        path = str(real_root)
+        for part in parts:
+            path = f"{path}/{part}"
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                break
+        else:
+            return path, st
+    real = (root / rel).resolve(strict=True)
+    if not real.is_relative_to(real_root):
+        raise refuse(f"points to {real}, outside the specs folder")
+    return str(real), real.stat()
 
 
 _CHANGING = "is changing while being read; it will be read again on the next pass"

@@ -47,9 +47,7 @@ class Materialising:
         #: False while pruning was held back (an invalid file): the next pass
         #: that may prune looks at every output, not only its soundtracks'.
         self._pruned_all = False
-        self._tagged_changed = False
-        #: Output path → ``TrackTags.key`` of the file written there (tags.py).
-        self._tagged: dict[str, str] = ctx.ledger.get("output_tags") or {}
+        ctx.ledger.adopt_output_tags()
 
     def begin(self) -> None:
         """Before a pass's first part: the output folder as the settings say now."""
@@ -62,14 +60,6 @@ class Materialising:
         # A focused pass's failures and short tracks are all there are: their
         # soundtracks are never settled, so every focused pass looks at them.
         self.ctx.ledger.put("output_errors", self._failed_outputs)
-        if self.shared.focus is None:
-            wanted = {p for t in desired.tracks for p in t.outputs}
-            tagged = {p: k for p, k in self._tagged.items() if p in wanted}
-            self._tagged_changed |= len(tagged) != len(self._tagged)
-            self._tagged = tagged
-        if self._tagged_changed:
-            self.ctx.ledger.put("output_tags", self._tagged)
-            self._tagged_changed = False
         self.ctx.ledger.put("short_generations", short)
 
     async def materialise(
@@ -190,8 +180,8 @@ class Materialising:
     ) -> bool:
         """Make ``<out>/<rel>`` hold the clip's audio with its tags; True when it does.
 
-        The ledger holds the checksum of the tagged file and ``_tagged`` the
-        key it was built from (audio checksum plus tag values): an untouched
+        The ledger holds the checksum of the tagged file and the key it was
+        built from (audio checksum plus tag values): an untouched
         file with the same key needs nothing; a touched one whose bytes are
         still right is only re-recorded; anything else (a new clip, changed
         tags, a deleted or edited file) is rebuilt from the cached raw audio.
@@ -207,12 +197,12 @@ class Materialising:
         try:
             dest = self._outdir.path(soundtrack, filename)
             state = out.file_state(dest)
-            if rec is not None and self._tagged.get(rel) == key:
+            if rec is not None and rec.tags_key == key:
                 if state == (rec.size, rec.mtime_ns):
                     return True
                 if state is not None and out.sha256_file(dest) == rec.sha256:
                     self.ctx.ledger.output_written(
-                        self._record_for(t, n, rel, rec.sha256, state), event=None
+                        self._record_for(t, n, rel, rec.sha256, state, key), event=None
                     )
                     return True
             src = self.cache.path(clip.sha256)
@@ -228,10 +218,9 @@ class Materialising:
                 if state is not None and out.sha256_file(dest) == sha:
                     # Already what we would write (a crash after the rename): keep it.
                     self.ctx.ledger.output_written(
-                        self._record_for(t, n, rel, sha, state), event=None
+                        self._record_for(t, n, rel, sha, state, tags.key(clip.sha256)),
+                        event=None,
                     )
-                    self._tagged[rel] = tags.key(clip.sha256)
-                    self._tagged_changed = True
                     return True
                 if state is not None and rec is None:
                     # Not ours: keep the person's file in the trash, never overwrite it silently.
@@ -247,12 +236,14 @@ class Materialising:
                 self.ctx.log.error("output.failed", path=rel, error=str(exc))
             self._failed_outputs[rel] = str(exc)
             return False
-        self._tagged[rel] = tags.key(clip.sha256)
-        self._tagged_changed = True
         event = "output.written"
         if rec is not None and rec.sha256 == sha:
             event = "output.restored"
-        self.ctx.ledger.output_written(self._record_for(t, n, rel, sha, new_state), event=event)
+        # The key of what was written: without its cover when that could not
+        # be had, so a later pass that has it builds the file again.
+        self.ctx.ledger.output_written(
+            self._record_for(t, n, rel, sha, new_state, tags.key(clip.sha256)), event=event
+        )
         if event == "output.restored":
             result.restored += 1
             self.ctx.log.info(event, path=rel)
@@ -275,7 +266,7 @@ class Materialising:
 
     @staticmethod
     def _record_for(
-        t: DesiredTrack, n: int, rel: str, sha256: str, state: tuple[int, int]
+        t: DesiredTrack, n: int, rel: str, sha256: str, state: tuple[int, int], tags_key: str
     ) -> OutputRecord:
         return OutputRecord(
             path=rel,
@@ -286,6 +277,7 @@ class Materialising:
             sha256=sha256,
             size=state[0],
             mtime_ns=state[1],
+            tags_key=tags_key,
         )
 
     def _write_lists(

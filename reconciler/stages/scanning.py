@@ -70,6 +70,7 @@ class Scanning:
             {**errors, **scan.settling},
             complete=scan.root_state == "ok",
             only=reread,
+            stamps=scan.stamps,
         )
         for path, err in scan.errors.items():
             # Report each problem once, not on every pass (rule 12).
