@@ -75,10 +75,7 @@ def open_pair(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> I
         target: Path | str = tmp_path / "ledger.sqlite3"
         duration = 15.0
     else:
-        try:
-            target = str(request.getfixturevalue("pg_url"))
-        except pytest.FixtureLookupError:
-            pytest.skip("no PostgreSQL fixture (tests/pgserver.py) in this tree")
+        target = str(request.getfixturevalue("pg_url"))
         duration = 0.5
     a = Ledger.open(target, clock=clock)
     b = Ledger.open(target, clock=clock)
