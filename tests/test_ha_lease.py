@@ -31,17 +31,8 @@ from reconciler.ledger.lease import (
     read_leadership,
     take_hints,
 )
+from tests.clock import NOW, Clock
 from tests.project import wait_until
-
-NOW = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
