@@ -15,8 +15,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from reconciler.errors import LedgerError
+from reconciler.ledger import Ledger
 from reconciler.sandbox import SandboxControl
-from tests.project import Project
+from tests.project import Project, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "specs"
 
@@ -84,3 +86,66 @@ def test_plan_reads_a_postgresql_ledger_before_and_after_a_sync(
     restore = project.cli("plan", "--json", "--ledger", pg_url)
     assert restore.returncode == 2, restore.stderr
     assert json.loads(restore.stdout)["restore"] == ["study-session/rainy-library.mp3"]
+
+
+def with_password(url: str, password: str) -> str:
+    """The same database, with a password in the URL (the test server trusts loopback)."""
+    return url.replace("postgres@", f"postgres:{password}@", 1)
+
+
+def drop_connections(url: str) -> None:
+    """End every other session on ``url``'s database, as a server restart or a
+    failover does, and wait until they are gone."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url, autocommit=True) as admin:
+        others = "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+        admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) AS s", [name])
+        wait_until(
+            lambda: not admin.execute(others, [name]).fetchall(), 10, "the sessions to end"
+        )
+
+
+def test_a_dropped_connection_is_a_ledger_error_once_and_then_connected_again(
+    pg_url: str,
+) -> None:
+    url = with_password(pg_url, "s3cret-pw")
+    ledger = Ledger.open(url)
+    try:
+        ledger.put("answer", 41)
+        drop_connections(pg_url)
+
+        # The use that finds the connection gone fails, as a LedgerError naming
+        # the ledger without its password, never as a driver error.
+        with pytest.raises(LedgerError) as failed:
+            ledger.get("answer")
+        assert not isinstance(failed.value, psycopg.Error)
+        message = str(failed.value)
+        assert "postgres:***@127.0.0.1" in message
+        assert "s3cret-pw" not in message
+
+        # The next use connects again: reads and writes work without a restart.
+        assert ledger.get("answer") == 41
+        ledger.put("answer", 42)
+        assert ledger.get("answer") == 42
+    finally:
+        ledger.close()
+
+
+def test_a_write_cut_off_by_a_dropped_connection_is_refused_and_not_repeated(
+    pg_url: str,
+) -> None:
+    """The transaction the connection died in is lost as a whole; the reconnect
+    does not run it again (a submit intent not recorded is a submit not sent)."""
+    ledger = Ledger.open(pg_url)
+    try:
+        with pytest.raises(LedgerError), ledger.transaction():
+            ledger.db.execute("INSERT INTO kv (key, value) VALUES ('intent', '1')")
+            drop_connections(pg_url)
+            ledger.db.execute("INSERT INTO kv (key, value) VALUES ('after', '1')")
+        assert ledger.get("intent") is None
+        assert ledger.get("after") is None
+        with ledger.transaction():
+            ledger.db.execute("INSERT INTO kv (key, value) VALUES ('later', '1')")
+        assert ledger.get("later") == 1
+    finally:
+        ledger.close()

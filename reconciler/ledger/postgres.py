@@ -12,8 +12,8 @@ rowid. Migrations run one at a time across replicas under an advisory lock.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, cast
@@ -76,69 +76,111 @@ class _NumericLoader(Loader):
 
 class PostgresDatabase:
     """A psycopg connection in autocommit mode: each ``atomic()`` block is one
-    transaction (nested ones are savepoints), as with sqlite-utils."""
+    transaction (nested ones are savepoints), as with sqlite-utils.
+
+    No driver error leaves this class: each becomes a ``LedgerError`` naming
+    the database (password removed). A connection the server dropped (a
+    restart, a failover, a network cut) is replaced at its next use outside a
+    transaction. The statement that met the broken connection is not run
+    again: it failed, and its caller treats it as refused (a submit intent
+    not recorded is a submit not sent), so a reconnect never repeats a write.
+    """
 
     backend = "postgresql"
-    errors: tuple[type[Exception], ...] = (psycopg.Error,)
+    # Turned into LedgerError here already (``_errors``): none reach ``Store``.
+    errors: tuple[type[Exception], ...] = ()
 
-    def __init__(self, conn: psycopg.Connection[Any], url: str) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], url: str, *, readonly: bool) -> None:
         self.conn = conn
         self.url = url
+        self.readonly = readonly
+        #: Open ``atomic()`` blocks: the connection is never swapped inside one.
+        self._depth = 0
+        #: False once ``close()`` was called: a closed store does not reconnect.
+        self._open = True
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise LedgerError(f"{redact(self.url)}: {doing} failed: {exc}") from exc
+
+    def _use(self) -> psycopg.Connection[Any]:
+        """The connection, connected anew when the last one broke (between transactions)."""
+        if self._depth == 0 and self._open and self.conn.closed:
+            # Raises LedgerError while the server is still away; the next use tries again.
+            self.conn = connect(self.url, readonly=self.readonly)
+        return self.conn
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        return cast(Cursor, self.conn.execute(translate(sql), list(params)))
+        with self._errors("ledger statement"):
+            return cast(Cursor, self._use().execute(translate(sql), list(params)))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cur:
+        with self._errors("ledger statement"), self._use().cursor() as cur:
             cur.executemany(translate(sql), [list(r) for r in rows])
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
+        with self._errors("ledger read"), self._use().cursor(row_factory=dict_row) as cur:
             return cur.execute(translate(sql), list(params)).fetchall()
 
-    def atomic(self) -> AbstractContextManager[Any]:
-        return self.conn.transaction()
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        conn = self._use()
+        self._depth += 1
+        try:
+            with self._errors("ledger transaction"), conn.transaction():
+                yield
+        finally:
+            self._depth -= 1
 
     def schema_version(self) -> int:
         """0 for an empty database (read-only sessions must not create the table)."""
-        row = self.conn.execute("SELECT to_regclass('reconciler_schema') IS NOT NULL").fetchone()
-        if not (row and row[0]):
-            return 0
-        row = self.conn.execute("SELECT max(version) FROM reconciler_schema").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        with self._errors("reading the ledger's schema version"):
+            conn = self._use()
+            row = conn.execute("SELECT to_regclass('reconciler_schema') IS NOT NULL").fetchone()
+            if not (row and row[0]):
+                return 0
+            row = conn.execute("SELECT max(version) FROM reconciler_schema").fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
 
     def migrate(self, step: int, script: str) -> None:
-        with self.conn.transaction():
-            # Replicas starting together: the first migrates, the others find it done.
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK])
-            self.conn.execute(
-                "CREATE TABLE IF NOT EXISTS reconciler_schema (version BIGINT NOT NULL)"
-            )
-            row = self.conn.execute("SELECT max(version) FROM reconciler_schema").fetchone()
-            if row and row[0] is not None and int(row[0]) >= step:
-                return
-            self.conn.execute(translate_schema(script))
-            self.conn.execute("DELETE FROM reconciler_schema")
-            self.conn.execute("INSERT INTO reconciler_schema (version) VALUES (%s)", [step])
+        with self._errors(f"migrating the ledger to version {step}"):
+            conn = self._use()
+            with conn.transaction():
+                # Replicas starting together: the first migrates, the others find it done.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK])
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS reconciler_schema (version BIGINT NOT NULL)"
+                )
+                row = conn.execute("SELECT max(version) FROM reconciler_schema").fetchone()
+                if row and row[0] is not None and int(row[0]) >= step:
+                    return
+                conn.execute(translate_schema(script))
+                conn.execute("DELETE FROM reconciler_schema")
+                conn.execute("INSERT INTO reconciler_schema (version) VALUES (%s)", [step])
 
     def integrity_ok(self) -> bool:
         # PostgreSQL checks its own pages; a query that answers is what can be asked.
-        return self.conn.execute("SELECT 1").fetchone() is not None
+        with self._errors("ledger check"):
+            return self._use().execute("SELECT 1").fetchone() is not None
 
     def close(self) -> None:
+        self._open = False
         self.conn.close()
 
 
 def connect(url: str, *, readonly: bool) -> psycopg.Connection[Any]:
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        conn.adapters.register_loader("numeric", _NumericLoader)
+        if readonly:
+            conn.execute("SET default_transaction_read_only = on")
     except psycopg.Error as exc:
         raise LedgerError(f"{redact(url)}: cannot connect to the ledger: {exc}") from exc
-    conn.adapters.register_loader("numeric", _NumericLoader)
-    if readonly:
-        conn.execute("SET default_transaction_read_only = on")
     return conn
 
 
 def open_postgres(url: str, *, readonly: bool) -> PostgresDatabase:
-    return PostgresDatabase(connect(url, readonly=readonly), url)
+    return PostgresDatabase(connect(url, readonly=readonly), url, readonly=readonly)
