@@ -76,6 +76,7 @@ from reconciler.ledger.lease import (
     read_leadership,
     take_hints,
 )
+from reconciler.ledger.store import describe
 from reconciler.ops import Metrics, OpsApp
 from reconciler.reconciling import Focus, PassResult, Reconciler
 from reconciler.serving import AppServer
@@ -273,6 +274,7 @@ class Daemon:
                 "daemon.started",
                 pid=os.getpid(),
                 watchdog=self.watchdog,
+                ledger=describe(s.ledger_target),
                 **settings_summary(s),
             )
             if s.ledger is None:
@@ -305,7 +307,10 @@ class Daemon:
                 await timer
             # A clean stop hands over at once instead of after the lease.
             with contextlib.suppress(LedgerError):
-                self.lease.release()
+                token = self.lease.token
+                if token is not None:
+                    self.lease.release()
+                    self.log.info("lease.released", token=token)
                 leave(ledger, self.me)
 
     async def _lease_timer(self, ledger: Ledger) -> None:
@@ -327,8 +332,16 @@ class Daemon:
             waiting = held and hints_waiting(ledger)
         except LedgerError as exc:
             # The database is unreachable: nothing can be written, so nothing
-            # is spent either; a lease not renewed lapses on its own.
-            self.log.error("lease.renew_failed", error=str(exc))
+            # is spent either; a lease not renewed lapses on its own. The
+            # ledger connects again at its next use, so the next tick retries.
+            leading = self._term is not None
+            self.log.error("lease.renew_failed", error=str(exc), leading=leading)
+            if leading:
+                # A leader that cannot renew cannot prove it still holds the
+                # lease: it stops leading (its writes are refused from now on)
+                # and follows until it takes the lease again.
+                self.lease.token = self.lease.since = None
+                self._lose("the lease could not be renewed: the ledger is unreachable")
             return
         if self._term is not None and self.lease.token != self._term:
             # Lost, or lost and taken again while this process was paused:
@@ -350,7 +363,7 @@ class Daemon:
         """Serve, hand webhooks to the leader, and wait for the lease."""
         assert self.lease is not None
         self.metrics.leader.set(0)
-        leader, _ = read_leadership(ledger)
+        leader = self._leadership(ledger)
         self.log.info(
             "replica.following",
             leader_host=leader.host if leader else None,
@@ -380,12 +393,19 @@ class Daemon:
                 left = min(left, max(0.0, leader.expires_at - leader.now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), left + EXPIRY_MARGIN)
-            try:
-                leader, _ = read_leadership(ledger)
-            except LedgerError:
-                leader = None  # the timer keeps trying; no tight loop meanwhile
+            leader = self._leadership(ledger)
             if leader is not None and leader.expired:
                 self._keep(ledger)
+
+    def _leadership(self, ledger: Ledger) -> Leadership | None:
+        """The lease as the ledger has it; None when the ledger cannot be read
+        (logged: the timer keeps trying every ``lease / 3``, no tight loop)."""
+        try:
+            leader, _ = read_leadership(ledger)
+        except LedgerError as exc:
+            self.log.error("replica.ledger_unreachable", error=str(exc))
+            return None
+        return leader
 
     @staticmethod
     def _leader_line(leader: Leadership | None) -> str:
@@ -402,7 +422,19 @@ class Daemon:
         self.rec = Reconciler(self.settings, ledger, self.app.api)
         self._full = True
         self.metrics.leader.set(1)
-        self.log.warning("lease.acquired", token=self._term, since=self.lease.since)
+        before = self.lease.taken_from
+        if before is None:
+            # The first term, or a lease handed back by a clean stop.
+            self.log.info("lease.acquired", token=self._term, since=self.lease.since)
+        else:
+            self.log.warning(
+                "lease.acquired",
+                token=self._term,
+                since=self.lease.since,
+                taken_from_host=before.host,
+                taken_from_pid=before.pid,
+                last_renewed_seconds_ago=round(before.age, 1),
+            )
         try:
             await self._loop(ledger, server)
         finally:
@@ -526,6 +558,12 @@ class Daemon:
             self.log.error(
                 "pass.failed", error=str(exc), error_type=type(exc).__name__, exc_info=exc
             )
+            if isinstance(exc, LedgerError) and self.lease is not None and self.app is not None:
+                # The shared ledger failed under the pass (a dropped connection):
+                # a submit it left in intent may have been sent. A fresh
+                # reconciler's start-up holds it as ambiguous, as a new term
+                # does, rather than leaving its tracks submitting for good.
+                self.rec = Reconciler(self.settings, self.rec.ledger, self.app.api)
             return None
         return task.result()
 
@@ -533,7 +571,9 @@ class Daemon:
         """Sleep until ``pass_at`` or a hint's window ends; ping the watchdog meanwhile."""
         while True:
             self._poke.clear()
-            if self._stop.is_set():
+            # A lease lost while the leader waits (the timer's renewal failed or
+            # was refused) ends the wait: it follows from now on.
+            if self._stop.is_set() or self._lost.is_set():
                 return
             if self._reload_requested and self._reload():
                 return  # new settings apply at once: a lifted ceiling submits now

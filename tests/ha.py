@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from reconciler.sandbox import SandboxControl
-from tests.daemonproc import DaemonProc, daemon_project
-from tests.project import Project, wait_until
+from reconciler.sandbox import SandboxControl, SandboxServer
+from tests.daemonproc import DaemonProc, daemon_project, expected_tracks, materialised
+from tests.project import Project, track, wait_until
+from tests.reliability.support import accounting
 
 #: Short enough that a takeover costs the tests seconds, long enough that a
 #: busy two-core machine does not take the lease from a healthy leader.
@@ -108,3 +109,29 @@ class Replicas:
     def close(self) -> None:
         for p in self.procs:
             p.__exit__()
+
+
+def converged(group: Replicas, timeout: float = 60) -> None:
+    """Every track the specs ask for is in the shared output folder, and a replica runs."""
+
+    def done() -> bool:
+        assert group.running(), "every replica exited"
+        want = expected_tracks(group.base.specs)
+        have = materialised(group.base.out)
+        return all(have.get(st) == tracks for st, tracks in want.items())
+
+    wait_until(done, timeout, "the shared outputs to match the specs")
+
+
+def spends_once(group: Replicas, server: SandboxServer) -> None:
+    """No fingerprint paid for more often than ``status`` admits as possible double spend."""
+    report = group.status()
+    books = accounting(server, group.books)
+    assert not books.unexplained, books.unexplained
+    assert books.extra_tasks <= report["possible_double_spend"]
+
+
+def write_tracks(group: Replicas, name: str, count: int) -> None:
+    group.base.write_spec(
+        f"{name}.yaml", [track(f"{name}-{i}", f"{name} {i}") for i in range(count)]
+    )

@@ -223,6 +223,30 @@ class PgServer:
             raise PgUnavailableError(f"pg_ctl start failed:\n{start.stdout}{start.stderr}\n{log}")
         self._admin = psycopg.connect(self.url("postgres"), autocommit=True)
 
+    def shut_down(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data and port, as an operator's
+        ``pg_ctl stop -m MODE`` does: clients' connections are ended (``fast``:
+        at once, each told so). ``start_again`` brings it back."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        stop = self._run(
+            str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode,
+            "-w", "-t", str(STEP_TIMEOUT),
+        )  # fmt: skip
+        if stop.returncode != 0:
+            raise PgUnavailableError(f"pg_ctl stop failed:\n{stop.stdout}{stop.stderr}")
+
+    def start_again(self) -> None:
+        """Start the server ``shut_down`` stopped, on the same port with the same data."""
+        start = self._run(
+            str(self.bindir / "pg_ctl"), "start", "-D", str(self.data), "-l", str(self.log),
+            "-w", "-t", str(STEP_TIMEOUT), "-o", f"-p {self.port}",
+        )  # fmt: skip
+        if start.returncode != 0:
+            raise PgUnavailableError(f"pg_ctl start failed:\n{start.stdout}{start.stderr}")
+        self._admin = psycopg.connect(self.url("postgres"), autocommit=True)
+
     def url(self, database: str) -> str:
         """The ``postgresql://`` URL of ``database`` on this server, over TCP on 127.0.0.1."""
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"

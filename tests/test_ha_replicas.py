@@ -18,10 +18,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.sandbox import SandboxControl, SandboxServer
-from tests.daemonproc import DaemonProc, expected_tracks, free_port, materialised
-from tests.ha import TEST_LEASE, Replicas, shared_ledger
-from tests.project import track, wait_until
-from tests.reliability.support import accounting, assert_outputs_whole
+from tests.daemonproc import DaemonProc, free_port
+from tests.ha import (
+    TEST_LEASE,
+    Replicas,
+    converged,
+    shared_ledger,
+    spends_once,
+    write_tracks,
+)
+from tests.project import wait_until
+from tests.reliability.support import assert_outputs_whole
 
 BACKENDS = ["sqlite", "postgresql"]
 HOOK_SECRET = "whsec-replicas-5e1f"
@@ -37,32 +44,6 @@ def replicas(tmp_path: Path, sandbox: SandboxControl, ledger: str) -> Iterator[R
     group = Replicas(tmp_path, sandbox, ledger)
     yield group
     group.close()
-
-
-def converged(group: Replicas, timeout: float = 60) -> None:
-    """Every track the specs ask for is in the shared output folder, and a replica runs."""
-
-    def done() -> bool:
-        assert group.running(), "every replica exited"
-        want = expected_tracks(group.base.specs)
-        have = materialised(group.base.out)
-        return all(have.get(st) == tracks for st, tracks in want.items())
-
-    wait_until(done, timeout, "the shared outputs to match the specs")
-
-
-def spends_once(group: Replicas, server: SandboxServer) -> None:
-    """No fingerprint paid for more often than ``status`` admits as possible double spend."""
-    report = group.status()
-    books = accounting(server, group.books)
-    assert not books.unexplained, books.unexplained
-    assert books.extra_tasks <= report["possible_double_spend"]
-
-
-def write_tracks(group: Replicas, name: str, count: int) -> None:
-    group.base.write_spec(
-        f"{name}.yaml", [track(f"{name}-{i}", f"{name} {i}") for i in range(count)]
-    )
 
 
 @pytest.mark.parametrize("count", [2, 3])

@@ -100,9 +100,7 @@ def drop_connections(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as admin:
         others = "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
         admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) AS s", [name])
-        wait_until(
-            lambda: not admin.execute(others, [name]).fetchall(), 10, "the sessions to end"
-        )
+        wait_until(lambda: not admin.execute(others, [name]).fetchall(), 10, "the sessions to end")
 
 
 def test_a_dropped_connection_is_a_ledger_error_once_and_then_connected_again(
@@ -138,10 +136,15 @@ def test_a_write_cut_off_by_a_dropped_connection_is_refused_and_not_repeated(
     does not run it again (a submit intent not recorded is a submit not sent)."""
     ledger = Ledger.open(pg_url)
     try:
-        with pytest.raises(LedgerError), ledger.transaction():
-            ledger.db.execute("INSERT INTO kv (key, value) VALUES ('intent', '1')")
-            drop_connections(pg_url)
-            ledger.db.execute("INSERT INTO kv (key, value) VALUES ('after', '1')")
+
+        def cut_off() -> None:
+            with ledger.transaction():
+                ledger.db.execute("INSERT INTO kv (key, value) VALUES ('intent', '1')")
+                drop_connections(pg_url)
+                ledger.db.execute("INSERT INTO kv (key, value) VALUES ('after', '1')")
+
+        with pytest.raises(LedgerError):
+            cut_off()
         assert ledger.get("intent") is None
         assert ledger.get("after") is None
         with ledger.transaction():

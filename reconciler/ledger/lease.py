@@ -86,6 +86,12 @@ class Leadership:
     def expired(self) -> bool:
         return self.expires_at <= self.now
 
+    @property
+    def released(self) -> bool:
+        """Handed back by a clean stop (:meth:`Lease.release` ends it where it was
+        last renewed), not left to run out."""
+        return self.expires_at <= self.renewed_at
+
 
 @dataclass(frozen=True)
 class Replica:
@@ -117,6 +123,10 @@ class Lease:
         self.token: int | None = None
         #: When this process's term began (the database's clock).
         self.since: float | None = None
+        #: The lease as found when this process's term began, when it took it
+        #: from another process that neither released nor renewed it (a crash,
+        #: a pause, a lost connection); None after a first start or a handover.
+        self.taken_from: Leadership | None = None
 
     def acquire(self) -> bool:
         """Take the lease when it is free or expired, or renew it when it is ours.
@@ -129,6 +139,7 @@ class Lease:
         with self.store.transaction(fenced=False):
             now = db_now(self.store)
             expires = now + self.duration
+            before = _lease_row(self.store, now)
             # The first process ever: the row is created for it with token 1.
             self.store.db.execute(
                 "INSERT INTO lease (name, holder, host, pid, since, renewed_at, expires_at, token) "
@@ -156,6 +167,9 @@ class Lease:
         if not rows:
             self.token = self.since = None
             return False
+        if self.token is None:
+            taken = before is not None and before.holder != me.holder and not before.released
+            self.taken_from = before if taken else None
         self.token = int(rows[0]["token"])
         self.since = float(rows[0]["since"])
         return True
@@ -180,39 +194,46 @@ class Lease:
             )
 
     def release(self) -> None:
-        """A clean stop: let a follower take over at once rather than after expiry."""
+        """A clean stop: let a follower take over at once rather than after expiry.
+
+        The lease ends where it was last renewed, at this moment: that is how
+        ``status`` tells a lease handed back from one that ran out."""
         if self.token is None:
             return
         with self.store.transaction(fenced=False):
+            now = db_now(self.store)
             self.store.db.execute(
-                "UPDATE lease SET expires_at = ? WHERE name = ? AND holder = ? AND token = ?",
-                [db_now(self.store), _LEASE, self.me.holder, self.token],
+                "UPDATE lease SET expires_at = ?, renewed_at = ? "
+                "WHERE name = ? AND holder = ? AND token = ?",
+                [now, now, _LEASE, self.me.holder, self.token],
             )
         self.token = self.since = None
+
+
+def _lease_row(store: Store, now: float) -> Leadership | None:
+    rows = store.query(
+        "SELECT holder, host, pid, since, renewed_at, expires_at, token FROM lease WHERE name = ?",
+        [_LEASE],
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    return Leadership(
+        holder=row["holder"],
+        host=row["host"],
+        pid=int(row["pid"]),
+        since=float(row["since"]),
+        renewed_at=float(row["renewed_at"]),
+        expires_at=float(row["expires_at"]),
+        token=int(row["token"]),
+        now=now,
+    )
 
 
 def read_leadership(store: Store) -> tuple[Leadership | None, list[Replica]]:
     """The lease row (None when no process ever took it) and every replica's
     heartbeat, newest first."""
-    now = db_now(store)
-    rows = store.query(
-        "SELECT holder, host, pid, since, renewed_at, expires_at, token FROM lease WHERE name = ?",
-        [_LEASE],
-    )
-    lead = (
-        None
-        if not rows
-        else Leadership(
-            holder=rows[0]["holder"],
-            host=rows[0]["host"],
-            pid=int(rows[0]["pid"]),
-            since=float(rows[0]["since"]),
-            renewed_at=float(rows[0]["renewed_at"]),
-            expires_at=float(rows[0]["expires_at"]),
-            token=int(rows[0]["token"]),
-            now=now,
-        )
-    )
+    lead = _lease_row(store, db_now(store))
     replicas = [
         Replica(
             holder=r["holder"],
