@@ -55,6 +55,8 @@ def test_replicas_converge_a_folder_with_exactly_one_leader(
     procs = [replicas.start(None, None, "--ops-listen", str(port)) for port in ports]
     leader = replicas.leader()
     converged(replicas)
+    # Each says which ledger it uses (a PostgreSQL URL without its password).
+    assert {p.named("daemon.started")[0]["ledger"] for p in procs} == {replicas.ledger}
     followers = [p for p in procs if p is not leader]
     assert all(p.named("replica.following") for p in followers)
     # Only the leader ever submitted; the followers spent nothing.
@@ -95,6 +97,8 @@ def test_a_follower_takes_over_from_a_killed_leader_and_finishes_its_work(
 
     taken = follower.wait_event("lease.acquired", timeout=30)
     assert taken["token"] >= 2  # a new holder, a new fencing token
+    # Taken from a holder that stopped renewing: worth a warning, naming it.
+    assert (taken["level"], taken["taken_from_pid"]) == ("warning", leader.pid)
     converged(replicas)
     assert replicas.status()["leader"]["pid"] == follower.pid
     assert assert_outputs_whole(replicas.base.out) == 6
@@ -111,7 +115,11 @@ def test_a_stopped_replica_hands_the_lease_over_at_once(replicas: Replicas) -> N
     mark = follower.mark()
     code, _ = leader.stop(signal.SIGTERM)
     assert code == 0
-    follower.wait_event("lease.acquired", after=mark, timeout=TEST_LEASE * 3)
+    assert leader.named("lease.released")
+    taken = follower.wait_event("lease.acquired", after=mark, timeout=TEST_LEASE * 3)
+    # A handover, like the first start: nothing to warn about.
+    assert taken["level"] == "info"
+    assert leader.named("lease.acquired")[0]["level"] == "info"
     assert [r["pid"] for r in replicas.status()["replicas"]] == [follower.pid]
 
 
