@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,7 +216,7 @@ def build_report(settings: Settings, now: float, selector: str | None = None) ->
                 )
     spent = CREDITS_PER_TASK * read.spent
     budget = settings.daily_budget
-    leader, replicas = _replication(read, settings.lease, now)
+    leader, last_leader, replicas = _replication(read, settings.lease, now)
     health = facts.get("api_health") or {}
     return {
         "schema": SCHEMA_VERSION,
@@ -244,6 +244,7 @@ def build_report(settings: Settings, now: float, selector: str | None = None) ->
         "unexpected_shapes": facts.get("unexpected_shapes") or {},
         "orphan_tasks": read.orphans,
         "leader": leader,
+        "last_leader": last_leader,
         "replicas": replicas,
         "last_pass": _iso(facts.get("last_pass_at")),
         "api": {
@@ -257,34 +258,100 @@ def build_report(settings: Settings, now: float, selector: str | None = None) ->
 
 def _replication(
     read: StatusRead, lease: float, now: float
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The leader (None when no replica ever held the lease: one daemon on its
-    own ledger) and the replicas seen within three leases, by the ledger's
-    clock when it keeps one (PostgreSQL), else this host's."""
-    at = read.now if read.now is not None else now
-    leader = None
-    if read.lease is not None:
-        _, host, pid, since, renewed_at, expires_at, token = read.lease
-        leader = {
-            "host": host,
-            "pid": pid,
-            "since": _iso(since),
-            "token": token,
-            "lease_age_seconds": round(max(0.0, at - renewed_at), 1),
-            "expired": expires_at <= at,
-        }
-    replicas = [
-        {
-            "host": host,
-            "pid": pid,
-            "role": role,
-            "started": _iso(started),
-            "seen_seconds_ago": round(max(0.0, at - seen), 1),
-        }
-        for host, pid, role, started, seen in read.replicas
-        if at - seen <= 3 * lease
-    ]
-    return leader, replicas
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """Who leads, who led last, and the replicas seen, by the ledger's clock
+    when it keeps one (PostgreSQL), else this host's; see :func:`replication`."""
+    return replication(read.lease, read.replicas, lease, read.now if read.now is not None else now)
+
+
+def replication(
+    lease_row: Sequence[Any] | None, replica_rows: Iterable[Sequence[Any]], lease: float, at: float
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """``leader``, ``last_leader`` and ``replicas`` of ``status --json``, at ``at``.
+
+    ``leader`` only while the lease is unexpired: a process that was killed,
+    stopped or cannot reach the ledger leads no more once its lease ends, and
+    then it is ``last_leader``, with when its lease ended and whether it was
+    handed back (``released``) or ran out. Both are None when no replica ever
+    held the lease (one daemon on its own ledger). A replica whose heartbeat
+    is older than one lease is ``stale`` and its role ``unknown``; only the
+    holder of the unexpired lease has the role ``leader``, whatever another
+    process last reported. Replicas silent for three leases are left out.
+    """
+    leader = last = None
+    holder = None
+    if lease_row is not None:
+        holder, host, pid, since, renewed_at, expires_at, token = lease_row
+        term = {"host": host, "pid": pid, "since": _iso(since), "token": token}
+        if expires_at > at:
+            leader = {
+                **term,
+                "lease_age_seconds": round(max(0.0, at - renewed_at), 1),
+                # Always false now that an expired lease is last_leader; kept for readers.
+                "expired": False,
+            }
+        else:
+            holder = None
+            last = {
+                **term,
+                "ended": _iso(expires_at),
+                "ended_seconds_ago": round(max(0.0, at - expires_at), 1),
+                # Lease.release ends the lease where it was last renewed.
+                "released": expires_at <= renewed_at,
+            }
+    replicas = []
+    for who, host, pid, reported, started, seen in replica_rows:
+        age = max(0.0, at - seen)
+        if age > 3 * lease:
+            continue
+        stale = age > lease
+        role = reported
+        if who == holder:
+            role = "leader"
+        elif stale or reported == "leader":
+            role = "unknown"
+        replicas.append(
+            {
+                "host": host,
+                "pid": pid,
+                "role": role,
+                "started": _iso(started),
+                "seen_seconds_ago": round(age, 1),
+                "stale": stale,
+            }
+        )
+    return leader, last, replicas
+
+
+def replication_line(report: Mapping[str, Any]) -> tuple[str, str | None] | None:
+    """The plain ``status`` line about the replicas and its style; None without any."""
+    leader, last = report["leader"], report.get("last_leader")
+    replicas = report["replicas"]
+    if leader is None and last is None and not replicas:
+        return None
+    if leader is not None:
+        head = (
+            f"leader: {leader['host']} pid {leader['pid']} since {leader['since']}, "
+            f"lease renewed {leader['lease_age_seconds']:.0f}s ago"
+        )
+    elif last is not None:
+        how = "released" if last["released"] else "expired"
+        head = (
+            f"no leader: {last['host']} pid {last['pid']} held the lease until "
+            f"{last['ended']} ({how} {last['ended_seconds_ago']:.0f}s ago)"
+        )
+    else:
+        head = "no leader yet"
+    me = (leader["host"], leader["pid"]) if leader is not None else None
+    others = [r for r in replicas if (r["host"], r["pid"]) != me]
+    seen = [r for r in others if not r["stale"]]
+    gone = [r for r in others if r["stale"]]
+    line = head + f"; {plural(len(seen), 'other replica' if leader else 'replica')} seen"
+    line += "".join(f", {r['host']} pid {r['pid']} ({r['role']})" for r in seen)
+    line += "".join(
+        f"; {r['host']} pid {r['pid']} not seen for {r['seen_seconds_ago']:.0f}s" for r in gone
+    )
+    return line, None if leader is not None else "yellow"
 
 
 def failed(report: dict[str, Any]) -> bool:
@@ -410,21 +477,9 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
             "(`status --json` lists them; `reconciler doctor --live` checks the fit)",
             "yellow",
         )
-    leader = report["leader"]
-    if leader is not None:
-        others = [
-            r
-            for r in report["replicas"]
-            if (r["host"], r["pid"]) != (leader["host"], leader["pid"])
-        ]
-        say(
-            f"leader: {leader['host']} pid {leader['pid']} since {leader['since']}, "
-            f"lease renewed {leader['lease_age_seconds']:.0f}s ago"
-            + (" (expired: a follower takes over)" if leader["expired"] else "")
-            + f"; {plural(len(others), 'other replica')} seen"
-            + "".join(f", {r['host']} pid {r['pid']} ({r['role']})" for r in others),
-            "yellow" if leader["expired"] else None,
-        )
+    replicas = replication_line(report)
+    if replicas is not None:
+        say(*replicas)
     api = report["api"]
     line = (
         f"last pass: {report['last_pass'] or 'never'}; "

@@ -100,7 +100,10 @@ def test_a_follower_takes_over_from_a_killed_leader_and_finishes_its_work(
     # Taken from a holder that stopped renewing: worth a warning, naming it.
     assert (taken["level"], taken["taken_from_pid"]) == ("warning", leader.pid)
     converged(replicas)
-    assert replicas.status()["leader"]["pid"] == follower.pid
+    report = replicas.status()
+    assert report["leader"]["pid"] == follower.pid
+    # The killed process is no leader any more, whatever its last heartbeat said.
+    assert [r["pid"] for r in report["replicas"] if r["role"] == "leader"] == [follower.pid]
     assert assert_outputs_whole(replicas.base.out) == 6
     spends_once(replicas, sandbox_server)
 
@@ -121,6 +124,18 @@ def test_a_stopped_replica_hands_the_lease_over_at_once(replicas: Replicas) -> N
     assert taken["level"] == "info"
     assert leader.named("lease.acquired")[0]["level"] == "info"
     assert [r["pid"] for r in replicas.status()["replicas"]] == [follower.pid]
+
+    # The last replica stops too: nobody leads, and status says who did last.
+    follower.stop(signal.SIGTERM)
+    report = replicas.status()
+    assert report["leader"] is None
+    assert (report["last_leader"]["pid"], report["last_leader"]["released"]) == (
+        follower.pid,
+        True,
+    )
+    said = replicas.project(0).cli("status").stdout
+    assert f"no leader: {report['last_leader']['host']} pid {follower.pid} held the lease" in said
+    assert "released" in said
 
 
 def test_sync_refuses_to_spend_beside_a_leading_replica(replicas: Replicas) -> None:

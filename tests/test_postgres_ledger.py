@@ -36,6 +36,9 @@ def test_sync_on_a_postgresql_ledger_converges_the_examples_and_status_reads_the
     project.sync("--ledger", pg_url)
 
     report = project.status("--ledger", pg_url)
+    # The sync held the ledger's lease while it ran and handed it back.
+    assert report["leader"] is None
+    assert report["last_leader"]["released"] is True
     summary = report["summary"]
     assert summary["tracks"] > 0
     assert summary["ready"] == summary["tracks"], summary

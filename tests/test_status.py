@@ -14,7 +14,7 @@ import pytest
 
 from reconciler.errors import UnknownNameError
 from reconciler.sandbox import SandboxControl
-from reconciler.status import _queued_reason, check_selector
+from reconciler.status import _queued_reason, check_selector, replication, replication_line
 from tests.project import Project, track
 
 
@@ -208,3 +208,100 @@ def test_spent_today_counts_every_charge_across_sandbox_restarts(tmp_path: Path)
             charged += control.stats()["credits_charged"]
     assert project is not None
     assert project.status()["credits"]["spent_today"] == charged
+
+
+# -- who leads, as status shows it (pure: the lease row and heartbeats as read) --------
+
+LEASE = 15.0
+AT = 1_000_000.0
+A, B, C = "node-a:10:aa", "node-b:20:bb", "node-c:30:cc"
+
+
+def lease_row(holder: str, renewed_ago: float, expires_in: float) -> tuple[object, ...]:
+    host, pid, _ = holder.split(":")
+    return (holder, host, int(pid), AT - 100, AT - renewed_ago, AT + expires_in, 3)
+
+
+def beat(holder: str, role: str, seen_ago: float) -> tuple[object, ...]:
+    host, pid, _ = holder.split(":")
+    return (holder, host, int(pid), role, AT - 200, AT - seen_ago)
+
+
+@pytest.mark.parametrize(
+    ("lease", "beats", "leader_pid", "last", "roles", "line"),
+    [
+        # One daemon on its own ledger: no lease, no replicas, nothing to say.
+        (None, [], None, None, {}, None),
+        # A live lease and a follower.
+        (
+            lease_row(A, 2, 13),
+            [beat(A, "leader", 2), beat(B, "follower", 1)],
+            10,
+            None,
+            {10: ("leader", False), 20: ("follower", False)},
+            "leader: node-a pid 10 since 1970-01-12T13:45:00+00:00, lease renewed 2s ago; "
+            "1 other replica seen, node-b pid 20 (follower)",
+        ),
+        # A SIGKILL takeover: B leads; A's last heartbeat said leader, 20 s ago.
+        (
+            lease_row(B, 1, 14),
+            [beat(B, "leader", 1), beat(C, "follower", 1), beat(A, "leader", 20)],
+            20,
+            None,
+            {20: ("leader", False), 30: ("follower", False), 10: ("unknown", True)},
+            "; node-a pid 10 not seen for 20s",
+        ),
+        # Killed a moment ago: its heartbeat is fresh, but the lease it reports ran out.
+        (
+            lease_row(A, 16, -1),
+            [beat(B, "follower", 0), beat(A, "leader", 16)],
+            None,
+            (10, False, 1.0),
+            {20: ("follower", False), 10: ("unknown", True)},
+            "no leader: node-a pid 10 held the lease until 1970-01-12T13:46:39+00:00 "
+            "(expired 1s ago); 1 replica seen, node-b pid 20 (follower); "
+            "node-a pid 10 not seen for 16s",
+        ),
+        # The last replica stopped with SIGTERM: released, its heartbeat removed.
+        (
+            (A, "node-a", 10, AT - 100, AT - 5, AT - 5, 3),
+            [],
+            None,
+            (10, True, 5.0),
+            {},
+            "no leader: node-a pid 10 held the lease until 1970-01-12T13:46:35+00:00 "
+            "(released 5s ago); 0 replicas seen",
+        ),
+        # A replica silent for three leases is left out.
+        (lease_row(B, 1, 14), [beat(B, "leader", 1), beat(A, "follower", 46)], 20, None,
+         {20: ("leader", False)}, "0 other replicas seen"),
+        # A heartbeat claiming the lead from a process that does not hold it.
+        (lease_row(B, 1, 14), [beat(A, "leader", 1), beat(B, "leader", 1)], 20, None,
+         {10: ("unknown", False), 20: ("leader", False)}, "node-a pid 10 (unknown)"),
+    ],
+)  # fmt: skip
+def test_only_an_unexpired_lease_leads_and_silent_replicas_are_stale(
+    lease: tuple[object, ...] | None,
+    beats: list[tuple[object, ...]],
+    leader_pid: int | None,
+    last: tuple[int, bool, float] | None,
+    roles: dict[int, tuple[str, bool]],
+    line: str | None,
+) -> None:
+    leader, last_leader, replicas = replication(lease, beats, LEASE, AT)
+    assert (leader and leader["pid"]) == leader_pid
+    if last is None:
+        assert last_leader is None
+    else:
+        assert last_leader is not None
+        got = (last_leader["pid"], last_leader["released"], last_leader["ended_seconds_ago"])
+        assert got == last
+    assert {r["pid"]: (r["role"], r["stale"]) for r in replicas} == roles
+    assert [r["role"] for r in replicas].count("leader") == (leader_pid is not None)
+    said = replication_line({"leader": leader, "last_leader": last_leader, "replicas": replicas})
+    if line is None:
+        assert said is None
+    else:
+        assert said is not None
+        assert line in said[0]
+        assert said[1] == (None if leader else "yellow")

@@ -89,7 +89,7 @@ class StatusRead:
     #: The leader's lease (holder, host, pid, since, renewed_at, expires_at,
     #: token); None when no replica ever took it (a ledger used by one daemon).
     lease: tuple[Any, ...] | None = None
-    #: Replicas' heartbeats (host, pid, role, started, seen), newest first.
+    #: Replicas' heartbeats (holder, host, pid, role, started, seen), newest first.
     replicas: list[tuple[Any, ...]] = field(default_factory=list)
     #: When read, on the clock the lease is kept by (PostgreSQL's own clock).
     now: float | None = None

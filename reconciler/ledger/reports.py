@@ -219,7 +219,7 @@ def _read_status(
     replicas = [
         tuple(r)
         for r in execute(
-            "SELECT host, pid, role, started, seen FROM replicas ORDER BY seen DESC"
+            "SELECT holder, host, pid, role, started, seen FROM replicas ORDER BY seen DESC"
         ).fetchall()
     ]
     now = float(execute(now_sql).fetchone()[0]) if now_sql else None
