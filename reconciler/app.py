@@ -30,6 +30,7 @@ from reconciler.layout import require_layout
 from reconciler.ledger import Ledger
 from reconciler.ledger.lease import Identity, Lease, read_leadership
 from reconciler.musicapi import MusicAPI
+from reconciler.ownership import check_ledger_owner, claim_output_folder
 from reconciler.reconciling import Reconciler
 from reconciler.statelock import StateLock
 
@@ -100,6 +101,12 @@ async def open_app(
     try:
         ledger = Ledger.open(settings.ledger_target, clock=clock)
         try:
+            # Before anything may be spent: one ledger per output folder, and a
+            # state folder's own ledger never shared with replicas.
+            check_ledger_owner(
+                ledger, settings.ledger_target, settings.state_dir, settings.ledger is not None
+            )
+            claim_output_folder(settings.out_dir, ledger, settings.ledger_target)
             async with (
                 held_lease(settings, ledger, lead),
                 api_client(settings, on_request=on_request) as (s, api),

@@ -221,12 +221,15 @@ def _api_key(env: Mapping[str, str], key_file: Path | None) -> Secret | None:
     return read_secret_file(key_file, "API key") if key_file else None
 
 
-def check_ledger(value: str) -> str:
-    """A ledger URL or SQLite path as given; another database's URL is refused by name."""
+def check_ledger(value: str, what: str) -> str:
+    """A ledger URL or SQLite path as given; an empty one, or another database's
+    URL, is refused, naming where it was given (``what``)."""
     scheme, sep, _ = value.partition("://")
+    if not value.strip():
+        raise ConfigError(f"{what}: empty; give a postgresql:// URL or a SQLite file path")
     if sep and scheme not in ("postgresql", "postgres", "sqlite"):
         raise ConfigError(
-            f"ledger: expected a postgresql:// URL or a SQLite file path, got a {scheme}:// URL"
+            f"{what}: expected a postgresql:// URL or a SQLite file path, got a {scheme}:// URL"
         )
     return value
 
@@ -274,9 +277,12 @@ def load_settings(flags: Flags, env: Mapping[str, str] | None = None) -> Setting
             conf[name] = flag
         elif env.get(var):
             conf[name] = Path(env[var])
-    ledger = flags.ledger or env.get("RECONCILER_LEDGER") or conf.get("ledger")
-    if ledger is not None:
-        conf["ledger"] = check_ledger(str(ledger))
+    if flags.ledger is not None:
+        conf["ledger"] = check_ledger(flags.ledger, "--ledger")
+    elif env.get("RECONCILER_LEDGER"):
+        conf["ledger"] = check_ledger(env["RECONCILER_LEDGER"], "RECONCILER_LEDGER")
+    elif conf.get("ledger") is not None:
+        conf["ledger"] = check_ledger(str(conf["ledger"]), f"{source}: ledger")
     api_url = flags.api_url or env.get("MUSICAPI_BASE_URL") or conf.get("api_url")
     if api_url is not None:
         if not api_url.startswith(("http://", "https://")):

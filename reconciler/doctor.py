@@ -374,7 +374,7 @@ async def check_webhook(hook: WebhookSettings | None) -> Check:
             "no [webhook] configured: a submit whose answer is lost is held for "
             "ambiguous_grace and may then be paid for twice (possible double spend)",
             "configure [webhook] (listen, public_url, secret_file) so callbacks claim such "
-            "items and keep possible double spend at 0 (README: Webhooks)",
+            "items and keep possible double spend at 0 (docs/systemd.md: Webhooks)",
         )
     url = f"{hook.public_url}/hook"
     where = f"webhook.listen {hook.host}:{hook.port}"

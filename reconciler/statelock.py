@@ -46,3 +46,22 @@ class StateLock:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def lock_holder(state_dir: Path) -> str | None:
+    """Who holds ``state_dir``'s lock now ("pid N"), or None when nobody does.
+
+    Probed by taking it for an instant, shared, so the probe never stands in
+    the way of the holder."""
+    path = state_dir / "lock"
+    try:
+        f = path.open("r", encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None

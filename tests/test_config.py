@@ -210,6 +210,20 @@ def layered_cases(conf_dir: Path) -> list[Layered]:
             lambda s: s.state_dir,
         ),
         Layered(
+            "ledger",
+            {"ledger": "postgresql://flag@127.0.0.1/db"},
+            {"RECONCILER_LEDGER": "postgresql://env@127.0.0.1/db"},
+            'ledger = "shared/ledger.sqlite3"',
+            (
+                "postgresql://flag@127.0.0.1/db",
+                "postgresql://env@127.0.0.1/db",
+                # A SQLite file named in the file is relative to the file's folder.
+                str(conf_dir / "shared" / "ledger.sqlite3"),
+                None,
+            ),
+            lambda s: s.ledger,
+        ),
+        Layered(
             "api_url",
             {"api_url": "http://127.0.0.1:1/flag/"},
             {"MUSICAPI_BASE_URL": "http://127.0.0.1:2/env"},
@@ -330,3 +344,27 @@ def test_the_poll_interval_comes_from_the_file_else_suits_the_api(
     assert load_settings(Flags(config=config, sandbox=sandbox), env={}).poll_interval == 4
     default = load_settings(Flags(sandbox=sandbox), env={}).poll_interval
     assert default == (1.0 if sandbox else 15.0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "file", "expected"),
+    [
+        ("", None, None, "--ledger: empty"),
+        (None, "mysql://db/x", None, "RECONCILER_LEDGER: expected a postgresql:// URL"),
+        (
+            None,
+            None,
+            'ledger = "mysql://db/x"',
+            "reconciler.toml: ledger: expected a postgresql://",
+        ),
+    ],
+)
+def test_a_wrong_ledger_is_named_where_it_was_given(
+    tmp_path: Path, flag: str | None, env: str | None, file: str | None, expected: str
+) -> None:
+    config = tmp_path / "reconciler.toml"
+    config.write_text(file or "")
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(
+            Flags(config=config, ledger=flag), env={"RECONCILER_LEDGER": env} if env else {}
+        )

@@ -172,6 +172,20 @@ def _spec_from_data(path: str, data: dict[str, Any]) -> SpecFile:
 class Ledger(Store):
     """Typed transitions over the ledger (SQLite or PostgreSQL). Time comes from ``clock``."""
 
+    def identity(self) -> str:
+        """This ledger's id, made once: it names the ledger that keeps an output folder."""
+        if (known := self.get("ledger_id")) is not None:
+            return str(known)
+        import uuid
+
+        with self.transaction(fenced=False):
+            # Two replicas starting together: the first id written stays.
+            self.db.execute(
+                "INSERT INTO kv (key, value) VALUES ('ledger_id', ?) ON CONFLICT DO NOTHING",
+                [_dumps(uuid.uuid4().hex)],
+            )
+        return str(self.get("ledger_id"))
+
     # -- spec files and desired state --------------------------------------------
 
     def last_good_tracks(self) -> dict[str, FileTracks]:
