@@ -19,6 +19,7 @@ from reconciler.sandbox import SandboxControl, SandboxServer
 from tests.daemonproc import DaemonProc
 from tests.ha import Replicas, converged, spends_once, write_tracks
 from tests.pgserver import PgServer, PgUnavailableError
+from tests.project import wait_until
 
 
 @pytest.fixture
@@ -83,6 +84,40 @@ def test_replicas_survive_a_database_restart_and_one_leads_again(
         assert report["leader"]["pid"] == new.pid
         assert sorted(r["pid"] for r in report["replicas"]) == sorted(p.pid for p in procs)
         assert group.base.stats()["tasks_created"] == 6
+        spends_once(group, sandbox_server)
+    finally:
+        group.close()
+
+
+def test_a_submit_under_way_when_the_database_goes_is_not_paid_twice_blindly(
+    tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, own_pg: PgServer
+) -> None:
+    """The leader's batch submit is at the service when the database shuts down:
+    its answer cannot be recorded. Once the database is back the submit is
+    held as ambiguous (sent again only after ``ambiguous_grace``, 2 s here, and
+    then counted as possible double spend), never resent as if new."""
+    url = own_pg.url(own_pg.create_database())
+    group = Replicas(tmp_path, sandbox, url, grace=2.0)
+    try:
+        # Every batch submit answers after 2 s: the shutdown lands inside one.
+        slow = {"kind": "slow", "delay": 2.0, "rate": 1.0, "endpoints": ["batch_submit"]}
+        sandbox.configure(latency=1.0, faults=[slow])
+        procs = [group.start() for _ in range(2)]
+        leader = group.leader()
+        mark = leader.mark()
+        write_tracks(group, "inflight", 3)
+        wait_until(
+            lambda: group.base.stats()["batch_submit_calls"] > 0, 30, "a batch submit under way"
+        )
+        own_pg.shut_down("fast")
+        leader.wait_event("lease.lost", after=mark, timeout=30)
+        own_pg.start_again()
+
+        converged(group)
+        assert all(p.proc is not None and p.proc.poll() is None for p in procs)
+        report = group.status()
+        created = group.base.stats()["tasks_created"]
+        assert 3 <= created <= 3 + report["possible_double_spend"]
         spends_once(group, sandbox_server)
     finally:
         group.close()
