@@ -39,10 +39,7 @@ def shared_ledger(request: pytest.FixtureRequest, root: Path) -> str:
     if request.param == "sqlite":
         # A folder's ledger.sqlite3, as the reliability books read one.
         return str(root / "shared" / "ledger.sqlite3")
-    try:
-        return str(request.getfixturevalue("pg_url"))
-    except pytest.FixtureLookupError:
-        pytest.skip("no PostgreSQL fixture (tests/pgserver.py) in this tree")
+    return str(request.getfixturevalue("pg_url"))
 
 
 class Replicas:

@@ -31,17 +31,8 @@ from reconciler.ledger.lease import (
     read_leadership,
     take_hints,
 )
+from tests.clock import NOW, Clock
 from tests.project import wait_until
-
-NOW = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -75,10 +66,7 @@ def open_pair(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> I
         target: Path | str = tmp_path / "ledger.sqlite3"
         duration = 15.0
     else:
-        try:
-            target = str(request.getfixturevalue("pg_url"))
-        except pytest.FixtureLookupError:
-            pytest.skip("no PostgreSQL fixture (tests/pgserver.py) in this tree")
+        target = str(request.getfixturevalue("pg_url"))
         duration = 0.5
     a = Ledger.open(target, clock=clock)
     b = Ledger.open(target, clock=clock)

@@ -2,7 +2,7 @@
 folder and one output folder; one leads and spends, the others follow.
 
 Real processes, the real sandbox, a real shared ledger (a SQLite file on this
-host, and PostgreSQL when the test tree has its server fixture). Who leads
+host, and a PostgreSQL database). Who leads
 is read through ``status --json``, as an operator would; what was paid is
 read from the sandbox's own books.
 """

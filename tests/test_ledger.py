@@ -29,16 +29,7 @@ from reconciler.ledger import (
 from reconciler.outcomes import Done, Outcome, Park, Poll, Requeue
 from reconciler.planning import desired_state
 from reconciler.specs import YOUNG, scan_specs
-
-NOW = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import NOW, Clock
 
 
 @pytest.fixture
