@@ -296,7 +296,6 @@ def plan(
     gc.disable()
 
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
 
     from rich.console import Console
 
@@ -306,17 +305,12 @@ def plan(
     settings = _settings(prune=prune, max_credits=max_credits, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
-    with ThreadPoolExecutor(max_workers=1) as asking:
-        # The balance is asked (the API client imported, the request sent and
-        # answered) while the ledger and the folders are read, whose reads and
-        # stats let the thread run: not after them.
-        balance = asking.submit(asyncio.run, account_balance(settings))
-        report = make_plan(
-            settings,
-            balance=balance.result,
-            # The digests ``apply`` checks: only in what is saved or printed whole.
-            digests=save_to is not None or as_json,
-        )
+    report = make_plan(
+        settings,
+        balance=asyncio.run(account_balance(settings)),
+        # The digests ``apply`` checks: only in what is saved or printed whole.
+        digests=save_to is not None or as_json,
+    )
     if report["specs_folder"] in ("missing", "unreadable"):
         # A CI gate must not pass on a mistyped --specs: "0 generations" would.
         raise ConfigError(

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -178,7 +178,7 @@ def _iso(t: float | None) -> str | None:
 
 def make_plan(
     settings: Settings,
-    balance: int | Callable[[], int | None] | None = None,
+    balance: int | None = None,
     *,
     only: frozenset[str] | None = None,
     now: float | None = None,
@@ -189,8 +189,7 @@ def make_plan(
     It reads the snapshot a pass reads (generations, suspension, today's
     spending, and the output files) and calls the pass's own
     ``planning.plan``; ``balance`` is the account's, when the caller could ask
-    for it, or a function giving it once the local reads are done (``plan``
-    asks the service meanwhile). ``only`` restricts it as ``apply`` restricts its passes.
+    for it. ``only`` restricts it as ``apply`` restricts its passes.
     ``digests`` adds what ``apply`` compares (``specs_digest``, ``ledger_digest``).
     """
     now = time.time() if now is None else now
@@ -248,8 +247,6 @@ def make_plan(
         raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
         cached = raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
-    if callable(balance):
-        balance = balance()
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(
         spent_today=spent_today,
