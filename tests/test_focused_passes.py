@@ -315,10 +315,17 @@ def test_the_fingerprints_stored_with_a_last_good_version_are_the_ones_it_hashes
     tmp_path: Path,
 ) -> None:
     """A new process takes them from the ledger instead of hashing every track again."""
-    (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute", "oboe"))
+    # Every field a track record carries set apart from its default, so a
+    # field read into the wrong place shows.
+    extra = "    variant: 3\n    clips: 2\n    album: Night Moves\n    artist: The Reconcilers\n"
+    (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute", "oboe") + extra)
     parsed = scan_specs(tmp_path).files["a.yaml"]
+    assert parsed.tracks[-1].artist == "The Reconcilers"
     body = spec_to_json(parsed)
-    assert file_tracks_from_json("a.yaml", body).tracks == file_tracks("a.yaml", parsed).tracks
+    read = file_tracks_from_json("a.yaml", body)
+    assert read.tracks == file_tracks("a.yaml", parsed).tracks
+    assert read.spec == parsed
+    assert read.requests == file_tracks("a.yaml", parsed).requests
     # A body stored before fingerprints were is hashed when read.
     old = json.loads(body)
     for t in old["tracks"]:
