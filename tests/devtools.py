@@ -12,6 +12,8 @@ import base64
 import contextlib
 import itertools
 import json
+import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -71,6 +73,10 @@ class Browser:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own process group: the browser's helpers (zygote, renderer,
+            # GPU) go with it, rather than writing on into the profile while
+            # it is removed.
+            start_new_session=True,
         )
         # Chromium writes the port it took into the profile once it listens.
         active = profile / "DevToolsActivePort"
@@ -99,7 +105,8 @@ class Browser:
     ) -> None:
         self._stack.close()
         if self._proc is not None:
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait(timeout=10)
         self._profile.cleanup()
 
