@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.sandbox import SandboxConfig, SandboxControl, SandboxServer
-from tests.pgserver import PgServer, PgUnavailableError
+from tests.pgserver import PgServer, throwaway_server
 
 SANDBOX_LATENCY = 0.2
 
@@ -77,11 +77,7 @@ def pg_server() -> Iterator[PgServer]:
     the tests that need it fail, saying how to install it: they never skip.
     Use ``pg_url`` for a database; this fixture is for tests of the server itself.
     """
-    try:
-        server = PgServer.start()
-    except PgUnavailableError as error:
-        pytest.fail(str(error), pytrace=False)
-    with server:
+    with throwaway_server() as server:
         yield server
 
 

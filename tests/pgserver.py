@@ -285,6 +285,20 @@ class PgServer:
         self._watchdog.wait(timeout=STEP_TIMEOUT * 2)
 
 
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[PgServer]:
+    """A server for tests: where PostgreSQL is missing the test fails, saying
+    how to install it; it never skips."""
+    import pytest
+
+    try:
+        server = PgServer.start()
+    except PgUnavailableError as error:
+        pytest.fail(str(error), pytrace=False)
+    with server:
+        yield server
+
+
 def watch(bindir: Path, folder: Path) -> None:
     """Wait for end-of-file on stdin, then stop the server in ``folder`` and remove it."""
     with contextlib.suppress(OSError):

@@ -18,18 +18,14 @@ import pytest
 from reconciler.sandbox import SandboxControl, SandboxServer
 from tests.daemonproc import DaemonProc
 from tests.ha import Replicas, converged, spends_once, write_tracks
-from tests.pgserver import PgServer, PgUnavailableError
+from tests.pgserver import PgServer, throwaway_server
 from tests.project import wait_until
 
 
 @pytest.fixture
 def own_pg() -> Iterator[PgServer]:
     """A PostgreSQL server for this test alone: it is shut down and started again."""
-    try:
-        server = PgServer.start()
-    except PgUnavailableError as error:
-        pytest.fail(str(error), pytrace=False)
-    with server:
+    with throwaway_server() as server:
         yield server
 
 
