@@ -200,12 +200,9 @@ def make_plan(
         # Only a file to restore needs its clip (to ask the cache for it): by
         # index, not a read of every clip in the ledger.
         wanted = set()
-        states = folder.states(records)
-        for p, fingerprint, _, sha256, size, mtime_ns in records.values():
-            state = states[p]
-            if state == (size, mtime_ns):
-                disks[p] = "ok"
-                continue
+        changed = folder.changed((r[0], r[4], r[5]) for r in records.values())
+        for p, state in changed.items():
+            _, fingerprint, _, sha256, _, _ = records[p]
             disk = disks[p] = _disk_state(folder, p, state, sha256)
             if fingerprint and disk != "ok":
                 wanted.add(fingerprint)
@@ -237,7 +234,8 @@ def make_plan(
     cache = AudioCache(settings.state_dir / "cache")
     facts: dict[str, OutputFact] = {}
     for p, fingerprint, clip, _, _, _ in records.values():
-        disk = disks[p]
+        # Every output not in ``disks`` is as recorded.
+        disk = disks.get(p, "ok")
         if disk == "ok":
             facts[p] = OutputFact(p, fingerprint or "", disk, cached=False)
             continue
