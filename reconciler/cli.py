@@ -295,22 +295,21 @@ def plan(
     # a cold plan. The process ends right after.
     gc.disable()
 
-    import asyncio
-
     from rich.console import Console
 
     from reconciler.layout import require_layout
-    from reconciler.running import account_balance, make_plan, render_plan
+    from reconciler.running import balance_ahead, make_plan, render_plan
 
     settings = _settings(prune=prune, max_credits=max_credits, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
-    report = make_plan(
-        settings,
-        balance=asyncio.run(account_balance(settings)),
-        # The digests ``apply`` checks: only in what is saved or printed whole.
-        digests=save_to is not None or as_json,
-    )
+    with balance_ahead(settings) as balance:
+        report = make_plan(
+            settings,
+            balance=balance,
+            # The digests ``apply`` checks: only in what is saved or printed whole.
+            digests=save_to is not None or as_json,
+        )
     if report["specs_folder"] in ("missing", "unreadable"):
         # A CI gate must not pass on a mistyped --specs: "0 generations" would.
         raise ConfigError(

@@ -14,7 +14,9 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +148,25 @@ async def account_balance(settings: Settings) -> int | None:
             return None
 
 
+@contextmanager
+def balance_ahead(settings: Settings) -> Iterator[Future[int | None]]:
+    """:func:`account_balance`, asked on another thread while ``plan`` reads the
+    ledger and stats the folders: its round trip (and the TLS set-up) overlaps
+    them instead of coming first. The API client is imported here, before the
+    thread starts: importing is CPU work, which would only contend for the GIL."""
+    if not settings.sandbox and settings.api_key is None:
+        done: Future[int | None] = Future()
+        done.set_result(None)
+        yield done
+        return
+    import asyncio
+
+    import reconciler.app  # noqa: F401  (see above)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="balance") as pool:
+        yield pool.submit(asyncio.run, account_balance(settings))
+
+
 def cost_warnings(
     cost: int, *, balance: int | None, budget: int | None, spent_today: int
 ) -> list[str]:
@@ -178,7 +199,7 @@ def _iso(t: float | None) -> str | None:
 
 def make_plan(
     settings: Settings,
-    balance: int | None = None,
+    balance: int | Future[int | None] | None = None,
     *,
     only: frozenset[str] | None = None,
     now: float | None = None,
@@ -189,7 +210,8 @@ def make_plan(
     It reads the snapshot a pass reads (generations, suspension, today's
     spending, and the output files) and calls the pass's own
     ``planning.plan``; ``balance`` is the account's, when the caller could ask
-    for it. ``only`` restricts it as ``apply`` restricts its passes.
+    for it (from ``balance_ahead``, waited for once the reads are done).
+    ``only`` restricts it as ``apply`` restricts its passes.
     ``digests`` adds what ``apply`` compares (``specs_digest``, ``ledger_digest``).
     """
     now = time.time() if now is None else now
@@ -245,6 +267,8 @@ def make_plan(
         raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
         cached = raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
+    if isinstance(balance, Future):
+        balance = balance.result()
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(
         spent_today=spent_today,
