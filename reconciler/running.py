@@ -26,7 +26,8 @@ from reconciler import outputs as out
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
-from reconciler.ledger import PlanOutput, PlanRead, read_plan
+from reconciler.ledger import LOST_ANSWER_PARK, PlanOutput, PlanRead, read_plan
+from reconciler.ledger.work import RESUBMIT_REASON, split_expired
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
@@ -231,9 +232,9 @@ def make_plan(
         return wanted
 
     spent_from = utc_day_start(now)
-    read = read_plan(settings.ledger_target, spent_from, to_restore) or PlanRead(
-        {}, {}, {}, {}, {}, Suspension(), 0
-    )
+    read = read_plan(
+        settings.ledger_target, spent_from, to_restore, now - settings.ambiguous_grace
+    ) or PlanRead({}, {}, {}, {}, {}, Suspension(), 0)
     # With the fingerprints stored beside them: hashing 50,000 tracks
     # again would be most of a cold plan.
     built = read.last_good
@@ -252,6 +253,13 @@ def make_plan(
     )
     desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
     gens, records, clips, suspension = read.generations, read.outputs, read.clips, read.suspension
+    # The pass's first step: lost-answer items past their grace period go out
+    # again (and may pay twice) or are parked for a person.
+    again, lost = split_expired(read.expired, settings.max_resubmits)
+    for fp in again:
+        gens[fp] = gens[fp]._replace(state="queued", next_attempt=0.0, reason=RESUBMIT_REASON)
+    for fp in lost:
+        gens[fp] = gens[fp]._replace(state="parked", reason=LOST_ANSWER_PARK)
     spent_today = CREDITS_PER_TASK * read.spent
     cache = AudioCache(settings.state_dir / "cache")
     facts: dict[str, OutputFact] = {}
@@ -259,7 +267,7 @@ def make_plan(
         # Every output not in ``disks`` is as recorded.
         disk = disks.get(p, "ok")
         if disk == "ok":
-            facts[p] = OutputFact(p, fingerprint or "", disk, cached=False)
+            facts[p] = OutputFact(p, fingerprint or "", disk, False)
             continue
         # The cache only matters for a file to restore: no stat for the rest. It
         # holds the raw audio; the output is that plus its tags (tags.py).
@@ -287,7 +295,14 @@ def make_plan(
     decided = plan(desired, snapshot, now, Limits(settings.max_in_flight, prune=settings.prune))
     # The tracks of what the plan names: at 50,000 tracks and nothing to do,
     # none of them.
-    named = {*decided.submit, *(h.fingerprint for h in decided.held), *decided.parked}
+    resubmit = set(again)
+    unknown = [fp for fp in decided.waiting if gens[fp].state == "unknown"]
+    named = {
+        *decided.submit,
+        *(h.fingerprint for h in decided.held),
+        *decided.parked,
+        *unknown,
+    }
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks if named else ():
         if t.fingerprint in named:
@@ -306,7 +321,10 @@ def make_plan(
         len(decided.submit) + len(decided.held) - len(decided.held_by("suspended"))
     )
     report: dict[str, Any] = {
-        "submit": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.submit],
+        "submit": [
+            {"fingerprint": fp, "tracks": by_fp[fp], "again": fp in resubmit}
+            for fp in decided.submit
+        ],
         "batches": [list(b) for b in decided.batches],
         "held": held,
         "reuse": [f"{t.soundtrack}/{t.name}" for t in decided.reuse],
@@ -314,6 +332,7 @@ def make_plan(
         "prune": list(decided.prune),
         "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.parked],
         "in_flight": len(decided.waiting),
+        "unknown": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in unknown],
         "suspended": {
             **suspension.to_json(),
             "held": [item for item in held if item["reason"] == "suspended"],
@@ -363,8 +382,9 @@ def _held_line(item: dict[str, Any]) -> str:
 def render_plan(report: dict[str, Any], console: Console) -> None:
     """One line per item: first what the next pass submits now, then what it holds back."""
     for item in report["submit"]:
+        again = "; again, its last submit's answer was lost: may pay twice" if item["again"] else ""
         console.print(
-            f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]})"
+            f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]}{again})"
         )
     for item in report["held"]:
         console.print(_held_line(item))
@@ -374,6 +394,11 @@ def render_plan(report: dict[str, Any], console: Console) -> None:
         console.print(f"[cyan]~ restore[/] {path}  (from the cache, no generation)")
     for path in report["prune"]:
         console.print(f"[red]- prune[/]   {path}  (to the trash)")
+    for item in report["unknown"]:
+        console.print(
+            f"[yellow]? unknown[/] {', '.join(item['tracks'])}  (submit answer lost: "
+            "not sent again before `ambiguous_grace`, unless a callback or task claims it)"
+        )
     for item in report["failed"]:
         console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
     for path, err in report["invalid_files"].items():
