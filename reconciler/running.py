@@ -327,7 +327,13 @@ def make_plan(
         ],
         "batches": [list(b) for b in decided.batches],
         "held": held,
-        "reuse": [f"{t.soundtrack}/{t.name}" for t in decided.reuse],
+        # A track whose task is still in flight is written when it ends: it
+        # counts as in flight, not as audio to reuse.
+        "reuse": [
+            f"{t.soundtrack}/{t.name}"
+            for t in decided.reuse
+            if gens[t.fingerprint].state not in IN_FLIGHT
+        ],
         "restore": list(decided.restore),
         "prune": list(decided.prune),
         "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.parked],

@@ -250,6 +250,7 @@ def test_lost_answers_wait_in_plan_and_go_out_again_as_it_says(
     assert report["credits"] == 0
     assert [item["tracks"] for item in report["unknown"]] == [["mix/t0"], ["mix/t1"]]
     assert report["in_flight"] == 2
+    assert report["reuse"] == [], "no audio is known to exist"
     assert "? unknown mix/t0" in project.cli("plan").stdout
 
     # Past the grace period the next pass sends them again and may pay twice:
