@@ -295,8 +295,6 @@ def plan(
     # a cold plan. The process ends right after.
     gc.disable()
 
-    from rich.console import Console
-
     from reconciler.layout import require_layout
     from reconciler.running import balance_ahead, make_plan, render_plan
 
@@ -328,8 +326,14 @@ def plan(
     if as_json:
         _echo_json(report)
     else:
-        # Lines are never wrapped: a pipe or a log keeps one line per item.
-        render_plan(report, Console(soft_wrap=True))
+        # Colours only at a terminal, where rich is imported; lines are never
+        # wrapped, so a pipe or a log keeps one line per item.
+        if sys.stdout.isatty():
+            from rich.console import Console
+
+            render_plan(report, Console(soft_wrap=True))
+        else:
+            render_plan(report)
         if saving:
             click.echo(f"plan saved to {save_to}: `reconciler apply {save_to}` carries it out")
     if report["invalid_files"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +61,8 @@ async def run_sync(settings: Settings, console: Console) -> bool:
 
     async with open_app(settings) as app:
         result = await converge_with_progress(app.reconciler, console)
-    console.print(summary_line(result), soft_wrap=True)
+    # Not markup: a pause's reason is the service's own text.
+    console.print(summary_line(result), soft_wrap=True, markup=False)
     return result.converged
 
 
@@ -380,67 +382,79 @@ def make_plan(
     return report
 
 
-def _held_line(item: dict[str, Any]) -> str:
-    until = f" until {item['until']}" if item["until"] else ""
-    return f"[yellow]# held[/]    {', '.join(item['tracks'])}  ({item['detail']}{until})"
+def render_plan(report: dict[str, Any], console: Console | None = None) -> None:
+    """One line per item: first what the next pass submits now, then what it
+    holds back; on ``console`` (a terminal: coloured) or, without one, plainly
+    on stdout, where rich is never imported.
 
+    Names and messages are never read as markup: a track may be called
+    ``[live] set``, and an error may quote ``[/x]``.
+    """
+    lines: list[tuple[str, str | None, str]] = []
 
-def render_plan(report: dict[str, Any], console: Console) -> None:
-    """One line per item: first what the next pass submits now, then what it holds back."""
+    def say(text: str, tag: str = "", style: str | None = None) -> None:
+        lines.append((tag, style, text))
+
     for item in report["submit"]:
         again = "; again, its last submit's answer was lost: may pay twice" if item["again"] else ""
-        console.print(
-            f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]}{again})"
+        say(
+            f"{', '.join(item['tracks'])}  ({item['fingerprint'][:12]}{again})",
+            "+ submit  ",
+            "green",
         )
     for item in report["held"]:
-        console.print(_held_line(item))
+        until = f" until {item['until']}" if item["until"] else ""
+        say(f"{', '.join(item['tracks'])}  ({item['detail']}{until})", "# held    ", "yellow")
     for name in report["reuse"]:
-        console.print(f"[cyan]= reuse[/]   {name}  (audio already paid for)")
+        say(f"{name}  (audio already paid for)", "= reuse   ", "cyan")
     for path in report["restore"]:
-        console.print(f"[cyan]~ restore[/] {path}  (from the cache, no generation)")
+        say(f"{path}  (from the cache, no generation)", "~ restore ", "cyan")
     for path in report["prune"]:
-        console.print(f"[red]- prune[/]   {path}  (to the trash)")
+        say(f"{path}  (to the trash)", "- prune   ", "red")
     for item in report["unknown"]:
-        console.print(
-            f"[yellow]? unknown[/] {', '.join(item['tracks'])}  (submit answer lost: "
-            "not sent again before `ambiguous_grace`, unless a callback or task claims it)"
+        say(
+            f"{', '.join(item['tracks'])}  (submit answer lost: not sent again before "
+            "`ambiguous_grace`, unless a callback or task claims it)",
+            "? unknown ",
+            "yellow",
         )
     for item in report["failed"]:
-        console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
+        say(f"{', '.join(item['tracks'])}  (`reconciler retry`)", "! failed  ", "yellow")
     for path, err in report["invalid_files"].items():
-        console.print(f"[red]invalid[/]   {path}: {err}")
+        say(f"{path}: {err}", "invalid   ", "red")
     for path in report["settling"]:
-        console.print(
-            f"[yellow]settling[/]  {path}  (still changing: a pass reads it once it stops)"
-        )
+        say(f"{path}  (still changing: a pass reads it once it stops)", "settling  ", "yellow")
     if report["specs_folder"] != "ok":
-        console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
+        say(f"spec folder is {report['specs_folder']}: nothing is pruned", style="yellow")
     suspended = report["suspended"]
     if suspended["all"] or suspended["soundtracks"]:
         what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
-        console.print(f"[yellow]suspended: {what} (`reconciler resume` lifts it)[/]")
+        say(f"suspended: {what} (`reconciler resume` lifts it)", style="yellow")
     held = f"; {len(report['held'])} held back" if report["held"] else ""
-    console.print(
+    say(
         f"{plural(len(report['submit']), 'generation')} to submit in "
         f"{plural(report['submit_calls'], 'call')}, "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
         f"{len(report['restore'])} restored, {plural(len(report['prune']), 'file')} pruned; "
-        f"{report['in_flight']} in flight{held}",
-        soft_wrap=True,
+        f"{report['in_flight']} in flight{held}"
     )
     budget = report["budget"]
     if budget["daily_budget"] is not None:
-        console.print(
-            f"budget today: {budget['spent_today']}/{budget['daily_budget']} credits spent",
-            soft_wrap=True,
-        )
+        say(f"budget today: {budget['spent_today']}/{budget['daily_budget']} credits spent")
     if report["balance"] is not None:
-        console.print(f"account balance: {report['balance']} credits", soft_wrap=True)
+        say(f"account balance: {report['balance']} credits")
     else:
-        console.print(
+        say(
             "account balance: unknown (no API key, or no answer): "
-            "the balance may hold back more than this plan shows",
-            soft_wrap=True,
+            "the balance may hold back more than this plan shows"
         )
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
+        say(f"warning: {warning}", style="yellow")
+    if console is None:
+        sys.stdout.write("".join(f"{tag}{text}\n" for tag, _, text in lines))
+        return
+    from rich.text import Text
+
+    for tag, style, text in lines:
+        # A whole line in the tag's colour where there is no tag (a warning).
+        console.print(Text.assemble((tag, style or ""), (text, "" if tag else style or "")))

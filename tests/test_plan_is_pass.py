@@ -264,6 +264,15 @@ def test_lost_answers_wait_in_plan_and_go_out_again_as_it_says(
     assert charged == report["credits"] == 30
 
 
+def test_plan_prints_names_and_messages_as_they_are(project: Project) -> None:
+    """Not as rich markup: an error quoting ``[/x]`` once crashed plan."""
+    project.write_spec("mix.yaml", [track("[/x]", "odd"), track("ok", "fine")])
+    proc = project.cli("plan")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "invalid name '[/x]'" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [
