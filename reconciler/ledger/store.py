@@ -135,13 +135,18 @@ CREATE TABLE hints (
     clip_ids TEXT NOT NULL);
 """
 
-# Version 7: spec_files.tracks, each last good version's tracks in compact
-# form (``work.spec_columns``: name, fingerprint, clips, album, artist), so a
-# cold ``plan`` builds the desired state without decoding every create request
-# in ``body``. NULL where an older reconciler wrote the row, until
-# ``Ledger.store_compact_tracks`` fills it in.
+# Version 7, for the cost of a cold plan and of every pass:
+# - spec_files.tracks: each last good version's tracks in compact form
+#   (``work.spec_columns``: name, fingerprint, clips, album, artist), so a cold
+#   ``plan`` builds the desired state without decoding every create request
+#   in ``body``. NULL where an older reconciler wrote the row, until
+#   ``Ledger.store_compact_tracks`` fills it in.
+# - tasks and submits by time: today's spending (``work.SPENT_SQL``) read
+#   every task ever created, a cost that grew with the ledger's history.
 _SCHEMA_V7 = """
 ALTER TABLE spec_files ADD COLUMN tracks TEXT;
+CREATE INDEX tasks_at ON tasks (at);
+CREATE INDEX submits_at ON submits (at);
 """
 
 #: Versioned migrations: index i brings the schema from version i to i + 1.
