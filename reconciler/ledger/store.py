@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -20,6 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 from reconciler.errors import LedgerError
+from reconciler.hiding import without
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -177,15 +177,8 @@ def _sqlite_utils() -> ModuleType:
     nothing by sharing it. Imported here, not at the top, so that ``status``
     and ``plan`` (which read through ``reports``) skip sqlite-utils altogether.
     """
-    if "sqlite_utils" in sys.modules or "numpy" in sys.modules:
+    with without("numpy"):
         import sqlite_utils
-
-        return sqlite_utils
-    sys.modules["numpy"] = None  # type: ignore[assignment]  # None: "cannot be imported"
-    try:
-        import sqlite_utils
-    finally:
-        del sys.modules["numpy"]
     return sqlite_utils
 
 

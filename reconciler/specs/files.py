@@ -428,9 +428,7 @@ def _walk(root: Path) -> tuple[list[str], bool]:
                     if entry.is_dir(follow_symlinks=False):
                         if not entry.name.startswith("."):
                             pending.append((entry.path, rel + "/"))
-                    elif is_spec_candidate(rel) and not (
-                        entry.is_symlink() and entry.is_dir()
-                    ):
+                    elif is_spec_candidate(rel) and not (entry.is_symlink() and entry.is_dir()):
                         found.append(rel)
         except OSError:
             complete = False
