@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,7 +27,7 @@ from reconciler import outputs as out
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
-from reconciler.ledger import LOST_ANSWER_PARK, PlanOutput, PlanRead, read_plan
+from reconciler.ledger import LOST_ANSWER_PARK, PlanRead, read_plan
 from reconciler.ledger.work import RESUBMIT_REASON, split_expired
 from reconciler.planning import (
     CREDITS_PER_TASK,
@@ -219,24 +219,10 @@ def make_plan(
     """
     now = time.time() if now is None else now
     folder = out.OutputFolder(settings.out_dir)
-    disks: dict[str, DiskState] = {}
-
-    def to_restore(records: Mapping[str, PlanOutput]) -> set[str]:
-        # Only a file to restore needs its clip (to ask the cache for it): by
-        # index, not a read of every clip in the ledger.
-        wanted = set()
-        changed = folder.changed((r[0], r[4], r[5]) for r in records.values())
-        for p, state in changed.items():
-            _, fingerprint, _, sha256, _, _ = records[p]
-            disk = disks[p] = _disk_state(folder, p, state, sha256)
-            if fingerprint and disk != "ok":
-                wanted.add(fingerprint)
-        return wanted
-
     spent_from = utc_day_start(now)
     read = read_plan(
-        settings.ledger_target, spent_from, to_restore, now - settings.ambiguous_grace
-    ) or PlanRead({}, {}, {}, {}, {}, Suspension(), 0)
+        settings.ledger_target, spent_from, folder.changed, now - settings.ambiguous_grace
+    ) or PlanRead({}, {}, {}, {}, {}, {}, Suspension(), 0)
     # With the fingerprints stored beside them: hashing 50,000 tracks
     # again would be most of a cold plan.
     built = read.last_good
@@ -263,20 +249,19 @@ def make_plan(
     for fp in lost:
         gens[fp] = gens[fp]._replace(state="parked", reason=LOST_ANSWER_PARK)
     spent_today = CREDITS_PER_TASK * read.spent
+    # Every output as recorded is as written; only a changed one is looked at.
+    facts = {p: OutputFact(p, fp or "", "ok", False) for p, fp, _, _ in records.values()}
     cache = AudioCache(settings.state_dir / "cache")
-    facts: dict[str, OutputFact] = {}
-    for p, fingerprint, clip, _, _, _ in records.values():
-        # Every output not in ``disks`` is as recorded.
-        disk = disks.get(p, "ok")
+    for p, (state, clip, sha256) in read.changed.items():
+        disk = _disk_state(folder, p, state, sha256)
         if disk == "ok":
-            facts[p] = OutputFact(p, fingerprint or "", disk, False)
-            continue
-        # The cache only matters for a file to restore: no stat for the rest. It
-        # holds the raw audio; the output is that plus its tags (tags.py).
-        kept = clips.get(fingerprint or "", [])
+            continue  # touched, not changed
+        # The cache only matters for a file to restore. It holds the raw
+        # audio; the output is that plus its tags (tags.py).
+        fingerprint = records[p][1] or ""
+        kept = clips.get(fingerprint, [])
         raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
-        cached = raw is not None and cache.has(raw)
-        facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
+        facts[p] = OutputFact(p, fingerprint, disk, cached=raw is not None and cache.has(raw))
     if isinstance(balance, Future):
         balance = balance.result()
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
