@@ -102,3 +102,33 @@ def test_an_edited_track_is_generated_again_and_only_it(world: World) -> None:
     # Three tracks at first, then one more for the edit.
     assert books.tasks_created == 4
     assert books.paid_twice == 0
+
+
+def test_submits_the_service_turned_away_do_not_use_up_a_tracks_tries(
+    tmp_path: Path, ledger_target: Path | str
+) -> None:
+    """Two 429s on the batch submit, then the first task fails upstream once: it is
+    tried again and ready. The 429s reached no verdict on the items, so they are
+    not tries: counted as such, the failure was the "third" and parked the track."""
+    world = World(
+        tmp_path,
+        SPECS,
+        ledger=ledger_target if isinstance(ledger_target, str) else None,
+        backoff_initial=1.0,
+        backoff_cap=4.0,
+    )
+    try:
+        world.configure(
+            faults=[
+                {"kind": "rate_limited", "at": [1, 2], "endpoints": ["batch_submit"]},
+                {"kind": "task_failed", "at": [1]},
+            ]
+        )
+        final = world.run(max_passes=40)[-1]
+        assert (final.total, final.ready, final.parked) == (3, 3, 0)
+        books = accounting(world.sandbox, world.settings.ledger or world.settings.state_dir)
+        books.check_credits()
+        assert (books.tasks_created, books.failed_tasks) == (4, 1)
+        assert not books.unexplained
+    finally:
+        world.close()

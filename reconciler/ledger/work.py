@@ -418,7 +418,16 @@ class Ledger(Store):
         return rows_in(self.db.execute, select, values)
 
     def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
-        """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
+        """Attempts so far per fingerprint: one indexed lookup each, not a full read.
+
+        An attempt is a try the service answered about the item itself: a
+        task that failed upstream, was given up on or was lost, or a refusal
+        of the item nobody could classify. Three of them park the generation
+        (``outcomes.MAX_UPSTREAM_ATTEMPTS``). A submit the service turned
+        away unread (a 429, a refused connection, a 401), a refusal for money
+        and an item found not created are no verdict on the item: they
+        requeue it without counting one.
+        """
         return {
             fp: int(row[0]) if row else 0
             for fp in fingerprints
@@ -476,6 +485,7 @@ class Ledger(Store):
         parked: Mapping[str, str],
         *,
         poll_at: float,
+        uncounted: Collection[str] = (),
         unconfirmed: Mapping[str, str] | None = None,
         orphans: Sequence[str] = (),
         submitted: int | None = None,
@@ -484,7 +494,9 @@ class Ledger(Store):
 
         ``accepted`` maps fingerprint → (task id, index in the batch);
         ``requeue`` fingerprint → (next attempt time, reason);
-        ``parked`` fingerprint → the API's reason; ``unconfirmed`` items the
+        ``parked`` fingerprint → the API's reason; ``uncounted`` the requeued
+        items whose refusal was about money, not the item, so no attempt is
+        counted for them (see ``attempts``); ``unconfirmed`` items the
         answer did not account for are treated like an ambiguous submit, and
         ``orphans`` are task ids it named without saying whose; ``submitted``
         is how many items the service says it accepted, which bounds how many
@@ -520,7 +532,7 @@ class Ledger(Store):
                 self._task_started(fp, task_id, batch_id, idx, now, poll_at)
                 self._event("task.accepted", fingerprint=fp, task_id=task_id, batch_id=batch_id)
             for fp, (when, reason) in requeue.items():
-                self._requeue(fp, when, reason, now)
+                self._requeue(fp, when, reason, now, counted=fp not in uncounted)
             for fp, reason in parked.items():
                 self._park(fp, reason, now)
             for fp, reason in unknown.items():
@@ -582,11 +594,13 @@ class Ledger(Store):
             [task_id, batch_id, now, fp],
         )
 
-    def _requeue(self, fp: str, when: float, reason: str, now: float) -> None:
+    def _requeue(self, fp: str, when: float, reason: str, now: float, *, counted: bool) -> None:
+        """Queue ``fp`` again from ``when``; ``counted``: the try was a verdict on
+        the item and uses up one of its attempts (see ``attempts``)."""
         self.db.execute(
-            "UPDATE generations SET state = 'queued', attempts = attempts + 1, next_attempt = ?, "
+            "UPDATE generations SET state = 'queued', attempts = attempts + ?, next_attempt = ?, "
             "reason = ?, updated_at = ? WHERE fingerprint = ?",
-            [when, reason, now, fp],
+            [int(counted), when, reason, now, fp],
         )
         self._event("generation.retrying", fingerprint=fp, reason=reason, at=when)
 
@@ -599,7 +613,8 @@ class Ledger(Store):
         self._event("generation.parked", fingerprint=fp, reason=reason)
 
     def submit_not_sent(self, submit_id: int, when: float, reason: str) -> None:
-        """The request provably never reached the service: requeue without cost."""
+        """The request provably never reached the service, or was turned away
+        unread: requeue without cost, and without counting an attempt."""
         now = self.clock()
         with self.transaction():
             self.db.execute(
@@ -607,7 +622,7 @@ class Ledger(Store):
                 [reason, submit_id],
             )
             for fp in self._submit_fingerprints(submit_id):
-                self._requeue(fp, when, reason, now)
+                self._requeue(fp, when, reason, now, counted=False)
 
     def submit_refused(self, submit_id: int, reason: str) -> list[str]:
         """The service refused the whole submit (nothing created): its items are
@@ -697,7 +712,11 @@ class Ledger(Store):
                 [row[0], fingerprint],
             ).fetchall():
                 self._requeue(
-                    other, now, "not created: every task of its submit is accounted for", now
+                    other,
+                    now,
+                    "not created: every task of its submit is accounted for",
+                    now,
+                    counted=False,
                 )
 
     def paid_hint(self, fingerprint: str) -> bool:
@@ -1005,7 +1024,7 @@ class Ledger(Store):
             elif isinstance(outcome, Park):
                 self._park(ref.fingerprint, outcome.reason, now)
             elif isinstance(outcome, Requeue):
-                self._requeue(ref.fingerprint, outcome.at, outcome.reason, now)
+                self._requeue(ref.fingerprint, outcome.at, outcome.reason, now, counted=True)
 
     def _task_unchanged(self, update: TaskUpdate) -> bool:
         row = self.db.execute(
@@ -1052,7 +1071,7 @@ class Ledger(Store):
             if isinstance(outcome, Park):
                 self._park(ref.fingerprint, outcome.reason, now)
                 return
-            self._requeue(ref.fingerprint, outcome.at, outcome.reason, now)
+            self._requeue(ref.fingerprint, outcome.at, outcome.reason, now, counted=True)
             self.db.execute(
                 "UPDATE generations SET possible_double = possible_double + 1, "
                 "resubmits = resubmits + 1 WHERE fingerprint = ?",
@@ -1080,7 +1099,7 @@ class Ledger(Store):
             if requeue_at is None:
                 self._park(ref.fingerprint, f"task {task_id} {reason}", now)
                 return
-            self._requeue(ref.fingerprint, requeue_at, reason, now)
+            self._requeue(ref.fingerprint, requeue_at, reason, now, counted=True)
             self.db.execute(
                 "UPDATE generations SET possible_double = possible_double + 1 "
                 "WHERE fingerprint = ?",
