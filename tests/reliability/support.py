@@ -27,6 +27,7 @@ import psycopg
 from bench.common import revision
 from reconciler.audio import probe_audio
 from reconciler.durable import TEMP_PREFIX
+from reconciler.outcomes import MAX_UPSTREAM_ATTEMPTS
 from reconciler.sandbox import SandboxServer, fingerprint
 from reconciler.sandbox.state import TASK_COST, SandboxState
 
@@ -175,6 +176,41 @@ def generation_rows(ledger: Path | str) -> list[tuple[str, str, int]]:
         return [(fp, request, int(double)) for fp, request, double in db.execute(query)]
     finally:
         db.close()
+
+
+#: The sandbox's task faults that use up one of a generation's attempts: it
+#: failed upstream, or never finished and was given up on.
+UPSTREAM_FAILURES = ("task_failed", "stuck")
+
+
+def unexplained_parks(server: SandboxServer, state: Path) -> dict[str, str]:
+    """Parked generations of a SQLite ledger that the sandbox's books do not explain.
+
+    A generation is parked for a person, by design, once
+    ``MAX_UPSTREAM_ATTEMPTS`` of its tasks failed upstream or never finished;
+    every other park under faults that reject nothing is a fault of the
+    reconciler (one was: two 429s on a submit used up two attempts). Returns
+    fingerprint → the ledger's reason and what the books show. Read from this
+    thread, like ``accounting``: call it when no daemon runs.
+    """
+    failures: Counter[str] = Counter(
+        fingerprint(task.item)
+        for task in server.state.tasks.values()
+        if any(kind in task.faults for kind in UPSTREAM_FAILURES)
+    )
+    db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT fingerprint, request, reason FROM generations WHERE state = 'parked'"
+        ).fetchall()
+    finally:
+        db.close()
+    found: dict[str, str] = {}
+    for fp, request, reason in rows:
+        failed = failures[fingerprint(json.loads(request))]
+        if failed < MAX_UPSTREAM_ATTEMPTS:
+            found[fp] = f"{reason} (the sandbox failed or stuck {failed} of its tasks)"
+    return found
 
 
 def accounting(server: SandboxServer | SandboxState, ledger: Path | str) -> Accounting:

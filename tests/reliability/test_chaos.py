@@ -15,6 +15,9 @@ What must hold:
 
 - after every kill: each file under an output name decodes in full, and the
   ledger passes ``PRAGMA integrity_check``;
+- after the faults stop: a track is parked for a person only where the
+  sandbox failed (or stuck) three of its tasks, as the retry policy says;
+  a person's ``retry --failed`` then sends those again;
 - at the end: every track ready (none lost), and no fingerprint paid for
   twice beyond what ``status`` reports as possible double spend. Tasks that
   failed upstream were refunded by the service, so a retry after one is not
@@ -44,6 +47,7 @@ from tests.reliability.support import (
     integrity,
     kept_on_failure,
     ledger_path,
+    unexplained_parks,
 )
 
 N_TRACKS = 200
@@ -113,6 +117,10 @@ def chaos_project(root: Path, sandbox: SandboxControl) -> Project:
         p.config.read_text()
         .replace("request_timeout = 5.0", "request_timeout = 1.0")
         .replace("[submit]\n", "[submit]\nmax_in_flight = 12\n")
+        # A lost answer is sent again however often (each time counted as
+        # possible double spend): a kill or a fault can land on a resubmit
+        # too, and a track parked for a person is not converged.
+        .replace("[submit]\n", "[submit]\nmax_resubmits_per_fingerprint = 10\n")
         # A stuck task is given up on (and sent again) 6 s after its submit.
         .replace("[submit]\n", "task_timeout = 6\n\n[submit]\n", 1)
     )
@@ -169,6 +177,17 @@ def chaos_run(
     sandbox.configure(faults=[])
     final = p.cli("sync", timeout=180)
     (root / "final-sync.log").write_text(final.stderr)
+    # A generation whose tasks failed upstream or stuck three times is parked
+    # for a person, by design (4 % of tasks here: about one run in eighty, and
+    # a task stuck before the faults stopped is given up on in this sync).
+    # Every park must be one the sandbox's books explain; then a person's
+    # `retry --failed` sends it again and `sync` finishes.
+    assert not unexplained_parks(server, p.state)
+    parked = p.status()["summary"]["failed"]
+    if parked:
+        assert p.cli("retry", "--failed").returncode == 0
+        final = p.cli("sync", timeout=180)
+        (root / "final-sync-after-retry.log").write_text(final.stderr)
     assert final.returncode == 0, final.stderr[-3000:]
     report = p.status()
     assert report["summary"]["ready"] == N_TRACKS, report["summary"]
@@ -193,6 +212,7 @@ def chaos_run(
         chaos_seconds=round(chaos_seconds, 1),
         total_seconds=round(time.monotonic() - started, 1),
         lost_tracks=N_TRACKS - report["summary"]["ready"],
+        parked_by_design=parked,
         tasks=books.tasks_created,
         failed_upstream_refunded=books.failed_tasks,
         retried_after_failure=books.retried_after_failure,
