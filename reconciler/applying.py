@@ -30,8 +30,9 @@ from reconciler.words import plural
 
 #: What the first keys of a saved plan say, so a foreign JSON file is refused.
 FORMAT = "reconciler-plan"
-#: Bumped when a saved plan changes meaning; ``apply`` refuses other versions.
-VERSION = 1
+#: Bumped when a saved plan changes meaning or how its digests are computed
+#: (2: desired tracks are digested as lists); ``apply`` refuses other versions.
+VERSION = 2
 
 
 def _folders(settings: Settings) -> dict[str, str]:

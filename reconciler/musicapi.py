@@ -49,11 +49,11 @@ from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
-import pydantic
 import stamina
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from reconciler.config import Secret
 from reconciler.errors import (
     AmbiguousSubmitError,
     APIError,
@@ -833,7 +833,7 @@ class MusicAPI:
             raise ConfigError("the MusicAPI key is empty or contains whitespace")
         if max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
-        self._key = pydantic.SecretStr(key)
+        self._key = Secret(key)
         self._base = base
         self._max_attempts = max_attempts
         self._backoff_initial = backoff_initial

@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 from reconciler.limits import MAX_BATCH_ITEMS
@@ -54,8 +55,13 @@ def output_names(track: str, clips: int) -> tuple[str, ...]:
     return (first, *(f"{track}-{n}.mp3" for n in range(2, clips + 1)))
 
 
-@dataclass(frozen=True, slots=True)
-class DesiredTrack:
+class DesiredTrack(NamedTuple):
+    """One track the specs ask for, where its outputs go.
+
+    A named tuple, like :class:`Generation`: a cold ``plan`` builds one per
+    track (50,000), from the ledger's compact copy of each spec file's tracks.
+    """
+
     soundtrack: str
     name: str
     fingerprint: str
@@ -139,7 +145,6 @@ def desired_state(
             in_force[p] = last_good[p]
         stale = tuple(stale_list)
     tracks: list[DesiredTrack] = []
-    requests: dict[str, Mapping[str, Any]] = {}
     claimed: set[str] = set()
     fresh: dict[str, FileTracks] = {}
     for path in sorted(in_force):
@@ -155,36 +160,65 @@ def desired_state(
             done = file_tracks(path, spec)
         fresh[path] = done
         tracks.extend(done.tracks)
-        # One fingerprint is one request, so the first file's copy is as good as any.
-        requests.update(done.requests)
     if built is not None:
         built.clear()
         built.update(fresh)
     return Desired(
         tracks=tuple(tracks),
-        requests=requests,
+        requests=_Requests(tuple(fresh.values())),
         stale=stale,
         prune_allowed=root_state == "ok" and not invalid,
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class FileTracks:
     """One spec file's desired tracks and their requests, as ``desired_state`` built them."""
 
     spec: SpecFile
     tracks: tuple[DesiredTrack, ...]
-    requests: Mapping[str, Mapping[str, Any]]
+
+    @cached_property
+    def requests(self) -> Mapping[str, Mapping[str, Any]]:
+        """Each fingerprint's create request: taken from the spec's tracks only
+        when asked, since a dry run never asks (``SpecFile``)."""
+        found: dict[str, Mapping[str, Any]] = {}
+        for spec, track in zip(self.spec.tracks, self.tracks, strict=True):
+            found.setdefault(track.fingerprint, spec.request)
+        return found
 
 
-def file_tracks(path: str, spec: SpecFile, fingerprints: Sequence[str] | None = None) -> FileTracks:
-    """The desired tracks of one spec file; ``fingerprints`` (one per track,
-    stored with the spec by the ledger) spares hashing them again."""
+class _Requests(Mapping[str, Mapping[str, Any]]):
+    """``Desired.requests``: the files' requests, merged on first use."""
+
+    def __init__(self, files: Sequence[FileTracks]) -> None:
+        self._files = files
+        self._merged: dict[str, Mapping[str, Any]] | None = None
+
+    def _all(self) -> dict[str, Mapping[str, Any]]:
+        if self._merged is None:
+            merged: dict[str, Mapping[str, Any]] = {}
+            for f in self._files:
+                # One fingerprint is one request, so any file's copy is as good as another.
+                merged.update(f.requests)
+            self._merged = merged
+        return self._merged
+
+    def __getitem__(self, fingerprint: str) -> Mapping[str, Any]:
+        return self._all()[fingerprint]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+def file_tracks(path: str, spec: SpecFile) -> FileTracks:
+    """The desired tracks of one spec file, each fingerprinted."""
     tracks = []
-    requests: dict[str, Mapping[str, Any]] = {}
     for pos, t in enumerate(spec.tracks):
-        fp = fingerprints[pos] if fingerprints is not None else fingerprint(t.request, t.variant)
-        requests.setdefault(fp, t.request)
+        fp = fingerprint(t.request, t.variant)
         tracks.append(
             DesiredTrack(
                 spec.soundtrack,
@@ -198,7 +232,7 @@ def file_tracks(path: str, spec: SpecFile, fingerprints: Sequence[str] | None = 
                 of=len(spec.tracks),
             )
         )
-    return FileTracks(spec, tuple(tracks), requests)
+    return FileTracks(spec, tuple(tracks))
 
 
 class Generation(NamedTuple):

@@ -130,7 +130,7 @@ class Reconciler:
         self.cache.sweep_temps()
         if self.settings.out_dir.exists():
             out.sweep_output_temps(self.settings.out_dir)
-        self.scanning.store_fingerprints()
+        self.scanning.store_compact_tracks()
         self._started = True
 
     async def run_pass(self, focus: Focus | None = None) -> PassResult:

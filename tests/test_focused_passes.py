@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import Flags, load_settings
-from reconciler.ledger import Ledger, spec_to_json
-from reconciler.ledger.work import file_tracks_from_json
+from reconciler.ledger import Ledger, spec_columns
+from reconciler.ledger.work import file_tracks_from_json, last_good_from_row
 from reconciler.musicapi import MusicAPI
-from reconciler.planning import Desired, DesiredTrack, file_tracks
+from reconciler.planning import Desired, DesiredTrack, desired_state, file_tracks
 from reconciler.reconciling import Focus, PassResult, Reconciler, converge, wait_for_due
 from reconciler.sandbox import SandboxControl
 from reconciler.specs import SpecScan, scan_specs
@@ -311,43 +311,63 @@ def test_a_pass_writes_outputs_in_parts_of_whole_soundtracks(
     assert tuple(t for p in parts for t in p.tracks) == tracks
 
 
-def test_the_fingerprints_stored_with_a_last_good_version_are_the_ones_it_hashes_to(
+def test_a_last_good_version_reads_back_as_the_tracks_it_was_built_from(
     tmp_path: Path,
 ) -> None:
-    """A new process takes them from the ledger instead of hashing every track again."""
+    """A new process takes the fingerprints and tracks from the ledger instead
+    of hashing every track again, and decodes the requests only when asked."""
     # Every field a track record carries set apart from its default, so a
     # field read into the wrong place shows.
     extra = "    variant: 3\n    clips: 2\n    album: Night Moves\n    artist: The Reconcilers\n"
     (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute", "oboe") + extra)
     parsed = scan_specs(tmp_path).files["a.yaml"]
     assert parsed.tracks[-1].artist == "The Reconcilers"
-    body = spec_to_json(parsed)
-    read = file_tracks_from_json("a.yaml", body)
-    assert read.tracks == file_tracks("a.yaml", parsed).tracks
-    assert read.spec == parsed
-    assert read.requests == file_tracks("a.yaml", parsed).requests
+    built = file_tracks("a.yaml", parsed)
+    body, tracks = spec_columns(parsed)
+    for read in (
+        last_good_from_row("a.yaml", parsed.soundtrack, parsed.digest, tracks, body),
+        # A row written before the compact tracks were: from the body alone.
+        last_good_from_row("a.yaml", parsed.soundtrack, parsed.digest, None, body),
+    ):
+        assert read.tracks == built.tracks
+        assert read.requests == built.requests
+        assert read.spec == parsed
     # A body stored before fingerprints were is hashed when read.
     old = json.loads(body)
     for t in old["tracks"]:
         del t["fingerprint"]
     read = file_tracks_from_json("a.yaml", json.dumps(old))
-    assert read.tracks == file_tracks("a.yaml", parsed).tracks
+    assert read.tracks == built.tracks
 
 
-def test_last_good_versions_stored_without_fingerprints_get_them_once(tmp_path: Path) -> None:
+def test_the_compact_tracks_decode_no_request_until_one_is_asked_for(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute"))
+    parsed = scan_specs(tmp_path).files["a.yaml"]
+    _, tracks = spec_columns(parsed)
+    # A body that cannot be decoded shows whether anything decoded it.
+    read = last_good_from_row("a.yaml", "a", parsed.digest, tracks, "not json")
+    desired = desired_state({"a.yaml": read.spec}, [], "ok", {}, {"a.yaml": read})
+    assert [t.name for t in desired.tracks] == ["t0", "t1"]
+    with pytest.raises(json.JSONDecodeError):
+        desired.requests[desired.tracks[0].fingerprint]
+
+
+def test_last_good_versions_an_older_reconciler_stored_get_compact_tracks_once(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "a.yaml").write_text(spec("a", "harp", "lute"))
     parsed = scan_specs(tmp_path).files["a.yaml"]
     ledger = Ledger.open(tmp_path / "ledger.sqlite3")
     try:
         ledger.record_specs({"a.yaml": parsed}, {}, complete=True)
-        old = json.loads(spec_to_json(parsed))
+        columns = spec_columns(parsed)
+        old = json.loads(columns[0])
         for t in old["tracks"]:
             del t["fingerprint"]
-        ledger.db.execute("UPDATE spec_files SET body = ?", [json.dumps(old)])
+        ledger.db.execute("UPDATE spec_files SET body = ?, tracks = NULL", [json.dumps(old)])
         built = ledger.last_good_tracks()
-        ledger.store_fingerprints(built)
-        (body,) = ledger.db.execute("SELECT body FROM spec_files").fetchone()
-        assert body == spec_to_json(parsed)
+        ledger.store_compact_tracks(built)
+        assert ledger.db.execute("SELECT body, tracks FROM spec_files").fetchone() == columns
         assert ledger.last_good_tracks()["a.yaml"].tracks == built["a.yaml"].tracks
     finally:
         ledger.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.applying import load_plan, what_changed
+from reconciler.applying import VERSION, load_plan, what_changed
 from reconciler.errors import PlanFileError
 from reconciler.ledger import Ledger
 from reconciler.sandbox import SandboxControl
@@ -237,8 +237,8 @@ def test_no_plan_is_saved_while_a_spec_file_is_invalid(project: Project, tmp_pat
     [
         ("not json at all", "not a saved plan (not JSON"),
         ('{"submit": []}', 'not a saved plan (no "format": "reconciler-plan"'),
-        ('{"format": "reconciler-plan", "version": 2}', "a saved plan of version 2"),
-        ('{"format": "reconciler-plan", "version": 1}', "a damaged saved plan"),
+        ('{"format": "reconciler-plan", "version": 1}', "a saved plan of version 1"),
+        (f'{{"format": "reconciler-plan", "version": {VERSION}}}', "a damaged saved plan"),
         (None, "cannot read the plan"),
     ],
 )

@@ -8,7 +8,6 @@ import os
 import textwrap
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -1142,7 +1141,8 @@ def test_a_stamped_file_is_not_read_again_until_it_is_written(tmp_path: Path) ->
     path.write_bytes(GOOD)
     first = scan_specs(tmp_path, wall_ns=later(10))
     # Another version under the same path: returned only if the file is not read.
-    other = replace(first.files["a.yaml"], digest="0" * 64)
+    read = first.files["a.yaml"]
+    other = SpecFile(read.path, read.soundtrack, read.tracks, "0" * 64)
     with mock.patch.object(os, "open", side_effect=AssertionError("read again")):
         trusted = scan_specs(tmp_path, reuse={"a.yaml": other}, stamps=first.stamps)
     assert trusted.files["a.yaml"] is other
@@ -1280,7 +1280,8 @@ def test_the_incumbent_keeps_its_soundtrack_when_an_invalid_file_once_named_it(
         "soundtrack: mine\ntracks:\n  - {name: a, mv: sonic-v5, prompt: x}\n"
     )
     first = scan_specs(root)
-    stale = {**first.files, "a.yaml": replace(first.files["a.yaml"], soundtrack="mix")}
+    read = first.files["a.yaml"]
+    stale = {**first.files, "a.yaml": SpecFile(read.path, "mix", read.tracks, read.digest)}
     (root / "a.yaml").write_text("tracks: [\n")
     second = scan_specs(root, reuse=stale)
     assert list(second.files) == ["b.yaml"]

@@ -31,8 +31,7 @@ from reconciler.ledger.store import MIGRATIONS
 from reconciler.ledger.work import (
     LOST_ANSWER_PARK,
     Ledger,
-    spec_from_json,
-    spec_to_json,
+    spec_columns,
 )
 
 __all__ = [
@@ -51,6 +50,5 @@ __all__ = [
     "apply_hints",
     "read_plan",
     "read_status",
-    "spec_from_json",
-    "spec_to_json",
+    "spec_columns",
 ]

@@ -26,7 +26,7 @@ from reconciler.ledger.work import (
     LAST_GOOD_SQL,
     SPENT_SQL,
     USABLE_CLIPS_SQL,
-    file_tracks_from_json,
+    last_good_from_row,
     rows_in,
     usable_clips,
 )
@@ -120,8 +120,9 @@ def read_plan(
         check_version(version, readonly=True)
         last_good = {}
         stamps = {}
-        for p, body, stamp in execute(LAST_GOOD_SQL):
-            last_good[p] = file_tracks_from_json(p, body)
+        for row in execute(LAST_GOOD_SQL):
+            p, stamp = row[0], row[5]
+            last_good[p] = last_good_from_row(*row[:5])
             if stamp is not None and not stamp.endswith(YOUNG):
                 stamps[p] = stamp
         generations = {r[0]: Generation(*r) for r in execute(GENERATIONS_SQL)}

@@ -135,6 +135,15 @@ CREATE TABLE hints (
     clip_ids TEXT NOT NULL);
 """
 
+# Version 7: spec_files.tracks, each last good version's tracks in compact
+# form (``work.spec_columns``: name, fingerprint, clips, album, artist), so a
+# cold ``plan`` builds the desired state without decoding every create request
+# in ``body``. NULL where an older reconciler wrote the row, until
+# ``Ledger.store_compact_tracks`` fills it in.
+_SCHEMA_V7 = """
+ALTER TABLE spec_files ADD COLUMN tracks TEXT;
+"""
+
 #: Versioned migrations: index i brings the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V1,
@@ -143,6 +152,7 @@ MIGRATIONS: tuple[str, ...] = (
     _SCHEMA_V4,
     _SCHEMA_V5,
     _SCHEMA_V6,
+    _SCHEMA_V7,
 )
 
 

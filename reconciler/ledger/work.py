@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from reconciler.errors import LedgerError
 from reconciler.ledger.facts import (
@@ -43,10 +43,6 @@ from reconciler.planning import (
 )
 from reconciler.specs import SpecFile, TrackSpec, same_file
 
-if TYPE_CHECKING:
-    pass
-
-
 #: Values per ``IN (...)`` query: well under SQLite's oldest limit of 999 parameters.
 _IN_CHUNK = 500
 #: An unknown generation none of whose submit's orphan tasks is still being read.
@@ -56,7 +52,9 @@ _NOT_MATCHING = (
 
 #: The reads a pass and ``plan`` (``reports.read_plan``) share, in the
 #: field order of the records they build.
-LAST_GOOD_SQL = "SELECT path, body, stamp FROM spec_files WHERE body IS NOT NULL"
+LAST_GOOD_SQL = (
+    "SELECT path, soundtrack, digest, tracks, body, stamp FROM spec_files WHERE body IS NOT NULL"
+)
 GENERATIONS_SQL = "SELECT fingerprint, state, attempts, next_attempt, reason FROM generations"
 USABLE_CLIPS_SQL = (
     "SELECT c.clip_id, c.task_id, c.fingerprint, c.position, c.state, c.audio_url, "
@@ -111,8 +109,17 @@ LOST_ANSWER_PARK = (
 _LOST_ANSWER_LIKE = f"%{LOST_ANSWER_PARK}%"
 
 
-def spec_to_json(spec: SpecFile) -> str:
-    return _dumps(
+def spec_columns(spec: SpecFile) -> tuple[str, str]:
+    """A last good version as ``spec_files`` stores it: its ``body`` (every
+    field, to decode the spec again) and its ``tracks`` (each track's name,
+    fingerprint, clips, album and artist: what the desired state is built from).
+
+    The fingerprints are stored so a new process need not hash every track
+    again (most of a cold start); the compact ``tracks`` so a cold ``plan``
+    decodes no create requests (``last_good_from_row``).
+    """
+    fingerprints = [fingerprint(t.request, t.variant) for t in spec.tracks]
+    body = _dumps(
         {
             "soundtrack": spec.soundtrack,
             "digest": spec.digest,
@@ -125,64 +132,77 @@ def spec_to_json(spec: SpecFile) -> str:
                     "line": t.line,
                     "album": t.album,
                     "artist": t.artist,
-                    # Stored with the request it hashes, so a new process need
-                    # not hash every track again (most of a cold start).
-                    "fingerprint": fingerprint(t.request, t.variant),
+                    "fingerprint": fp,
                 }
-                for t in spec.tracks
+                for t, fp in zip(spec.tracks, fingerprints, strict=True)
             ],
         }
+    )
+    tracks = _dumps(
+        [
+            [t.name, fp, t.clips, t.album, t.artist]
+            for t, fp in zip(spec.tracks, fingerprints, strict=True)
+        ]
+    )
+    return body, tracks
+
+
+def last_good_from_row(
+    path: str, soundtrack: str, digest: str, tracks: str | None, body: str
+) -> FileTracks:
+    """A last good version read back (``LAST_GOOD_SQL``) with its desired tracks.
+
+    They come from the compact ``tracks`` column; the spec's own tracks (with
+    their create requests, most of the body) are decoded from ``body`` only
+    when something asks for them. A row an older reconciler wrote has no
+    ``tracks`` and is decoded whole (``Ledger.store_compact_tracks`` adds them).
+    """
+    if tracks is None:
+        return file_tracks_from_json(path, body)
+    rows = json.loads(tracks)
+    of = len(rows)
+    return FileTracks(
+        SpecFile(path, soundtrack, lambda: _tracks_from_data(json.loads(body)), digest),
+        tuple(
+            DesiredTrack(soundtrack, name, fp, clips, path, pos, album, artist, of)
+            for pos, (name, fp, clips, album, artist) in enumerate(rows)
+        ),
     )
 
 
 def file_tracks_from_json(path: str, body: str) -> FileTracks:
-    """A last good version with its desired tracks, by the fingerprints stored
-    with it (a body written before they were is hashed now).
-
-    ``planning.file_tracks`` over ``_spec_from_data``, in one loop over the
-    decoded tracks: a cold ``plan`` and the daemon's start-up read 50,000 of
-    them, and the second walk and its lists were a third of that read.
-    """
+    """A last good version with its desired tracks, from its body alone: by
+    the fingerprints stored with it (a body written before they were is
+    hashed now)."""
     data = json.loads(body)
+    spec = SpecFile(path, data["soundtrack"], _tracks_from_data(data), data["digest"])
     stored = data["tracks"]
     if any(t.get("fingerprint") is None for t in stored):
-        return file_tracks(path, _spec_from_data(path, data))
-    soundtrack = data["soundtrack"]
+        return file_tracks(path, spec)
     of = len(stored)
-    specs = []
-    tracks = []
-    requests: dict[str, Mapping[str, Any]] = {}
-    for pos, t in enumerate(stored):
-        name, request, clips, fp = t["name"], t["request"], t["clips"], t["fingerprint"]
-        album, artist = t.get("album"), t.get("artist")
-        specs.append(TrackSpec(name, request, t["variant"], clips, t["line"], album, artist))
-        requests.setdefault(fp, request)
-        tracks.append(DesiredTrack(soundtrack, name, fp, clips, path, pos, album, artist, of))
-    spec = SpecFile(path=path, soundtrack=soundtrack, tracks=tuple(specs), digest=data["digest"])
-    return FileTracks(spec, tuple(tracks), requests)
-
-
-def spec_from_json(path: str, body: str) -> SpecFile:
-    return _spec_from_data(path, json.loads(body))
-
-
-def _spec_from_data(path: str, data: dict[str, Any]) -> SpecFile:
-    return SpecFile(
-        path=path,
-        soundtrack=data["soundtrack"],
-        digest=data["digest"],
-        tracks=tuple(
-            TrackSpec(
-                name=t["name"],
-                request=t["request"],
-                variant=t["variant"],
-                clips=t["clips"],
-                line=t["line"],
-                album=t.get("album"),
-                artist=t.get("artist"),
+    return FileTracks(
+        spec,
+        tuple(
+            DesiredTrack(
+                spec.soundtrack, t.name, d["fingerprint"], t.clips, path, pos, t.album, t.artist, of
             )
-            for t in data["tracks"]
+            for pos, (t, d) in enumerate(zip(spec.tracks, stored, strict=True))
         ),
+    )
+
+
+def _tracks_from_data(data: dict[str, Any]) -> tuple[TrackSpec, ...]:
+    return tuple(
+        TrackSpec(
+            name=t["name"],
+            request=t["request"],
+            variant=t["variant"],
+            clips=t["clips"],
+            line=t["line"],
+            album=t.get("album"),
+            artist=t.get("artist"),
+        )
+        for t in data["tracks"]
     )
 
 
@@ -207,32 +227,24 @@ class Ledger(Store):
 
     def last_good_tracks(self) -> dict[str, FileTracks]:
         """``last_good`` with each file's desired tracks, to seed ``desired_state``."""
-        return {r[0]: file_tracks_from_json(r[0], r[1]) for r in self.db.execute(LAST_GOOD_SQL)}
+        return {r[0]: last_good_from_row(*r[:5]) for r in self.db.execute(LAST_GOOD_SQL)}
 
-    def store_fingerprints(self, built: Mapping[str, FileTracks]) -> None:
-        """Store the fingerprints of last good versions recorded without them
-        (by an older reconciler), as ``built`` (``last_good_tracks``) has them."""
+    def store_compact_tracks(self, built: Mapping[str, FileTracks]) -> None:
+        """Store the fingerprints and compact tracks (``spec_columns``) of last
+        good versions an older reconciler recorded without them, as ``built``
+        (``last_good_tracks``) has them."""
         rows = self.db.execute(
-            "SELECT path, body FROM spec_files WHERE body IS NOT NULL "
-            "AND body NOT LIKE '%\"fingerprint\"%'"
+            "SELECT path FROM spec_files WHERE body IS NOT NULL AND tracks IS NULL"
         ).fetchall()
-        # A file without tracks has no fingerprint to store: no write for it.
-        changed = [
-            (path, body)
-            for path, old in rows
-            if path in built and (body := spec_to_json(built[path].spec)) != old
-        ]
+        changed = [(path, *spec_columns(built[path].spec)) for (path,) in rows if path in built]
         if not changed:
             return
         with self.transaction():
-            for path, body in changed:
-                self.db.execute("UPDATE spec_files SET body = ? WHERE path = ?", [body, path])
-
-    def last_good(self) -> dict[str, SpecFile]:
-        return {
-            r["path"]: spec_from_json(r["path"], r["body"])
-            for r in self.db.query("SELECT path, body FROM spec_files WHERE body IS NOT NULL")
-        }
+            for path, body, tracks in changed:
+                self.db.execute(
+                    "UPDATE spec_files SET body = ?, tracks = ? WHERE path = ?",
+                    [body, tracks, path],
+                )
 
     def spec_errors(self) -> dict[str, str]:
         return {
@@ -280,12 +292,12 @@ class Ledger(Store):
                     continue
                 self.db.execute(
                     "INSERT INTO spec_files "
-                    "(path, soundtrack, digest, body, error, stamp, updated_at) "
-                    "VALUES (?, ?, ?, ?, NULL, ?, ?) ON CONFLICT(path) DO UPDATE SET "
+                    "(path, soundtrack, digest, body, tracks, error, stamp, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, NULL, ?, ?) ON CONFLICT(path) DO UPDATE SET "
                     "soundtrack = excluded.soundtrack, digest = excluded.digest, "
-                    "body = excluded.body, error = NULL, stamp = excluded.stamp, "
-                    "updated_at = excluded.updated_at",
-                    [path, spec.soundtrack, spec.digest, spec_to_json(spec), read, now],
+                    "body = excluded.body, tracks = excluded.tracks, error = NULL, "
+                    "stamp = excluded.stamp, updated_at = excluded.updated_at",
+                    [path, spec.soundtrack, spec.digest, *spec_columns(spec), read, now],
                 )
                 self._event("spec.accepted", path=path, soundtrack=spec.soundtrack)
             for path, error in errors.items():

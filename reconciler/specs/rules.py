@@ -92,14 +92,63 @@ class TrackSpec:
     artist: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class SpecFile:
-    """One valid spec file: a soundtrack and its tracks in file order."""
+    """One valid spec file: a soundtrack and its tracks in file order. Immutable.
+
+    ``tracks`` may be given as a function that returns them, called once on
+    first use: a last good version read back from the ledger decodes its
+    tracks (the create requests are most of its size) only when something
+    asks for them, and a cold ``plan`` over unchanged files never does.
+    """
+
+    __slots__ = ("_tracks", "digest", "path", "soundtrack")
 
     path: str
     soundtrack: str
-    tracks: tuple[TrackSpec, ...]
     digest: str
+    _tracks: tuple[TrackSpec, ...] | Callable[[], tuple[TrackSpec, ...]]
+
+    def __init__(
+        self,
+        path: str,
+        soundtrack: str,
+        tracks: tuple[TrackSpec, ...] | Callable[[], tuple[TrackSpec, ...]],
+        digest: str,
+    ) -> None:
+        for name, value in (("path", path), ("soundtrack", soundtrack), ("digest", digest)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_tracks", tracks)
+
+    @property
+    def tracks(self) -> tuple[TrackSpec, ...]:
+        tracks = self._tracks
+        if callable(tracks):
+            # Two threads may both decode: the same value, set twice.
+            tracks = tracks()
+            object.__setattr__(self, "_tracks", tracks)
+        return tracks
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"SpecFile is immutable: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SpecFile):
+            return NotImplemented
+        return (self.path, self.soundtrack, self.digest, self.tracks) == (
+            other.path,
+            other.soundtrack,
+            other.digest,
+            other.tracks,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.soundtrack, self.digest))
+
+    def __repr__(self) -> str:
+        return (
+            f"SpecFile(path={self.path!r}, soundtrack={self.soundtrack!r}, "
+            f"tracks={self.tracks!r}, digest={self.digest!r})"
+        )
 
 
 def parse_spec(

@@ -34,9 +34,9 @@ class Scanning:
         self._reported: dict[str, str] = {}
         self.desired: Desired | None = None
 
-    def store_fingerprints(self) -> None:
-        # Once, after an upgrade: later processes then read the fingerprints.
-        self.ctx.ledger.store_fingerprints(self._file_tracks)
+    def store_compact_tracks(self) -> None:
+        # Once, after an upgrade: later processes then read the compact tracks.
+        self.ctx.ledger.store_compact_tracks(self._file_tracks)
 
     async def read(self, reread: set[str] | None, now: float) -> SpecScan:
         """Read the spec folder: every file, or only ``reread`` (the last scan's
