@@ -9,6 +9,7 @@ the sandbox's own books of what it charged.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -130,5 +131,34 @@ def test_submits_the_service_turned_away_do_not_use_up_a_tracks_tries(
         books.check_credits()
         assert (books.tasks_created, books.failed_tasks) == (4, 1)
         assert not books.unexplained
+    finally:
+        world.close()
+
+
+def test_submits_turned_away_in_a_row_wait_longer_each_time(tmp_path: Path) -> None:
+    """Four 429s in a row on the batch submit: each wait is at least the one
+    before and the last at least 4 s (ceilings 1, 2, 4, 8 s, each wait between
+    half its ceiling and the ceiling), though no attempt of the items is used up."""
+    world = World(tmp_path, SPECS, backoff_initial=1.0, backoff_cap=100.0)
+    try:
+        world.configure(
+            faults=[{"kind": "rate_limited", "at": [1, 2, 3, 4], "endpoints": ["batch_submit"]}]
+        )
+        submitted_at: list[float] = []
+        for _ in range(40):
+            calls = world.sandbox.stats()["batch_submit_calls"]
+            result = world.one_pass()
+            if world.sandbox.stats()["batch_submit_calls"] > calls:
+                submitted_at.append(world.now)
+            if result.converged:
+                break
+            world.later(POLL)
+        assert result.converged
+        waits = [b - a for a, b in pairwise(submitted_at)]
+        assert len(waits) == 4, submitted_at
+        assert waits == sorted(waits), waits
+        assert waits[-1] >= 4, waits
+        fps = list(world.ledger.generations())
+        assert set(world.ledger.attempts(fps).values()) == {0}
     finally:
         world.close()
