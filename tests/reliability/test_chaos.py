@@ -26,6 +26,7 @@ What must hold:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -173,6 +174,7 @@ def chaos_run(
             assert integrity(p.state) == "ok", f"after kill {n + 1}"
     chaos_seconds = time.monotonic() - started
     fired = p.stats()["faults_fired"]  # (a new profile starts its counters afresh)
+    (root / "faults-fired.json").write_text(json.dumps(fired, indent=1, sort_keys=True) + "\n")
 
     sandbox.configure(faults=[])
     final = p.cli("sync", timeout=180)
