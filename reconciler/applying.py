@@ -204,5 +204,6 @@ async def apply_plan(settings: Settings, path: Path, console: Console) -> bool:
         f"applied {path}: {ready}/{plural(len(fingerprints), 'planned generation')} ready; "
         + summary_line(result),
         soft_wrap=True,
+        markup=False,
     )
     return done

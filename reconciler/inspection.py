@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from reconciler import outputs as out
@@ -255,8 +256,12 @@ def _track_events(
 
 
 def render_describe(report: dict[str, Any], console: Console) -> None:
+    # Only the labels are markup: a request's lyrics may hold "[verse]", an
+    # error "[/x]", and rich would read them as tags.
     def line(label: str, value: object) -> None:
-        console.print(f"[bold]{label + ':':<14}[/]{value}", soft_wrap=True, highlight=False)
+        console.print(
+            f"[bold]{label + ':':<14}[/]{escape(str(value))}", soft_wrap=True, highlight=False
+        )
 
     spec = report["spec"]
     where = f"{spec['file']}:{spec['line']}" if spec["line"] else spec["file"]
@@ -275,7 +280,9 @@ def render_describe(report: dict[str, Any], console: Console) -> None:
     line("Clips wanted", report["clips_wanted"])
     console.print("[bold]Request:[/]")
     for key, value in sorted((report["request"] or {}).items()):
-        console.print(f"  {key}: {json.dumps(value, ensure_ascii=False)}", soft_wrap=True)
+        console.print(
+            f"  {key}: {json.dumps(value, ensure_ascii=False)}", soft_wrap=True, markup=False
+        )
     console.print("[bold]Attempts:[/]" + ("" if report["attempts"] else " none"))
     for a in report["attempts"]:
         credits = "?" if a["credits"] is None else str(a["credits"])
@@ -300,7 +307,9 @@ def render_describe(report: dict[str, Any], console: Console) -> None:
         )
     console.print("[bold]Outputs:[/]")
     for o in report["outputs"]:
-        console.print(f"  {o['path']}  {o['verdict']}", soft_wrap=True, highlight=False)
+        console.print(
+            f"  {o['path']}  {o['verdict']}", soft_wrap=True, highlight=False, markup=False
+        )
     console.print("[bold]Events:[/]" + ("" if report["events"] else " none"))
     for e in report["events"]:
         console.print("  " + event_line(e), soft_wrap=True, highlight=False, markup=False)

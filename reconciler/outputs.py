@@ -89,27 +89,34 @@ class OutputFolder:
         (a plan stats every output; 60,000 ``Path`` objects cost 0.4 s)."""
         return file_state(f"{self._parent(soundtrack, filename)[1]}/{filename}")
 
-    def states(self, rels: Iterable[str]) -> dict[str, tuple[int, int] | None]:
-        """:meth:`state` of many ``soundtrack/file`` paths in one loop (a plan
-        stats every output: the calls per file cost more than the ``stat``)."""
+    def changed(
+        self, recorded: Iterable[tuple[str, int, int]]
+    ) -> dict[str, tuple[int, int] | None]:
+        """Of the ``(soundtrack/file, size, mtime_ns)`` recorded, the outputs
+        whose :func:`file_state` is not that any more, with their state now.
+
+        A plan stats every output (60,000 at 50,000 tracks): one loop, in
+        which a file as recorded costs its ``stat`` and a comparison.
+        """
         found: dict[str, tuple[int, int] | None] = {}
         parents: dict[str, str] = {}
-        for rel in rels:
-            soundtrack, filename = rel.split("/", 1)
+        stat = os.stat
+        for rel, size, mtime_ns in recorded:
+            soundtrack, _, filename = rel.partition("/")
             parent = parents.get(soundtrack)
             if parent is None:
                 parent = parents[soundtrack] = self._parent(soundtrack, filename)[1]
             else:
                 _plain("file name", filename, self.root)
-            path = f"{parent}/{filename}"
             try:
-                st = os.stat(path)
+                st = stat(f"{parent}/{filename}")
             except (FileNotFoundError, NotADirectoryError):
                 found[rel] = None
                 continue
             except OSError as e:
-                raise OutputError(f"cannot stat {path}: {e.strerror or e}") from e
-            found[rel] = (st.st_size, st.st_mtime_ns)
+                raise OutputError(f"cannot stat {parent}/{filename}: {e.strerror or e}") from e
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                found[rel] = (st.st_size, st.st_mtime_ns)
         return found
 
     def _parent(self, soundtrack: str, filename: str) -> tuple[Path, str]:

@@ -77,7 +77,10 @@ class DesiredTrack(NamedTuple):
     @property
     def outputs(self) -> tuple[str, ...]:
         """Paths relative to the output folder, one per kept clip."""
-        return tuple(f"{self.soundtrack}/{n}" for n in output_names(self.name, self.clips))
+        names = output_names(self.name, self.clips)
+        if len(names) == 1:  # nearly every track: a plan asks for each
+            return (f"{self.soundtrack}/{names[0]}",)
+        return tuple(f"{self.soundtrack}/{n}" for n in names)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,8 @@ from reconciler import outputs as out
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
 from reconciler.errors import APIError
-from reconciler.ledger import PlanOutput, PlanRead, read_plan
+from reconciler.ledger import LOST_ANSWER_PARK, PlanOutput, PlanRead, read_plan
+from reconciler.ledger.work import RESUBMIT_REASON, split_expired
 from reconciler.planning import (
     CREDITS_PER_TASK,
     IN_FLIGHT,
@@ -57,7 +61,8 @@ async def run_sync(settings: Settings, console: Console) -> bool:
 
     async with open_app(settings) as app:
         result = await converge_with_progress(app.reconciler, console)
-    console.print(summary_line(result), soft_wrap=True)
+    # Not markup: a pause's reason is the service's own text.
+    console.print(summary_line(result), soft_wrap=True, markup=False)
     return result.converged
 
 
@@ -146,6 +151,25 @@ async def account_balance(settings: Settings) -> int | None:
             return None
 
 
+@contextmanager
+def balance_ahead(settings: Settings) -> Iterator[Future[int | None]]:
+    """:func:`account_balance`, asked on another thread while ``plan`` reads the
+    ledger and stats the folders: its round trip (and the TLS set-up) overlaps
+    them instead of coming first. The API client is imported here, before the
+    thread starts: importing is CPU work, which would only contend for the GIL."""
+    if not settings.sandbox and settings.api_key is None:
+        done: Future[int | None] = Future()
+        done.set_result(None)
+        yield done
+        return
+    import asyncio
+
+    import reconciler.app  # noqa: F401  (see above)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="balance") as pool:
+        yield pool.submit(asyncio.run, account_balance(settings))
+
+
 def cost_warnings(
     cost: int, *, balance: int | None, budget: int | None, spent_today: int
 ) -> list[str]:
@@ -178,7 +202,7 @@ def _iso(t: float | None) -> str | None:
 
 def make_plan(
     settings: Settings,
-    balance: int | None = None,
+    balance: int | Future[int | None] | None = None,
     *,
     only: frozenset[str] | None = None,
     now: float | None = None,
@@ -189,7 +213,8 @@ def make_plan(
     It reads the snapshot a pass reads (generations, suspension, today's
     spending, and the output files) and calls the pass's own
     ``planning.plan``; ``balance`` is the account's, when the caller could ask
-    for it. ``only`` restricts it as ``apply`` restricts its passes.
+    for it (from ``balance_ahead``, waited for once the reads are done).
+    ``only`` restricts it as ``apply`` restricts its passes.
     ``digests`` adds what ``apply`` compares (``specs_digest``, ``ledger_digest``).
     """
     now = time.time() if now is None else now
@@ -200,21 +225,18 @@ def make_plan(
         # Only a file to restore needs its clip (to ask the cache for it): by
         # index, not a read of every clip in the ledger.
         wanted = set()
-        states = folder.states(records)
-        for p, fingerprint, _, sha256, size, mtime_ns in records.values():
-            state = states[p]
-            if state == (size, mtime_ns):
-                disks[p] = "ok"
-                continue
+        changed = folder.changed((r[0], r[4], r[5]) for r in records.values())
+        for p, state in changed.items():
+            _, fingerprint, _, sha256, _, _ = records[p]
             disk = disks[p] = _disk_state(folder, p, state, sha256)
             if fingerprint and disk != "ok":
                 wanted.add(fingerprint)
         return wanted
 
     spent_from = utc_day_start(now)
-    read = read_plan(settings.ledger_target, spent_from, to_restore) or PlanRead(
-        {}, {}, {}, {}, {}, Suspension(), 0
-    )
+    read = read_plan(
+        settings.ledger_target, spent_from, to_restore, now - settings.ambiguous_grace
+    ) or PlanRead({}, {}, {}, {}, {}, Suspension(), 0)
     # With the fingerprints stored beside them: hashing 50,000 tracks
     # again would be most of a cold plan.
     built = read.last_good
@@ -233,13 +255,21 @@ def make_plan(
     )
     desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
     gens, records, clips, suspension = read.generations, read.outputs, read.clips, read.suspension
+    # The pass's first step: lost-answer items past their grace period go out
+    # again (and may pay twice) or are parked for a person.
+    again, lost = split_expired(read.expired, settings.max_resubmits)
+    for fp in again:
+        gens[fp] = gens[fp]._replace(state="queued", next_attempt=0.0, reason=RESUBMIT_REASON)
+    for fp in lost:
+        gens[fp] = gens[fp]._replace(state="parked", reason=LOST_ANSWER_PARK)
     spent_today = CREDITS_PER_TASK * read.spent
     cache = AudioCache(settings.state_dir / "cache")
     facts: dict[str, OutputFact] = {}
     for p, fingerprint, clip, _, _, _ in records.values():
-        disk = disks[p]
+        # Every output not in ``disks`` is as recorded.
+        disk = disks.get(p, "ok")
         if disk == "ok":
-            facts[p] = OutputFact(p, fingerprint or "", disk, cached=False)
+            facts[p] = OutputFact(p, fingerprint or "", disk, False)
             continue
         # The cache only matters for a file to restore: no stat for the rest. It
         # holds the raw audio; the output is that plus its tags (tags.py).
@@ -247,6 +277,8 @@ def make_plan(
         raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
         cached = raw is not None and cache.has(raw)
         facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
+    if isinstance(balance, Future):
+        balance = balance.result()
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(
         spent_today=spent_today,
@@ -265,7 +297,14 @@ def make_plan(
     decided = plan(desired, snapshot, now, Limits(settings.max_in_flight, prune=settings.prune))
     # The tracks of what the plan names: at 50,000 tracks and nothing to do,
     # none of them.
-    named = {*decided.submit, *(h.fingerprint for h in decided.held), *decided.parked}
+    resubmit = set(again)
+    unknown = [fp for fp in decided.waiting if gens[fp].state == "unknown"]
+    named = {
+        *decided.submit,
+        *(h.fingerprint for h in decided.held),
+        *decided.parked,
+        *unknown,
+    }
     by_fp: dict[str, list[str]] = {}
     for t in desired.tracks if named else ():
         if t.fingerprint in named:
@@ -284,14 +323,24 @@ def make_plan(
         len(decided.submit) + len(decided.held) - len(decided.held_by("suspended"))
     )
     report: dict[str, Any] = {
-        "submit": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.submit],
+        "submit": [
+            {"fingerprint": fp, "tracks": by_fp[fp], "again": fp in resubmit}
+            for fp in decided.submit
+        ],
         "batches": [list(b) for b in decided.batches],
         "held": held,
-        "reuse": [f"{t.soundtrack}/{t.name}" for t in decided.reuse],
+        # A track whose task is still in flight is written when it ends: it
+        # counts as in flight, not as audio to reuse.
+        "reuse": [
+            f"{t.soundtrack}/{t.name}"
+            for t in decided.reuse
+            if gens[t.fingerprint].state not in IN_FLIGHT
+        ],
         "restore": list(decided.restore),
         "prune": list(decided.prune),
         "failed": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in decided.parked],
         "in_flight": len(decided.waiting),
+        "unknown": [{"fingerprint": fp, "tracks": by_fp[fp]} for fp in unknown],
         "suspended": {
             **suspension.to_json(),
             "held": [item for item in held if item["reason"] == "suspended"],
@@ -333,61 +382,79 @@ def make_plan(
     return report
 
 
-def _held_line(item: dict[str, Any]) -> str:
-    until = f" until {item['until']}" if item["until"] else ""
-    return f"[yellow]# held[/]    {', '.join(item['tracks'])}  ({item['detail']}{until})"
+def render_plan(report: dict[str, Any], console: Console | None = None) -> None:
+    """One line per item: first what the next pass submits now, then what it
+    holds back; on ``console`` (a terminal: coloured) or, without one, plainly
+    on stdout, where rich is never imported.
 
+    Names and messages are never read as markup: a track may be called
+    ``[live] set``, and an error may quote ``[/x]``.
+    """
+    lines: list[tuple[str, str | None, str]] = []
 
-def render_plan(report: dict[str, Any], console: Console) -> None:
-    """One line per item: first what the next pass submits now, then what it holds back."""
+    def say(text: str, tag: str = "", style: str | None = None) -> None:
+        lines.append((tag, style, text))
+
     for item in report["submit"]:
-        console.print(
-            f"[green]+ submit[/]  {', '.join(item['tracks'])}  ({item['fingerprint'][:12]})"
+        again = "; again, its last submit's answer was lost: may pay twice" if item["again"] else ""
+        say(
+            f"{', '.join(item['tracks'])}  ({item['fingerprint'][:12]}{again})",
+            "+ submit  ",
+            "green",
         )
     for item in report["held"]:
-        console.print(_held_line(item))
+        until = f" until {item['until']}" if item["until"] else ""
+        say(f"{', '.join(item['tracks'])}  ({item['detail']}{until})", "# held    ", "yellow")
     for name in report["reuse"]:
-        console.print(f"[cyan]= reuse[/]   {name}  (audio already paid for)")
+        say(f"{name}  (audio already paid for)", "= reuse   ", "cyan")
     for path in report["restore"]:
-        console.print(f"[cyan]~ restore[/] {path}  (from the cache, no generation)")
+        say(f"{path}  (from the cache, no generation)", "~ restore ", "cyan")
     for path in report["prune"]:
-        console.print(f"[red]- prune[/]   {path}  (to the trash)")
-    for item in report["failed"]:
-        console.print(f"[yellow]! failed[/]  {', '.join(item['tracks'])}  (`reconciler retry`)")
-    for path, err in report["invalid_files"].items():
-        console.print(f"[red]invalid[/]   {path}: {err}")
-    for path in report["settling"]:
-        console.print(
-            f"[yellow]settling[/]  {path}  (still changing: a pass reads it once it stops)"
+        say(f"{path}  (to the trash)", "- prune   ", "red")
+    for item in report["unknown"]:
+        say(
+            f"{', '.join(item['tracks'])}  (submit answer lost: not sent again before "
+            "`ambiguous_grace`, unless a callback or task claims it)",
+            "? unknown ",
+            "yellow",
         )
+    for item in report["failed"]:
+        say(f"{', '.join(item['tracks'])}  (`reconciler retry`)", "! failed  ", "yellow")
+    for path, err in report["invalid_files"].items():
+        say(f"{path}: {err}", "invalid   ", "red")
+    for path in report["settling"]:
+        say(f"{path}  (still changing: a pass reads it once it stops)", "settling  ", "yellow")
     if report["specs_folder"] != "ok":
-        console.print(f"[yellow]spec folder is {report['specs_folder']}: nothing is pruned[/]")
+        say(f"spec folder is {report['specs_folder']}: nothing is pruned", style="yellow")
     suspended = report["suspended"]
     if suspended["all"] or suspended["soundtracks"]:
         what = "everything" if suspended["all"] else ", ".join(suspended["soundtracks"])
-        console.print(f"[yellow]suspended: {what} (`reconciler resume` lifts it)[/]")
+        say(f"suspended: {what} (`reconciler resume` lifts it)", style="yellow")
     held = f"; {len(report['held'])} held back" if report["held"] else ""
-    console.print(
+    say(
         f"{plural(len(report['submit']), 'generation')} to submit in "
         f"{plural(report['submit_calls'], 'call')}, "
         f"{report['credits']} credits; {len(report['reuse'])} reused, "
         f"{len(report['restore'])} restored, {plural(len(report['prune']), 'file')} pruned; "
-        f"{report['in_flight']} in flight{held}",
-        soft_wrap=True,
+        f"{report['in_flight']} in flight{held}"
     )
     budget = report["budget"]
     if budget["daily_budget"] is not None:
-        console.print(
-            f"budget today: {budget['spent_today']}/{budget['daily_budget']} credits spent",
-            soft_wrap=True,
-        )
+        say(f"budget today: {budget['spent_today']}/{budget['daily_budget']} credits spent")
     if report["balance"] is not None:
-        console.print(f"account balance: {report['balance']} credits", soft_wrap=True)
+        say(f"account balance: {report['balance']} credits")
     else:
-        console.print(
+        say(
             "account balance: unknown (no API key, or no answer): "
-            "the balance may hold back more than this plan shows",
-            soft_wrap=True,
+            "the balance may hold back more than this plan shows"
         )
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
+        say(f"warning: {warning}", style="yellow")
+    if console is None:
+        sys.stdout.write("".join(f"{tag}{text}\n" for tag, _, text in lines))
+        return
+    from rich.text import Text
+
+    for tag, style, text in lines:
+        # A whole line in the tag's colour where there is no tag (a warning).
+        console.print(Text.assemble((tag, style or ""), (text, "" if tag else style or "")))

@@ -243,19 +243,32 @@ def test_output_path_refuses_escapes(tmp_path: Path, soundtrack: str, filename: 
         output_path(tmp_path / "out", soundtrack, filename)
 
 
-def test_output_folder_states_are_file_state_of_each_path(tmp_path: Path) -> None:
+def test_output_folder_changed_names_each_file_unlike_its_record(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write(out / "st" / "a.mp3", MP3)
     write(out / "st" / "b.mp3", b"")
+    write(out / "st" / "c.mp3", b"abc")
     folder = OutputFolder(out)
-    rels = ["st/a.mp3", "st/b.mp3", "st/gone.mp3", "other/x.mp3"]
-    assert folder.states(rels) == {rel: file_state(out / rel) for rel in rels}
-    assert folder.states(rels)["st/gone.mp3"] is None
+    states = [file_state(out / "st" / n) for n in ("a.mp3", "b.mp3", "c.mp3")]
+    a, b, c = (s for s in states if s is not None)
+    recorded = [
+        ("st/a.mp3", *a),  # as recorded
+        ("st/b.mp3", b[0] + 1, b[1]),  # another size
+        ("st/c.mp3", c[0], c[1] - 1),  # another mtime
+        ("st/gone.mp3", 1, 1),
+        ("other/x.mp3", 1, 1),
+    ]
+    assert folder.changed(recorded) == {
+        "st/b.mp3": b,
+        "st/c.mp3": c,
+        "st/gone.mp3": None,
+        "other/x.mp3": None,
+    }
     # Every name is checked, not only the first of each soundtrack.
     with pytest.raises(OutputError):
-        folder.states(["st/a.mp3", "st/../x.mp3"])
+        folder.changed([("st/a.mp3", *a), ("st/../x.mp3", 1, 1)])
     with pytest.raises(OutputError):
-        folder.states(["../x.mp3"])
+        folder.changed([("../x.mp3", 1, 1)])
 
 
 def test_output_path_refuses_a_symlinked_dir_pointing_outside(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from reconciler.errors import PlanFileError
 from reconciler.ledger import Ledger
 from reconciler.sandbox import SandboxControl
 from reconciler.sandbox.state import fingerprint as books_key
+from tests.daemonproc import DaemonProc, daemon_project
 from tests.project import Project, track
 
 
@@ -230,6 +231,46 @@ def test_no_plan_is_saved_while_a_spec_file_is_invalid(project: Project, tmp_pat
     assert "broken.yaml" in proc.stdout + proc.stderr
     assert f"plan not saved to {saved}: fix the invalid spec files first" in proc.stderr
     assert not saved.exists()
+
+
+def test_lost_answers_wait_in_plan_and_go_out_again_as_it_says(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    project = daemon_project(tmp_path, sandbox, grace=3600)
+    sandbox.configure(faults=[{"kind": "drop_response", "at": [1], "endpoints": ["batch_submit"]}])
+    project.write_spec("mix.yaml", tracks("t", 2))
+    with DaemonProc(project) as daemon:
+        daemon.wait_event("submit.ambiguous")
+    sandbox.configure(faults=[])
+    books = Books(sandbox)
+
+    # The answer was lost, so both may be paid for: not sent again yet.
+    report = plan(project)
+    assert submitted(report) == []
+    assert report["credits"] == 0
+    assert [item["tracks"] for item in report["unknown"]] == [["mix/t0"], ["mix/t1"]]
+    assert report["in_flight"] == 2
+    assert report["reuse"] == [], "no audio is known to exist"
+    assert "? unknown mix/t0" in project.cli("plan").stdout
+
+    # Past the grace period the next pass sends them again and may pay twice:
+    # plan lists them as submitted, and says so.
+    text = project.config.read_text()
+    project.config.write_text(text.replace("ambiguous_grace = 3600", "ambiguous_grace = 0"))
+    assert "may pay twice" in project.cli("plan").stdout
+    report, (_, charged) = next_sync(project, books, expect=0)
+    assert [item["again"] for item in report["submit"]] == [True, True]
+    assert report["unknown"] == []
+    assert charged == report["credits"] == 30
+
+
+def test_plan_prints_names_and_messages_as_they_are(project: Project) -> None:
+    """Not as rich markup: an error quoting ``[/x]`` once crashed plan."""
+    project.write_spec("mix.yaml", [track("[/x]", "odd"), track("ok", "fine")])
+    proc = project.cli("plan")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "invalid name '[/x]'" in proc.stdout
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -315,6 +315,16 @@ def test_trash_list_and_restore_after_a_prune(project: Project) -> None:
     assert one_path not in left
 
 
+def test_describe_prints_a_request_as_written(project: Project) -> None:
+    """Not as rich markup: lyrics hold section tags, and "[/x]" crashed rich."""
+    prompt = "[verse] [/x] la la"
+    project.write_spec("study.yaml", [track("intro", prompt)])
+    project.sync()
+    proc = tool(project, "describe", "study/intro")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert prompt in proc.stdout
+
+
 def test_describe_counts_no_credits_for_a_rejected_attempt(project: Project) -> None:
     project.sandbox.configure(
         faults=[{"kind": "reject", "every": 1, "type": "forbidden", "error": "copyrighted"}]

@@ -115,6 +115,9 @@ class PlanRead:
     suspension: Suspension
     #: Tasks that may have been charged since ``since``, as ``spent_since``.
     spent: int
+    #: Lost-answer items past their grace period, with their resubmits so far
+    #: (``work.EXPIRED_UNKNOWN_SQL``): the pass sends them again or parks them.
+    expired: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

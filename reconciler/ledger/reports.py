@@ -22,6 +22,7 @@ from reconciler.ledger.facts import PlanOutput, PlanRead, StatusRead
 from reconciler.ledger.lease import PG_NOW
 from reconciler.ledger.store import Store, check_version, connect_readonly, describe, is_postgres
 from reconciler.ledger.work import (
+    EXPIRED_UNKNOWN_SQL,
     GENERATIONS_SQL,
     LAST_GOOD_SQL,
     SPENT_SQL,
@@ -106,13 +107,15 @@ def read_plan(
     target: Path | str,
     since: float,
     clips_for: Callable[[Mapping[str, PlanOutput]], Collection[str]],
+    expired_by: float,
 ) -> PlanRead | None:
     """What ``plan`` reads of the ledger, in one read-only snapshot; None
     when nothing has been synced into it yet.
 
     ``since`` is the start of the budget's day; ``clips_for`` names, from the
     outputs, the fingerprints whose usable clips to read too (those of files
-    to restore).
+    to restore); lost-answer items whose grace period ended by ``expired_by``
+    are read too.
     """
     with _snapshot(target, missing_ok=True) as (execute, version):
         if execute is _nothing:
@@ -125,7 +128,7 @@ def read_plan(
             last_good[p] = last_good_from_row(*row[:5])
             if stamp is not None and not stamp.endswith(YOUNG):
                 stamps[p] = stamp
-        generations = {r[0]: Generation(*r) for r in execute(GENERATIONS_SQL)}
+        generations = {g[0]: g for g in map(Generation._make, execute(GENERATIONS_SQL))}
         outputs = {
             r[0]: r
             for r in execute("SELECT path, fingerprint, clip, sha256, size, mtime_ns FROM outputs")
@@ -134,6 +137,7 @@ def read_plan(
         clips = usable_clips(rows_in(execute, USABLE_CLIPS_SQL, sorted(wanted))) if wanted else {}
         suspended = execute("SELECT value FROM kv WHERE key = 'suspended'").fetchone()
         spent = int(execute(SPENT_SQL, [since, since]).fetchone()[0])
+        expired = [(fp, int(n)) for fp, n in execute(EXPIRED_UNKNOWN_SQL, [expired_by])]
     return PlanRead(
         last_good=last_good,
         stamps=stamps,
@@ -142,6 +146,7 @@ def read_plan(
         clips=clips,
         suspension=Suspension.from_json(None if suspended is None else json.loads(suspended[0])),
         spent=spent,
+        expired=expired,
     )
 
 

@@ -50,6 +50,26 @@ _NOT_MATCHING = (
     "(submit_id IS NULL OR submit_id NOT IN (SELECT submit_id FROM orphans WHERE state = 'open'))"
 )
 
+#: Unclaimed ``unknown`` items whose grace period ended at ``?`` or before,
+#: with their resubmits so far: what the pass's first step sends again or parks
+#: (``Ledger.expire_unknown``), and so what ``plan`` shows it doing. While
+#: tasks of its submit are still being matched, an item may be one of them:
+#: its grace period has not begun to matter.
+EXPIRED_UNKNOWN_SQL = (
+    "SELECT fingerprint, resubmits FROM generations WHERE state = 'unknown' "  # noqa: S608
+    f"AND paid_hint = 0 AND updated_at <= ? AND {_NOT_MATCHING}"
+)
+
+
+def split_expired(
+    rows: Iterable[tuple[str, int]], max_resubmits: int
+) -> tuple[list[str], list[str]]:
+    """``EXPIRED_UNKNOWN_SQL``'s rows as (sent again, parked): each goes out
+    again while its resubmits stay within ``max_resubmits``."""
+    rows = list(rows)
+    return [fp for fp, n in rows if n < max_resubmits], [fp for fp, n in rows if n >= max_resubmits]
+
+
 #: The reads a pass and ``plan`` (``reports.read_plan``) share, in the
 #: field order of the records they build.
 LAST_GOOD_SQL = (
@@ -103,6 +123,8 @@ LOST_ANSWER_PARK = (
     "generation, so it is not sent again on its own: `reconciler retry` sends it "
     "again at the risk of paying twice"
 )
+#: Why a generation whose submit answers were lost is queued again.
+RESUBMIT_REASON = "resubmitted after an ambiguous submit"
 #: A reason that contains LOST_ANSWER_PARK, as a LIKE pattern both backends read
 #: (SQLite's instr() does not exist in PostgreSQL). The text has no wildcard, and
 #: one added later would only widen the match around it.
@@ -410,7 +432,7 @@ class Ledger(Store):
     def generations(self) -> dict[str, Generation]:
         # Plain tuples in the dataclass's field order: building a dict per row
         # first costs as much again at 10,000 rows, and a pass reads this thrice.
-        return {r[0]: Generation(*r) for r in self.db.execute(GENERATIONS_SQL)}
+        return {g[0]: g for g in map(Generation._make, self.db.execute(GENERATIONS_SQL))}
 
     def generations_of(self, fingerprints: Collection[str]) -> dict[str, Generation]:
         """The generations of ``fingerprints``, and every one in flight (the
@@ -422,7 +444,7 @@ class Ledger(Store):
             *self._rows_in(f"{columns} WHERE fingerprint", fingerprints),
             *self.db.execute(f"{columns} WHERE state IN ({marks})", sorted(IN_FLIGHT)),
         ]
-        return {r[0]: Generation(*r) for r in rows}
+        return {g[0]: g for g in map(Generation._make, rows)}
 
     def _rows_in(self, select: str, values: Iterable[Any]) -> list[tuple[Any, ...]]:
         """``select`` (ending in a column) ``IN`` the values, in chunks under
@@ -752,15 +774,8 @@ class Ledger(Store):
         parked for a person. One a signed callback proved paid for stays.
         """
         now = self.clock()
-        # While tasks of its submit are still being matched, an item may be one
-        # of them: its grace period has not begun to matter.
-        rows = self.db.execute(
-            "SELECT fingerprint, resubmits FROM generations WHERE state = 'unknown' "  # noqa: S608
-            f"AND paid_hint = 0 AND updated_at <= ? AND {_NOT_MATCHING}",
-            [now - grace],
-        ).fetchall()
-        again = [fp for fp, n in rows if n < max_resubmits]
-        parked = [fp for fp, n in rows if n >= max_resubmits]
+        rows = self.db.execute(EXPIRED_UNKNOWN_SQL, [now - grace]).fetchall()
+        again, parked = split_expired(rows, max_resubmits)
         if not rows:
             return again, parked
         with self.transaction():
@@ -768,9 +783,8 @@ class Ledger(Store):
                 self.db.execute(
                     "UPDATE generations SET state = 'queued', next_attempt = 0, "
                     "possible_double = possible_double + 1, resubmits = resubmits + 1, "
-                    "reason = 'resubmitted after an ambiguous submit', updated_at = ? "
-                    "WHERE fingerprint = ?",
-                    [now, fp],
+                    "reason = ?, updated_at = ? WHERE fingerprint = ?",
+                    [RESUBMIT_REASON, now, fp],
                 )
                 self._event("submit.resubmit_after_ambiguous", fingerprint=fp)
             for fp in parked:
