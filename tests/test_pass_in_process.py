@@ -162,3 +162,34 @@ def test_submits_turned_away_in_a_row_wait_longer_each_time(tmp_path: Path) -> N
         assert set(world.ledger.attempts(fps).values()) == {0}
     finally:
         world.close()
+
+
+def test_a_retry_after_a_task_given_up_on_counts_as_possible_double_spend(
+    tmp_path: Path, ledger_target: Path | str
+) -> None:
+    """Two upstream failures, then a task that never finishes: the third try
+    parks the track. The stuck task was charged and is not refunded, so the
+    `retry` a person runs may pay twice, and status must count it."""
+    spec = "defaults:\n  mv: sonic-v5\ntracks:\n  - name: rain\n    gpt_description_prompt: rain\n"
+    world = World(
+        tmp_path,
+        {"solo.yaml": spec},
+        ledger=ledger_target if isinstance(ledger_target, str) else None,
+        backoff_initial=1.0,
+        task_timeout=10.0,
+    )
+    try:
+        world.configure(
+            faults=[{"kind": "task_failed", "at": [1, 2]}, {"kind": "stuck", "at": [3]}]
+        )
+        final = world.run(max_passes=60)[-1]
+        assert (final.ready, final.parked) == (0, 1)
+        assert world.ledger.retry(world.ledger.parked_fingerprints()) == 1
+        world.later(POLL)
+        final = world.run(max_passes=20)[-1]
+        assert final.ready == 1
+        books = accounting(world.sandbox, world.settings.ledger or world.settings.state_dir)
+        assert (books.tasks_created, books.failed_tasks, books.extra_tasks) == (4, 2, 1)
+        assert not books.unexplained, books.unexplained
+    finally:
+        world.close()

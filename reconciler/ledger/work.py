@@ -1155,10 +1155,13 @@ class Ledger(Store):
                     n += 1
                     continue
                 cur = self.db.execute(
-                    # Sending a lost-answer item again may pay twice: counted.
+                    # Sending again a lost-answer item, or one whose last task was
+                    # given up on (charged, never refunded), may pay twice: counted.
                     "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
                     "possible_double = possible_double "
-                    "+ CASE WHEN reason LIKE ? THEN 1 ELSE 0 END, "
+                    "+ CASE WHEN reason LIKE ? OR EXISTS (SELECT 1 FROM tasks "
+                    "WHERE tasks.task_id = generations.task_id AND tasks.state = 'abandoned') "
+                    "THEN 1 ELSE 0 END, "
                     "resubmits = 0, "
                     "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
                     [_LOST_ANSWER_LIKE, now, fp],
