@@ -303,10 +303,11 @@ def plan(
     # versions, desired tracks), a sixth of a cold plan for the collector.
     _without_cyclic_gc()
 
+    # Settings first: they set up logging, which imports structlog its own way (logs.py).
+    settings = _settings(prune=prune, max_credits=max_credits, **opts)
     from reconciler.layout import require_layout
     from reconciler.running import balance_ahead, make_plan, render_plan
 
-    settings = _settings(prune=prune, max_credits=max_credits, **opts)
     # What the next pass would do is moot when the pass would refuse to run.
     require_layout(settings.specs_dir, settings.out_dir, settings.state_dir)
     with balance_ahead(settings) as balance:

@@ -12,7 +12,12 @@ import logging
 import sys
 from typing import TextIO
 
-import structlog
+from reconciler.hiding import without
+
+# structlog imports rich only for its console renderer's pretty tracebacks,
+# which ours never shows: ``format_exc_info`` renders each exception first.
+with without("rich"):
+    import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 _LEVELS = {

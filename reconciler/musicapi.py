@@ -48,7 +48,11 @@ from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
-import httpx
+from reconciler.hiding import without
+
+# httpx imports pygments and rich only for its own command line.
+with without("pygments"):
+    import httpx
 import stamina
 import structlog
 from structlog.typing import FilteringBoundLogger

@@ -13,21 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import pickle
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
 from reconciler import outputs as out
 from reconciler.audio import AudioCache
 from reconciler.config import Settings
-from reconciler.errors import APIError
-from reconciler.ledger import LOST_ANSWER_PARK, PlanOutput, PlanRead, read_plan
+from reconciler.errors import APIError, ReconcilerError
+from reconciler.ledger import LOST_ANSWER_PARK, PlanRead, read_plan
 from reconciler.ledger.work import RESUBMIT_REASON, split_expired
 from reconciler.planning import (
     CREDITS_PER_TASK,
@@ -42,8 +45,12 @@ from reconciler.planning import (
     plan,
     utc_day_start,
 )
-from reconciler.specs import Settling, scan_specs
+from reconciler.specs import Observation, Settling, SpecFile, SpecScan, scan_specs
 from reconciler.words import plural
+
+#: Seconds ``plan`` waits at most for spec files to settle: a file saved
+#: just before, with the default 2 s batching window, but not a long window.
+SETTLE_WAIT = 5.0
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -152,22 +159,82 @@ async def account_balance(settings: Settings) -> int | None:
 
 
 @contextmanager
-def balance_ahead(settings: Settings) -> Iterator[Future[int | None]]:
-    """:func:`account_balance`, asked on another thread while ``plan`` reads the
-    ledger and stats the folders: its round trip (and the TLS set-up) overlaps
-    them instead of coming first. The API client is imported here, before the
-    thread starts: importing is CPU work, which would only contend for the GIL."""
+def balance_ahead(settings: Settings) -> Iterator[Callable[[], int | None]]:
+    """:func:`account_balance`, asked by a forked child process while ``plan``
+    reads the ledger and stats the folders; the function yielded waits for it.
+
+    A cold plan is CPU work, and Python runs one thread at a time: a thread
+    asking for the balance would only take turns with the reads. The child
+    imports the API client, sets up TLS and waits for the answer on another
+    core (0.08 s of a cold plan at 50,000 tracks on two cores). Without
+    ``fork``, or once threads run (a child gets only the forking one), it is
+    asked first, in line.
+    """
     if not settings.sandbox and settings.api_key is None:
-        done: Future[int | None] = Future()
-        done.set_result(None)
-        yield done
+        yield lambda: None
         return
-    import asyncio
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        import asyncio
 
-    import reconciler.app  # noqa: F401  (see above)
+        answer = asyncio.run(account_balance(settings))
+        yield lambda: answer
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _answer_balance(settings, read_end, write_end)
+    os.close(write_end)
+    answered: list[bytes] = []
 
-    with ThreadPoolExecutor(1, thread_name_prefix="balance") as pool:
-        yield pool.submit(asyncio.run, account_balance(settings))
+    def result() -> int | None:
+        if not answered:
+            with os.fdopen(read_end, "rb") as pipe:
+                answered.append(pipe.read())
+            os.waitpid(pid, 0)
+        return _balance_from(answered[0])
+
+    try:
+        yield result
+    finally:
+        if not answered:  # the plan failed first: its answer is not needed
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+
+
+def _answer_balance(settings: Settings, read_end: int, write_end: int) -> NoReturn:
+    """The child of ``balance_ahead``: ask, send the answer, and leave without
+    the parent's exit handlers and buffers."""
+    os.close(read_end)
+    answer: tuple[str, object]
+    try:
+        import asyncio
+
+        answer = ("balance", asyncio.run(account_balance(settings)))
+    except ReconcilerError as exc:
+        answer = ("error", exc)
+    except BaseException as exc:  # reported by the parent, which goes on without it
+        answer = ("crash", f"{type(exc).__name__}: {exc}")
+    with os.fdopen(write_end, "wb") as pipe:
+        pickle.dump(answer, pipe)
+    os._exit(0)
+
+
+def _balance_from(data: bytes) -> int | None:
+    """The child's answer: a balance, an error to raise as if asked in line,
+    or none (a warning, as for no answer from the service)."""
+    try:
+        kind, value = pickle.loads(data)  # noqa: S301  (from our own child)
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        kind, value = "crash", "the child asking for it ended without an answer"
+    if kind == "error":
+        assert isinstance(value, ReconcilerError)
+        raise value
+    if kind == "crash":
+        structlog.get_logger("reconciler").warning("credits.unavailable", error=value)
+        return None
+    assert value is None or isinstance(value, int)
+    return value
 
 
 def cost_warnings(
@@ -202,7 +269,7 @@ def _iso(t: float | None) -> str | None:
 
 def make_plan(
     settings: Settings,
-    balance: int | Future[int | None] | None = None,
+    balance: int | Callable[[], int | None] | None = None,
     *,
     only: frozenset[str] | None = None,
     now: float | None = None,
@@ -219,40 +286,15 @@ def make_plan(
     """
     now = time.time() if now is None else now
     folder = out.OutputFolder(settings.out_dir)
-    disks: dict[str, DiskState] = {}
-
-    def to_restore(records: Mapping[str, PlanOutput]) -> set[str]:
-        # Only a file to restore needs its clip (to ask the cache for it): by
-        # index, not a read of every clip in the ledger.
-        wanted = set()
-        changed = folder.changed((r[0], r[4], r[5]) for r in records.values())
-        for p, state in changed.items():
-            _, fingerprint, _, sha256, _, _ = records[p]
-            disk = disks[p] = _disk_state(folder, p, state, sha256)
-            if fingerprint and disk != "ok":
-                wanted.add(fingerprint)
-        return wanted
-
     spent_from = utc_day_start(now)
     read = read_plan(
-        settings.ledger_target, spent_from, to_restore, now - settings.ambiguous_grace
-    ) or PlanRead({}, {}, {}, {}, {}, Suspension(), 0)
+        settings.ledger_target, spent_from, folder.changed, now - settings.ambiguous_grace
+    ) or PlanRead({}, {}, {}, {}, {}, {}, Suspension(), 0)
     # With the fingerprints stored beside them: hashing 50,000 tracks
     # again would be most of a cold plan.
     built = read.last_good
     last_good = {p: f.spec for p, f in built.items()}
-    # Every file is read as it is now; one written in the last batching
-    # window is only noted, since a pass would wait for it to settle.
-    settle = Settling({}, now, settings.batch_window, hold=False)
-    scan = scan_specs(
-        settings.specs_dir,
-        models=settings.models,
-        limits=settings.field_limits,
-        reuse=last_good,
-        settle=settle,
-        # A file not written since its last good version was read is not read again.
-        stamps=read.stamps,
-    )
+    scan = _settled_scan(settings, last_good, read.stamps)
     desired = desired_state(scan.files, scan.errors.keys(), scan.root_state, last_good, built)
     gens, records, clips, suspension = read.generations, read.outputs, read.clips, read.suspension
     # The pass's first step: lost-answer items past their grace period go out
@@ -263,22 +305,21 @@ def make_plan(
     for fp in lost:
         gens[fp] = gens[fp]._replace(state="parked", reason=LOST_ANSWER_PARK)
     spent_today = CREDITS_PER_TASK * read.spent
+    # Every output as recorded is as written; only a changed one is looked at.
+    facts = {p: OutputFact(p, fp or "", "ok", False) for p, fp, _, _ in records.values()}
     cache = AudioCache(settings.state_dir / "cache")
-    facts: dict[str, OutputFact] = {}
-    for p, fingerprint, clip, _, _, _ in records.values():
-        # Every output not in ``disks`` is as recorded.
-        disk = disks.get(p, "ok")
+    for p, (state, clip, sha256) in read.changed.items():
+        disk = _disk_state(folder, p, state, sha256)
         if disk == "ok":
-            facts[p] = OutputFact(p, fingerprint or "", disk, False)
-            continue
-        # The cache only matters for a file to restore: no stat for the rest. It
-        # holds the raw audio; the output is that plus its tags (tags.py).
-        kept = clips.get(fingerprint or "", [])
+            continue  # touched, not changed
+        # The cache only matters for a file to restore. It holds the raw
+        # audio; the output is that plus its tags (tags.py).
+        fingerprint = records[p][1] or ""
+        kept = clips.get(fingerprint, [])
         raw = kept[clip - 1].sha256 if clip is not None and len(kept) >= clip else None
-        cached = raw is not None and cache.has(raw)
-        facts[p] = OutputFact(p, fingerprint or "", disk, cached=cached)
-    if isinstance(balance, Future):
-        balance = balance.result()
+        facts[p] = OutputFact(p, fingerprint, disk, cached=raw is not None and cache.has(raw))
+    if callable(balance):
+        balance = balance()
     # A new ``sync`` starts unpaused and has spent nothing in its run yet.
     allowance = affordable_tasks(
         spent_today=spent_today,
@@ -380,6 +421,31 @@ def make_plan(
             ]
         )
     return report
+
+
+def _settled_scan(
+    settings: Settings, last_good: Mapping[str, SpecFile], stamps: Mapping[str, str]
+) -> SpecScan:
+    """The spec folder as the next pass reads it. A file written in the last
+    batching window is read once it has stopped changing, as a pass waits for
+    it, but ``plan`` waits no longer than ``SETTLE_WAIT``: one that settles
+    later is read as it is now, and listed as settling."""
+    give_up = time.time() + SETTLE_WAIT
+    observed: Mapping[str, Observation] = {}
+    while True:
+        scan = scan_specs(
+            settings.specs_dir,
+            models=settings.models,
+            limits=settings.field_limits,
+            reuse=last_good,
+            settle=Settling(observed, time.time(), settings.batch_window, hold=False),
+            # A file not written since its last good version was read is not read again.
+            stamps=stamps,
+        )
+        if scan.settled_by is None or scan.settled_by > give_up:
+            return scan
+        time.sleep(max(0.0, scan.settled_by - time.time()))
+        observed = scan.observed
 
 
 def render_plan(report: dict[str, Any], console: Console | None = None) -> None:

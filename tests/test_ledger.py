@@ -560,7 +560,7 @@ def test_a_spec_files_stamp_is_kept_only_while_its_last_good_version_is_what_it_
     ledger = Ledger.open(path, clock=clock)
 
     def plan_read() -> PlanRead:
-        read = read_plan(path, 0.0, lambda _: (), 0.0)
+        read = read_plan(path, 0.0, lambda _: {}, 0.0)
         assert read is not None
         return read
 

@@ -11,6 +11,7 @@ reading of plan files and the comparison ``apply`` makes are tables.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,34 @@ def test_plan_prints_names_and_messages_as_they_are(project: Project) -> None:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "invalid name '[/x]'" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_says_what_is_wrong_with_the_key_it_asks_the_balance_with(
+    project: Project,
+) -> None:
+    project.write_spec("mix.yaml", tracks("t", 1))
+    env = {**project.env(), "MUSICAPI_KEY": "two words"}
+    proc = subprocess.run(
+        project.args("plan"), env=env, capture_output=True, text=True, timeout=90, check=False
+    )
+    assert proc.returncode == 1
+    assert "the MusicAPI key is empty or contains whitespace" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_plan_that_fails_does_not_wait_for_the_balance(
+    project: Project, sandbox: SandboxControl
+) -> None:
+    sandbox.configure(faults=[{"kind": "slow", "delay": 60, "rate": 1.0}])
+    text = project.config.read_text()
+    project.config.write_text(text.replace("request_timeout = 5.0", "request_timeout = 120"))
+    project.write_spec("mix.yaml", tracks("t", 1))
+    project.state.mkdir(exist_ok=True)
+    (project.state / "ledger.sqlite3").write_bytes(b"not a ledger" * 100)
+    # Half the answer's delay: waiting for it would time out.
+    proc = project.cli("plan", timeout=30)
+    assert proc.returncode == 1
+    assert "ledger" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -944,6 +944,7 @@ CANDIDATES = [
 @pytest.mark.parametrize(("path", "expected"), CANDIDATES)
 def test_spec_candidates(path: str, expected: bool) -> None:
     assert is_spec_candidate(Path(path)) is expected
+    assert is_spec_candidate(path) is expected
 
 
 # --- reading files --------------------------------------------------------------

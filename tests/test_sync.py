@@ -446,6 +446,16 @@ def test_plan_reads_settling_files_as_they_are_and_notes_them(project: Project) 
     assert "settling  new.yaml" in project.cli("plan").stdout
 
 
+def test_plan_waits_for_a_file_just_saved_to_settle_as_a_pass_does(project: Project) -> None:
+    project.config.write_text(FAST_CONFIG.replace("batch_window = 0.2", "batch_window = 1.5"))
+    project.write_spec("new.yaml", [track("a", "harp")])
+    proc = project.cli("plan", "--json")
+    assert proc.returncode == 2, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["settling"] == []
+    assert [item["tracks"] for item in report["submit"]] == [["new/a"]]
+
+
 def test_plan_prune_counts_every_file_it_moves(project: Project) -> None:
     three_soundtracks(project, 12)
     project.sync()

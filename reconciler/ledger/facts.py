@@ -95,9 +95,13 @@ class StatusRead:
     now: float | None = None
 
 
-#: One output as ``plan`` reads it: path, fingerprint, clip, sha256, size,
-#: mtime_ns (the row as it comes: 60,000 ``OutputRecord`` cost a cold plan 0.3 s).
-PlanOutput = tuple[str, str | None, int | None, str, int, int]
+#: One output as ``plan`` reads it: path, fingerprint, size, mtime_ns (the row
+#: as it comes: 60,000 ``OutputRecord`` cost a cold plan 0.3 s).
+PlanOutput = tuple[str, str | None, int, int]
+#: A file's (size, mtime_ns), or None where it is missing (``outputs.file_state``).
+FileState = tuple[int, int] | None
+#: An output not as recorded: its state now, and its clip and checksum as recorded.
+ChangedOutput = tuple[FileState, int | None, str]
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ class PlanRead:
     stamps: dict[str, str]
     generations: dict[str, Generation]
     outputs: dict[str, PlanOutput]
-    #: The usable clips of the fingerprints the caller asked about.
+    #: The outputs whose size or mtime is not the recorded one.
+    changed: dict[str, ChangedOutput]
+    #: The usable clips of the fingerprints of the ``changed`` outputs.
     clips: dict[str, list[ClipRecord]]
     suspension: Suspension
     #: Tasks that may have been charged since ``since``, as ``spent_since``.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -20,6 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 from reconciler.errors import LedgerError
+from reconciler.hiding import without
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -135,13 +135,18 @@ CREATE TABLE hints (
     clip_ids TEXT NOT NULL);
 """
 
-# Version 7: spec_files.tracks, each last good version's tracks in compact
-# form (``work.spec_columns``: name, fingerprint, clips, album, artist), so a
-# cold ``plan`` builds the desired state without decoding every create request
-# in ``body``. NULL where an older reconciler wrote the row, until
-# ``Ledger.store_compact_tracks`` fills it in.
+# Version 7, for the cost of a cold plan and of every pass:
+# - spec_files.tracks: each last good version's tracks in compact form
+#   (``work.spec_columns``: name, fingerprint, clips, album, artist), so a cold
+#   ``plan`` builds the desired state without decoding every create request
+#   in ``body``. NULL where an older reconciler wrote the row, until
+#   ``Ledger.store_compact_tracks`` fills it in.
+# - tasks and submits by time: today's spending (``work.SPENT_SQL``) read
+#   every task ever created, a cost that grew with the ledger's history.
 _SCHEMA_V7 = """
 ALTER TABLE spec_files ADD COLUMN tracks TEXT;
+CREATE INDEX tasks_at ON tasks (at);
+CREATE INDEX submits_at ON submits (at);
 """
 
 #: Versioned migrations: index i brings the schema from version i to i + 1.
@@ -172,15 +177,8 @@ def _sqlite_utils() -> ModuleType:
     nothing by sharing it. Imported here, not at the top, so that ``status``
     and ``plan`` (which read through ``reports``) skip sqlite-utils altogether.
     """
-    if "sqlite_utils" in sys.modules or "numpy" in sys.modules:
+    with without("numpy"):
         import sqlite_utils
-
-        return sqlite_utils
-    sys.modules["numpy"] = None  # type: ignore[assignment]  # None: "cannot be imported"
-    try:
-        import sqlite_utils
-    finally:
-        del sys.modules["numpy"]
     return sqlite_utils
 
 

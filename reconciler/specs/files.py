@@ -150,21 +150,26 @@ class Settling:
 _TEMP_SUFFIXES = frozenset({".swp", ".swx", ".tmp", ".bak", ".orig", ".part"})
 
 
-def is_spec_candidate(path: Path) -> bool:
-    """Whether ``path`` (relative to the specs root) should be read as a spec.
+def is_spec_candidate(path: Path | str) -> bool:
+    """Whether ``path`` (relative to the specs root; a string is a POSIX path)
+    should be read as a spec.
 
     Hidden files and folders, editor swap/backup files and partial downloads
     are not candidates, so saving a file in an editor never shows a
-    half-written neighbour to the reconciler.
+    half-written neighbour to the reconciler. On strings, as ``pathlib``
+    reads suffixes: a scan asks for every file (5,000 ``Path`` objects were a
+    third of reading an unchanged folder).
     """
-    name = path.name
-    if path.suffix.lower() not in SPEC_SUFFIXES:
+    parts = (path if isinstance(path, str) else path.as_posix()).split("/")
+    if any(part.startswith(".") for part in parts):
         return False
-    if any(part.startswith(".") for part in path.parts):
+    name = parts[-1]
+    suffixes = [] if name.endswith(".") else name.split(".")[1:]
+    if not suffixes or f".{suffixes[-1]}".lower() not in SPEC_SUFFIXES:
         return False
     if name.startswith("#"):  # emacs auto-save "#x.yaml" variants
         return False
-    return not any(s.lower() in _TEMP_SUFFIXES for s in path.suffixes[:-1])
+    return not any(f".{s}".lower() in _TEMP_SUFFIXES for s in suffixes[:-1])
 
 
 def load_spec_file(
@@ -389,7 +394,7 @@ def _as_before(
 
 def _is_listed(root: Path, rel: str) -> bool:
     """Whether the walk of ``root`` (``_walk``) would list ``rel``."""
-    if not is_spec_candidate(Path(rel)):
+    if not is_spec_candidate(rel):
         return False
     path = root
     for part in rel.split("/")[:-1]:
@@ -423,9 +428,7 @@ def _walk(root: Path) -> tuple[list[str], bool]:
                     if entry.is_dir(follow_symlinks=False):
                         if not entry.name.startswith("."):
                             pending.append((entry.path, rel + "/"))
-                    elif is_spec_candidate(Path(rel)) and not (
-                        entry.is_symlink() and entry.is_dir()
-                    ):
+                    elif is_spec_candidate(rel) and not (entry.is_symlink() and entry.is_dir()):
                         found.append(rel)
         except OSError:
             complete = False
