@@ -185,9 +185,12 @@ def last_good_from_row(
     of = len(rows)
     return FileTracks(
         SpecFile(path, soundtrack, lambda: _tracks_from_data(json.loads(body)), digest),
+        # A list first: a generator's frame switches cost more than the tuples.
         tuple(
-            DesiredTrack(soundtrack, name, fp, clips, path, pos, album, artist, of)
-            for pos, (name, fp, clips, album, artist) in enumerate(rows)
+            [
+                DesiredTrack(soundtrack, name, fp, clips, path, pos, album, artist, of)
+                for pos, (name, fp, clips, album, artist) in enumerate(rows)
+            ]
         ),
     )
 
