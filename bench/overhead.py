@@ -131,9 +131,9 @@ def ok(run: CliRun, expected: int, what: str, log: Path | None = None) -> CliRun
     return run
 
 
-def repeated(args: list[str], work: Path, repeat: int) -> list[CliRun]:
+def repeated(args: list[str], work: Path, repeat: int, api_url: str | None = None) -> list[CliRun]:
     """``repeat`` measured runs of a command that must exit 0, after one warm-up run."""
-    runs = [ok(run_cli(args, work), 0, " ".join(args)) for _ in range(repeat + 1)]
+    runs = [ok(run_cli(args, work, api_url=api_url), 0, " ".join(args)) for _ in range(repeat + 1)]
     return runs[1:]
 
 
@@ -189,7 +189,8 @@ def measure(
             print(f"  converged in {converge.wall:.1f} s", flush=True)
             # One unmeasured run of each command first: it fills the bytecode cache.
             startup = [r.wall for r in repeated(["--version"], work, repeat)]
-            plan = repeated(["plan", *common], work, repeat)
+            # With an API that answers: the balance is part of a plan.
+            plan = repeated(["plan", *common], work, repeat, api_url=sbx.base_url)
             noop, noop_requests = [], []
             for _ in range(repeat):
                 before = requests_of(sbx.stats())

@@ -103,12 +103,15 @@ def measure(
             run = run_cli(["sync", *common], works[name], api_url=sbx.base_url)
             if run.exit_code != 0:
                 raise RuntimeError(f"sync in {works[name]} exited {run.exit_code}")
-            run_cli(["plan", *common], works[name])
+            run_cli(["plan", *common], works[name], api_url=sbx.base_url)
         for _ in range(repeat):
             for name, tree in trees.items():
                 using(tree)
                 work = works[name]
-                run = run_cli(["plan", "--config", str(work / "reconciler.toml")], work)
+                # With an API that answers: the balance is part of a plan.
+                run = run_cli(
+                    ["plan", "--config", str(work / "reconciler.toml")], work, api_url=sbx.base_url
+                )
                 if run.exit_code != 0:
                     raise RuntimeError(f"plan in {work} exited {run.exit_code}: not converged")
                 figures[name].plan.append(run)

@@ -236,7 +236,7 @@ class Reconciler:
             for t in desired.tracks
             if t.fingerprint in gens
             and gens[t.fingerprint].state == "queued"
-            and gens[t.fingerprint].attempts
+            and (gens[t.fingerprint].attempts or gens[t.fingerprint].next_attempt)
         )
         result.parked = states.get("parked", 0)
         # Succeeded generations whose files are not there yet are still work,

@@ -81,7 +81,7 @@ def _queued_reason(
 ) -> str:
     if next_attempt and next_attempt > now:
         return f"retry at {_clock(next_attempt)} after: {reason}"
-    if attempts:
+    if attempts or next_attempt:
         return f"retrying now after: {reason}"
     return hold or reason or "waiting for the next batch"
 
@@ -117,7 +117,9 @@ def _track_state(
         return "failed", reason
     if gstate == "queued":
         why = _queued_reason(reason, attempts, next_attempt, now, hold)
-        return ("retrying" if attempts else "queued"), why
+        # A retry time without an attempt counted: the submit was turned away
+        # (a 429), or the account was short; retrying all the same.
+        return ("retrying" if attempts or next_attempt else "queued"), why
     if gstate == "unknown":
         if paid_hint:
             return "generating", _PAID_UNNAMED

@@ -275,12 +275,12 @@ TRANSITIONS = [
         1,
     ),
     Transition(
-        "not sent: submitting -> queued, attempt counted, nothing spent",
+        "not sent: submitting -> queued, no attempt counted, nothing spent",
         [
             Walk.submit,
             lambda w: w.ledger.submit_not_sent(w.submit_id, NOW + 30, "connection refused"),
         ],
-        {"state": "queued", "attempts": 1, "next_attempt": NOW + 30, "reason": "refused"},
+        {"state": "queued", "attempts": 0, "next_attempt": NOW + 30, "reason": "refused"},
         0,
     ),
     Transition(
@@ -298,6 +298,23 @@ TRANSITIONS = [
             ),
         ],
         {"state": "queued", "attempts": 1, "next_attempt": NOW + 60, "reason": "busy"},
+        0,
+    ),
+    Transition(
+        "answer refuses the item for money: submitting -> queued, no attempt counted",
+        [
+            Walk.submit,
+            lambda w: w.ledger.submit_answered(
+                w.submit_id,
+                "batch-1",
+                {},
+                {w.a: (NOW + 60, "insufficient credits")},
+                {},
+                poll_at=NOW,
+                uncounted={w.a},
+            ),
+        ],
+        {"state": "queued", "attempts": 0, "next_attempt": NOW + 60, "reason": "credits"},
         0,
     ),
     Transition(

@@ -9,6 +9,7 @@ the sandbox's own books of what it charged.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,93 @@ def test_an_edited_track_is_generated_again_and_only_it(world: World) -> None:
     # Three tracks at first, then one more for the edit.
     assert books.tasks_created == 4
     assert books.paid_twice == 0
+
+
+def test_submits_the_service_turned_away_do_not_use_up_a_tracks_tries(
+    tmp_path: Path, ledger_target: Path | str
+) -> None:
+    """Two 429s on the batch submit, then the first task fails upstream once: it is
+    tried again and ready. The 429s reached no verdict on the items, so they are
+    not tries: counted as such, the failure was the "third" and parked the track."""
+    world = World(
+        tmp_path,
+        SPECS,
+        ledger=ledger_target if isinstance(ledger_target, str) else None,
+        backoff_initial=1.0,
+        backoff_cap=4.0,
+    )
+    try:
+        world.configure(
+            faults=[
+                {"kind": "rate_limited", "at": [1, 2], "endpoints": ["batch_submit"]},
+                {"kind": "task_failed", "at": [1]},
+            ]
+        )
+        final = world.run(max_passes=40)[-1]
+        assert (final.total, final.ready, final.parked) == (3, 3, 0)
+        books = accounting(world.sandbox, world.settings.ledger or world.settings.state_dir)
+        books.check_credits()
+        assert (books.tasks_created, books.failed_tasks) == (4, 1)
+        assert not books.unexplained
+    finally:
+        world.close()
+
+
+def test_submits_turned_away_in_a_row_wait_longer_each_time(tmp_path: Path) -> None:
+    """Four 429s in a row on the batch submit: each wait is at least the one
+    before and the last at least 4 s (ceilings 1, 2, 4, 8 s, each wait between
+    half its ceiling and the ceiling), though no attempt of the items is used up."""
+    world = World(tmp_path, SPECS, backoff_initial=1.0, backoff_cap=100.0)
+    try:
+        world.configure(
+            faults=[{"kind": "rate_limited", "at": [1, 2, 3, 4], "endpoints": ["batch_submit"]}]
+        )
+        submitted_at: list[float] = []
+        for _ in range(40):
+            calls = world.sandbox.stats()["batch_submit_calls"]
+            result = world.one_pass()
+            if world.sandbox.stats()["batch_submit_calls"] > calls:
+                submitted_at.append(world.now)
+            if result.converged:
+                break
+            world.later(POLL)
+        assert result.converged
+        waits = [b - a for a, b in pairwise(submitted_at)]
+        assert len(waits) == 4, submitted_at
+        assert waits == sorted(waits), waits
+        assert waits[-1] >= 4, waits
+        fps = list(world.ledger.generations())
+        assert set(world.ledger.attempts(fps).values()) == {0}
+    finally:
+        world.close()
+
+
+def test_a_retry_after_a_task_given_up_on_counts_as_possible_double_spend(
+    tmp_path: Path, ledger_target: Path | str
+) -> None:
+    """Two upstream failures, then a task that never finishes: the third try
+    parks the track. The stuck task was charged and is not refunded, so the
+    `retry` a person runs may pay twice, and status must count it."""
+    spec = "defaults:\n  mv: sonic-v5\ntracks:\n  - name: rain\n    gpt_description_prompt: rain\n"
+    world = World(
+        tmp_path,
+        {"solo.yaml": spec},
+        ledger=ledger_target if isinstance(ledger_target, str) else None,
+        backoff_initial=1.0,
+        task_timeout=10.0,
+    )
+    try:
+        world.configure(
+            faults=[{"kind": "task_failed", "at": [1, 2]}, {"kind": "stuck", "at": [3]}]
+        )
+        final = world.run(max_passes=60)[-1]
+        assert (final.ready, final.parked) == (0, 1)
+        assert world.ledger.retry(world.ledger.parked_fingerprints()) == 1
+        world.later(POLL)
+        final = world.run(max_passes=20)[-1]
+        assert final.ready == 1
+        books = accounting(world.sandbox, world.settings.ledger or world.settings.state_dir)
+        assert (books.tasks_created, books.failed_tasks, books.extra_tasks) == (4, 2, 1)
+        assert not books.unexplained, books.unexplained
+    finally:
+        world.close()

@@ -185,9 +185,12 @@ def last_good_from_row(
     of = len(rows)
     return FileTracks(
         SpecFile(path, soundtrack, lambda: _tracks_from_data(json.loads(body)), digest),
+        # A list first: a generator's frame switches cost more than the tuples.
         tuple(
-            DesiredTrack(soundtrack, name, fp, clips, path, pos, album, artist, of)
-            for pos, (name, fp, clips, album, artist) in enumerate(rows)
+            [
+                DesiredTrack(soundtrack, name, fp, clips, path, pos, album, artist, of)
+                for pos, (name, fp, clips, album, artist) in enumerate(rows)
+            ]
         ),
     )
 
@@ -452,7 +455,16 @@ class Ledger(Store):
         return rows_in(self.db.execute, select, values)
 
     def attempts(self, fingerprints: Sequence[str]) -> dict[str, int]:
-        """Attempts so far per fingerprint: one indexed lookup each, not a full read."""
+        """Attempts so far per fingerprint: one indexed lookup each, not a full read.
+
+        An attempt is a try the service answered about the item itself: a
+        task that failed upstream, was given up on or was lost, or a refusal
+        of the item nobody could classify. Three of them park the generation
+        (``outcomes.MAX_UPSTREAM_ATTEMPTS``). A submit the service turned
+        away unread (a 429, a refused connection, a 401), a refusal for money
+        and an item found not created are no verdict on the item: they
+        requeue it without counting one.
+        """
         return {
             fp: int(row[0]) if row else 0
             for fp in fingerprints
@@ -510,6 +522,7 @@ class Ledger(Store):
         parked: Mapping[str, str],
         *,
         poll_at: float,
+        uncounted: Collection[str] = (),
         unconfirmed: Mapping[str, str] | None = None,
         orphans: Sequence[str] = (),
         submitted: int | None = None,
@@ -518,7 +531,9 @@ class Ledger(Store):
 
         ``accepted`` maps fingerprint → (task id, index in the batch);
         ``requeue`` fingerprint → (next attempt time, reason);
-        ``parked`` fingerprint → the API's reason; ``unconfirmed`` items the
+        ``parked`` fingerprint → the API's reason; ``uncounted`` the requeued
+        items whose refusal was about money, not the item, so no attempt is
+        counted for them (see ``attempts``); ``unconfirmed`` items the
         answer did not account for are treated like an ambiguous submit, and
         ``orphans`` are task ids it named without saying whose; ``submitted``
         is how many items the service says it accepted, which bounds how many
@@ -554,7 +569,7 @@ class Ledger(Store):
                 self._task_started(fp, task_id, batch_id, idx, now, poll_at)
                 self._event("task.accepted", fingerprint=fp, task_id=task_id, batch_id=batch_id)
             for fp, (when, reason) in requeue.items():
-                self._requeue(fp, when, reason, now)
+                self._requeue(fp, when, reason, now, counted=fp not in uncounted)
             for fp, reason in parked.items():
                 self._park(fp, reason, now)
             for fp, reason in unknown.items():
@@ -616,11 +631,13 @@ class Ledger(Store):
             [task_id, batch_id, now, fp],
         )
 
-    def _requeue(self, fp: str, when: float, reason: str, now: float) -> None:
+    def _requeue(self, fp: str, when: float, reason: str, now: float, *, counted: bool) -> None:
+        """Queue ``fp`` again from ``when``; ``counted``: the try was a verdict on
+        the item and uses up one of its attempts (see ``attempts``)."""
         self.db.execute(
-            "UPDATE generations SET state = 'queued', attempts = attempts + 1, next_attempt = ?, "
+            "UPDATE generations SET state = 'queued', attempts = attempts + ?, next_attempt = ?, "
             "reason = ?, updated_at = ? WHERE fingerprint = ?",
-            [when, reason, now, fp],
+            [int(counted), when, reason, now, fp],
         )
         self._event("generation.retrying", fingerprint=fp, reason=reason, at=when)
 
@@ -633,7 +650,8 @@ class Ledger(Store):
         self._event("generation.parked", fingerprint=fp, reason=reason)
 
     def submit_not_sent(self, submit_id: int, when: float, reason: str) -> None:
-        """The request provably never reached the service: requeue without cost."""
+        """The request provably never reached the service, or was turned away
+        unread: requeue without cost, and without counting an attempt."""
         now = self.clock()
         with self.transaction():
             self.db.execute(
@@ -641,7 +659,7 @@ class Ledger(Store):
                 [reason, submit_id],
             )
             for fp in self._submit_fingerprints(submit_id):
-                self._requeue(fp, when, reason, now)
+                self._requeue(fp, when, reason, now, counted=False)
 
     def submit_refused(self, submit_id: int, reason: str) -> list[str]:
         """The service refused the whole submit (nothing created): its items are
@@ -731,7 +749,11 @@ class Ledger(Store):
                 [row[0], fingerprint],
             ).fetchall():
                 self._requeue(
-                    other, now, "not created: every task of its submit is accounted for", now
+                    other,
+                    now,
+                    "not created: every task of its submit is accounted for",
+                    now,
+                    counted=False,
                 )
 
     def paid_hint(self, fingerprint: str) -> bool:
@@ -1031,7 +1053,7 @@ class Ledger(Store):
             elif isinstance(outcome, Park):
                 self._park(ref.fingerprint, outcome.reason, now)
             elif isinstance(outcome, Requeue):
-                self._requeue(ref.fingerprint, outcome.at, outcome.reason, now)
+                self._requeue(ref.fingerprint, outcome.at, outcome.reason, now, counted=True)
 
     def _task_unchanged(self, update: TaskUpdate) -> bool:
         row = self.db.execute(
@@ -1078,7 +1100,7 @@ class Ledger(Store):
             if isinstance(outcome, Park):
                 self._park(ref.fingerprint, outcome.reason, now)
                 return
-            self._requeue(ref.fingerprint, outcome.at, outcome.reason, now)
+            self._requeue(ref.fingerprint, outcome.at, outcome.reason, now, counted=True)
             self.db.execute(
                 "UPDATE generations SET possible_double = possible_double + 1, "
                 "resubmits = resubmits + 1 WHERE fingerprint = ?",
@@ -1106,7 +1128,7 @@ class Ledger(Store):
             if requeue_at is None:
                 self._park(ref.fingerprint, f"task {task_id} {reason}", now)
                 return
-            self._requeue(ref.fingerprint, requeue_at, reason, now)
+            self._requeue(ref.fingerprint, requeue_at, reason, now, counted=True)
             self.db.execute(
                 "UPDATE generations SET possible_double = possible_double + 1 "
                 "WHERE fingerprint = ?",
@@ -1136,10 +1158,13 @@ class Ledger(Store):
                     n += 1
                     continue
                 cur = self.db.execute(
-                    # Sending a lost-answer item again may pay twice: counted.
+                    # Sending again a lost-answer item, or one whose last task was
+                    # given up on (charged, never refunded), may pay twice: counted.
                     "UPDATE generations SET state = 'queued', attempts = 0, next_attempt = 0, "
                     "possible_double = possible_double "
-                    "+ CASE WHEN reason LIKE ? THEN 1 ELSE 0 END, "
+                    "+ CASE WHEN reason LIKE ? OR EXISTS (SELECT 1 FROM tasks "
+                    "WHERE tasks.task_id = generations.task_id AND tasks.state = 'abandoned') "
+                    "THEN 1 ELSE 0 END, "
                     "resubmits = 0, "
                     "reason = NULL, updated_at = ? WHERE fingerprint = ? AND state = 'parked'",
                     [_LOST_ANSWER_LIKE, now, fp],

@@ -68,6 +68,11 @@ class Submitting:
         self._balance: tuple[float, int] | None = None
         self._submitted_since_balance = 0
         self._layout_reported: str | None = None
+        #: Submits turned away in a row without an answer about their items (a
+        #: 429, a refused connection): the wait before the next grows with it.
+        #: Kept here, not as the items' attempts: it says how the service is,
+        #: not how the items fare, and three attempts park a generation.
+        self._turned_away = 0
 
     def expire_unknown(self) -> None:
         """Submits whose answer was lost, past their grace: due again, or parked
@@ -282,10 +287,12 @@ class Submitting:
             return True
         except APIError as exc:
             return self._submit_failed(submit_id, group, exc, result)
+        self._turned_away = 0
         accepted: dict[str, tuple[str, int]] = {}
         requeue: dict[str, tuple[float, str]] = {}
         parked: dict[str, str] = {}
         unconfirmed: dict[str, str] = {}
+        for_money: set[str] = set()
         attempts = self.ctx.ledger.attempts(group)
         for fp, res in zip(group, answer.results, strict=True):
             if isinstance(res, Accepted):
@@ -293,13 +300,14 @@ class Submitting:
             elif isinstance(res, Unconfirmed):
                 unconfirmed[fp] = res.reason
             else:
-                self._item_rejected(fp, res, attempts[fp], requeue, parked)
+                self._item_rejected(fp, res, attempts[fp], requeue, parked, for_money)
         collisions = self.ctx.ledger.submit_answered(
             submit_id,
             answer.batch_id,
             accepted,
             requeue,
             parked,
+            uncounted=for_money,
             unconfirmed=unconfirmed,
             orphans=answer.orphans,
             submitted=answer.submitted,
@@ -327,9 +335,11 @@ class Submitting:
         attempts: int,
         requeue: dict[str, tuple[float, str]],
         parked: dict[str, str],
+        for_money: set[str],
     ) -> None:
-        """Policy for one refused item: content is parked, money pauses, and a
-        refusal nobody can classify is tried a few times, then parked."""
+        """Policy for one refused item: content is parked, money pauses (and is
+        no attempt of the item: ``for_money``), and a refusal nobody can
+        classify is tried a few times, then parked."""
         reason = f"rejected ({res.type}): {res.error}"
         kind = rejection_kind(None if res.type == "rejected" else res.type, res.error)
         outcome = rejected_item(
@@ -340,6 +350,7 @@ class Submitting:
             return
         if kind == "credits":
             pause_submissions(self.ctx, self.shared, "insufficient credits on the account")
+            for_money.add(fp)
         requeue[fp] = (outcome.at, outcome.reason)
 
     async def _submit_single(self, fp: str, result: PassResult) -> bool:
@@ -350,6 +361,7 @@ class Submitting:
             task_id = await self.ctx.api.create(self._item(fp))
         except APIError as exc:
             return self._submit_failed(submit_id, [fp], exc, result)
+        self._turned_away = 0
         self._submitted_since_balance += 1
         self.ctx.ledger.submit_answered(
             submit_id,
@@ -389,9 +401,15 @@ class Submitting:
             result.blocked = self.shared.block_reason
             return False
         retry_after = exc.retry_after if isinstance(exc, TemporaryAPIError) else None
+        # Turned away unread: no attempt of the items is used up (three park a
+        # generation, and a rate limit says nothing about it); the wait grows
+        # with the submits turned away in a row.
         attempts = max(self.ctx.ledger.attempts(group).values())
+        self._turned_away += 1
         self.ctx.ledger.submit_not_sent(
-            submit_id, self.ctx.retry_at(attempts, retry_after), exc.message
+            submit_id,
+            self.ctx.retry_at(max(attempts, self._turned_away - 1), retry_after),
+            exc.message,
         )
         self.ctx.log.warning(
             "submit.retrying", items=len(group), error=exc.message, status=exc.status

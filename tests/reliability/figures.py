@@ -118,8 +118,11 @@ def summary_table(records: Mapping[tuple[str, str], dict[str, Any]]) -> str:
             "Chaos",
             "lost tracks (all ready at the end)",
             f"**{chaos['lost_tracks']}** of "
-            f"{chaos['tracks']}, after {kills} SIGKILLs at random moments (seeded) under "
-            f"{sum(chaos['faults_fired'].values())} injected faults",
+            f"{chaos['tracks']}, after {kills} SIGKILLs at random moments (seed "
+            f"{chaos.get('seed', 'not recorded')}) under "
+            f"{sum(chaos['faults_fired'].values())} injected faults; parked by the retry "
+            f"policy (three tasks failed or stuck) and sent again by `retry --failed`: "
+            f"{chaos.get('parked_by_design', 'not recorded')}",
         ),
         (
             "Chaos",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import psycopg
 from bench.common import revision
 from reconciler.audio import probe_audio
 from reconciler.durable import TEMP_PREFIX
+from reconciler.outcomes import MAX_UPSTREAM_ATTEMPTS
 from reconciler.sandbox import SandboxServer, fingerprint
 from reconciler.sandbox.state import TASK_COST, SandboxState
 
@@ -174,6 +178,41 @@ def generation_rows(ledger: Path | str) -> list[tuple[str, str, int]]:
         db.close()
 
 
+#: The sandbox's task faults that use up one of a generation's attempts: it
+#: failed upstream, or never finished and was given up on.
+UPSTREAM_FAILURES = ("task_failed", "stuck")
+
+
+def unexplained_parks(server: SandboxServer, state: Path) -> dict[str, str]:
+    """Parked generations of a SQLite ledger that the sandbox's books do not explain.
+
+    A generation is parked for a person, by design, once
+    ``MAX_UPSTREAM_ATTEMPTS`` of its tasks failed upstream or never finished;
+    every other park under faults that reject nothing is a fault of the
+    reconciler (one was: two 429s on a submit used up two attempts). Returns
+    fingerprint → the ledger's reason and what the books show. Read from this
+    thread, like ``accounting``: call it when no daemon runs.
+    """
+    failures: Counter[str] = Counter(
+        fingerprint(task.item)
+        for task in server.state.tasks.values()
+        if any(kind in task.faults for kind in UPSTREAM_FAILURES)
+    )
+    db = sqlite3.connect(f"file:{ledger_path(state)}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT fingerprint, request, reason FROM generations WHERE state = 'parked'"
+        ).fetchall()
+    finally:
+        db.close()
+    found: dict[str, str] = {}
+    for fp, request, reason in rows:
+        failed = failures[fingerprint(json.loads(request))]
+        if failed < MAX_UPSTREAM_ATTEMPTS:
+            found[fp] = f"{reason} (the sandbox failed or stuck {failed} of its tasks)"
+    return found
+
+
 def accounting(server: SandboxServer | SandboxState, ledger: Path | str) -> Accounting:
     """Join the sandbox's tasks (in process) with the ledger's generations.
 
@@ -264,3 +303,83 @@ class Figures:
 
 def count_events(events: Iterable[Mapping[str, Any]]) -> Counter[str]:
     return Counter(str(e.get("event")) for e in events)
+
+
+# -- what a failed run leaves for a person -------------------------------------------------
+
+KEEP_ENV = "RELIABILITY_KEEP"
+
+
+def keep_root() -> Path:
+    """Where failed runs are kept: ``$RELIABILITY_KEEP``, else ``<temp folder>/reconciler-kept``.
+
+    Outside pytest's own temporary folders on purpose: pytest keeps only the
+    last three runs' folders, so a rare failure seen in a loop of runs was
+    gone before anyone looked at it.
+    """
+    value = os.environ.get(KEEP_ENV)
+    return Path(value) if value else Path(tempfile.gettempdir()) / "reconciler-kept"
+
+
+def sandbox_books(server: SandboxServer) -> dict[str, Any]:
+    """The sandbox's own account of a run, as JSON: every task and every submit call.
+
+    Each task carries the key of the item it was created for (the
+    ``fingerprint`` of ``accounting``), its prompt, when it was created
+    (seconds before now), the faults that hit it and its status now; with
+    the counters (``submits`` lists, per submit call, the keys it charged
+    for), the configuration and the batches, it says who paid for what and
+    when. Read from this thread, like ``accounting``: call it when no daemon runs.
+    """
+    state = server.state
+    state.advance()
+    now = state.clock()
+    tasks = [
+        {
+            "task_id": task.task_id,
+            "key": fingerprint(task.item),
+            "prompt": task.item.get("gpt_description_prompt"),
+            "seconds_ago": round(now - task.created, 3),
+            "created_at": task.created_at,
+            "faults": sorted(task.faults),
+            "status": task.snapshot(now).status,
+            "webhook": task.webhook.url if task.webhook else None,
+        }
+        for task in sorted(state.tasks.values(), key=lambda t: t.created)
+    ]
+    return {
+        "config": state.describe(),
+        "stats": state.stats(),
+        "batches": {batch_id: members for batch_id, members in state.batches.items()},
+        "tasks": tasks,
+    }
+
+
+@contextmanager
+def kept_on_failure(root: Path, what: str, server: SandboxServer) -> Iterator[None]:
+    """On any failure inside, keep a copy of ``root`` and the sandbox's books, and say where.
+
+    ``root`` is the test's folder: the daemon logs, the ledger (with its
+    WAL), the outputs, the config. The books go beside it as
+    ``sandbox-books.json``. The failure gets a note naming the kept folder
+    and ``what`` (the seed that reruns it), so the report a person reads
+    says where to look. A pytest-timeout in its default (signal) mode is
+    caught here too; the kept copy is the state at the moment of failure.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        kept = keep_root() / f"{root.name}-{stamp}"
+        try:
+            shutil.copytree(root, kept, symlinks=True)
+            books = json.dumps(sandbox_books(server), indent=1, sort_keys=True)
+            (kept / "sandbox-books.json").write_text(books + "\n", encoding="utf-8")
+        except Exception as keeping:  # the original failure matters more than this one
+            exc.add_note(f"{what}; keeping its files in {kept} failed: {keeping!r}")
+        else:
+            exc.add_note(
+                f"{what}; the daemon logs, ledger, outputs and the sandbox's books "
+                f"are kept in {kept}"
+            )
+        raise

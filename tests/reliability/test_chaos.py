@@ -3,13 +3,21 @@
 ``reconciler run`` works through 200 tracks (twelve in flight at a time, so
 submits go on all through the run) while the sandbox injects every request-
 and task-level fault kind, and the test kills the daemon with SIGKILL after a
-random delay (seeded), checks what it left behind, and starts it again,
-twenty times. Then ``sync`` finishes the job with the faults switched off.
+random delay, checks what it left behind, and starts it again, twenty
+times. Then ``sync`` finishes the job with the faults switched off. One seed
+(``$CHAOS_SEED``, else ``SEED``) draws the kill moments and the sandbox's
+fault schedules; timing still varies from run to run, so a seed makes a
+failure likelier to come back, not certain. A failing run says its seed and
+keeps its daemon logs, ledger, outputs and the sandbox's books in a folder
+it names (``support.kept_on_failure``).
 
 What must hold:
 
 - after every kill: each file under an output name decodes in full, and the
   ledger passes ``PRAGMA integrity_check``;
+- after the faults stop: a track is parked for a person only where the
+  sandbox failed (or stuck) three of its tasks, as the retry policy says;
+  a person's ``retry --failed`` then sends those again;
 - at the end: every track ready (none lost), and no fingerprint paid for
   twice beyond what ``status`` reports as possible double spend. Tasks that
   failed upstream were refunded by the service, so a retry after one is not
@@ -18,6 +26,8 @@ What must hold:
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import time
@@ -26,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.sandbox import SandboxControl, SandboxServer
+from reconciler.sandbox import SandboxConfig, SandboxControl, SandboxServer
 from tests.daemonproc import DaemonProc, daemon_project, free_port
 from tests.project import Project, track
 from tests.reliability.support import (
@@ -36,12 +46,15 @@ from tests.reliability.support import (
     assert_outputs_whole,
     count_events,
     integrity,
+    kept_on_failure,
     ledger_path,
+    unexplained_parks,
 )
 
 N_TRACKS = 200
 KILLS = 20
 SEED = 20261125
+SEED_ENV = "CHAOS_SEED"
 #: Seconds from spawning the daemon to killing it. Start-up (imports, lock,
 #: ledger) takes about a second, so the low end kills some during start-up.
 KILL_AFTER = (0.5, 6.0)
@@ -105,6 +118,10 @@ def chaos_project(root: Path, sandbox: SandboxControl) -> Project:
         p.config.read_text()
         .replace("request_timeout = 5.0", "request_timeout = 1.0")
         .replace("[submit]\n", "[submit]\nmax_in_flight = 12\n")
+        # A lost answer is sent again however often (each time counted as
+        # possible double spend): a kill or a fault can land on a resubmit
+        # too, and a track parked for a person is not converged.
+        .replace("[submit]\n", "[submit]\nmax_resubmits_per_fingerprint = 10\n")
         # A stuck task is given up on (and sent again) 6 s after its submit.
         .replace("[submit]\n", "task_timeout = 6\n\n[submit]\n", 1)
     )
@@ -114,15 +131,33 @@ def chaos_project(root: Path, sandbox: SandboxControl) -> Project:
     return p
 
 
+def chaos_seed() -> int:
+    """The run's seed: ``$CHAOS_SEED`` when set (to rerun a failure or vary runs), else ``SEED``."""
+    return int(os.environ.get(SEED_ENV, SEED))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_sigkill_at_random_moments_under_faults_loses_nothing_and_pays_once(
-    tmp_path: Path, sandbox: SandboxControl, sandbox_server: SandboxServer, figures: Figures
+    tmp_path: Path, figures: Figures
 ) -> None:
-    p = chaos_project(tmp_path, sandbox)
+    seed = chaos_seed()
+    # Its own sandbox, seeded like the kill moments, so one seed names both
+    # schedules; a failure's note says which and where its files are kept.
+    with (
+        SandboxServer(SandboxConfig(seed=seed)) as server,
+        kept_on_failure(tmp_path, f"chaos seed {seed} (rerun: {SEED_ENV}={seed})", server),
+    ):
+        chaos_run(tmp_path, SandboxControl(server.base_url, server.key), server, seed, figures)
+
+
+def chaos_run(
+    root: Path, sandbox: SandboxControl, server: SandboxServer, seed: int, figures: Figures
+) -> None:
+    p = chaos_project(root, sandbox)
     p.write_spec("chaos.yaml", [track(f"c{i:03d}", f"chaos etude {i}") for i in range(N_TRACKS)])
     sandbox.configure(faults=chaos_faults())
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     started = time.monotonic()
     ready_at_kill: list[int] = []
     daemons: list[DaemonProc] = []
@@ -139,16 +174,29 @@ def test_sigkill_at_random_moments_under_faults_loses_nothing_and_pays_once(
             assert integrity(p.state) == "ok", f"after kill {n + 1}"
     chaos_seconds = time.monotonic() - started
     fired = p.stats()["faults_fired"]  # (a new profile starts its counters afresh)
+    (root / "faults-fired.json").write_text(json.dumps(fired, indent=1, sort_keys=True) + "\n")
 
     sandbox.configure(faults=[])
     final = p.cli("sync", timeout=180)
+    (root / "final-sync.log").write_text(final.stderr)
+    # A generation whose tasks failed upstream or stuck three times is parked
+    # for a person, by design (4 % of tasks here: about one run in eighty, and
+    # a task stuck before the faults stopped is given up on in this sync).
+    # Every park must be one the sandbox's books explain; then a person's
+    # `retry --failed` sends it again and `sync` finishes.
+    assert not unexplained_parks(server, p.state)
+    parked = p.status()["summary"]["failed"]
+    if parked:
+        assert p.cli("retry", "--failed").returncode == 0
+        final = p.cli("sync", timeout=180)
+        (root / "final-sync-after-retry.log").write_text(final.stderr)
     assert final.returncode == 0, final.stderr[-3000:]
     report = p.status()
     assert report["summary"]["ready"] == N_TRACKS, report["summary"]
     assert assert_outputs_whole(p.out) == N_TRACKS
     assert integrity(p.state) == "ok"
 
-    books = accounting(sandbox_server, p.state)
+    books = accounting(server, p.state)
     books.check_credits()
     assert len(books.by_fingerprint) == N_TRACKS
     assert not books.unexplained, books.unexplained
@@ -159,12 +207,14 @@ def test_sigkill_at_random_moments_under_faults_loses_nothing_and_pays_once(
     figures.record(
         "chaos",
         "chaos",
+        seed=seed,
         tracks=N_TRACKS,
         kills=KILLS,
         ready_at_each_kill=ready_at_kill,
         chaos_seconds=round(chaos_seconds, 1),
         total_seconds=round(time.monotonic() - started, 1),
         lost_tracks=N_TRACKS - report["summary"]["ready"],
+        parked_by_design=parked,
         tasks=books.tasks_created,
         failed_upstream_refunded=books.failed_tasks,
         retried_after_failure=books.retried_after_failure,
