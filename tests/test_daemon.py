@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -508,3 +509,51 @@ def test_a_settling_file_is_read_when_its_window_ends_without_another_event(
         d.converged(timeout=20)
         assert project.stats()["tasks_by_fingerprint"] == {paid_key(CHUNK_1 + CHUNK_2): 1}
         stopped_within(d, 5)
+
+
+def test_a_stop_lets_a_submit_on_the_wire_finish_and_pays_once(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    """Cancelled on the wire, the submit's items would be ambiguous and, with no
+    webhook to claim them, sent again after ``ambiguous_grace``: paid twice."""
+    project = daemon_project(tmp_path, sandbox, grace=1.0)
+    project.write_spec("mix.yaml", [track(f"t{i}", f"glass harmonica {i}") for i in range(3)])
+    # The sandbox takes the submit, then holds its answer past the stop's grace
+    # (3 s) but within the request timeout (5 s).
+    sandbox.configure(
+        faults=[{"kind": "slow", "endpoints": ["batch_submit"], "at": [1], "delay": 4.0}]
+    )
+    with DaemonProc(project) as d:
+        wait_until(lambda: sandbox.stats()["batch_submit_calls"] > 0, 30, "the submit")
+        code, _ = d.stop(signal.SIGTERM, timeout=30)
+        finishing = d.named("submit.finishing_before_stop")
+    assert code == 0
+    sandbox.configure(faults=[])
+    project.sync()
+    assert sorted(sandbox.stats()["tasks_by_fingerprint"].values()) == [1, 1, 1]
+    assert project.status()["possible_double_spend"] == 0
+    assert finishing, "the stop said why it waited"
+
+
+def test_ctrl_c_lets_a_submit_on_the_wire_finish_and_pays_once(
+    tmp_path: Path, sandbox: SandboxControl
+) -> None:
+    project = daemon_project(tmp_path, sandbox, grace=1.0)
+    project.write_spec("mix.yaml", [track(f"t{i}", f"glass harmonica {i}") for i in range(3)])
+    sandbox.configure(
+        faults=[{"kind": "slow", "endpoints": ["batch_submit"], "at": [1], "delay": 4.0}]
+    )
+    proc = subprocess.Popen(
+        project.args("sync"), env=project.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_until(lambda: sandbox.stats()["batch_submit_calls"] > 0, 30, "the submit")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    sandbox.configure(faults=[])
+    project.sync()
+    assert sorted(sandbox.stats()["tasks_by_fingerprint"].values()) == [1, 1, 1]
+    assert project.status()["possible_double_spend"] == 0
+    assert b"submit.finishing_before_stop" in err

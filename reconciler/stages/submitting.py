@@ -13,9 +13,10 @@ submitting until it can have lifted.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -228,9 +229,9 @@ class Submitting:
         for group in final.batches:
             if self._batch_unsupported:
                 for fp in group:
-                    if not await self._submit_single(fp, result):
+                    if not await self._to_its_end(self._submit_single(fp, result)):
                         return
-            elif not await self._submit_batch(group, result):
+            elif not await self._to_its_end(self._submit_batch(group, result)):
                 return
 
     def _layout_blocks(self, result: PassResult) -> bool:
@@ -251,6 +252,20 @@ class Submitting:
         result.blocked = reason
         self.shared.submit_waits_for_time = False
         return True
+
+    async def _to_its_end(self, submit: Coroutine[Any, Any, bool]) -> bool:
+        """One submit call, run to its end and its answer recorded even when
+        the pass is cancelled (a stop: SIGTERM, Ctrl-C). Cancelled on the wire,
+        its items would be ambiguous and, without a callback, sent again after
+        ``ambiguous_grace``: paid twice. It ends within the client's request
+        timeout; the cancellation goes on after it."""
+        call = asyncio.ensure_future(submit)
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self.ctx.log.warning("submit.finishing_before_stop")
+            await call
+            raise
 
     async def _submit_batch(self, group: Sequence[str], result: PassResult) -> bool:
         """One batch submit. Returns False when submitting should stop for this pass."""
