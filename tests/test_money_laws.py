@@ -202,3 +202,19 @@ def test_a_raised_budget_takes_effect_on_reload_not_tomorrow(
         code, _ = d.stop()
         assert code == 0
     assert sandbox.stats()["tasks_created"] == 4
+
+
+def test_a_key_refused_when_asking_the_balance_is_reported_as_such(
+    project: Project, sandbox: SandboxControl
+) -> None:
+    """Not as an empty account: the 401 alert, not the credits one, must fire."""
+    sandbox.configure(faults=[{"kind": "unauthorized", "rate": 1.0, "endpoints": ["credits"]}])
+    project.write_spec("mix.yaml", tracks(2))
+
+    proc = project.cli("sync", timeout=15)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+
+    assert sandbox.stats()["tasks_created"] == 0
+    assert "API key rejected (401)" in proc.stderr
+    assert "balance too low" not in proc.stderr
+    assert "API key rejected (401)" in (project.status()["submit_block"] or "")

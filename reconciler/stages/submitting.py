@@ -115,8 +115,10 @@ class Submitting:
         try:
             balance = (await self.ctx.api.get_credits()).total
         except AuthError as exc:
+            # A rejected key, not an empty account: api_health pauses
+            # submissions with that reason, which the pass then shows.
             api_health(self.ctx, self.shared, exc)
-            return 0
+            return None
         except APIError as exc:
             # Without a balance the budgets still hold; the service refuses
             # what the account cannot pay for, per item.
@@ -138,7 +140,8 @@ class Submitting:
         )
         if allowance.tasks is not None and allowance.tasks <= 0:
             self._spent_out(allowance, now)
-        else:
+        elif now >= self.shared.pause_until:
+            # Not when asking for the balance found the key rejected, and paused.
             self.shared.block_reason = None
         return allowance
 
@@ -211,7 +214,19 @@ class Submitting:
         if self._layout_blocks(result):
             return
         # The balance is asked only now that there is something to pay for.
-        final = plan(desired, replace(snapshot, allowance=await self._allowance(now)), now, limits)
+        allowance = await self._allowance(now)
+        # Asking for the balance may have found the key rejected, and paused.
+        final = plan(
+            desired,
+            replace(
+                snapshot,
+                allowance=allowance,
+                paused_until=self.shared.pause_until,
+                pause_reason=self.shared.block_reason,
+            ),
+            now,
+            limits,
+        )
         self.ctx.log.debug(
             "submit.due",
             queued=result.queued,
