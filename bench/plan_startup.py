@@ -9,9 +9,10 @@ load falls on both alike.
 For each size, on ``--fixtures``/N (folders ``overhead.py --fixtures`` kept):
 one unmeasured ``sync`` per tree (a fresh sandbox, and the ledger at this
 schema), one unmeasured ``plan`` per tree (bytecode cache), then
-``--repeat`` rounds of a cold ``plan`` (wall time, peak RSS) and of
-``reconciler run`` until its start-up pass (a full pass) has logged, whose
-``VmHWM`` is the daemon's peak RSS at that point. When this commit
+``--repeat`` rounds of a cold ``plan`` (wall time, peak RSS; the balance
+asked of the sandbox), then as many of ``reconciler run`` until its
+start-up pass (a full pass) has logged, whose ``VmHWM`` is the daemon's
+peak RSS at that point. When this commit
 migrates the ledger to a schema the baseline cannot read, give the baseline
 its own copies of the folders (``--baseline-fixtures``; ``cp -a`` keeps the
 mtimes).
@@ -104,6 +105,8 @@ def measure(
             if run.exit_code != 0:
                 raise RuntimeError(f"sync in {works[name]} exited {run.exit_code}")
             run_cli(["plan", *common], works[name], api_url=sbx.base_url)
+        # The plans first, then the daemons: a daemon just stopped (its
+        # writes flushed, its memory returned) slowed the plan run after it.
         for _ in range(repeat):
             for name, tree in trees.items():
                 using(tree)
@@ -115,12 +118,16 @@ def measure(
                 if run.exit_code != 0:
                     raise RuntimeError(f"plan in {work} exited {run.exit_code}: not converged")
                 figures[name].plan.append(run)
+                print(f"  {work} {name}: plan {run.wall:.2f} s {run.max_rss_mb:.0f} MB", flush=True)
+        for _ in range(repeat):
+            for name, tree in trees.items():
+                using(tree)
+                work = works[name]
                 seconds, peak = daemon_startup(work, sbx.base_url)
                 figures[name].startup_pass.append(seconds)
                 figures[name].daemon_peak_mb.append(peak)
                 print(
-                    f"  {work} {name}: plan {run.wall:.2f} s {run.max_rss_mb:.0f} MB; "
-                    f"daemon start-up pass {seconds:.2f} s, peak {peak:.0f} MiB",
+                    f"  {work} {name}: daemon start-up pass {seconds:.2f} s, peak {peak:.0f} MiB",
                     flush=True,
                 )
     using(None)
