@@ -59,7 +59,8 @@ def claim_output_folder(out_dir: Path, ledger: Ledger, target: Path | str) -> No
                 f"{out_dir} is kept by another ledger ({theirs.get('ledger')}; see {marker}). "
                 "A second ledger would submit every track again and fight over the files: "
                 f"run with --ledger {theirs.get('ledger')} (or RECONCILER_LEDGER) to join it, "
-                f"or use another --out. If that ledger is gone for good, delete {marker}."
+                f"or use another --out. If that ledger is gone for good, delete {marker}: "
+                "this ledger then pays for every track again (`plan` shows the cost first)."
             )
         structlog.get_logger("reconciler").warning(
             "outputs.adopted", out=str(out_dir), ledger=mine["ledger"], previous=theirs["ledger_id"]
