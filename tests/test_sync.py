@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from reconciler.audio import probe_audio
+from reconciler.errors import LedgerError
+from reconciler.ledger import Ledger
 from reconciler.sandbox import SandboxControl
 from tests.project import FAST_CONFIG, Project, track, wait_until
 
@@ -235,6 +237,42 @@ def test_falls_back_to_single_creates_without_a_batch_endpoint(project: Project)
     assert stats["batch_polls"] == 0
     assert stats["task_polls"] >= 3
     assert project.status()["api"]["batch_endpoint"] == "unsupported"
+
+
+def batch_unsupported(project: Project) -> bool:
+    try:
+        ledger = Ledger.open(project.state / "ledger.sqlite3", readonly=True)
+    except LedgerError:
+        return False  # not made yet
+    try:
+        return bool(ledger.get("batch_unsupported"))
+    finally:
+        ledger.close()
+
+
+def test_a_run_against_a_mistyped_url_does_not_turn_batching_off_at_the_right_one(
+    project: Project,
+) -> None:
+    project.write_spec("study.yaml", [track(f"focus-{i}", f"lofi beats {i}") for i in range(3)])
+    wrong = project.sandbox.base_url.replace("/api/v1", "/v1")
+    # Against the wrong URL every request is a 404: sync keeps trying, so it
+    # is stopped once it has found the batch endpoint missing there.
+    mistyped = subprocess.Popen(
+        [*project.args("sync"), "--api-url", wrong],
+        env=project.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: batch_unsupported(project), 30, "the batch endpoint found missing")
+    finally:
+        mistyped.kill()
+        mistyped.wait()
+    project.sync()
+    stats = project.stats()
+    assert stats["create_calls"] == 0
+    assert stats["batch_submit_calls"] == 1
+    assert project.status()["api"]["batch_endpoint"] == "ok"
 
 
 def test_expired_audio_url_is_fetched_again_after_a_fresh_poll(project: Project) -> None:

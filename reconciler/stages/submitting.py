@@ -61,7 +61,12 @@ class Submitting:
         self.shared = shared
         #: Applying a saved plan: nothing else is submitted (``reconciler apply``).
         self.only = only
-        self._batch_unsupported = bool(ctx.ledger.get("batch_unsupported"))
+        # Kept with the URL that answered so: a run against a mistyped URL
+        # (a 404 everywhere) must not turn batching off at the right one.
+        unsupported_at = ctx.ledger.get("batch_unsupported")
+        self._batch_unsupported = unsupported_at == ctx.settings.api_url
+        #: Another URL's verdict, forgotten once a batch is answered here.
+        self._unsupported_elsewhere = unsupported_at is not None and not self._batch_unsupported
         #: When this process started spending: ``--max-credits`` counts from here.
         self._run_started = ctx.clock()
         #: The last balance read and when, and tasks submitted since: the
@@ -295,7 +300,7 @@ class Submitting:
         except BatchUnsupportedError:
             self.ctx.ledger.submit_not_sent(submit_id, 0.0, "batch endpoint unavailable")
             self._batch_unsupported = True
-            self.ctx.ledger.put("batch_unsupported", True)
+            self.ctx.ledger.put("batch_unsupported", self.ctx.settings.api_url)
             self.ctx.log.warning(
                 "batch.unsupported", fallback="one create per item, per-task polls"
             )
@@ -318,6 +323,9 @@ class Submitting:
         except APIError as exc:
             return self._submit_failed(submit_id, group, exc, result)
         self._turned_away = 0
+        if self._unsupported_elsewhere:
+            self.ctx.ledger.put("batch_unsupported", None)
+            self._unsupported_elsewhere = False
         accepted: dict[str, tuple[str, int]] = {}
         requeue: dict[str, tuple[float, str]] = {}
         parked: dict[str, str] = {}
