@@ -141,13 +141,8 @@ def _disk_state(
 
 
 async def account_balance(settings: Settings) -> int | None:
-    """The account balance for ``plan``, or None without a key or an answer.
-
-    ``plan`` must work offline and without a key (a CI gate on a pull request
-    has none); the balance only adds a warning, so no answer is not an error.
-    """
-    if not settings.sandbox and settings.api_key is None:
-        return None
+    """The account balance for ``plan`` (given a key), or None without an
+    answer: the balance only adds a warning, so no answer is not an error."""
     from reconciler.app import api_client
 
     async with api_client(settings, max_attempts=1) as (_, api):
@@ -171,6 +166,8 @@ def balance_ahead(settings: Settings) -> Iterator[Callable[[], int | None]]:
     asked first, in line.
     """
     if not settings.sandbox and settings.api_key is None:
+        # ``plan`` must work offline and without a key: a CI gate on a pull
+        # request has none.
         yield lambda: None
         return
     if not hasattr(os, "fork") or threading.active_count() > 1:
